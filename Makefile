@@ -1,0 +1,40 @@
+# Shoal's entry points. `make demo` and `make test` install what is missing
+# first (scripts/setup.sh), then build through scripts/cargo.sh (ccache).
+
+CARGO := scripts/cargo.sh
+
+.PHONY: all setup build demo test test-long bench clippy fmt clean
+
+all: build
+
+setup:
+	@scripts/setup.sh
+
+build: setup
+	$(CARGO) build --release --bin shoal
+
+## demo: the main job — see README.md.
+demo: setup
+	$(CARGO) run --release --bin shoal -- demo --dir ./demo-data
+
+## test: every test of every crate (what CI runs).
+test: setup
+	$(CARGO) test --workspace --all-targets
+	$(CARGO) test --workspace --doc
+
+## test-long: soak mode — 100,000 simulator seeds, more crash rounds.
+test-long: setup
+	SHOAL_SIM_SEEDS=100000 SHOAL_CRASH_ROUNDS=200 $(CARGO) test --release --workspace
+
+bench: setup
+	$(CARGO) bench --workspace
+
+clippy: setup
+	$(CARGO) clippy --workspace --all-targets
+
+fmt:
+	cargo fmt --all
+
+clean:
+	cargo clean
+	rm -rf demo-data

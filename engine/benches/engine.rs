@@ -1,0 +1,150 @@
+//! Engine benchmarks, with the disk's own yardsticks measured in the same run.
+//!
+//! - `log_append_synced/{1,8,64,512}`: synced appends of 256-byte entries,
+//!   one fsync per batch (entries/s).
+//! - `apply/64_puts`: state-machine apply of 64 puts per write (ops/s).
+//! - `snapshot/export_install_100MB`: export a 100 MB shard to SST files and
+//!   install it into another engine (MB/s).
+//! - `yardstick/fdatasync_4k`: raw 4 KiB write + fdatasync (ops/s).
+//! - `yardstick/sequential_write_fsync_64MiB`: 1 MiB writes + one fsync (MB/s).
+//!
+//! `db_bench fillrandom --sync=1`, the third yardstick, is an external tool:
+//! `benches/yardsticks.sh` runs it.
+
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use shoal_consensus::{Entry, HardState};
+use shoal_engine::{ApplyEntry, Command, EngineConfig, GroupWrite, LogBatch, Request, RocksEngine};
+
+const ENTRY_BYTES: usize = 256;
+
+fn bench_dir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("shoal-bench").tempdir_in(std::env::temp_dir()).unwrap()
+}
+
+fn log_append(c: &mut Criterion) {
+    let mut group = c.benchmark_group("log_append_synced");
+    for batch in [1u64, 8, 64, 512] {
+        let dir = bench_dir();
+        let engine = RocksEngine::open(dir.path(), EngineConfig::default()).unwrap();
+        let payload = Bytes::from(vec![7u8; ENTRY_BYTES]);
+        let mut next = 1u64;
+        group.throughput(Throughput::Elements(batch));
+        group.bench_function(batch.to_string(), |b| {
+            b.iter(|| {
+                let entries: Vec<Entry> = (next..next + batch).map(|index| Entry { term: 1, index, data: payload.clone(), ..Default::default() }).collect();
+                next += batch;
+                let hard_state = HardState { term: 1, vote: 1, commit: next - 1 };
+                engine.write_log(LogBatch { groups: vec![GroupWrite { group: 1, entries, hard_state: Some(hard_state), ..Default::default() }] }).unwrap();
+            })
+        });
+    }
+    group.finish();
+}
+
+fn apply(c: &mut Criterion) {
+    let mut group = c.benchmark_group("apply");
+    let dir = bench_dir();
+    let engine = RocksEngine::open(dir.path(), EngineConfig::default()).unwrap();
+    let mut index = 0u64;
+    let mut key = 0u64;
+    group.throughput(Throughput::Elements(64));
+    group.bench_function("64_puts", |b| {
+        b.iter(|| {
+            index += 1;
+            let requests = (0..64)
+                .map(|n| {
+                    key += 1;
+                    Request {
+                        shard: (key % 16) as u32,
+                        client: n + 1,
+                        seq: index,
+                        time_ms: index,
+                        command: Command::Put { key: Bytes::from(format!("key{:08}", key % 100_000)), value: Bytes::from(vec![1u8; 256]) },
+                    }
+                })
+                .collect();
+            engine.apply(1, &[ApplyEntry { index, term: 1, requests }]).unwrap();
+        })
+    });
+    group.finish();
+}
+
+fn snapshot(c: &mut Criterion) {
+    const SHARD_BYTES: u64 = 100 * 1024 * 1024;
+    const VALUE_BYTES: usize = 1024;
+    let dir = bench_dir();
+    let source = RocksEngine::open(dir.path().join("source"), EngineConfig::default()).unwrap();
+    let keys = SHARD_BYTES / VALUE_BYTES as u64;
+    for (i, chunk) in (0..keys).collect::<Vec<_>>().chunks(1000).enumerate() {
+        let requests = chunk
+            .iter()
+            .map(|k| Request {
+                shard: 3,
+                client: 0,
+                seq: 0,
+                time_ms: 0,
+                command: Command::Put { key: Bytes::from(format!("key{k:010}")), value: Bytes::from(vec![(*k % 251) as u8; VALUE_BYTES]) },
+            })
+            .collect();
+        source.apply(1, &[ApplyEntry { index: i as u64 + 1, term: 1, requests }]).unwrap();
+    }
+    let target = RocksEngine::open(dir.path().join("target"), EngineConfig::default()).unwrap();
+    let mut group = c.benchmark_group("snapshot");
+    group.sample_size(10);
+    group.throughput(Throughput::Bytes(SHARD_BYTES));
+    let mut n = 0;
+    group.bench_function("export_install_100MB", |b| {
+        b.iter(|| {
+            n += 1;
+            let export = dir.path().join(format!("export-{n}"));
+            source.export_snapshot(1, &[3], &export).unwrap();
+            target.install_snapshot(&export).unwrap();
+        })
+    });
+    group.finish();
+}
+
+fn yardsticks(c: &mut Criterion) {
+    let mut group = c.benchmark_group("yardstick");
+    let dir = bench_dir();
+    let file = std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(dir.path().join("raw")).unwrap();
+    let block = vec![3u8; 4096];
+    let mut offset = 0u64;
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("fdatasync_4k", |b| {
+        b.iter(|| {
+            file.write_all_at(&block, offset).unwrap();
+            offset = (offset + 4096) % (64 * 1024 * 1024);
+            // File::sync_data is fdatasync(2) on Linux.
+            file.sync_data().unwrap();
+        })
+    });
+    const SEQ_BYTES: u64 = 64 * 1024 * 1024;
+    let chunk = vec![5u8; 1024 * 1024];
+    group.sample_size(10);
+    group.throughput(Throughput::Bytes(SEQ_BYTES));
+    group.bench_function("sequential_write_fsync_64MiB", |b| {
+        b.iter_batched(
+            || std::fs::File::create(dir.path().join("seq")).unwrap(),
+            |mut f| {
+                for _ in 0..SEQ_BYTES / chunk.len() as u64 {
+                    f.write_all(&chunk).unwrap();
+                }
+                f.sync_all().unwrap();
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(std::time::Duration::from_secs(5)).warm_up_time(std::time::Duration::from_secs(1));
+    targets = yardsticks, log_append, apply, snapshot
+}
+criterion_main!(benches);

@@ -1,0 +1,128 @@
+//! Key layouts of the column families, and the checksummed record codec.
+//!
+//! Every integer is big-endian so that byte order is numeric order: a group's
+//! log is one contiguous range, and so is a shard's data in `kv` and `dedup`.
+
+use serde::{de::DeserializeOwned, Serialize};
+use shoal_consensus::Index;
+
+use crate::error::{EngineError, Result};
+use crate::{GroupId, ShardId};
+
+/// Shard ids are `0 ..= SHARD_ID_MAX`; `u32::MAX` is reserved so that every
+/// shard's key range has an exclusive end of the same width.
+pub const SHARD_ID_MAX: ShardId = u32::MAX - 1;
+
+/// Key of entry `index` of `group` in `raft_log`.
+pub fn log_key(group: GroupId, index: Index) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    k[..8].copy_from_slice(&group.to_be_bytes());
+    k[8..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+/// Splits a `raft_log` key.
+pub fn parse_log_key(key: &[u8]) -> Result<(GroupId, Index)> {
+    let bytes: [u8; 16] = key.try_into().map_err(|_| EngineError::Corrupt(format!("raft_log key of {} bytes", key.len())))?;
+    let (g, i) = bytes.split_at(8);
+    Ok((u64::from_be_bytes(g.try_into().unwrap_or_default()), u64::from_be_bytes(i.try_into().unwrap_or_default())))
+}
+
+/// Key of `group` in `raft_state`.
+pub fn group_key(group: GroupId) -> [u8; 8] {
+    group.to_be_bytes()
+}
+
+fn check_shard(shard: ShardId) {
+    assert!(shard <= SHARD_ID_MAX, "shard id {shard} is reserved");
+}
+
+/// Key of `user_key` of `shard` in `kv`.
+pub fn kv_key(shard: ShardId, user_key: &[u8]) -> Vec<u8> {
+    check_shard(shard);
+    let mut k = Vec::with_capacity(4 + user_key.len());
+    k.extend_from_slice(&shard.to_be_bytes());
+    k.extend_from_slice(user_key);
+    k
+}
+
+/// `[start, end)` covering every key of `shard` (in `kv` and in `dedup`).
+pub fn shard_range(shard: ShardId) -> (Vec<u8>, Vec<u8>) {
+    check_shard(shard);
+    (shard.to_be_bytes().to_vec(), (shard + 1).to_be_bytes().to_vec())
+}
+
+/// Key of a client's session of `shard` in `dedup`.
+pub fn dedup_key(shard: ShardId, client: u64) -> [u8; 12] {
+    check_shard(shard);
+    let mut k = [0u8; 12];
+    k[..4].copy_from_slice(&shard.to_be_bytes());
+    k[4..].copy_from_slice(&client.to_be_bytes());
+    k
+}
+
+/// Tags of the `meta` column family's keys.
+const META_APPLIED: u8 = b'a';
+const META_INSTALL: u8 = b'i';
+const META_SHARD: u8 = b's';
+
+/// Key of `group`'s applied state in `meta`.
+pub fn meta_applied_key(group: GroupId) -> [u8; 9] {
+    let mut k = [META_APPLIED; 9];
+    k[1..].copy_from_slice(&group.to_be_bytes());
+    k
+}
+
+/// Key of `group`'s pending-install marker in `meta`.
+pub fn meta_install_key(group: GroupId) -> [u8; 9] {
+    let mut k = [META_INSTALL; 9];
+    k[1..].copy_from_slice(&group.to_be_bytes());
+    k
+}
+
+/// `[start, end)` of every pending-install marker.
+pub fn meta_install_range() -> (Vec<u8>, Vec<u8>) {
+    (vec![META_INSTALL], vec![META_INSTALL + 1])
+}
+
+/// `[start, end)` of `shard`'s records in `meta` (shard state, config).
+pub fn meta_shard_range(shard: ShardId) -> (Vec<u8>, Vec<u8>) {
+    check_shard(shard);
+    let mut start = vec![META_SHARD];
+    start.extend_from_slice(&shard.to_be_bytes());
+    let mut end = vec![META_SHARD];
+    end.extend_from_slice(&(shard + 1).to_be_bytes());
+    (start, end)
+}
+
+/// Encodes `value` as `crc32 (4 bytes BE) | postcard`, the checksum also
+/// covering `context` (normally the record's key) so a record copied under
+/// the wrong key is caught.
+pub fn encode_record<T: Serialize>(context: &[u8], value: &T) -> Vec<u8> {
+    let body = postcard::to_stdvec(value).expect("postcard encoding of an in-memory value cannot fail");
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&checksum(context, &body).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Decodes a record made by [`encode_record`]; `what` names it in errors.
+pub fn decode_record<T: DeserializeOwned>(context: &[u8], bytes: &[u8], what: &dyn Fn() -> String) -> Result<T> {
+    if bytes.len() < 4 {
+        return Err(EngineError::Corrupt(format!("{}: record of {} bytes is truncated", what(), bytes.len())));
+    }
+    let (crc, body) = bytes.split_at(4);
+    let stored = u32::from_be_bytes(crc.try_into().unwrap_or_default());
+    if stored != checksum(context, body) {
+        return Err(EngineError::Corrupt(format!("{}: checksum mismatch", what())));
+    }
+    postcard::from_bytes(body).map_err(|e| EngineError::Corrupt(format!("{}: undecodable record: {e}", what())))
+}
+
+/// CRC32 of `context` followed by `body`.
+pub fn checksum(context: &[u8], body: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(context);
+    h.update(body);
+    h.finalize()
+}

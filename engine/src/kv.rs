@@ -1,0 +1,476 @@
+//! The KV state machine: applying committed commands to `kv`, `dedup` and
+//! the applied index in one atomic write, and reading it back.
+//!
+//! # Exactly-once
+//! A request carries a client id and a sequence number. The `dedup` table
+//! keeps, per (shard, client), the last sequence number applied and its
+//! reply. A request whose sequence number equals the stored one is a retry:
+//! it gets the cached reply and is not applied again. Sessions expire by a
+//! rule carried in the log, never by the local clock: every request carries
+//! the leader's proposal time (`time_ms`), and an
+//! [`Command::ExpireSessions`] entry removes sessions of its shard idle
+//! longer than its `idle_ms` as of its own `time_ms`. Every replica applies
+//! the same entries and so expires the same sessions.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use shoal_consensus::{Index, Term};
+
+use crate::backend::{Backend, Cf, View, WriteSet};
+use crate::config::EngineConfig;
+use crate::engine::Engine;
+use crate::error::{EngineError, LimitKind, Result};
+use crate::keys::{decode_record, dedup_key, encode_record, kv_key, meta_applied_key, shard_range};
+use crate::{GroupId, ShardId};
+
+/// A client id; `0` means "no session" (the request is not deduplicated).
+pub type ClientId = u64;
+
+/// An operation on one shard.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Read a key.
+    Get {
+        /// The key.
+        key: Bytes,
+    },
+    /// Write a key unconditionally.
+    Put {
+        /// The key.
+        key: Bytes,
+        /// The new value.
+        value: Bytes,
+    },
+    /// The lab's versioned put: write only if the key's version is
+    /// `version` (0: only if the key does not exist).
+    PutIfVersion {
+        /// The key.
+        key: Bytes,
+        /// The new value.
+        value: Bytes,
+        /// Expected current version.
+        version: u64,
+    },
+    /// Append to a key's value (creating it if absent).
+    Append {
+        /// The key.
+        key: Bytes,
+        /// Bytes to append.
+        value: Bytes,
+    },
+    /// Remove a key.
+    Delete {
+        /// The key.
+        key: Bytes,
+    },
+    /// Read keys in `[start, end)` in order, at most `limit` of them
+    /// (an empty `end` means "to the end of the shard").
+    Scan {
+        /// First key.
+        start: Bytes,
+        /// Exclusive end; empty for no bound.
+        end: Bytes,
+        /// Most pairs to return.
+        limit: u64,
+    },
+    /// Remove this shard's sessions last used more than `idle_ms` before
+    /// the entry's `time_ms`.
+    ExpireSessions {
+        /// Idle time after which a session is dropped.
+        idle_ms: u64,
+    },
+}
+
+impl Command {
+    /// True for commands that change nothing (they skip the session table).
+    pub fn is_read_only(&self) -> bool {
+        matches!(self, Command::Get { .. } | Command::Scan { .. })
+    }
+}
+
+/// A command with its shard, session and the leader's proposal time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Shard the command addresses.
+    pub shard: ShardId,
+    /// Session owner (0: none).
+    pub client: ClientId,
+    /// Per-client sequence number, increasing from 1.
+    pub seq: u64,
+    /// Leader's clock when proposed, carried in the log (deterministic).
+    pub time_ms: u64,
+    /// What to do.
+    pub command: Command,
+}
+
+/// A key's value with its version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Versioned {
+    /// The value.
+    pub value: Bytes,
+    /// Starts at 1 when the key is created, +1 on every write.
+    pub version: u64,
+}
+
+/// The outcome of one applied command. Expected outcomes are variants,
+/// not errors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// `Get` found the key.
+    Value(Versioned),
+    /// `Get` did not find the key.
+    NotFound,
+    /// A write succeeded; the key now has this version.
+    Written {
+        /// The new version.
+        version: u64,
+    },
+    /// `PutIfVersion` found another version (the lab's ErrVersion).
+    VersionMismatch {
+        /// The key's current version.
+        current: u64,
+    },
+    /// `PutIfVersion` with a non-zero version on a missing key (ErrNoKey).
+    NoKey,
+    /// `Delete` ran; `existed` says whether the key was there.
+    Deleted {
+        /// Whether there was a key to delete.
+        existed: bool,
+    },
+    /// `Scan` results in key order.
+    Pairs(Vec<(Bytes, Versioned)>),
+    /// `ExpireSessions` removed this many sessions.
+    SessionsExpired {
+        /// Sessions removed.
+        count: u64,
+    },
+    /// The request's sequence number is older than the session's last one:
+    /// the client already had a newer reply, so this one is a stale copy.
+    Stale,
+    /// The request broke a limit and was not applied.
+    Rejected {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A session's record in `dedup`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    /// Last sequence number applied.
+    pub seq: u64,
+    /// Its reply, returned again for a retry.
+    pub reply: Reply,
+    /// `time_ms` of the last request seen.
+    pub last_seen_ms: u64,
+}
+
+/// The group's position in its log as far as the state machine goes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedState {
+    /// Index of the last applied entry (0: none).
+    pub index: Index,
+    /// Its term.
+    pub term: Term,
+}
+
+/// The requests of one committed log entry.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyEntry {
+    /// Log index of the entry.
+    pub index: Index,
+    /// Its term.
+    pub term: Term,
+    /// Requests, applied in order (empty for no-ops and config entries).
+    pub requests: Vec<Request>,
+}
+
+fn decode_versioned(bytes: &[u8], what: &dyn Fn() -> String) -> Result<Versioned> {
+    if bytes.len() < 8 {
+        return Err(EngineError::Corrupt(format!("{}: value of {} bytes", what(), bytes.len())));
+    }
+    let (v, value) = bytes.split_at(8);
+    Ok(Versioned { version: u64::from_be_bytes(v.try_into().unwrap_or_default()), value: Bytes::copy_from_slice(value) })
+}
+
+fn encode_versioned(version: u64, value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + value.len());
+    out.extend_from_slice(&version.to_be_bytes());
+    out.extend_from_slice(value);
+    out
+}
+
+/// Writes staged by one apply call, readable before they are written so
+/// later commands of the same batch see earlier ones.
+struct Txn<'a> {
+    view: &'a dyn View,
+    set: WriteSet,
+    overlay: HashMap<(Cf, Vec<u8>), Option<Vec<u8>>>,
+}
+
+impl Txn<'_> {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self.overlay.get(&(cf, key.to_vec())) {
+            Some(v) => Ok(v.clone()),
+            None => self.view.get(cf, key),
+        }
+    }
+    fn put(&mut self, cf: Cf, key: Vec<u8>, value: Vec<u8>) {
+        self.overlay.insert((cf, key.clone()), Some(value.clone()));
+        self.set.put(cf, key, value);
+    }
+    fn delete(&mut self, cf: Cf, key: Vec<u8>) {
+        self.overlay.insert((cf, key.clone()), None);
+        self.set.delete(cf, key);
+    }
+    /// Pairs in `[start, end)` as the batch so far sees them, at most `limit`.
+    fn scan(&self, cf: Cf, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut merged = std::collections::BTreeMap::new();
+        let pending: Vec<_> = self.overlay.iter().filter(|((c, k), _)| *c == cf && k.as_slice() >= start && k.as_slice() < end).collect();
+        let deleted = pending.iter().filter(|(_, v)| v.is_none()).count();
+        let want = limit.saturating_add(deleted);
+        self.view.scan(cf, start, end, &mut |k, v| {
+            merged.insert(k.to_vec(), v.to_vec());
+            Ok(merged.len() < want)
+        })?;
+        for ((_, k), v) in pending {
+            match v {
+                Some(v) => merged.insert(k.clone(), v.clone()),
+                None => merged.remove(k),
+            };
+        }
+        Ok(merged.into_iter().take(limit).collect())
+    }
+}
+
+impl<B: Backend> Engine<B> {
+    /// Checks a request against the limits, for callers to refuse it before
+    /// proposing it.
+    pub fn validate_request(&self, request: &Request) -> Result<()> {
+        let c = self.config();
+        let key_check = |k: &[u8]| EngineConfig::check(LimitKind::KeyBytes, k.len() as u64, c.key_bytes_max);
+        let value_check = |v: &[u8]| EngineConfig::check(LimitKind::ValueBytes, v.len() as u64, c.value_bytes_max);
+        if request.shard > crate::keys::SHARD_ID_MAX {
+            return Err(EngineError::Invalid(format!("shard id {} is reserved", request.shard)));
+        }
+        match &request.command {
+            Command::Get { key } | Command::Delete { key } => key_check(key),
+            Command::Put { key, value } | Command::PutIfVersion { key, value, .. } | Command::Append { key, value } => {
+                key_check(key)?;
+                value_check(value)
+            }
+            Command::Scan { start, end, limit } => {
+                key_check(start)?;
+                key_check(end)?;
+                EngineConfig::check(LimitKind::ScanLimit, *limit, c.scan_limit_max)
+            }
+            Command::ExpireSessions { .. } => Ok(()),
+        }
+    }
+
+    /// Applies committed entries of `group`, in order, with ONE write that
+    /// also records the new applied index, so a crash leaves the state
+    /// machine at one index or the next, never between. Entries must have
+    /// indexes above the applied index, increasing. Returns each entry's
+    /// replies. Not synced: the log is the durable record (see the crate docs).
+    pub fn apply(&self, group: GroupId, entries: &[ApplyEntry]) -> Result<Vec<Vec<Reply>>> {
+        let Some(last) = entries.last() else { return Ok(Vec::new()) };
+        let mut applied = self.applied(group)?;
+        let mut replies = Vec::with_capacity(entries.len());
+        let mut set = WriteSet::new();
+        let mut failure = None;
+        self.backend().with_view(&mut |view| {
+            let mut txn = Txn { view, set: WriteSet::new(), overlay: HashMap::new() };
+            for entry in entries {
+                if entry.index <= applied.index {
+                    failure = Some(EngineError::Invalid(format!(
+                        "group {group}: entry {} applied again (applied index {})",
+                        entry.index, applied.index
+                    )));
+                    return Ok(());
+                }
+                applied = AppliedState { index: entry.index, term: entry.term };
+                let mut out = Vec::with_capacity(entry.requests.len());
+                for request in &entry.requests {
+                    out.push(self.apply_request(&mut txn, request)?);
+                }
+                replies.push(out);
+            }
+            set = std::mem::take(&mut txn.set);
+            Ok(())
+        })?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        EngineConfig::check(LimitKind::BatchBytes, set.size_bytes(), self.config().batch_bytes_max)?;
+        let key = meta_applied_key(group);
+        set.put(Cf::Meta, key.to_vec(), encode_record(&key, &AppliedState { index: last.index, term: last.term }));
+        self.backend().write(set, false)?;
+        Ok(replies)
+    }
+
+    fn apply_request(&self, txn: &mut Txn<'_>, request: &Request) -> Result<Reply> {
+        if let Err(e) = self.validate_request(request) {
+            return Ok(Reply::Rejected { reason: e.to_string() });
+        }
+        let shard = request.shard;
+        let session_key = dedup_key(shard, request.client);
+        let tracked = request.client != 0 && !request.command.is_read_only();
+        if tracked {
+            if let Some(bytes) = txn.get(Cf::Dedup, &session_key)? {
+                let session: Session = decode_record(&session_key, &bytes, &|| format!("session of client {} in shard {shard}", request.client))?;
+                if request.seq == session.seq {
+                    return Ok(session.reply);
+                }
+                if request.seq < session.seq {
+                    return Ok(Reply::Stale);
+                }
+            }
+        }
+        let reply = self.execute(txn, request)?;
+        if tracked {
+            let session = Session { seq: request.seq, reply: reply.clone(), last_seen_ms: request.time_ms };
+            txn.put(Cf::Dedup, session_key.to_vec(), encode_record(&session_key, &session));
+        }
+        Ok(reply)
+    }
+
+    fn execute(&self, txn: &mut Txn<'_>, request: &Request) -> Result<Reply> {
+        let shard = request.shard;
+        let read = |txn: &Txn<'_>, key: &[u8]| -> Result<Option<Versioned>> {
+            match txn.get(Cf::Kv, &kv_key(shard, key))? {
+                Some(b) => Ok(Some(decode_versioned(&b, &|| format!("value of a key in shard {shard}"))?)),
+                None => Ok(None),
+            }
+        };
+        Ok(match &request.command {
+            Command::Get { key } => match read(txn, key)? {
+                Some(v) => Reply::Value(v),
+                None => Reply::NotFound,
+            },
+            Command::Put { key, value } => {
+                let version = read(txn, key)?.map_or(1, |v| v.version + 1);
+                txn.put(Cf::Kv, kv_key(shard, key), encode_versioned(version, value));
+                Reply::Written { version }
+            }
+            Command::PutIfVersion { key, value, version } => match (read(txn, key)?, *version) {
+                (None, 0) => {
+                    txn.put(Cf::Kv, kv_key(shard, key), encode_versioned(1, value));
+                    Reply::Written { version: 1 }
+                }
+                (None, _) => Reply::NoKey,
+                (Some(current), expected) if current.version == expected => {
+                    txn.put(Cf::Kv, kv_key(shard, key), encode_versioned(expected + 1, value));
+                    Reply::Written { version: expected + 1 }
+                }
+                (Some(current), _) => Reply::VersionMismatch { current: current.version },
+            },
+            Command::Append { key, value } => {
+                let (version, mut bytes) = match read(txn, key)? {
+                    Some(v) => (v.version + 1, v.value.to_vec()),
+                    None => (1, Vec::new()),
+                };
+                if bytes.len() as u64 + value.len() as u64 > self.config().value_bytes_max {
+                    return Ok(Reply::Rejected {
+                        reason: EngineError::LimitExceeded {
+                            kind: LimitKind::ValueBytes,
+                            actual: bytes.len() as u64 + value.len() as u64,
+                            limit: self.config().value_bytes_max,
+                        }
+                        .to_string(),
+                    });
+                }
+                bytes.extend_from_slice(value);
+                txn.put(Cf::Kv, kv_key(shard, key), encode_versioned(version, &bytes));
+                Reply::Written { version }
+            }
+            Command::Delete { key } => {
+                let existed = read(txn, key)?.is_some();
+                if existed {
+                    txn.delete(Cf::Kv, kv_key(shard, key));
+                }
+                Reply::Deleted { existed }
+            }
+            Command::Scan { start, end, limit } => Reply::Pairs(scan_pairs(shard, start, end, *limit, &|cf, s, e, l| txn.scan(cf, s, e, l))?),
+            Command::ExpireSessions { idle_ms } => {
+                let (start, end) = shard_range(shard);
+                let cutoff = request.time_ms.saturating_sub(*idle_ms);
+                let mut expired = Vec::new();
+                for (k, v) in txn.scan(Cf::Dedup, &start, &end, usize::MAX)? {
+                    let session: Session = decode_record(&k, &v, &|| format!("a session in shard {shard}"))?;
+                    if session.last_seen_ms < cutoff {
+                        expired.push(k);
+                    }
+                }
+                let count = expired.len() as u64;
+                for k in expired {
+                    txn.delete(Cf::Dedup, k);
+                }
+                Reply::SessionsExpired { count }
+            }
+        })
+    }
+
+    /// The applied state of `group`.
+    pub fn applied(&self, group: GroupId) -> Result<AppliedState> {
+        let key = meta_applied_key(group);
+        match self.backend().get(Cf::Meta, &key)? {
+            Some(b) => decode_record(&key, &b, &|| format!("applied index of group {group}")),
+            None => Ok(AppliedState::default()),
+        }
+    }
+
+    /// Reads a key of the local state machine (linearizable only when the
+    /// caller established a read index first).
+    pub fn get(&self, shard: ShardId, key: &[u8]) -> Result<Option<Versioned>> {
+        EngineConfig::check(LimitKind::KeyBytes, key.len() as u64, self.config().key_bytes_max)?;
+        match self.backend().get(Cf::Kv, &kv_key(shard, key))? {
+            Some(b) => Ok(Some(decode_versioned(&b, &|| format!("value of a key in shard {shard}"))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Keys of `shard` in `[start, end)` (empty `end`: no bound), at most
+    /// `limit`.
+    pub fn scan(&self, shard: ShardId, start: &[u8], end: &[u8], limit: u64) -> Result<Vec<(Bytes, Versioned)>> {
+        EngineConfig::check(LimitKind::ScanLimit, limit, self.config().scan_limit_max)?;
+        let backend = self.backend();
+        scan_pairs(shard, start, end, limit, &|cf, s, e, l| {
+            let mut out = Vec::new();
+            backend.scan(cf, s, e, &mut |k, v| {
+                out.push((k.to_vec(), v.to_vec()));
+                Ok(out.len() < l)
+            })?;
+            Ok(out)
+        })
+    }
+
+    /// The session of `client` in `shard`, if any.
+    pub fn session(&self, shard: ShardId, client: ClientId) -> Result<Option<Session>> {
+        let key = dedup_key(shard, client);
+        match self.backend().get(Cf::Dedup, &key)? {
+            Some(b) => Ok(Some(decode_record(&key, &b, &|| format!("session of client {client} in shard {shard}"))?)),
+            None => Ok(None),
+        }
+    }
+}
+
+type ScanFn<'a> = dyn Fn(Cf, &[u8], &[u8], usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> + 'a;
+
+fn scan_pairs(shard: ShardId, start: &[u8], end: &[u8], limit: u64, scan: &ScanFn<'_>) -> Result<Vec<(Bytes, Versioned)>> {
+    let (_, shard_end) = shard_range(shard);
+    let from = kv_key(shard, start);
+    let to = if end.is_empty() { shard_end } else { kv_key(shard, end) };
+    if limit == 0 || from >= to {
+        return Ok(Vec::new());
+    }
+    scan(Cf::Kv, &from, &to, limit as usize)?
+        .into_iter()
+        .map(|(k, v)| {
+            let versioned = decode_versioned(&v, &|| format!("value of a key in shard {shard}"))?;
+            Ok((Bytes::copy_from_slice(&k[4..]), versioned))
+        })
+        .collect()
+}

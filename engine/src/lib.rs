@@ -1,0 +1,67 @@
+//! Shoal's storage engine: one RocksDB per node holding the Raft log of every
+//! group on the node, the KV state machine of every shard, client sessions,
+//! and SST snapshots of shards.
+//!
+//! # Layout
+//! - [`backend`]: the narrow key/value seam ([`Backend`]) everything else is
+//!   written over; [`rocks`] implements it on RocksDB (all RocksDB options
+//!   are set and explained there), [`mem`] on ordered maps with crash
+//!   simulation.
+//! - [`engine`]: the [`Engine`] handle; [`RocksEngine`] and [`MemStore`].
+//! - [`log`]: the Raft log store — group-committed appends with hard state,
+//!   suffix truncation, prefix compaction, CRC32-checked reads; implements
+//!   the consensus core's [`shoal_consensus::Storage`] per group.
+//! - [`kv`]: the state machine — commands, atomic apply with sessions and the
+//!   applied index, reads and scans.
+//! - [`snapshot`]: shard export to SST files and crash-atomic install.
+//! - [`keys`]: key layouts and the checksummed record codec.
+//!
+//! # Durability
+//! [`Engine::write_log`] is synced: on return the entries and hard state are
+//! on disk. [`Engine::apply`] is not: the applied state can be rebuilt by
+//! replaying the log from the applied index + 1, and the next synced write
+//! makes it durable anyway (one ordered WAL). Compaction never removes
+//! entries above the applied index.
+//!
+//! # Example
+//! ```
+//! use shoal_engine::{ApplyEntry, Command, EngineConfig, LogBatch, GroupWrite, MemStore, Reply, Request};
+//! use shoal_consensus::{Entry, HardState};
+//!
+//! let engine = MemStore::new_in_memory(EngineConfig::default()).unwrap();
+//! let entry = Entry { term: 1, index: 1, data: bytes::Bytes::from_static(b"cmd"), ..Default::default() };
+//! engine.write_log(LogBatch { groups: vec![GroupWrite {
+//!     group: 7, entries: vec![entry], hard_state: Some(HardState { term: 1, vote: 1, commit: 1 }), ..Default::default()
+//! }] }).unwrap();
+//! assert_eq!(engine.last_index(7).unwrap(), 1);
+//!
+//! let put = Request { shard: 0, client: 9, seq: 1, time_ms: 0,
+//!     command: Command::Put { key: "k".into(), value: "v".into() } };
+//! let replies = engine.apply(7, &[ApplyEntry { index: 1, term: 1, requests: vec![put] }]).unwrap();
+//! assert_eq!(replies[0][0], Reply::Written { version: 1 });
+//! assert_eq!(engine.get(0, b"k").unwrap().unwrap().value, "v");
+//! ```
+
+pub mod backend;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod keys;
+pub mod kv;
+pub mod log;
+pub mod mem;
+pub mod rocks;
+pub mod snapshot;
+
+/// Identifies a Raft group on a node.
+pub type GroupId = u64;
+/// Identifies a shard (a contiguous key range in `kv` and `dedup`).
+pub type ShardId = u32;
+
+pub use backend::{Backend, Cf};
+pub use config::EngineConfig;
+pub use engine::{Engine, MemStore, RocksEngine};
+pub use error::{EngineError, LimitKind, Result};
+pub use kv::{AppliedState, ApplyEntry, ClientId, Command, Reply, Request, Session, Versioned};
+pub use log::{GroupState, GroupStorage, GroupWrite, LogBatch};
+pub use snapshot::{SnapshotFile, SnapshotManifest};

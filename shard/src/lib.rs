@@ -1,0 +1,1 @@
+//! Shoal's node runtime (in progress).
