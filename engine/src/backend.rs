@@ -123,7 +123,7 @@ pub trait View {
 
 /// A storage backend: a [`View`] of the latest state, atomic writes, point-
 /// in-time views and file ingestion.
-pub trait Backend: View + Send + Sync + 'static {
+pub trait Backend: View + Send + Sync + std::fmt::Debug + 'static {
     /// Applies `set` atomically; durable on return when `sync`.
     fn write(&self, set: WriteSet, sync: bool) -> Result<()>;
     /// Makes every write so far durable.

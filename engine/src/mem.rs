@@ -49,9 +49,11 @@ impl std::fmt::Debug for MemBackend {
     }
 }
 
-fn range(map: &Map, start: &[u8], end: &[u8]) -> impl DoubleEndedIterator<Item = (&Vec<u8>, &Vec<u8>)> {
+fn range<'a>(map: &'a Map, start: &[u8], end: &[u8]) -> impl DoubleEndedIterator<Item = (&'a Vec<u8>, &'a Vec<u8>)> + 'a {
     let valid = start < end;
-    let bounds = if valid { (Bound::Included(start.to_vec()), Bound::Excluded(end.to_vec())) } else { (Bound::Excluded(Vec::new()), Bound::Excluded(Vec::new())) };
+    // An inverted or empty range reads nothing (BTreeMap::range would panic).
+    let end = if valid { end } else { start };
+    let bounds = (Bound::Included(start.to_vec()), Bound::Excluded(end.to_vec()));
     map.range(bounds).filter(move |_| valid)
 }
 

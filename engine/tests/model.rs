@@ -272,7 +272,7 @@ fn log_check(ops: Vec<LogOp>) -> Result<(), TestCaseError> {
             LogOp::Reopen => {
                 r.sync().unwrap();
                 mem.sync().unwrap();
-                rocks = None;
+                drop(rocks.take());
                 rocks = Some(RocksEngine::open(dir.path(), EngineConfig::default()).unwrap());
                 // Log writes are synced: a crash loses none of them.
                 mem.crash_and_recover().unwrap();

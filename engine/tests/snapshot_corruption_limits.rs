@@ -7,7 +7,7 @@ use std::path::Path;
 
 use bytes::Bytes;
 use shoal_consensus::{Entry, HardState, StorageError};
-use shoal_engine::backend::WriteSet;
+use shoal_engine::backend::{View, WriteSet};
 use shoal_engine::keys::log_key;
 use shoal_engine::{
     ApplyEntry, Backend, Cf, Command, Engine, EngineConfig, EngineError, GroupWrite, LimitKind, LogBatch, MemStore, Reply, Request, RocksEngine,
