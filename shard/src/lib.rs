@@ -1,1 +1,3 @@
 //! Shoal's node runtime (in progress).
+
+pub mod linearizability;
