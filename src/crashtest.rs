@@ -262,23 +262,32 @@ pub fn run_installer(dir: &Path, rounds: Option<u64>) -> Result<()> {
     }
 }
 
+/// What [`check_installer`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InstallCheck {
+    /// Which template the shard holds (None: no install ever finished).
+    pub template: Option<u64>,
+    /// Whether the kill had interrupted an install that reopening finished.
+    pub finished_interrupted_install: bool,
+}
+
 /// Reopens `dir/db` and checks that [`INSTALL_SHARD`] holds exactly one of
 /// the two templates, with the matching applied index — never a mix.
-/// Returns which one (None if no install ever finished: empty shard).
-pub fn check_installer(dir: &Path) -> Result<Option<u64>> {
+pub fn check_installer(dir: &Path) -> Result<InstallCheck> {
     let engine = RocksEngine::open(dir.join("db"), EngineConfig::default())?;
+    let finished_interrupted_install = engine.interrupted_installs_finished() > 0;
     let limit = engine.config().scan_limit_max;
     let got = engine.scan(INSTALL_SHARD, b"", b"", limit)?;
     let applied = engine.applied(GROUP)?.index;
     if got.is_empty() && applied == 0 {
-        return Ok(None);
+        return Ok(InstallCheck { template: None, finished_interrupted_install });
     }
     for which in 0..2 {
         let model = MemStore::new_in_memory(EngineConfig::default())?;
         template_engine(&model, which)?;
         if got == model.scan(INSTALL_SHARD, b"", b"", limit)? {
             ensure!(applied == 100 * (which + 1), "shard holds template {which} but the applied index is {applied}");
-            return Ok(Some(which));
+            return Ok(InstallCheck { template: Some(which), finished_interrupted_install });
         }
     }
     bail!("shard {INSTALL_SHARD} holds {} keys matching neither snapshot: a mix of old and new", got.len())

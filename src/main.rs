@@ -128,8 +128,13 @@ fn demo(dir: &Path, kills: u32, seed: u64) -> Result<()> {
         })?;
         child.kill()?;
         child.wait()?;
-        let which = crashtest::check_installer(&install_dir)?;
-        println!("  kill {}: shard holds snapshot {} entirely (never a mix)", round + 1, which.map_or("none".into(), |w| w.to_string()));
+        let check = crashtest::check_installer(&install_dir)?;
+        let interrupted = if check.finished_interrupted_install { ", an interrupted install was finished on reopen" } else { "" };
+        println!(
+            "  kill {}: shard holds snapshot {} entirely{interrupted} (never a mix)",
+            round + 1,
+            check.template.map_or("none".into(), |w| w.to_string())
+        );
     }
     println!("\nEvery acknowledged entry survived {kills} SIGKILLs; the state machine always equalled a replay of the log.");
     println!("Data is in {}.", dir.display());

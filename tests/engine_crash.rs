@@ -91,6 +91,7 @@ fn snapshot_install_survives_sigkill() {
         let dir = tempfile::tempdir().unwrap();
         let dir_arg = dir.path().display().to_string();
         let mut seen = [false; 2];
+        let mut interrupted = 0u32;
         for round in 0..rounds(25) {
             let installs_before_kill = rng.random_range(0..3);
             let mut child = spawn(&["engine-installer", "--dir", &dir_arg]);
@@ -109,12 +110,16 @@ fn snapshot_install_survives_sigkill() {
             child.kill().unwrap();
             child.wait().unwrap();
             drop(lines);
-            match crashtest::check_installer(dir.path()).unwrap_or_else(|e| panic!("round {round}: {e:#}")) {
-                Some(which) => seen[which as usize] = true,
-                None => {}
+            let check = crashtest::check_installer(dir.path()).unwrap_or_else(|e| panic!("round {round}: {e:#}"));
+            if let Some(which) = check.template {
+                seen[which as usize] = true;
             }
+            interrupted += u32::from(check.finished_interrupted_install);
         }
         assert!(seen.iter().any(|s| *s), "no install ever completed");
+        // How often a kill landed inside an install (after its marker): reported, not
+        // asserted, since it depends on timing.
+        eprintln!("snapshot_install_survives_sigkill: {interrupted} kills interrupted an install");
     });
 }
 

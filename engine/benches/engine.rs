@@ -10,6 +10,7 @@
 //!
 //! `db_bench fillrandom --sync=1`, the third yardstick, is an external tool:
 //! `benches/yardsticks.sh` runs it.
+#![allow(missing_docs)] // criterion's macros generate undocumented items
 
 use std::io::Write;
 use std::os::unix::fs::FileExt;

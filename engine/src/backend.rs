@@ -106,13 +106,17 @@ pub struct ExportedFile {
     pub size_bytes: u64,
 }
 
+/// The visitor [`View::scan`] calls with each key and value; returning
+/// `false` stops the scan.
+pub type Visitor<'a> = dyn FnMut(&[u8], &[u8]) -> Result<bool> + 'a;
+
 /// Reads at one point in time.
 pub trait View {
     /// The value at `key`, if any.
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>>;
     /// Visits the pairs with keys in `[start, end)` in key order until
     /// `visit` returns `false`.
-    fn scan(&self, cf: Cf, start: &[u8], end: &[u8], visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool>) -> Result<()>;
+    fn scan(&self, cf: Cf, start: &[u8], end: &[u8], visit: &mut Visitor<'_>) -> Result<()>;
     /// The pair with the greatest key in `[start, end)`.
     fn last_in(&self, cf: Cf, start: &[u8], end: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>>;
     /// Writes the pairs in `[start, end)` to a new file at `path` in the

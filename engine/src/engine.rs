@@ -39,6 +39,7 @@ struct Inner<B> {
     config: EngineConfig,
     groups: RwLock<HashMap<GroupId, GroupLog>>,
     log_writer: Mutex<()>,
+    installs_finished_at_open: std::sync::atomic::AtomicU64,
 }
 
 /// The engine on RocksDB: what a node runs.
@@ -76,14 +77,28 @@ impl<B: Backend> Engine<B> {
     pub fn with_backend(backend: B, config: EngineConfig) -> Result<Self> {
         config.validate()?;
         let engine = Engine {
-            inner: Arc::new(Inner { backend, config, groups: RwLock::new(HashMap::new()), log_writer: Mutex::new(()) }),
+            inner: Arc::new(Inner {
+                backend,
+                config,
+                groups: RwLock::new(HashMap::new()),
+                log_writer: Mutex::new(()),
+                installs_finished_at_open: Default::default(),
+            }),
         };
         engine.recover()?;
         Ok(engine)
     }
 
     fn recover(&self) -> Result<()> {
-        self.finish_interrupted_installs()
+        let finished = self.finish_interrupted_installs()?;
+        self.inner.installs_finished_at_open.fetch_add(finished, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// How many snapshot installs a crash had interrupted and recovery
+    /// finished (when opening, or in [`MemStore::crash_and_recover`]).
+    pub fn interrupted_installs_finished(&self) -> u64 {
+        self.inner.installs_finished_at_open.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Makes every write so far durable (applies and compactions are

@@ -10,7 +10,7 @@ use std::ops::Bound;
 use std::path::Path;
 use std::sync::Mutex;
 
-use crate::backend::{Backend, Cf, ExportedFile, View, WriteOp, WriteSet};
+use crate::backend::{Backend, Cf, ExportedFile, View, Visitor, WriteOp, WriteSet};
 use crate::error::{EngineError, Result};
 
 type Map = BTreeMap<Vec<u8>, Vec<u8>>;
@@ -87,7 +87,7 @@ impl View for MemView<'_> {
         Ok(self.0.maps.get(&cf).and_then(|m| m.get(key).cloned()))
     }
 
-    fn scan(&self, cf: Cf, start: &[u8], end: &[u8], visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool>) -> Result<()> {
+    fn scan(&self, cf: Cf, start: &[u8], end: &[u8], visit: &mut Visitor<'_>) -> Result<()> {
         if let Some(m) = self.0.maps.get(&cf) {
             for (k, v) in range(m, start, end) {
                 if !visit(k, v)? {
@@ -120,7 +120,7 @@ impl View for MemBackend {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
         MemView(&self.lock()).get(cf, key)
     }
-    fn scan(&self, cf: Cf, start: &[u8], end: &[u8], visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool>) -> Result<()> {
+    fn scan(&self, cf: Cf, start: &[u8], end: &[u8], visit: &mut Visitor<'_>) -> Result<()> {
         MemView(&self.lock()).scan(cf, start, end, visit)
     }
     fn last_in(&self, cf: Cf, start: &[u8], end: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>> {

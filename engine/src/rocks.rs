@@ -35,7 +35,7 @@ use rocksdb::{
     WriteOptions, DB,
 };
 
-use crate::backend::{Backend, Cf, ExportedFile, View, WriteOp, WriteSet};
+use crate::backend::{Backend, Cf, ExportedFile, View, Visitor, WriteOp, WriteSet};
 use crate::config::EngineConfig;
 use crate::error::{EngineError, Result};
 
@@ -115,7 +115,7 @@ impl View for RocksView<'_> {
         Ok(b.db.get_pinned_cf_opt(b.handle(cf), key, &self.read_options(None))?.map(|v| v.to_vec()))
     }
 
-    fn scan(&self, cf: Cf, start: &[u8], end: &[u8], visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool>) -> Result<()> {
+    fn scan(&self, cf: Cf, start: &[u8], end: &[u8], visit: &mut Visitor<'_>) -> Result<()> {
         let b = self.backend;
         let mut it = b.db.raw_iterator_cf_opt(b.handle(cf), self.read_options(Some(end)));
         it.seek(start);
@@ -173,7 +173,7 @@ impl View for RocksBackend {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
         self.view().get(cf, key)
     }
-    fn scan(&self, cf: Cf, start: &[u8], end: &[u8], visit: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool>) -> Result<()> {
+    fn scan(&self, cf: Cf, start: &[u8], end: &[u8], visit: &mut Visitor<'_>) -> Result<()> {
         self.view().scan(cf, start, end, visit)
     }
     fn last_in(&self, cf: Cf, start: &[u8], end: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>> {

@@ -96,7 +96,11 @@ fn cf_by_name(name: &str) -> Result<Cf> {
         .ok_or_else(|| EngineError::Corrupt(format!("snapshot names unknown column family {name:?}")))
 }
 
-fn shard_ranges(shard: ShardId) -> [(Cf, (Vec<u8>, Vec<u8>)); 3] {
+/// A column family and a `[start, end)` key range in it.
+type CfRange = (Cf, (Vec<u8>, Vec<u8>));
+
+/// Every range a shard owns.
+fn shard_ranges(shard: ShardId) -> [CfRange; 3] {
     [(Cf::Kv, shard_range(shard)), (Cf::Dedup, shard_range(shard)), (Cf::Meta, meta_shard_range(shard))]
 }
 
@@ -257,19 +261,20 @@ impl<B: Backend> Engine<B> {
         Ok(())
     }
 
-    /// Finishes installs that a crash interrupted (run when opening).
-    pub(crate) fn finish_interrupted_installs(&self) -> Result<()> {
+    /// Finishes installs that a crash interrupted (run when opening);
+    /// returns how many there were.
+    pub(crate) fn finish_interrupted_installs(&self) -> Result<u64> {
         let (start, end) = meta_install_range();
         let mut markers = Vec::new();
         self.backend().scan(Cf::Meta, &start, &end, &mut |k, v| {
             markers.push(decode_record::<InstallMarker>(k, v, &|| "snapshot install marker".to_string())?);
             Ok(true)
         })?;
-        for marker in markers {
+        for marker in &markers {
             tracing::info!(group = marker.manifest.group, dir = %marker.dir, "finishing an interrupted snapshot install");
-            self.redo_install(&marker)?;
+            self.redo_install(marker)?;
         }
-        Ok(())
+        Ok(markers.len() as u64)
     }
 }
 
