@@ -113,13 +113,20 @@ fn yardsticks(c: &mut Criterion) {
     let mut group = c.benchmark_group("yardstick");
     let dir = bench_dir();
     let file = std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(dir.path().join("raw")).unwrap();
+    // Overwrite a preallocated, synced file in place, as a WAL does: then
+    // fdatasync flushes data only, no file-size metadata.
+    const RAW_FILE_BYTES: u64 = 64 * 1024 * 1024;
     let block = vec![3u8; 4096];
+    for chunk in 0..RAW_FILE_BYTES / 4096 {
+        file.write_all_at(&block, chunk * 4096).unwrap();
+    }
+    file.sync_all().unwrap();
     let mut offset = 0u64;
     group.throughput(Throughput::Elements(1));
     group.bench_function("fdatasync_4k", |b| {
         b.iter(|| {
             file.write_all_at(&block, offset).unwrap();
-            offset = (offset + 4096) % (64 * 1024 * 1024);
+            offset = (offset + 4096) % RAW_FILE_BYTES;
             // File::sync_data is fdatasync(2) on Linux.
             file.sync_data().unwrap();
         })

@@ -186,7 +186,8 @@ impl View for RocksBackend {
 
 impl Backend for RocksBackend {
     fn write(&self, set: WriteSet, sync: bool) -> Result<()> {
-        let mut batch = WriteBatch::default();
+        // Room for every key and value plus RocksDB's per-record framing.
+        let mut batch = WriteBatch::with_capacity_bytes(set.bytes as usize + set.ops.len() * 16 + 64);
         for op in set.ops {
             match op {
                 WriteOp::Put(cf, k, v) => batch.put_cf(self.handle(cf), k, v),
