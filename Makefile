@@ -17,10 +17,12 @@ build: setup
 demo: setup
 	$(CARGO) run --release --bin shoal -- demo --dir ./demo-data
 
-## test: every test of every crate (what CI runs).
+## test: every test of every crate (what CI runs); benchmarks are compiled,
+## not run (`make bench` runs them).
 test: setup
-	$(CARGO) test --workspace --all-targets
+	$(CARGO) test --workspace --tests
 	$(CARGO) test --workspace --doc
+	$(CARGO) test --workspace --benches --no-run
 
 ## test-long: soak mode — 100,000 simulator seeds, more crash rounds.
 test-long: setup
