@@ -31,6 +31,11 @@ enum Cmd {
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
+    /// Cluster certificates (mutual TLS).
+    Certs {
+        #[command(subcommand)]
+        command: CertsCmd,
+    },
     /// (Crash workload) append and apply until killed; prints `ack N`.
     #[command(hide = true)]
     EngineWriter {
@@ -51,10 +56,31 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Create a cluster CA and certificates for the given nodes and clients.
+    Init {
+        /// Directory to write (must not hold a CA yet).
+        #[arg(long)]
+        out: PathBuf,
+        /// Node ids, comma-separated (e.g. 1,2,3).
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<u64>,
+        /// Client names, comma-separated (`admin` may set fault filters).
+        #[arg(long, value_delimiter = ',', default_value = "client,admin")]
+        clients: Vec<String>,
+    },
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_writer(std::io::stderr).init();
     match Cli::parse().command {
         Cmd::Demo { dir, kills, seed } => demo(&dir, kills, seed),
+        Cmd::Certs { command: CertsCmd::Init { out, nodes, clients } } => {
+            shoal::certs::init(&out, &nodes, &clients)?;
+            println!("wrote a cluster CA and certificates for nodes {nodes:?} and clients {clients:?} to {}", out.display());
+            Ok(())
+        }
         Cmd::EngineWriter { dir, seed, stop_after } => crashtest::run_writer(&dir, seed, stop_after),
         Cmd::EngineInstaller { dir, rounds } => crashtest::run_installer(&dir, rounds),
     }
