@@ -75,8 +75,17 @@ pub struct Progress {
     pub(crate) probe_sent: bool,
     /// Snapshot state: index of the snapshot sent.
     pub(crate) pending_snapshot: Index,
-    /// Ticks spent in snapshot state (resent after an election timeout).
+    /// Ticks spent in snapshot state (resent after a timeout, see
+    /// `snapshot_backoff`).
     pub(crate) snapshot_ticks: u32,
+    /// Snapshot state: the peer answered since the snapshot was sent, so it
+    /// is reachable and the transfer may still be running.
+    pub(crate) snapshot_heard: bool,
+    /// Snapshot resends that timed out while the peer kept answering. After
+    /// a few, the resend timeout doubles with each, so a long out-of-band
+    /// transfer is not restarted every election timeout; reset when the
+    /// peer catches up. Survives state changes.
+    pub(crate) snapshot_backoff: u32,
     /// Heard from the peer since the last check-quorum round.
     pub(crate) recent_active: bool,
     /// Commit index last sent.
@@ -97,6 +106,8 @@ impl Progress {
             probe_sent: false,
             pending_snapshot: 0,
             snapshot_ticks: 0,
+            snapshot_heard: false,
+            snapshot_backoff: 0,
             recent_active: false,
             sent_commit: 0,
             heartbeat_match: 0,
@@ -110,6 +121,7 @@ impl Progress {
         self.probe_sent = false;
         self.pending_snapshot = 0;
         self.snapshot_ticks = 0;
+        self.snapshot_heard = false;
         self.stalled_heartbeats = 0;
         self.inflights.clear();
     }
@@ -127,6 +139,7 @@ impl Progress {
 
     pub(crate) fn become_replicate(&mut self) {
         self.reset_state(ProgressState::Replicate);
+        self.snapshot_backoff = 0;
         self.next_index = self.match_index + 1;
     }
 

@@ -146,6 +146,14 @@ pub struct RawNode<S: Storage> {
     fatal: Option<StorageError>,
 }
 
+/// How many snapshot resends to a peer that keeps answering still come one
+/// election timeout apart (so a lost `Snapshot` message is retried quickly);
+/// after that the wait doubles with each resend.
+const SNAPSHOT_FAST_RETRIES: u32 = 4;
+/// Cap of the snapshot resend backoff exponent: later resends wait up to
+/// `2^10` election timeouts.
+const SNAPSHOT_BACKOFF_MAX: u32 = 10;
+
 /// Whether a message depends on state that must be durable first.
 fn needs_persist(body: &MessageBody) -> bool {
     match body {
@@ -391,9 +399,13 @@ impl<S: Storage> RawNode<S> {
 
     /// Requests a linearizable read. When leadership is confirmed (a quorum
     /// answered a heartbeat sent after the request) a [`ReadState`] with
-    /// this `context` appears in a `Ready`. Contexts must be unique among
-    /// pending requests. Requests are dropped silently if this node loses
-    /// leadership first; callers retry on a timeout.
+    /// this `context` appears in a `Ready`. Contexts must be unique: never
+    /// reuse one while this node leads in the same term, not even after its
+    /// request was confirmed — a delayed answer to a heartbeat that carried
+    /// the earlier request's context would confirm the new request without
+    /// a heartbeat round sent after it (a possibly stale read). Requests are
+    /// dropped silently if this node loses leadership first; callers retry
+    /// on a timeout.
     pub fn read_index(&mut self, context: Bytes) -> Result<(), Error> {
         self.check_fatal()?;
         if self.role != Role::Leader {
@@ -453,7 +465,12 @@ impl<S: Storage> RawNode<S> {
 
     /// Tells the leader how sending a snapshot to `peer` went (for runtimes
     /// that stream snapshots out of band). On failure the snapshot is
-    /// retried after the next heartbeat.
+    /// retried after the next heartbeat. Without a report, a snapshot that
+    /// is not acknowledged is sent again after an election timeout; while
+    /// the peer keeps answering (so a long transfer may still be running),
+    /// that wait doubles after a few resends, up to 1024 election timeouts.
+    /// A runtime should still not start a second transfer of the same
+    /// snapshot to the same peer while one is running.
     pub fn report_snapshot(&mut self, peer: NodeId, success: bool) {
         if self.role == Role::Leader {
             if let Some(pr) = self.progress.get_mut(&peer) {
@@ -718,9 +735,19 @@ impl<S: Storage> RawNode<S> {
         let election_tick = self.cfg.election_tick;
         for pr in self.progress.values_mut() {
             if pr.state == ProgressState::Snapshot {
-                pr.snapshot_ticks += 1;
-                if pr.snapshot_ticks >= election_tick {
+                pr.snapshot_ticks = pr.snapshot_ticks.saturating_add(1);
+                let exp = pr
+                    .snapshot_backoff
+                    .saturating_sub(SNAPSHOT_FAST_RETRIES)
+                    .min(SNAPSHOT_BACKOFF_MAX);
+                let timeout = u64::from(election_tick) << exp;
+                if u64::from(pr.snapshot_ticks) >= timeout {
                     // The snapshot or its answer was probably lost: resend.
+                    // If the peer kept answering, the runtime may still be
+                    // streaming it: wait longer before the next attempt.
+                    if pr.snapshot_heard {
+                        pr.snapshot_backoff = pr.snapshot_backoff.saturating_add(1);
+                    }
                     pr.pending_snapshot = 0;
                     pr.become_probe();
                 }
@@ -1105,6 +1132,7 @@ impl<S: Storage> RawNode<S> {
             };
             let pr = self.progress.get_mut(&from).expect("checked above");
             pr.recent_active = true;
+            pr.snapshot_heard |= pr.state == ProgressState::Snapshot;
             if pr.maybe_decr_to(index, next_probe) {
                 if pr.state == ProgressState::Replicate {
                     pr.become_probe();
@@ -1116,6 +1144,7 @@ impl<S: Storage> RawNode<S> {
         let first_index = self.log.first_index()?;
         let pr = self.progress.get_mut(&from).expect("checked above");
         pr.recent_active = true;
+        pr.snapshot_heard |= pr.state == ProgressState::Snapshot;
         if !pr.maybe_update(index) {
             return Ok(());
         }
@@ -1149,6 +1178,7 @@ impl<S: Storage> RawNode<S> {
             return Ok(());
         };
         pr.recent_active = true;
+        pr.snapshot_heard |= pr.state == ProgressState::Snapshot;
         pr.probe_sent = false;
         if pr.state == ProgressState::Replicate && pr.match_index < last {
             // No progress over two heartbeat rounds while appends are in

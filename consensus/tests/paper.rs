@@ -1002,3 +1002,65 @@ fn messages_are_serde_serializable() {
     assert_serde::<Message>();
     assert_serde::<Entry>();
 }
+
+// Snapshot state (§7 / etcd's StateSnapshot): while a snapshot is on its way
+// the leader sends nothing else. The runtime streams snapshot files out of
+// band and only sends the `Snapshot` message once they arrived, which for a
+// large snapshot takes far longer than an election timeout. The leader must
+// not keep starting new full transfers every election timeout meanwhile (each
+// would be another concurrent stream of the whole snapshot): retries back
+// off, so a follower that stays reachable sees few duplicates.
+#[test]
+fn snapshot_resends_back_off_while_transfer_is_in_flight() {
+    let mut net = Net::new(3, |_| {});
+    net.elect(1);
+    net.cut.insert(3);
+    for i in 0..10u8 {
+        net.node(1).propose(Bytes::from(vec![i])).unwrap();
+        net.deliver_all();
+    }
+    let commit = net.node(1).commit_index();
+    let conf = net.node(1).conf_state().clone();
+    let st = net.node(1).storage_mut();
+    st.create_snapshot(commit, conf, Bytes::from_static(b"big"))
+        .unwrap();
+    st.compact(commit).unwrap();
+    net.cut.clear();
+    // 100 election timeouts during which node 3 answers heartbeats but its
+    // snapshot never completes (the runtime is still streaming it).
+    let ticks = 100 * n_election_tick();
+    let mut sent = 0;
+    for _ in 0..ticks {
+        net.node(1).tick().unwrap();
+        for m in net.drain() {
+            if matches!(m.body, MessageBody::Snapshot { .. }) {
+                sent += 1;
+                continue;
+            }
+            net.node(m.to).step(m).unwrap();
+        }
+    }
+    assert!(sent >= 2, "a lost snapshot is still retried ({sent} sent)");
+    assert!(
+        sent <= 12,
+        "{sent} full snapshot transfers started in {ticks} ticks for one follower"
+    );
+    // The next copy that is delivered lets the follower catch up.
+    let mut caught_up = false;
+    for _ in 0..200 * n_election_tick() {
+        net.node(1).tick().unwrap();
+        for m in net.drain() {
+            net.node(m.to).step(m).unwrap();
+        }
+        if net.node(3).commit_index() == net.node(1).commit_index() {
+            caught_up = true;
+            break;
+        }
+    }
+    assert!(caught_up, "follower never installed the snapshot");
+    net.deliver_all();
+    assert_eq!(
+        net.node(1).progress(3).unwrap().state,
+        ProgressState::Replicate
+    );
+}

@@ -5,7 +5,8 @@
 //! - `apply/64_puts`: state-machine apply of 64 puts per write (ops/s).
 //! - `snapshot/export_install_100MB`: export a 100 MB shard to SST files and
 //!   install it into another engine (MB/s).
-//! - `yardstick/fdatasync_4k`: raw 4 KiB write + fdatasync (ops/s).
+//! - `yardstick/fdatasync_4k_{overwrite,append}`: raw 4 KiB write +
+//!   fdatasync, in place and appending (ops/s).
 //! - `yardstick/sequential_write_fsync_64MiB`: 1 MiB writes + one fsync (MB/s).
 //!
 //! `db_bench fillrandom --sync=1`, the third yardstick, is an external tool:
@@ -123,12 +124,30 @@ fn yardsticks(c: &mut Criterion) {
     file.sync_all().unwrap();
     let mut offset = 0u64;
     group.throughput(Throughput::Elements(1));
-    group.bench_function("fdatasync_4k", |b| {
+    // Overwrite in place: fdatasync flushes data only (the best case; what a
+    // recycled WAL file sees).
+    group.bench_function("fdatasync_4k_overwrite", |b| {
         b.iter(|| {
             file.write_all_at(&block, offset).unwrap();
             offset = (offset + 4096) % RAW_FILE_BYTES;
             // File::sync_data is fdatasync(2) on Linux.
             file.sync_data().unwrap();
+        })
+    });
+    // Append, growing the file: fdatasync also commits the new size (what
+    // `dd oflag=dsync` measures, and what a fresh WAL file sees).
+    let append_path = dir.path().join("append");
+    let mut appender = std::fs::File::create(&append_path).unwrap();
+    let mut appended_bytes = 0u64;
+    group.bench_function("fdatasync_4k_append", |b| {
+        b.iter(|| {
+            if appended_bytes >= RAW_FILE_BYTES {
+                appender = std::fs::File::create(&append_path).unwrap();
+                appended_bytes = 0;
+            }
+            appender.write_all(&block).unwrap();
+            appended_bytes += 4096;
+            appender.sync_data().unwrap();
         })
     });
     const SEQ_BYTES: u64 = 64 * 1024 * 1024;

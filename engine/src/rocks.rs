@@ -7,6 +7,9 @@
 //!   state-machine applies are not synced: the log they come from is durable,
 //!   the WAL is one ordered log so the next synced write makes them durable
 //!   too, and recovery replays the log from the applied index + 1.
+//! - **WAL recycling** ([`WAL_FILES_RECYCLED`] files): synced appends
+//!   overwrite already-allocated blocks instead of growing a file, so each
+//!   fdatasync commits data only, not file-size metadata.
 //! - **Point-in-time WAL recovery** (`PointInTime`): after a crash RocksDB
 //!   replays the WAL up to the first torn record and stops, so recovery keeps
 //!   a prefix of the writes — the property the log store relies on.
@@ -38,6 +41,11 @@ use rocksdb::{
 use crate::backend::{Backend, Cf, ExportedFile, View, Visitor, WriteOp, WriteSet};
 use crate::config::EngineConfig;
 use crate::error::{EngineError, Result};
+
+/// WAL files kept for reuse: a synced append into a recycled (already
+/// allocated) file overwrites blocks in place, so fdatasync need not commit
+/// file-size metadata — measurably cheaper per synced write on ext4.
+const WAL_FILES_RECYCLED: usize = 4;
 
 /// RocksDB behind the [`Backend`] seam.
 pub struct RocksBackend {
@@ -76,6 +84,7 @@ impl RocksBackend {
         db_opts.set_wal_recovery_mode(DBRecoveryMode::PointInTime);
         db_opts.set_paranoid_checks(true);
         db_opts.set_max_background_jobs(config.background_jobs as i32);
+        db_opts.set_recycle_log_file_num(WAL_FILES_RECYCLED);
         let descriptors = Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(config, &cache)));
         let db = DB::open_cf_descriptors(&db_opts, path, descriptors)?;
         Ok(RocksBackend { db, sst_options: cf_options(config, &cache) })
