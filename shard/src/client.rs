@@ -1,0 +1,410 @@
+//! The KV client: finds and caches the leader, retries with capped backoff
+//! within a deadline, and makes writes exactly-once with a session.
+//!
+//! # Exactly-once
+//! Every client has an id; every write gets the next sequence number and
+//! keeps it across retries. The node's session table (see `shoal_engine::kv`)
+//! applies a (client, seq) once and answers a retry from its cache, so a
+//! retried write never applies twice and gets the first attempt's answer.
+//!
+//! # When the outcome is unknown
+//! A session expires after `session_idle_ms` without requests. If a write
+//! applied but its reply was lost, and the client kept retrying for longer
+//! than that, the retry may run again as a new request. For a versioned put
+//! that second run reports a version mismatch (or a missing key) that is the
+//! effect of the first run, so the client answers [`ClientError::Maybe`]
+//! instead, as the lab's clerk does; it does so only when the retries have
+//! lasted at least half of `session_idle_ms`. An operation that runs out of
+//! its deadline after a request may have reached a node is
+//! [`ClientError::Maybe`] for writes and [`ClientError::Timeout`] for reads.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use shoal_engine::{ClientId, Command, Reply, ShardId, Versioned};
+use shoal_net::{NodeId, RpcCaller, RpcError};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+use crate::node::{KV_SHARD, SESSION_IDLE_MS_DEFAULT};
+use crate::protocol::{KvProtocol, KvRequest, KvResponse};
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// This client's session id: unique in the cluster, never 0.
+    pub client_id: ClientId,
+    /// How long one operation may take, retries included.
+    pub op_deadline: Duration,
+    /// How long one attempt may wait for a node's answer.
+    pub rpc_deadline: Duration,
+    /// First pause after every node was tried without success.
+    pub backoff_min: Duration,
+    /// Longest pause between rounds of attempts.
+    pub backoff_max: Duration,
+    /// The nodes' session idle time (`NodeConfig::session_idle_ms`).
+    pub session_idle_ms: u64,
+    /// The shard this client addresses (routing by key arrives with the
+    /// shard controller).
+    pub shard: ShardId,
+}
+
+impl ClientConfig {
+    /// Defaults for session `client_id`: 30 s per operation, 1 s per
+    /// attempt, backoff from 10 ms to 500 ms.
+    pub fn new(client_id: ClientId) -> ClientConfig {
+        assert!(client_id != 0, "client id 0 means \"no session\"");
+        ClientConfig {
+            client_id,
+            op_deadline: Duration::from_secs(30),
+            rpc_deadline: Duration::from_secs(1),
+            backoff_min: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(500),
+            session_idle_ms: SESSION_IDLE_MS_DEFAULT,
+            shard: KV_SHARD,
+        }
+    }
+}
+
+/// Why an operation did not succeed. Expected outcomes of the operations
+/// (missing key, version mismatch) are variants too.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// `get` found no such key.
+    #[error("key not found")]
+    NotFound,
+    /// `put_if_version` found the key at another version.
+    #[error("version mismatch (current version {current})")]
+    VersionMismatch {
+        /// The key's version.
+        current: u64,
+    },
+    /// `put_if_version` with a non-zero version found no key.
+    #[error("no such key")]
+    NoKey,
+    /// The write may or may not have taken effect.
+    #[error("outcome unknown: the write may or may not have been applied")]
+    Maybe,
+    /// A read's deadline passed (a read has no effect, so nothing is
+    /// unknown; a write that runs out of time is [`ClientError::Maybe`]).
+    #[error("deadline exceeded")]
+    Timeout,
+    /// A node refused the request (limits, unknown shard).
+    #[error("refused: {0}")]
+    Refused(String),
+}
+
+/// The async KV client. Cheap to clone (clones share the session, and
+/// operations from clones run one at a time).
+#[derive(Clone)]
+pub struct Client<C: RpcCaller<KvProtocol>> {
+    caller: C,
+    servers: Arc<Vec<NodeId>>,
+    config: Arc<ClientConfig>,
+    state: Arc<Mutex<State>>,
+    /// Index into `servers` of the presumed leader.
+    leader: Arc<AtomicU64>,
+}
+
+impl<C: RpcCaller<KvProtocol>> std::fmt::Debug for Client<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("client_id", &self.config.client_id)
+            .field("servers", &self.servers)
+            .finish()
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    seq: u64,
+}
+
+/// What a retry loop ended with.
+enum Attempted {
+    Reply(Reply),
+    Failed(ClientError),
+}
+
+impl<C: RpcCaller<KvProtocol>> Client<C> {
+    /// A client of the cluster `servers`, calling through `caller`.
+    pub fn new(caller: C, servers: Vec<NodeId>, config: ClientConfig) -> Client<C> {
+        assert!(!servers.is_empty(), "a client needs at least one server");
+        Client {
+            caller,
+            servers: Arc::new(servers),
+            config: Arc::new(config),
+            state: Arc::new(Mutex::new(State::default())),
+            leader: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// This client's session id.
+    pub fn id(&self) -> ClientId {
+        self.config.client_id
+    }
+
+    /// Reads `key` (linearizable).
+    pub async fn get(&self, key: impl Into<Bytes>) -> Result<Versioned, ClientError> {
+        match self.run(Command::Get { key: key.into() }).await? {
+            Reply::Value(v) => Ok(v),
+            Reply::NotFound => Err(ClientError::NotFound),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Writes `key` unconditionally; returns the new version.
+    pub async fn put(
+        &self,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+    ) -> Result<u64, ClientError> {
+        written(
+            self.run(Command::Put {
+                key: key.into(),
+                value: value.into(),
+            })
+            .await?,
+        )
+    }
+
+    /// The lab's versioned put: writes only if the key is at `version`
+    /// (0: absent). Returns the new version.
+    pub async fn put_if_version(
+        &self,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+        version: u64,
+    ) -> Result<u64, ClientError> {
+        let started = Instant::now();
+        let command = Command::PutIfVersion {
+            key: key.into(),
+            value: value.into(),
+            version,
+        };
+        let reply = self.run(command).await?;
+        let long = started.elapsed() >= Duration::from_millis(self.config.session_idle_ms / 2);
+        match reply {
+            Reply::Written { version } => Ok(version),
+            // After retries that outlasted half a session, the mismatch may be
+            // our own first attempt's doing (see the module docs).
+            Reply::VersionMismatch { .. } | Reply::NoKey if long => Err(ClientError::Maybe),
+            Reply::VersionMismatch { current } => Err(ClientError::VersionMismatch { current }),
+            Reply::NoKey => Err(ClientError::NoKey),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Appends `value` to `key` (creating it); returns the new version.
+    pub async fn append(
+        &self,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+    ) -> Result<u64, ClientError> {
+        written(
+            self.run(Command::Append {
+                key: key.into(),
+                value: value.into(),
+            })
+            .await?,
+        )
+    }
+
+    /// Deletes `key`; returns whether it existed.
+    pub async fn delete(&self, key: impl Into<Bytes>) -> Result<bool, ClientError> {
+        match self.run(Command::Delete { key: key.into() }).await? {
+            Reply::Deleted { existed } => Ok(existed),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Keys in `[start, end)` (empty `end`: no bound), at most `limit`, in
+    /// order (linearizable).
+    pub async fn scan(
+        &self,
+        start: impl Into<Bytes>,
+        end: impl Into<Bytes>,
+        limit: u64,
+    ) -> Result<Vec<(Bytes, Versioned)>, ClientError> {
+        match self
+            .run(Command::Scan {
+                start: start.into(),
+                end: end.into(),
+                limit,
+            })
+            .await?
+        {
+            Reply::Pairs(p) => Ok(p),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn run(&self, command: Command) -> Result<Reply, ClientError> {
+        let mut state = self.state.lock().await;
+        let read_only = command.is_read_only();
+        let seq = if read_only {
+            0
+        } else {
+            state.seq += 1;
+            state.seq
+        };
+        let request = KvRequest {
+            shard: self.config.shard,
+            client: self.config.client_id,
+            seq,
+            command,
+        };
+        match self.attempt_until_deadline(request).await {
+            Attempted::Reply(reply) => Ok(reply),
+            Attempted::Failed(ClientError::Timeout) if !read_only => Err(ClientError::Maybe),
+            Attempted::Failed(e) => Err(e),
+        }
+    }
+
+    /// Sends `request` to the presumed leader, then the others in turn,
+    /// with capped exponential backoff after each full round, until an
+    /// answer or the deadline. A timeout is reported as `Timeout`; the
+    /// caller turns it into `Maybe` for writes.
+    async fn attempt_until_deadline(&self, request: KvRequest) -> Attempted {
+        let deadline = Instant::now() + self.config.op_deadline;
+        let n = self.servers.len() as u64;
+        let mut backoff = self.config.backoff_min;
+        let mut tried_in_round = 0u64;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Attempted::Failed(ClientError::Timeout);
+            }
+            let index = self.leader.load(Ordering::Relaxed) % n;
+            let server = self.servers[index as usize];
+            let rpc_deadline = self.config.rpc_deadline.min(deadline - now);
+            let result = self
+                .caller
+                .call_with_deadline(server, request.clone(), rpc_deadline)
+                .await;
+            let next = match result {
+                Ok(KvResponse::Done(Reply::Rejected { reason })) => {
+                    return Attempted::Failed(ClientError::Refused(reason))
+                }
+                Ok(KvResponse::Done(reply)) => return Attempted::Reply(reply),
+                Ok(KvResponse::WrongShard) => {
+                    return Attempted::Failed(ClientError::Refused("wrong shard".into()))
+                }
+                Ok(KvResponse::Refused { reason }) => {
+                    return Attempted::Failed(ClientError::Refused(reason))
+                }
+                Ok(KvResponse::NotLeader { leader_hint }) => self
+                    .servers
+                    .iter()
+                    .position(|s| s.0 == leader_hint && leader_hint != 0 && s.0 != server.0),
+                Ok(KvResponse::ShuttingDown) | Ok(KvResponse::Busy) => None,
+                Err(RpcError::Codec(e)) => return Attempted::Failed(ClientError::Refused(e)),
+                Err(_) => None,
+            };
+            match next {
+                Some(hinted) => {
+                    self.leader.store(hinted as u64, Ordering::Relaxed);
+                    tried_in_round += 1;
+                }
+                None => {
+                    self.leader.store((index + 1) % n, Ordering::Relaxed);
+                    tried_in_round += 1;
+                }
+            }
+            if tried_in_round >= n {
+                tried_in_round = 0;
+                let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
+                tokio::time::sleep(pause).await;
+                backoff = (backoff * 2).min(self.config.backoff_max);
+            }
+        }
+    }
+}
+
+fn written(reply: Reply) -> Result<u64, ClientError> {
+    match reply {
+        Reply::Written { version } => Ok(version),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn unexpected(reply: Reply) -> ClientError {
+    ClientError::Refused(format!("unexpected reply {reply:?}"))
+}
+
+/// A blocking wrapper around [`Client`] for synchronous callers: each call
+/// runs the async operation to completion on the wrapper's own runtime.
+/// Do not use it from inside an async context.
+pub struct BlockingClient<C: RpcCaller<KvProtocol>> {
+    runtime: tokio::runtime::Runtime,
+    client: Client<C>,
+}
+
+impl<C: RpcCaller<KvProtocol>> std::fmt::Debug for BlockingClient<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockingClient")
+            .field("client", &self.client)
+            .finish()
+    }
+}
+
+impl<C: RpcCaller<KvProtocol>> BlockingClient<C> {
+    /// Wraps `client`; its calls run on `runtime` (which must be able to
+    /// drive the client's transport).
+    pub fn new(runtime: tokio::runtime::Runtime, client: Client<C>) -> Self {
+        BlockingClient { runtime, client }
+    }
+
+    /// The async client inside.
+    pub fn client(&self) -> &Client<C> {
+        &self.client
+    }
+
+    /// See [`Client::get`].
+    pub fn get(&self, key: impl Into<Bytes>) -> Result<Versioned, ClientError> {
+        self.runtime.block_on(self.client.get(key))
+    }
+
+    /// See [`Client::put`].
+    pub fn put(&self, key: impl Into<Bytes>, value: impl Into<Bytes>) -> Result<u64, ClientError> {
+        self.runtime.block_on(self.client.put(key, value))
+    }
+
+    /// See [`Client::put_if_version`].
+    pub fn put_if_version(
+        &self,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+        version: u64,
+    ) -> Result<u64, ClientError> {
+        self.runtime
+            .block_on(self.client.put_if_version(key, value, version))
+    }
+
+    /// See [`Client::append`].
+    pub fn append(
+        &self,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+    ) -> Result<u64, ClientError> {
+        self.runtime.block_on(self.client.append(key, value))
+    }
+
+    /// See [`Client::delete`].
+    pub fn delete(&self, key: impl Into<Bytes>) -> Result<bool, ClientError> {
+        self.runtime.block_on(self.client.delete(key))
+    }
+
+    /// See [`Client::scan`].
+    pub fn scan(
+        &self,
+        start: impl Into<Bytes>,
+        end: impl Into<Bytes>,
+        limit: u64,
+    ) -> Result<Vec<(Bytes, Versioned)>, ClientError> {
+        self.runtime.block_on(self.client.scan(start, end, limit))
+    }
+}
