@@ -68,6 +68,12 @@ fn start_pair(rt: &Runtime) -> Pair {
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(Limits::default().udp_payload_bytes_max),
+            // Loopback carries 1500-byte packets for sure (its MTU is 64 KiB):
+            // tell QUIC so, as a LAN deployment would.
+            udp_payload_bytes_min: std::env::var("SHOAL_BENCH_UDP_PAYLOAD_BYTES_MIN")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1452),
             ..Limits::default()
         };
         let bind = |id: u64| {

@@ -51,6 +51,13 @@ pub struct Limits {
     /// bound costs nothing on a 1500-byte network and cuts per-packet CPU on
     /// jumbo-frame networks and loopback.
     pub udp_payload_bytes_max: u16,
+    /// UDP payload size the path is known to carry: QUIC starts there and
+    /// never falls below it, even when losses look like an MTU black hole.
+    /// 1200 (QUIC's minimum) is safe everywhere; 1452 suits a LAN or
+    /// loopback with the usual 1500-byte MTU, where a burst of drops under
+    /// CPU load would otherwise send QUIC back to 1200-byte packets for a
+    /// minute and cut bulk throughput.
+    pub udp_payload_bytes_min: u16,
     /// Requested UDP socket send and receive buffer size. The kernel caps it
     /// (Linux: `net.core.rmem_max` / `wmem_max`); too small a receive buffer
     /// drops bursts, which QUIC then treats as congestion.
@@ -73,6 +80,7 @@ impl Default for Limits {
             reconnect_backoff_max_ms: 2_000,
             shutdown_drain_ms: 5_000,
             udp_payload_bytes_max: 8952,
+            udp_payload_bytes_min: 1200,
             udp_socket_buffer_bytes: 4 << 20,
         }
     }
@@ -135,6 +143,11 @@ impl Limits {
             (1200..=65_527).contains(&self.udp_payload_bytes_max),
             "udp_payload_bytes_max",
             "must be in 1200..=65527",
+        )?;
+        check(
+            (1200..=self.udp_payload_bytes_max).contains(&self.udp_payload_bytes_min),
+            "udp_payload_bytes_min",
+            "must be in 1200..=udp_payload_bytes_max",
         )?;
         check(
             self.udp_socket_buffer_bytes >= 64 << 10,

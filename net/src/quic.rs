@@ -69,6 +69,8 @@ fn transport_config(limits: &Limits) -> Arc<quinn::TransportConfig> {
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(limits.udp_payload_bytes_max);
     t.mtu_discovery_config(Some(mtu));
+    t.initial_mtu(limits.udp_payload_bytes_min);
+    t.min_mtu(limits.udp_payload_bytes_min);
     Arc::new(t)
 }
 
