@@ -3,7 +3,7 @@
 
 CARGO := scripts/cargo.sh
 
-.PHONY: all setup build demo test test-long bench clippy fmt clean
+.PHONY: all setup build demo demo-engine test test-long bench clippy fmt clean
 
 all: build
 
@@ -13,9 +13,13 @@ setup:
 build: setup
 	$(CARGO) build --release --bin shoal
 
-## demo: the main job — see README.md.
+## demo: the main job — the 3-node cluster demo, see README.md.
 demo: setup
 	$(CARGO) run --release --bin shoal -- demo --dir ./demo-data
+
+## demo-engine: the engine crash demo.
+demo-engine: setup
+	$(CARGO) run --release --bin shoal -- demo --engine --dir ./demo-data
 
 ## test: every test of every crate (what CI runs); benchmarks are compiled,
 ## not run (`make bench` runs them).

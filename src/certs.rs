@@ -41,7 +41,7 @@ pub fn init(dir: &Path, nodes: &[u64], clients: &[String]) -> Result<()> {
     if dir.join("ca.pem").exists() {
         bail!("{} already holds a cluster CA (ca.pem); refusing to overwrite it", dir.display());
     }
-    if nodes.iter().any(|&n| n == 0) {
+    if nodes.contains(&0) {
         bail!("node ids start at 1 (0 means \"nobody\" to Raft)");
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -3,19 +3,32 @@
 //! shards, peers linked by QUIC.
 //!
 //! # Layout
-//! This facade re-exports the workspace's crates:
+//! This facade re-exports the workspace's crates and adds the database's
+//! front doors:
 //! - [`consensus`]: the Raft core (no I/O).
 //! - [`engine`]: RocksDB storage — Raft log store, KV state machine,
 //!   sessions, SST snapshots.
+//! - [`net`]: QUIC with mutual TLS, and the in-memory network.
+//! - [`shard`]: the node runtime, KV protocol and client.
 //! - [`certs`]: the certificate directory `shoal certs init` writes.
-//! - [`crashtest`]: the deterministic crash workload behind `shoal demo` and
-//!   the crash tests.
-//!
-//! The networked node runtime, client and embedded `Db` API arrive with the
-//! node-runtime work (see ARCHITECTURE.md).
+//! - [`db`]: [`Db`], the database in-process — a Raft group of one on
+//!   RocksDB, durable on return of every write.
+//! - [`cluster`]: member lists, the node runner behind `shoal node`, and the
+//!   cluster [`Client`] / [`BlockingClient`] (QUIC, mutual TLS).
+//! - [`jsonl`]: the JSON-lines protocol of `shoal client`.
+//! - [`crashtest`]: the deterministic crash workload behind `shoal demo --engine`
+//!   and the crash tests.
 
 pub mod certs;
+pub mod cluster;
 pub mod crashtest;
+pub mod db;
+pub mod jsonl;
+
+pub use cluster::{BlockingClient, Client, ClientError, ConnectError};
+pub use db::{AsyncDb, Db, DbError};
 
 pub use shoal_consensus as consensus;
 pub use shoal_engine as engine;
+pub use shoal_net as net;
+pub use shoal_shard as shard;

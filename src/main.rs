@@ -5,8 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command as Process, Stdio};
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
-use shoal::crashtest;
+use clap::{Args, Parser, Subcommand};
+use shoal::cluster::{self, ClientOptions, NodeOptions};
+use shoal::{crashtest, jsonl};
+
+mod cluster_demo;
 
 #[derive(Parser)]
 #[command(name = "shoal", version, about = "Shoal: a replicated, sharded key/value database")]
@@ -17,17 +20,23 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Engine demo: write a workload, SIGKILL the writer mid-write, reopen,
-    /// and show that everything acknowledged survived and the state is
-    /// consistent.
+    /// Cluster demo (3 node processes, leader SIGKILLed); --engine: the engine demo.
+    ///
+    /// Cluster demo: 3 node processes, a workload, the leader SIGKILLed,
+    /// a new leader, the node restarted and caught up, nothing lost.
+    /// With --engine: the engine demo (SIGKILL a writer mid-write, reopen,
+    /// check that everything acknowledged survived).
     Demo {
+        /// Run the engine demo instead of the cluster demo.
+        #[arg(long)]
+        engine: bool,
         /// Where to keep the demo's data (wiped first).
         #[arg(long, default_value = "./demo-data")]
         dir: PathBuf,
-        /// How many times to kill the writer.
+        /// (Engine demo) how many times to kill the writer.
         #[arg(long, default_value_t = 5)]
         kills: u32,
-        /// Workload seed.
+        /// (Engine demo) workload seed.
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
@@ -35,6 +44,81 @@ enum Cmd {
     Certs {
         #[command(subcommand)]
         command: CertsCmd,
+    },
+    /// Run a cluster node until SIGTERM (graceful) or SIGKILL (a crash).
+    Node {
+        /// This node's id (its certificate is node-<id>.pem in --tls).
+        #[arg(long)]
+        id: u64,
+        /// Data directory (RocksDB, snapshots, status.json).
+        #[arg(long)]
+        data: PathBuf,
+        /// UDP address to listen on.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Every member, this node included: 1=ADDR,2=ADDR,...
+        #[arg(long)]
+        peers: String,
+        /// Certificate directory (from `shoal certs init`).
+        #[arg(long)]
+        tls: PathBuf,
+        /// Compact the Raft log once it holds more than this many bytes.
+        #[arg(long)]
+        max_raft_state_bytes: Option<u64>,
+        /// QUIC idle timeout in ms (default 10000). A peer restarted after
+        /// a crash is redialed only once its old connection idles out.
+        #[arg(long)]
+        io_timeout_ms: Option<u64>,
+        /// Enable the transport's fault filter (tests only).
+        #[arg(long, hide = true)]
+        fault_injection: bool,
+    },
+    /// Read JSON requests from stdin, one per line; write one JSON answer
+    /// per line to stdout (schema in README.md).
+    Client {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
+    /// Read a key: prints {"ok":true,"value":..,"version":..}.
+    Get {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        key: String,
+    },
+    /// Write a key: prints {"ok":true,"version":..}.
+    Put {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        key: String,
+        value: String,
+        /// Write only if the key is at this version (0: only if absent).
+        #[arg(long)]
+        if_version: Option<u64>,
+    },
+    /// Append to a key: prints {"ok":true,"version":..}.
+    Append {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        key: String,
+        value: String,
+    },
+    /// Delete a key: prints {"ok":true,"existed":..}.
+    Del {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        key: String,
+    },
+    /// List keys in [START, END): prints {"ok":true,"pairs":[..]}.
+    Scan {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        #[arg(default_value = "")]
+        start: String,
+        /// Empty: no upper bound.
+        #[arg(default_value = "")]
+        end: String,
+        #[arg(long, default_value_t = jsonl::SCAN_LIMIT_DEFAULT)]
+        limit: u64,
     },
     /// (Crash workload) append and apply until killed; prints `ack N`.
     #[command(hide = true)]
@@ -46,6 +130,13 @@ enum Cmd {
         #[arg(long)]
         stop_after: Option<u64>,
     },
+    /// (Crash workload) open a `Db` and put k<i> = v<i> from i = 0 until
+    /// killed; prints `ack i` once each put returned.
+    #[command(hide = true)]
+    DbWriter {
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// (Crash workload) install snapshots until killed; prints `installed W`.
     #[command(hide = true)]
     EngineInstaller {
@@ -54,6 +145,23 @@ enum Cmd {
         #[arg(long)]
         rounds: Option<u64>,
     },
+}
+
+/// How a client finds and authenticates to the cluster.
+#[derive(Args)]
+struct ClusterArgs {
+    /// The nodes: 1=ADDR,2=ADDR,...
+    #[arg(long)]
+    cluster: String,
+    /// Certificate directory (from `shoal certs init`).
+    #[arg(long)]
+    tls: PathBuf,
+    /// Client certificate to use (client-<name>.pem).
+    #[arg(long, default_value = cluster::CLIENT_NAME_DEFAULT)]
+    name: String,
+    /// Deadline of one operation, retries included, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    timeout_ms: u64,
 }
 
 #[derive(Subcommand)]
@@ -75,15 +183,85 @@ enum CertsCmd {
 fn main() -> Result<()> {
     tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_writer(std::io::stderr).init();
     match Cli::parse().command {
-        Cmd::Demo { dir, kills, seed } => demo(&dir, kills, seed),
+        Cmd::Demo { engine: false, dir, .. } => cluster_demo::run(&dir),
+        Cmd::Demo { engine: true, dir, kills, seed } => demo(&dir, kills, seed),
         Cmd::Certs { command: CertsCmd::Init { out, nodes, clients } } => {
             shoal::certs::init(&out, &nodes, &clients)?;
             println!("wrote a cluster CA and certificates for nodes {nodes:?} and clients {clients:?} to {}", out.display());
             Ok(())
         }
+        Cmd::Node { id, data, listen, peers, tls, max_raft_state_bytes, io_timeout_ms, fault_injection } => {
+            let options = NodeOptions { id, data_dir: data, listen, peers: cluster::parse_members(&peers)?, tls_dir: tls, max_raft_state_bytes, fault_injection, io_timeout_ms };
+            cluster::run_node(options, |addr| {
+                println!("node {id} listening on {addr}");
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+            })
+        }
+        Cmd::Client { cluster } => run_client(&cluster),
+        Cmd::Get { cluster, key } => one_shot(&cluster, jsonl::Request::Get { key }),
+        Cmd::Put { cluster, key, value, if_version } => one_shot(&cluster, jsonl::Request::Put { key, value, if_version }),
+        Cmd::Append { cluster, key, value } => one_shot(&cluster, jsonl::Request::Append { key, value }),
+        Cmd::Del { cluster, key } => one_shot(&cluster, jsonl::Request::Del { key }),
+        Cmd::Scan { cluster, start, end, limit } => one_shot(&cluster, jsonl::Request::Scan { start, end, limit }),
+        Cmd::DbWriter { dir } => db_writer(&dir),
         Cmd::EngineWriter { dir, seed, stop_after } => crashtest::run_writer(&dir, seed, stop_after),
         Cmd::EngineInstaller { dir, rounds } => crashtest::run_installer(&dir, rounds),
     }
+}
+
+fn connect(args: &ClusterArgs) -> Result<(tokio::runtime::Runtime, cluster::Client)> {
+    let members = cluster::parse_members(&args.cluster)?;
+    let options = ClientOptions { name: args.name.clone(), op_deadline: std::time::Duration::from_millis(args.timeout_ms), ..ClientOptions::default() };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let client = runtime.block_on(async { cluster::Client::connect_with(&members, &args.tls, options) })?;
+    Ok((runtime, client))
+}
+
+/// `shoal client`: JSON lines in, JSON lines out, until end of input.
+fn run_client(args: &ClusterArgs) -> Result<()> {
+    use std::io::Write;
+    let (runtime, client) = connect(args)?;
+    let stdin = std::io::stdin();
+    let mut stdout = std::io::stdout().lock();
+    for line in stdin.lock().lines() {
+        let line = line.context("reading stdin")?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let answer = match jsonl::parse(&line) {
+            Ok(request) => runtime.block_on(jsonl::execute(&client, request)),
+            Err(answer) => answer,
+        };
+        writeln!(stdout, "{}", jsonl::render(&answer))?;
+        stdout.flush()?;
+    }
+    runtime.block_on(client.close());
+    Ok(())
+}
+
+/// A one-shot command: prints the answer; exits 1 if it is not ok.
+fn one_shot(args: &ClusterArgs, request: jsonl::Request) -> Result<()> {
+    let (runtime, client) = connect(args)?;
+    let answer = runtime.block_on(jsonl::execute(&client, request));
+    runtime.block_on(client.close());
+    println!("{}", jsonl::render(&answer));
+    if answer["ok"] != true {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// `shoal db-writer`: acknowledges each put on stdout once it returned.
+fn db_writer(dir: &Path) -> Result<()> {
+    use std::io::Write;
+    let db = shoal::Db::open(dir)?;
+    let mut stdout = std::io::stdout().lock();
+    for i in 0u64.. {
+        db.put(format!("k{i}"), format!("v{i}"))?;
+        writeln!(stdout, "ack {i}")?;
+        stdout.flush()?;
+    }
+    Ok(())
 }
 
 fn spawn_self(args: &[&str]) -> Result<Child> {

@@ -1,0 +1,442 @@
+//! A cluster of `shoal node` processes: the member list format, the node
+//! runner behind `shoal node`, and the client of a cluster over QUIC with
+//! mutual TLS ([`Client`], [`BlockingClient`]).
+//!
+//! # Member lists
+//! Nodes and clients name the cluster as `1=127.0.0.1:7001,2=127.0.0.1:7002`:
+//! each member's id (it is the name in its certificate, `node-<id>.shoal`)
+//! and its UDP address ([`parse_members`]).
+//!
+//! # Status file
+//! A running node rewrites `<data>/status.json` (atomically, by rename)
+//! every [`STATUS_INTERVAL_MS`] with its view of the KV group: role, term,
+//! leader, commit and applied index ([`NodeStatus`]). The protocol has no
+//! status RPC yet; tools on the same machine (the demo, tests) read this file.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use shoal_engine::{EngineConfig, RocksEngine, Versioned};
+use shoal_net::quic::{QuicClient, QuicNode};
+use shoal_net::{Limits, NodeId, Peer};
+use shoal_shard::node::{Node, NodeConfig, KV_GROUP};
+use shoal_shard::protocol::KvProtocol;
+pub use shoal_shard::ClientError;
+
+/// How often a node rewrites its status file.
+pub const STATUS_INTERVAL_MS: u64 = 100;
+
+/// Parses a member list `1=host:port,2=host:port` into (id, address) pairs,
+/// sorted by id. Ids must be distinct and non-zero.
+pub fn parse_members(list: &str) -> Result<Vec<(u64, SocketAddr)>> {
+    let mut members = Vec::new();
+    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (id, addr) = item
+            .split_once('=')
+            .with_context(|| format!("member {item:?} is not ID=ADDRESS"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .with_context(|| format!("member {item:?}: bad node id"))?;
+        if id == 0 {
+            bail!("member {item:?}: node ids start at 1");
+        }
+        let addr: SocketAddr = addr
+            .trim()
+            .parse()
+            .with_context(|| format!("member {item:?}: bad address (want IP:PORT)"))?;
+        if members.iter().any(|&(other, _)| other == id) {
+            bail!("node id {id} is listed twice");
+        }
+        members.push((id, addr));
+    }
+    if members.is_empty() {
+        bail!("the member list is empty");
+    }
+    members.sort_by_key(|&(id, _)| id);
+    Ok(members)
+}
+
+/// Formats a member list the way [`parse_members`] reads it.
+pub fn format_members(members: &[(u64, SocketAddr)]) -> String {
+    members
+        .iter()
+        .map(|(id, addr)| format!("{id}={addr}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// What `shoal node` runs.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// This node's id.
+    pub id: u64,
+    /// Data directory: RocksDB under `db/`, snapshots under `snapshots/`,
+    /// received files under `net-files/`, and `status.json`.
+    pub data_dir: PathBuf,
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// Every member, this node included.
+    pub peers: Vec<(u64, SocketAddr)>,
+    /// Certificate directory (`ca.pem`, `node-<id>.pem`, `node-<id>-key.pem`).
+    pub tls_dir: PathBuf,
+    /// Compact the log beyond this many bytes (None: never).
+    pub max_raft_state_bytes: Option<u64>,
+    /// Enable the transport's fault filter (tests only).
+    pub fault_injection: bool,
+    /// QUIC idle timeout (`Limits::io_timeout_ms`; None: the net default).
+    /// A peer that was SIGKILLed and restarted on the same address is only
+    /// redialed once the old connection idles out, so a short timeout
+    /// shortens how long a restarted node waits to hear from the leader.
+    pub io_timeout_ms: Option<u64>,
+}
+
+/// One node's view of the KV group, as written to its status file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The node's id.
+    pub id: u64,
+    /// `leader`, `follower`, `candidate`, `precandidate` or `unknown`.
+    pub role: String,
+    /// Current term.
+    pub term: u64,
+    /// The leader it knows of (0: none).
+    pub leader: u64,
+    /// Commit index.
+    pub commit: u64,
+    /// Applied index.
+    pub applied: u64,
+    /// Process id of the node.
+    pub pid: u32,
+}
+
+/// Path of a node's status file inside its data directory.
+pub fn status_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("status.json")
+}
+
+/// Reads a node's status file (None if it is missing or half-written).
+pub fn read_status(data_dir: &Path) -> Option<NodeStatus> {
+    let text = std::fs::read_to_string(status_path(data_dir)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn write_status(data_dir: &Path, status: &NodeStatus) -> std::io::Result<()> {
+    let tmp = data_dir.join("status.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(status).expect("status serializes"))?;
+    std::fs::rename(tmp, status_path(data_dir))
+}
+
+/// Runs a node until SIGTERM or SIGINT, then shuts it down gracefully (the
+/// node answers every waiting caller, then the transport drains its queues).
+/// `ready` is called once the node serves, with its bound address.
+pub fn run_node(options: NodeOptions, ready: impl FnOnce(SocketAddr)) -> Result<()> {
+    if !options.peers.iter().any(|&(id, _)| id == options.id) {
+        bail!(
+            "--peers must list every member, this node ({}) included",
+            options.id
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("shoal-node")
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async move {
+        let identity = crate::certs::load(&options.tls_dir, &Peer::Node(NodeId(options.id)))?;
+        std::fs::create_dir_all(&options.data_dir).with_context(|| format!("creating {}", options.data_dir.display()))?;
+        let members: HashMap<NodeId, SocketAddr> = options.peers.iter().map(|&(id, addr)| (NodeId(id), addr)).collect();
+        let mut net_config = shoal_net::NodeConfig::new(NodeId(options.id), options.listen, members, options.data_dir.join("net-files"));
+        net_config.fault_injection_enabled = options.fault_injection;
+        if let Some(ms) = options.io_timeout_ms {
+            net_config.limits.io_timeout_ms = ms;
+        }
+        net_config.validate().context("transport limits")?;
+        let (quic, inbox) = QuicNode::<KvProtocol>::bind(net_config, &identity).context("binding the QUIC endpoint")?;
+        let engine = RocksEngine::open(options.data_dir.join("db"), EngineConfig::default()).context("opening RocksDB")?;
+        let mut config = NodeConfig::new(options.id, options.peers.iter().map(|&(id, _)| id).collect());
+        config.blocking_io = true;
+        config.max_raft_state_bytes = options.max_raft_state_bytes;
+        config.snapshot_dir = options.data_dir.join("snapshots");
+        let handle = Node::start(config, engine, quic.clone(), inbox).context("starting the node")?;
+        ready(quic.local_addr().context("local address")?);
+
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let mut ticker = tokio::time::interval(Duration::from_millis(STATUS_INTERVAL_MS));
+        let pid = std::process::id();
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = interrupt.recv() => break,
+                _ = ticker.tick() => {
+                    if !handle.is_running() {
+                        break;
+                    }
+                    let s = handle.status(KV_GROUP);
+                    let role = match s.role {
+                        Some(role) => format!("{role:?}").to_lowercase(),
+                        None => "unknown".into(),
+                    };
+                    let status = NodeStatus { id: options.id, role, term: s.term, leader: s.leader, commit: s.commit, applied: s.applied, pid };
+                    if let Err(e) = write_status(&options.data_dir, &status) {
+                        tracing::warn!(error = %e, "writing the status file");
+                    }
+                }
+            }
+        }
+        tracing::info!(id = options.id, "shutting down");
+        let stopped = handle.shutdown().await;
+        quic.shutdown().await;
+        stopped.context("the node stopped on an error")
+    })
+}
+
+/// Which certificate a client presents: `client-<name>.pem` from the TLS
+/// directory. `shoal certs init` issues `client` and `admin` by default.
+pub const CLIENT_NAME_DEFAULT: &str = "client";
+
+/// A fresh session id for a client: random, never 0. Sessions are how a
+/// cluster deduplicates retried writes, so two live clients must not share
+/// one; 64 random bits make a collision negligible.
+pub fn fresh_client_id() -> u64 {
+    loop {
+        let id: u64 = rand::random();
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
+/// Settings of a cluster [`Client`].
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Name of the client certificate to present (`client-<name>.pem`).
+    pub name: String,
+    /// How long one operation may take, retries included.
+    pub op_deadline: Duration,
+    /// How long one attempt at one node may take.
+    pub rpc_deadline: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            name: CLIENT_NAME_DEFAULT.into(),
+            op_deadline: Duration::from_secs(10),
+            rpc_deadline: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Why a client could not be created.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The certificate directory could not be read or names someone else.
+    #[error("certificates: {0:#}")]
+    Certificates(anyhow::Error),
+    /// The QUIC endpoint could not be set up.
+    #[error("transport: {0}")]
+    Transport(#[from] shoal_net::SetupError),
+    /// No member was given.
+    #[error("no cluster member given")]
+    NoMembers,
+}
+
+/// A client of a Shoal cluster over QUIC with mutual TLS: linearizable
+/// reads and writes, exactly-once writes through a session, leader
+/// discovery and retries within a deadline (see `shoal_shard::client`).
+/// Cheap to clone; clones share the session and run one operation at a
+/// time. Must be created and used inside a tokio runtime.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: shoal_shard::Client<QuicClient<KvProtocol>>,
+    quic: QuicClient<KvProtocol>,
+}
+
+impl Client {
+    /// Connects to the cluster `members` (id and address of every node)
+    /// with the certificate `client-<name>` from `tls_dir`. Connections are
+    /// dialed lazily, on the first operation.
+    pub fn connect(members: &[(u64, SocketAddr)], tls_dir: &Path) -> Result<Client, ConnectError> {
+        Client::connect_with(members, tls_dir, ClientOptions::default())
+    }
+
+    /// [`Client::connect`] with explicit options.
+    pub fn connect_with(
+        members: &[(u64, SocketAddr)],
+        tls_dir: &Path,
+        options: ClientOptions,
+    ) -> Result<Client, ConnectError> {
+        if members.is_empty() {
+            return Err(ConnectError::NoMembers);
+        }
+        let identity = crate::certs::load(tls_dir, &Peer::Client(options.name.clone()))
+            .map_err(ConnectError::Certificates)?;
+        let nodes: HashMap<NodeId, SocketAddr> = members
+            .iter()
+            .map(|&(id, addr)| (NodeId(id), addr))
+            .collect();
+        let quic = QuicClient::new(&identity, nodes, Limits::default())?;
+        let mut config = shoal_shard::ClientConfig::new(fresh_client_id());
+        config.op_deadline = options.op_deadline;
+        config.rpc_deadline = options.rpc_deadline;
+        let servers = members.iter().map(|&(id, _)| NodeId(id)).collect();
+        Ok(Client {
+            inner: shoal_shard::Client::new(quic.clone(), servers, config),
+            quic,
+        })
+    }
+
+    /// This client's session id.
+    pub fn id(&self) -> u64 {
+        self.inner.id()
+    }
+
+    /// Reads `key` (linearizable).
+    pub async fn get(&self, key: impl Into<Bytes>) -> Result<Versioned, ClientError> {
+        self.inner.get(key).await
+    }
+
+    /// Writes `key`; returns the new version.
+    pub async fn put(
+        &self,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+    ) -> Result<u64, ClientError> {
+        self.inner.put(key, value).await
+    }
+
+    /// Writes `key` only if it is at `version` (0: absent); returns the new version.
+    pub async fn put_if_version(
+        &self,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+        version: u64,
+    ) -> Result<u64, ClientError> {
+        self.inner.put_if_version(key, value, version).await
+    }
+
+    /// Appends `value` to `key` (creating it); returns the new version.
+    pub async fn append(
+        &self,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+    ) -> Result<u64, ClientError> {
+        self.inner.append(key, value).await
+    }
+
+    /// Deletes `key`; returns whether it existed.
+    pub async fn delete(&self, key: impl Into<Bytes>) -> Result<bool, ClientError> {
+        self.inner.delete(key).await
+    }
+
+    /// Up to `limit` pairs with keys in `[start, end)` (empty `end`: no bound), in order.
+    pub async fn scan(
+        &self,
+        start: impl Into<Bytes>,
+        end: impl Into<Bytes>,
+        limit: u64,
+    ) -> Result<Vec<(Bytes, Versioned)>, ClientError> {
+        self.inner.scan(start, end, limit).await
+    }
+
+    /// Closes the connections (waits briefly for the nodes to be told).
+    pub async fn close(&self) {
+        self.quic.close().await;
+    }
+}
+
+/// A blocking [`Client`] for synchronous programs: it owns a small tokio
+/// runtime. Do not call it from inside an async context.
+#[derive(Debug)]
+pub struct BlockingClient {
+    runtime: tokio::runtime::Runtime,
+    client: Client,
+}
+
+impl BlockingClient {
+    /// See [`Client::connect`].
+    pub fn connect(
+        members: &[(u64, SocketAddr)],
+        tls_dir: &Path,
+    ) -> Result<BlockingClient, ConnectError> {
+        BlockingClient::connect_with(members, tls_dir, ClientOptions::default())
+    }
+
+    /// See [`Client::connect_with`].
+    pub fn connect_with(
+        members: &[(u64, SocketAddr)],
+        tls_dir: &Path,
+        options: ClientOptions,
+    ) -> Result<BlockingClient, ConnectError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a current-thread runtime builds");
+        let client = runtime.block_on(async { Client::connect_with(members, tls_dir, options) })?;
+        Ok(BlockingClient { runtime, client })
+    }
+
+    /// The async client inside.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// See [`Client::get`].
+    pub fn get(&self, key: impl Into<Bytes>) -> Result<Versioned, ClientError> {
+        self.runtime.block_on(self.client.get(key))
+    }
+
+    /// See [`Client::put`].
+    pub fn put(&self, key: impl Into<Bytes>, value: impl Into<Bytes>) -> Result<u64, ClientError> {
+        self.runtime.block_on(self.client.put(key, value))
+    }
+
+    /// See [`Client::put_if_version`].
+    pub fn put_if_version(
+        &self,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+        version: u64,
+    ) -> Result<u64, ClientError> {
+        self.runtime
+            .block_on(self.client.put_if_version(key, value, version))
+    }
+
+    /// See [`Client::append`].
+    pub fn append(
+        &self,
+        key: impl Into<Bytes>,
+        value: impl Into<Bytes>,
+    ) -> Result<u64, ClientError> {
+        self.runtime.block_on(self.client.append(key, value))
+    }
+
+    /// See [`Client::delete`].
+    pub fn delete(&self, key: impl Into<Bytes>) -> Result<bool, ClientError> {
+        self.runtime.block_on(self.client.delete(key))
+    }
+
+    /// See [`Client::scan`].
+    pub fn scan(
+        &self,
+        start: impl Into<Bytes>,
+        end: impl Into<Bytes>,
+        limit: u64,
+    ) -> Result<Vec<(Bytes, Versioned)>, ClientError> {
+        self.runtime.block_on(self.client.scan(start, end, limit))
+    }
+
+    /// See [`Client::close`].
+    pub fn close(self) {
+        self.runtime.block_on(self.client.close());
+    }
+}

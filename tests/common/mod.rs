@@ -1,0 +1,173 @@
+//! Real `shoal node` processes on loopback for the cluster tests: a
+//! certificate directory, free ports, start/kill/terminate/restart, and the
+//! nodes' status files. Every child is SIGKILLed when the cluster is dropped
+//! (also when a test panics).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use shoal::cluster::{self, NodeStatus};
+
+/// A UDP port nobody is bound to right now on 127.0.0.1.
+pub fn free_udp_addr() -> SocketAddr {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a free port");
+    socket.local_addr().expect("local addr")
+}
+
+/// Polls `condition` every 20 ms until it holds; panics with `what` after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A cluster of `shoal node` processes.
+pub struct Cluster {
+    pub root: PathBuf,
+    pub tls: PathBuf,
+    pub members: Vec<(u64, SocketAddr)>,
+    children: Vec<Option<Child>>,
+}
+
+impl Cluster {
+    /// Creates certificates and starts `n` nodes under `root`.
+    pub fn start(root: &Path, n: u64) -> Cluster {
+        let tls = root.join("tls");
+        let ids: Vec<u64> = (1..=n).collect();
+        shoal::certs::init(&tls, &ids, &["client".into(), "admin".into()]).expect("certs");
+        let members = ids.iter().map(|&id| (id, free_udp_addr())).collect();
+        let mut cluster = Cluster {
+            root: root.to_path_buf(),
+            tls,
+            members,
+            children: (0..n).map(|_| None).collect(),
+        };
+        for id in ids {
+            cluster.start_node(id);
+        }
+        cluster
+    }
+
+    pub fn cluster_arg(&self) -> String {
+        cluster::format_members(&self.members)
+    }
+
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.root.join(format!("node-{id}"))
+    }
+
+    /// Starts (or restarts) node `id` and waits until it listens.
+    pub fn start_node(&mut self, id: u64) {
+        assert!(
+            self.children[id as usize - 1].is_none(),
+            "node {id} is running"
+        );
+        let addr = self.members[id as usize - 1].1;
+        // A stale status file from the previous run must not be mistaken for this one's.
+        let _ = std::fs::remove_file(cluster::status_path(&self.data_dir(id)));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(["node", "--id", &id.to_string(), "--data"])
+            .arg(self.data_dir(id))
+            .args([
+                "--io-timeout-ms",
+                "2000",
+                "--listen",
+                &addr.to_string(),
+                "--peers",
+                &self.cluster_arg(),
+                "--tls",
+            ])
+            .arg(&self.tls)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start shoal node");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("node output");
+        assert!(
+            line.contains("listening"),
+            "node {id} did not start: {line:?}"
+        );
+        // Keep draining so the node never blocks on a full pipe.
+        std::thread::spawn(move || for _ in stdout.lines() {});
+        self.children[id as usize - 1] = Some(child);
+    }
+
+    pub fn is_running(&self, id: u64) -> bool {
+        self.children[id as usize - 1].is_some()
+    }
+
+    /// SIGKILLs node `id` (a crash) and reaps it.
+    pub fn kill(&mut self, id: u64) {
+        let mut child = self.children[id as usize - 1].take().expect("node running");
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+    }
+
+    /// SIGTERMs node `id` and waits (at most `timeout`) for a clean exit.
+    pub fn terminate(&mut self, id: u64, timeout: Duration) -> std::process::ExitStatus {
+        let mut child = self.children[id as usize - 1].take().expect("node running");
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                panic!("node {id} did not exit within {timeout:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The status node `id` last wrote, if it is running and wrote one.
+    pub fn status(&self, id: u64) -> Option<NodeStatus> {
+        let child = self.children[id as usize - 1].as_ref()?;
+        cluster::read_status(&self.data_dir(id)).filter(|s| s.pid == child.id())
+    }
+
+    /// The running leader with the highest term, if any.
+    pub fn leader(&self) -> Option<u64> {
+        self.members
+            .iter()
+            .filter_map(|&(id, _)| self.status(id))
+            .filter(|s| s.role == "leader")
+            .max_by_key(|s| s.term)
+            .map(|s| s.id)
+    }
+
+    /// Waits until some running node leads.
+    pub fn wait_for_leader(&self, timeout: Duration) -> u64 {
+        let mut leader = None;
+        wait_for("a leader", timeout, || {
+            leader = self.leader();
+            leader.is_some()
+        });
+        leader.expect("leader")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for child in self.children.iter_mut().flatten() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
