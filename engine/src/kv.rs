@@ -202,12 +202,14 @@ fn encode_versioned(version: u64, value: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Writes staged by one apply call, readable before they are written so
-/// later commands of the same batch see earlier ones.
+/// Writes staged by one apply write, readable before they are written so
+/// later commands of the same batch see earlier ones. Only each key's final
+/// state is kept, and becomes the write set at the end.
 struct Txn<'a> {
     view: &'a dyn View,
-    set: WriteSet,
     overlay: HashMap<(Cf, Vec<u8>), Option<Vec<u8>>>,
+    /// Bytes of keys and values in `overlay`, what the write will carry.
+    overlay_bytes: u64,
 }
 
 impl Txn<'_> {
@@ -217,13 +219,28 @@ impl Txn<'_> {
             None => self.view.get(cf, key),
         }
     }
+    fn stage(&mut self, cf: Cf, key: Vec<u8>, value: Option<Vec<u8>>) {
+        let added = (key.len() + value.as_ref().map_or(0, Vec::len)) as u64;
+        if let Some(old) = self.overlay.insert((cf, key.clone()), value) {
+            self.overlay_bytes -= (key.len() + old.as_ref().map_or(0, Vec::len)) as u64;
+        }
+        self.overlay_bytes += added;
+    }
     fn put(&mut self, cf: Cf, key: Vec<u8>, value: Vec<u8>) {
-        self.overlay.insert((cf, key.clone()), Some(value.clone()));
-        self.set.put(cf, key, value);
+        self.stage(cf, key, Some(value));
     }
     fn delete(&mut self, cf: Cf, key: Vec<u8>) {
-        self.overlay.insert((cf, key.clone()), None);
-        self.set.delete(cf, key);
+        self.stage(cf, key, None);
+    }
+    fn into_write_set(self) -> WriteSet {
+        let mut set = WriteSet::new();
+        for ((cf, key), value) in self.overlay {
+            match value {
+                Some(v) => set.put(cf, key, v),
+                None => set.delete(cf, key),
+            }
+        }
+        set
     }
     /// Pairs in `[start, end)` as the batch so far sees them, at most `limit`.
     fn scan(&self, cf: Cf, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
@@ -270,44 +287,56 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    /// Applies committed entries of `group`, in order, with ONE write that
-    /// also records the new applied index, so a crash leaves the state
-    /// machine at one index or the next, never between. Entries must have
-    /// indexes above the applied index, increasing. Returns each entry's
-    /// replies. Not synced: the log is the durable record (see the crate docs).
+    /// Applies committed entries of `group`, in order. Each write records
+    /// the new applied index together with the data, so a crash leaves the
+    /// state machine at an entry boundary, never inside an entry. Normally
+    /// that is ONE write for the whole call; once the staged writes reach
+    /// [`EngineConfig::batch_bytes_max`] (a follower catching up on many
+    /// large entries) the call continues in a new write, so memory stays
+    /// bounded and a committed entry is never refused — refusing one would
+    /// stop the group for good. A key written several times in one write is
+    /// written once, with its final value. Entries must have indexes above
+    /// the applied index, increasing. Returns each entry's replies. Not
+    /// synced: the log is the durable record (see the crate docs).
     pub fn apply(&self, group: GroupId, entries: &[ApplyEntry]) -> Result<Vec<Vec<Reply>>> {
-        let Some(last) = entries.last() else { return Ok(Vec::new()) };
         let mut applied = self.applied(group)?;
-        let mut replies = Vec::with_capacity(entries.len());
-        let mut set = WriteSet::new();
-        let mut failure = None;
-        self.backend().with_view(&mut |view| {
-            let mut txn = Txn { view, set: WriteSet::new(), overlay: HashMap::new() };
-            for entry in entries {
-                if entry.index <= applied.index {
-                    failure = Some(EngineError::Invalid(format!(
-                        "group {group}: entry {} applied again (applied index {})",
-                        entry.index, applied.index
-                    )));
-                    return Ok(());
-                }
-                applied = AppliedState { index: entry.index, term: entry.term };
-                let mut out = Vec::with_capacity(entry.requests.len());
-                for request in &entry.requests {
-                    out.push(self.apply_request(&mut txn, request)?);
-                }
-                replies.push(out);
+        let mut previous = applied.index;
+        for entry in entries {
+            if entry.index <= previous {
+                return Err(EngineError::Invalid(format!(
+                    "group {group}: entry {} applied again or out of order (applied index {}, previous entry {previous})",
+                    entry.index, applied.index
+                )));
             }
-            set = std::mem::take(&mut txn.set);
-            Ok(())
-        })?;
-        if let Some(e) = failure {
-            return Err(e);
+            previous = entry.index;
         }
-        EngineConfig::check(LimitKind::BatchBytes, set.size_bytes(), self.config().batch_bytes_max)?;
-        let key = meta_applied_key(group);
-        set.put(Cf::Meta, key.to_vec(), encode_record(&key, &AppliedState { index: last.index, term: last.term }));
-        self.backend().write(set, false)?;
+        let mut replies = Vec::with_capacity(entries.len());
+        let mut rest = entries;
+        while !rest.is_empty() {
+            let mut taken = 0;
+            let mut set = WriteSet::new();
+            self.backend().with_view(&mut |view| {
+                let mut txn = Txn { view, overlay: HashMap::new(), overlay_bytes: 0 };
+                for entry in rest {
+                    let mut out = Vec::with_capacity(entry.requests.len());
+                    for request in &entry.requests {
+                        out.push(self.apply_request(&mut txn, request)?);
+                    }
+                    replies.push(out);
+                    applied = AppliedState { index: entry.index, term: entry.term };
+                    taken += 1;
+                    if txn.overlay_bytes >= self.config().batch_bytes_max {
+                        break;
+                    }
+                }
+                set = txn.into_write_set();
+                Ok(())
+            })?;
+            let key = meta_applied_key(group);
+            set.put(Cf::Meta, key.to_vec(), encode_record(&key, &applied));
+            self.backend().write(set, false)?;
+            rest = &rest[taken..];
+        }
         Ok(replies)
     }
 

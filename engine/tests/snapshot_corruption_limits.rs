@@ -172,3 +172,37 @@ fn memstore_crash_loses_only_unsynced_writes() {
     // Re-applying an applied index is a caller bug, refused.
     assert!(engine.apply(1, &[ApplyEntry { index: 1, term: 1, requests: vec![] }]).is_err());
 }
+
+/// Goal: applying committed entries never fails on the batch limit (that
+/// would stop the group for good): repeated writes of one key count once,
+/// and a catch-up larger than the limit is applied in several writes, each
+/// at an entry boundary with its applied index.
+#[test]
+fn apply_splits_large_catch_up_and_never_refuses() {
+    let config = EngineConfig { key_bytes_max: 16, value_bytes_max: 1000, batch_bytes_max: 4096, ..EngineConfig::default() };
+    let tmp = tempfile::tempdir().unwrap();
+    catch_up(&RocksEngine::open(tmp.path(), config.clone()).unwrap());
+    catch_up(&MemStore::new_in_memory(config).unwrap());
+}
+
+fn catch_up<B: Backend>(engine: &Engine<B>) {
+    // 200 appends of 10 bytes to one key: per-put accounting would stage
+    // ~200 KB, final-value accounting 2 KB.
+    let append = |i: u64| Request { shard: 0, client: 0, seq: i, time_ms: 0, command: Command::Append { key: Bytes::from("k"), value: Bytes::from(vec![b'a'; 5]) } };
+    let entries: Vec<ApplyEntry> = (1..=200).map(|i| ApplyEntry { index: i, term: 1, requests: vec![append(i)] }).collect();
+    let replies = engine.apply(1, &entries).unwrap();
+    assert_eq!(replies.len(), 200);
+    assert_eq!(engine.get(0, b"k").unwrap().unwrap().value.len(), 1000);
+    // 50 distinct 900-byte values: ~45 KB, more than ten times the limit.
+    let puts: Vec<ApplyEntry> = (201..=250)
+        .map(|i| ApplyEntry { index: i, term: 2, requests: vec![put(0, 0, 0, &format!("p{i}"), &"x".repeat(900))] })
+        .collect();
+    let replies = engine.apply(1, &puts).unwrap();
+    assert!(replies.iter().all(|r| r[0] == Reply::Written { version: 1 }));
+    assert_eq!(engine.applied(1).unwrap(), shoal_engine::AppliedState { index: 250, term: 2 });
+    assert_eq!(engine.scan(0, b"p", b"q", 100).unwrap().len(), 50);
+    // Out-of-order or repeated indexes are refused before anything is written.
+    let bad = vec![ApplyEntry { index: 252, term: 2, requests: vec![put(0, 0, 0, "z", "z")] }, ApplyEntry { index: 251, term: 2, requests: vec![] }];
+    assert!(engine.apply(1, &bad).is_err());
+    assert!(engine.get(0, b"z").unwrap().is_none());
+}
