@@ -19,9 +19,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use shoal_engine::{EngineConfig, RocksEngine, Versioned};
+use shoal_engine::{EngineConfig, RocksEngine};
 use shoal_net::quic::{QuicClient, QuicNode};
 use shoal_net::{Limits, NodeId, Peer};
 use shoal_shard::node::{Node, NodeConfig, KV_GROUP};
@@ -295,62 +294,19 @@ impl Client {
         })
     }
 
-    /// This client's session id.
-    pub fn id(&self) -> u64 {
-        self.inner.id()
-    }
-
-    /// Reads `key` (linearizable).
-    pub async fn get(&self, key: impl Into<Bytes>) -> Result<Versioned, ClientError> {
-        self.inner.get(key).await
-    }
-
-    /// Writes `key`; returns the new version.
-    pub async fn put(
-        &self,
-        key: impl Into<Bytes>,
-        value: impl Into<Bytes>,
-    ) -> Result<u64, ClientError> {
-        self.inner.put(key, value).await
-    }
-
-    /// Writes `key` only if it is at `version` (0: absent); returns the new version.
-    pub async fn put_if_version(
-        &self,
-        key: impl Into<Bytes>,
-        value: impl Into<Bytes>,
-        version: u64,
-    ) -> Result<u64, ClientError> {
-        self.inner.put_if_version(key, value, version).await
-    }
-
-    /// Appends `value` to `key` (creating it); returns the new version.
-    pub async fn append(
-        &self,
-        key: impl Into<Bytes>,
-        value: impl Into<Bytes>,
-    ) -> Result<u64, ClientError> {
-        self.inner.append(key, value).await
-    }
-
-    /// Deletes `key`; returns whether it existed.
-    pub async fn delete(&self, key: impl Into<Bytes>) -> Result<bool, ClientError> {
-        self.inner.delete(key).await
-    }
-
-    /// Up to `limit` pairs with keys in `[start, end)` (empty `end`: no bound), in order.
-    pub async fn scan(
-        &self,
-        start: impl Into<Bytes>,
-        end: impl Into<Bytes>,
-        limit: u64,
-    ) -> Result<Vec<(Bytes, Versioned)>, ClientError> {
-        self.inner.scan(start, end, limit).await
-    }
-
     /// Closes the connections (waits briefly for the nodes to be told).
     pub async fn close(&self) {
         self.quic.close().await;
+    }
+}
+
+/// The shard client this wraps: every KV operation (`get`, `put`,
+/// `put_if_version`, `append`, `delete`, `scan`, `id`) is
+/// [`shoal_shard::Client`]'s.
+impl std::ops::Deref for Client {
+    type Target = shoal_shard::Client<QuicClient<KvProtocol>>;
+    fn deref(&self) -> &Self::Target {
+        &self.inner
     }
 }
 
@@ -358,8 +314,8 @@ impl Client {
 /// runtime. Do not call it from inside an async context.
 #[derive(Debug)]
 pub struct BlockingClient {
-    runtime: tokio::runtime::Runtime,
-    client: Client,
+    inner: shoal_shard::BlockingClient<QuicClient<KvProtocol>>,
+    quic: QuicClient<KvProtocol>,
 }
 
 impl BlockingClient {
@@ -381,62 +337,21 @@ impl BlockingClient {
             .enable_all()
             .build()
             .expect("a current-thread runtime builds");
-        let client = runtime.block_on(async { Client::connect_with(members, tls_dir, options) })?;
-        Ok(BlockingClient { runtime, client })
+        let Client { inner, quic } =
+            runtime.block_on(async { Client::connect_with(members, tls_dir, options) })?;
+        Ok(BlockingClient { inner: shoal_shard::BlockingClient::new(runtime, inner), quic })
     }
 
-    /// The async client inside.
-    pub fn client(&self) -> &Client {
-        &self.client
-    }
-
-    /// See [`Client::get`].
-    pub fn get(&self, key: impl Into<Bytes>) -> Result<Versioned, ClientError> {
-        self.runtime.block_on(self.client.get(key))
-    }
-
-    /// See [`Client::put`].
-    pub fn put(&self, key: impl Into<Bytes>, value: impl Into<Bytes>) -> Result<u64, ClientError> {
-        self.runtime.block_on(self.client.put(key, value))
-    }
-
-    /// See [`Client::put_if_version`].
-    pub fn put_if_version(
-        &self,
-        key: impl Into<Bytes>,
-        value: impl Into<Bytes>,
-        version: u64,
-    ) -> Result<u64, ClientError> {
-        self.runtime
-            .block_on(self.client.put_if_version(key, value, version))
-    }
-
-    /// See [`Client::append`].
-    pub fn append(
-        &self,
-        key: impl Into<Bytes>,
-        value: impl Into<Bytes>,
-    ) -> Result<u64, ClientError> {
-        self.runtime.block_on(self.client.append(key, value))
-    }
-
-    /// See [`Client::delete`].
-    pub fn delete(&self, key: impl Into<Bytes>) -> Result<bool, ClientError> {
-        self.runtime.block_on(self.client.delete(key))
-    }
-
-    /// See [`Client::scan`].
-    pub fn scan(
-        &self,
-        start: impl Into<Bytes>,
-        end: impl Into<Bytes>,
-        limit: u64,
-    ) -> Result<Vec<(Bytes, Versioned)>, ClientError> {
-        self.runtime.block_on(self.client.scan(start, end, limit))
-    }
-
-    /// See [`Client::close`].
+    /// Closes the connections (waits briefly for the nodes to be told).
     pub fn close(self) {
-        self.runtime.block_on(self.client.close());
+        self.inner.block_on(self.quic.close());
+    }
+}
+
+/// Every KV operation is [`shoal_shard::BlockingClient`]'s.
+impl std::ops::Deref for BlockingClient {
+    type Target = shoal_shard::BlockingClient<QuicClient<KvProtocol>>;
+    fn deref(&self) -> &Self::Target {
+        &self.inner
     }
 }

@@ -363,6 +363,12 @@ impl<C: RpcCaller<KvProtocol>> BlockingClient<C> {
         &self.client
     }
 
+    /// Runs any future on this wrapper's runtime (e.g. closing the
+    /// transport underneath).
+    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.runtime.block_on(future)
+    }
+
     /// See [`Client::get`].
     pub fn get(&self, key: impl Into<Bytes>) -> Result<Versioned, ClientError> {
         self.runtime.block_on(self.client.get(key))
