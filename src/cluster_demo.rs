@@ -53,8 +53,6 @@ impl Nodes {
             .args(["node", "--id", &id.to_string(), "--data"])
             .arg(&data)
             .args([
-                "--io-timeout-ms",
-                "2000",
                 "--listen",
                 &addr.to_string(),
                 "--peers",

@@ -36,7 +36,10 @@ pub const KIND_RPC: u8 = b'R';
 /// First byte of a bulk-file bidirectional stream.
 pub const KIND_FILE: u8 = b'F';
 /// Version byte in the message-stream hello (the ALPN carries the wire version too).
-pub const HELLO_VERSION: u8 = 1;
+pub const HELLO_VERSION: u8 = 2;
+/// Bytes of the message-stream hello: kind, version, node id (u64 BE),
+/// incarnation (u64 BE, drawn at random each time a node starts).
+pub const HELLO_BYTES: usize = 18;
 
 /// Application close/reset codes.
 pub mod codes {
@@ -48,6 +51,8 @@ pub mod codes {
     pub const PROTOCOL: u32 = 2;
     /// The handler gave no reply.
     pub const NO_REPLY: u32 = 3;
+    /// The peer this connection was dialed to has restarted since.
+    pub const PEER_RESTARTED: u32 = 4;
 }
 
 fn transport_config(limits: &Limits) -> Arc<quinn::TransportConfig> {
@@ -129,6 +134,17 @@ struct Dialer {
 }
 
 impl Dialer {
+    /// Closes and forgets the connection dialed to `to` (it reached a
+    /// process that has since died), so the next use dials afresh.
+    async fn forget(&self, to: NodeId) {
+        let slot = self.conns.lock().expect("conns lock").get(&to).cloned();
+        if let Some(slot) = slot {
+            if let Some(conn) = slot.lock().await.take() {
+                conn.close(VarInt::from_u32(codes::PEER_RESTARTED), b"peer restarted");
+            }
+        }
+    }
+
     /// The live connection to `to`, dialing (once at a time) if there is none.
     async fn connection(&self, to: NodeId) -> Result<Connection, RpcError> {
         if self.shutting_down.load(Ordering::Relaxed) {
@@ -244,6 +260,11 @@ struct PeerLink {
 
 struct NodeInner<P: Protocol> {
     id: NodeId,
+    /// Random per start of this node; sent in every hello so peers notice a
+    /// restart at once (see [`read_messages`]).
+    incarnation: u64,
+    /// The incarnation each peer last announced.
+    peer_incarnations: Mutex<HashMap<NodeId, u64>>,
     config: NodeConfig,
     dialer: Dialer,
     counters: Counters,
@@ -326,6 +347,8 @@ impl<P: Protocol> QuicNode<P> {
         members.remove(&config.id);
         let inner = Arc::new(NodeInner {
             id: config.id,
+            incarnation: rand::random(),
+            peer_incarnations: Mutex::new(HashMap::new()),
             dialer: Dialer {
                 endpoint,
                 addrs: RwLock::new(members.clone()),
@@ -605,10 +628,11 @@ async fn run_sender<P: Protocol>(inner: Arc<NodeInner<P>>, to: NodeId, link: Arc
                 .await
                 .map_err(|e| e.to_string())?;
             let mut stream = conn.open_uni().await.map_err(|e| e.to_string())?;
-            let mut hello = [0u8; 10];
+            let mut hello = [0u8; HELLO_BYTES];
             hello[0] = KIND_MESSAGES;
             hello[1] = HELLO_VERSION;
-            hello[2..].copy_from_slice(&inner.id.0.to_be_bytes());
+            hello[2..10].copy_from_slice(&inner.id.0.to_be_bytes());
+            hello[10..].copy_from_slice(&inner.incarnation.to_be_bytes());
             stream.write_all(&hello).await.map_err(|e| e.to_string())?;
             Ok::<_, String>((conn, stream))
         };
@@ -773,7 +797,7 @@ async fn read_messages<P: Protocol>(
         return;
     };
     let limits = &inner.config.limits;
-    let mut hello = [0u8; 10];
+    let mut hello = [0u8; HELLO_BYTES];
     match timeout(
         limits.io_timeout(),
         tokio::io::AsyncReadExt::read_exact(&mut recv, &mut hello),
@@ -792,7 +816,7 @@ async fn read_messages<P: Protocol>(
             &format!("bad hello kind/version {:?}", &hello[..2]),
         );
     }
-    let claimed = NodeId(u64::from_be_bytes(hello[2..].try_into().expect("8 bytes")));
+    let claimed = NodeId(u64::from_be_bytes(hello[2..10].try_into().expect("8 bytes")));
     if claimed != from {
         warn!(node = %inner.id, certificate = %from, %claimed, "peer claims another node's id");
         refuse(
@@ -801,6 +825,19 @@ async fn read_messages<P: Protocol>(
             "claimed node id does not match the certificate",
         );
         return;
+    }
+    // A new incarnation means the peer restarted: the connection we dialed
+    // to its previous process is dead, though QUIC would only notice at the
+    // idle timeout. Drop it now so our messages reach the new process.
+    let incarnation = u64::from_be_bytes(hello[10..].try_into().expect("8 bytes"));
+    let previous = inner
+        .peer_incarnations
+        .lock()
+        .expect("incarnations lock")
+        .insert(from, incarnation);
+    if previous.is_some_and(|p| p != incarnation) {
+        info!(node = %inner.id, peer = %from, "peer restarted; redialing it");
+        inner.dialer.forget(from).await;
     }
     let mut buf = Vec::new();
     loop {

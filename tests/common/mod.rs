@@ -79,8 +79,6 @@ impl Cluster {
             .args(["node", "--id", &id.to_string(), "--data"])
             .arg(self.data_dir(id))
             .args([
-                "--io-timeout-ms",
-                "2000",
                 "--listen",
                 &addr.to_string(),
                 "--peers",

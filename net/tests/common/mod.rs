@@ -199,6 +199,7 @@ pub fn hello(id: NodeId) -> Vec<u8> {
         shoal_net::quic::HELLO_VERSION,
     ];
     h.extend_from_slice(&id.0.to_be_bytes());
+    h.extend_from_slice(&7u64.to_be_bytes()); // incarnation
     h
 }
 
