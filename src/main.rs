@@ -65,8 +65,8 @@ enum Cmd {
         /// Compact the Raft log once it holds more than this many bytes.
         #[arg(long)]
         max_raft_state_bytes: Option<u64>,
-        /// QUIC idle timeout in ms (default 10000). A peer restarted after
-        /// a crash is redialed only once its old connection idles out.
+        /// QUIC idle timeout in ms (default 10000): how long a silent peer
+        /// is waited for. A restarted peer is noticed at once regardless.
         #[arg(long)]
         io_timeout_ms: Option<u64>,
         /// Enable the transport's fault filter (tests only).
