@@ -186,14 +186,17 @@ async fn test_restart_replay_4a() {
     check_counter(&cluster, 101).await;
 }
 
-/// 100 concurrent `Null` submissions to the leader, then a shutdown of
-/// every server 20 ms later; every submission must return within 11 s.
-async fn submit_then_shutdown(cluster: &mut Cluster) {
-    let leader = wait_leader(cluster).await;
-    let to = cluster.id(leader);
+/// 100 concurrent `Null` submissions to node `to` from clients named
+/// `client`, then a shutdown of every server 20 ms later; every submission
+/// must return within 11 s. Returns their outcomes.
+async fn null_submissions_then_shutdown(
+    cluster: &mut Cluster,
+    to: NodeId,
+    client: &str,
+) -> Vec<Result<KvResponse, shoal_net::RpcError>> {
     let tasks: Vec<_> = (0..100)
         .map(|_| {
-            let caller = cluster.net.add_client("nuller");
+            let caller = cluster.net.add_client(client);
             tokio::spawn(async move {
                 let request = KvRequest {
                     shard: 0,
@@ -210,12 +213,25 @@ async fn submit_then_shutdown(cluster: &mut Cluster) {
     sleep(Duration::from_millis(20)).await;
     let started = Instant::now();
     cluster.shutdown_all().await;
+    let mut outcomes = Vec::with_capacity(tasks.len());
     for t in tasks {
         let left = Duration::from_secs(11).saturating_sub(started.elapsed());
-        let r = timeout(left, t)
-            .await
-            .expect("every submission returns within 11 s of shutdown")
-            .expect("task");
+        outcomes.push(
+            timeout(left, t)
+                .await
+                .expect("every submission returns within 11 s of shutdown")
+                .expect("task"),
+        );
+    }
+    outcomes
+}
+
+/// [`null_submissions_then_shutdown`] to the leader; whatever succeeded
+/// was applied as a write.
+async fn submit_then_shutdown(cluster: &mut Cluster) {
+    let leader = wait_leader(cluster).await;
+    let to = cluster.id(leader);
+    for r in null_submissions_then_shutdown(cluster, to, "nuller").await {
         if let Ok(KvResponse::Done(reply)) = &r {
             assert!(
                 matches!(reply, Reply::Written { .. }),
@@ -241,31 +257,7 @@ async fn test_shutdown_4a() {
     let to = cluster.id(leader);
     let others: Vec<NodeId> = cluster.ids().into_iter().filter(|id| *id != to).collect();
     cluster.net.partition(&[&[to], &others]);
-    let tasks: Vec<_> = (0..100)
-        .map(|_| {
-            let caller = cluster.net.add_client("stuck");
-            tokio::spawn(async move {
-                let request = KvRequest {
-                    shard: 0,
-                    client: 0,
-                    seq: 0,
-                    command: append("null"),
-                };
-                caller
-                    .call_with_deadline(to, request, Duration::from_secs(60))
-                    .await
-            })
-        })
-        .collect();
-    sleep(Duration::from_millis(20)).await;
-    let started = Instant::now();
-    cluster.shutdown_all().await;
-    for t in tasks {
-        let left = Duration::from_secs(11).saturating_sub(started.elapsed());
-        let r = timeout(left, t)
-            .await
-            .expect("every submission returns within 11 s of shutdown")
-            .expect("task");
+    for r in null_submissions_then_shutdown(&mut cluster, to, "stuck").await {
         assert!(
             matches!(
                 r,
