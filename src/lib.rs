@@ -16,6 +16,9 @@
 //! - [`cluster`]: member lists, the node runner behind `shoal node`, and the
 //!   cluster [`Client`] / [`BlockingClient`] (QUIC, mutual TLS).
 //! - [`jsonl`]: the JSON-lines protocol of `shoal client`.
+//! - [`local_cluster`]: `shoal node` processes on loopback run by this
+//!   process (the demo, the load generator).
+//! - [`bench`]: the load generator behind `shoal bench` (Shoal and etcd).
 //! - [`crashtest`]: the deterministic crash workload behind `shoal demo --engine`
 //!   and the crash tests.
 
@@ -24,6 +27,8 @@ pub mod cluster;
 pub mod crashtest;
 pub mod db;
 pub mod jsonl;
+pub mod local_cluster;
+pub mod bench;
 
 pub use cluster::{BlockingClient, Client, ClientError, ConnectError};
 pub use db::{AsyncDb, Db, DbError};

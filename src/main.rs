@@ -7,7 +7,7 @@ use std::process::{Child, Command as Process, Stdio};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use shoal::cluster::{self, ClientOptions, NodeOptions};
-use shoal::{crashtest, jsonl};
+use shoal::{bench, crashtest, jsonl};
 
 mod cluster_demo;
 
@@ -120,6 +120,46 @@ enum Cmd {
         #[arg(long, default_value_t = jsonl::SCAN_LIMIT_DEFAULT)]
         limit: u64,
     },
+    /// Load generator: put/get throughput, latency and server CPU per
+    /// operation of a 3-node Shoal cluster and, back to back, of etcd.
+    Bench {
+        /// Systems to measure, comma-separated: shoal, etcd.
+        #[arg(long, value_delimiter = ',', default_value = "shoal,etcd")]
+        systems: Vec<String>,
+        /// Working directory for the clusters (wiped first).
+        #[arg(long, default_value = "./bench-data")]
+        dir: PathBuf,
+        /// Client counts of the put phases.
+        #[arg(long, value_delimiter = ',', default_value = "1,64,256")]
+        clients: Vec<usize>,
+        /// Clients of the linearizable get phase (0: none).
+        #[arg(long, default_value_t = 64)]
+        get_clients: usize,
+        /// Unmeasured seconds at the start of each phase.
+        #[arg(long, default_value_t = 2.0)]
+        warmup_secs: f64,
+        /// Measured seconds of each phase.
+        #[arg(long, default_value_t = 8.0)]
+        measure_secs: f64,
+        /// Distinct keys (each written once before the phases).
+        #[arg(long, default_value_t = 10_000)]
+        keys: u64,
+        /// Value size in bytes.
+        #[arg(long, default_value_t = 256)]
+        value_bytes: usize,
+        /// Connections the clients share.
+        #[arg(long, default_value_t = 8)]
+        conns: usize,
+        /// Benchmark a running Shoal cluster (1=ADDR,...) instead of starting one.
+        #[arg(long, requires = "tls")]
+        cluster: Option<String>,
+        /// Certificate directory of --cluster.
+        #[arg(long)]
+        tls: Option<PathBuf>,
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// (Crash workload) append and apply until killed; prints `ack N`.
     #[command(hide = true)]
     EngineWriter {
@@ -203,6 +243,41 @@ fn main() -> Result<()> {
         Cmd::Append { cluster, key, value } => one_shot(&cluster, jsonl::Request::Append { key, value }),
         Cmd::Del { cluster, key } => one_shot(&cluster, jsonl::Request::Del { key }),
         Cmd::Scan { cluster, start, end, limit } => one_shot(&cluster, jsonl::Request::Scan { start, end, limit }),
+        Cmd::Bench { systems, dir, clients, get_clients, warmup_secs, measure_secs, keys, value_bytes, conns, cluster, tls, json } => {
+            let systems = systems
+                .iter()
+                .map(|s| match s.as_str() {
+                    "shoal" => Ok(bench::System::Shoal),
+                    "etcd" => Ok(bench::System::Etcd),
+                    other => bail!("unknown system {other:?} (want shoal or etcd)"),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let external = match (cluster, tls) {
+                (Some(c), Some(t)) => Some((cluster::parse_members(&c)?, t)),
+                _ => None,
+            };
+            let options = bench::RunOptions {
+                exe: std::env::current_exe()?,
+                dir,
+                systems,
+                external,
+                bench: bench::BenchOptions {
+                    put_clients: clients,
+                    get_clients,
+                    warmup: std::time::Duration::from_secs_f64(warmup_secs),
+                    measure: std::time::Duration::from_secs_f64(measure_secs),
+                    keys,
+                    value_bytes,
+                    conns,
+                    ..bench::BenchOptions::default()
+                },
+            };
+            let results = bench::run(&options)?;
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&results)?).with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok(())
+        }
         Cmd::DbWriter { dir } => db_writer(&dir),
         Cmd::EngineWriter { dir, seed, stop_after } => crashtest::run_writer(&dir, seed, stop_after),
         Cmd::EngineInstaller { dir, rounds } => crashtest::run_installer(&dir, rounds),
