@@ -684,7 +684,7 @@ pub type DriverFuture =
 /// Formats a phase result as one table row.
 pub fn format_row(r: &PhaseResult) -> String {
     format!(
-        "{:<6} {:<4} {:>7} {:>10.0} {:>9.2} {:>9.2} {:>14} {:>8}",
+        "{:<6} {:<4} {:>7} {:>10.0} {:>9.2} {:>9.2} {:>12} {:>12.0} {:>7}",
         r.system.to_string(),
         match r.op {
             Op::Put => "put",
@@ -695,13 +695,14 @@ pub fn format_row(r: &PhaseResult) -> String {
         r.p50_us as f64 / 1000.0,
         r.p99_us as f64 / 1000.0,
         r.server_cpu_us_per_op.map_or("-".to_string(), |c| format!("{c:.0}")),
+        r.client_cpu_us_per_op,
         r.errors,
     )
 }
 
 /// The header of [`format_row`]'s table.
 pub const TABLE_HEADER: &str =
-    "system op   clients      ops/s   p50 ms    p99 ms  server CPU/op µs   errors";
+    "system op   clients      ops/s    p50 ms    p99 ms  server µs/op  client µs/op  errors";
 
 /// Starts a 3-node Shoal cluster under `dir` with the `shoal` binary `exe`
 /// and waits for a leader.
