@@ -705,9 +705,9 @@ pub const TABLE_HEADER: &str =
     "system op   clients      ops/s    p50 ms    p99 ms  server µs/op  client µs/op  errors";
 
 /// Starts a 3-node Shoal cluster under `dir` with the `shoal` binary `exe`
-/// and waits for a leader.
-pub fn start_shoal(exe: &Path, dir: &Path) -> Result<LocalCluster> {
-    let mut cluster = LocalCluster::create(exe, dir, 3, &[])?;
+/// (`node_args` added to each `shoal node`) and waits for a leader.
+pub fn start_shoal(exe: &Path, dir: &Path, node_args: &[&str]) -> Result<LocalCluster> {
+    let mut cluster = LocalCluster::create(exe, dir, 3, node_args)?;
     cluster.start_all()?;
     cluster.wait_for_leader(STARTUP_WAIT_MAX)?;
     Ok(cluster)
@@ -737,6 +737,8 @@ pub struct RunOptions {
     /// Benchmark an already running Shoal cluster instead of starting one
     /// (members and certificate directory); server CPU is then not measured.
     pub external: Option<(Vec<(u64, SocketAddr)>, PathBuf)>,
+    /// Extra arguments of every `shoal node` started.
+    pub node_args: Vec<String>,
     /// The workload.
     pub bench: BenchOptions,
 }
@@ -765,7 +767,8 @@ pub fn run(options: &RunOptions) -> Result<Vec<PhaseResult>> {
                 let (cluster, members, tls) = match &options.external {
                     Some((members, tls)) => (None, members.clone(), tls.clone()),
                     None => {
-                        let cluster = start_shoal(&options.exe, &dir.join("shoal"))?;
+                        let args: Vec<&str> = options.node_args.iter().map(String::as_str).collect();
+                        let cluster = start_shoal(&options.exe, &dir.join("shoal"), &args)?;
                         let (members, tls) =
                             (cluster.members().to_vec(), cluster.tls_dir().to_path_buf());
                         (Some(cluster), members, tls)

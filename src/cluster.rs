@@ -93,7 +93,13 @@ pub struct NodeOptions {
     /// redialed once the old connection idles out, so a short timeout
     /// shortens how long a restarted node waits to hear from the leader.
     pub io_timeout_ms: Option<u64>,
+    /// Threads of the node's async runtime (the event loop, QUIC); synced
+    /// writes run on a separate blocking thread either way.
+    pub worker_threads: usize,
 }
+
+/// Default of [`NodeOptions::worker_threads`].
+pub const WORKER_THREADS_DEFAULT: usize = 2;
 
 /// One node's view of the KV group, as written to its status file.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,7 +148,7 @@ pub fn run_node(options: NodeOptions, ready: impl FnOnce(SocketAddr)) -> Result<
         );
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(options.worker_threads.max(1))
         .enable_all()
         .thread_name("shoal-node")
         .build()

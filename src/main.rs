@@ -69,6 +69,9 @@ enum Cmd {
         /// is waited for. A restarted peer is noticed at once regardless.
         #[arg(long)]
         io_timeout_ms: Option<u64>,
+        /// Threads of the node's async runtime.
+        #[arg(long, default_value_t = cluster::WORKER_THREADS_DEFAULT)]
+        worker_threads: usize,
         /// Enable the transport's fault filter (tests only).
         #[arg(long, hide = true)]
         fault_injection: bool,
@@ -159,6 +162,10 @@ enum Cmd {
         /// Also write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// An extra argument for every `shoal node` started (repeatable),
+        /// e.g. --node-arg=--worker-threads=1.
+        #[arg(long, allow_hyphen_values = true)]
+        node_arg: Vec<String>,
     },
     /// (Crash workload) append and apply until killed; prints `ack N`.
     #[command(hide = true)]
@@ -230,8 +237,8 @@ fn main() -> Result<()> {
             println!("wrote a cluster CA and certificates for nodes {nodes:?} and clients {clients:?} to {}", out.display());
             Ok(())
         }
-        Cmd::Node { id, data, listen, peers, tls, max_raft_state_bytes, io_timeout_ms, fault_injection } => {
-            let options = NodeOptions { id, data_dir: data, listen, peers: cluster::parse_members(&peers)?, tls_dir: tls, max_raft_state_bytes, fault_injection, io_timeout_ms };
+        Cmd::Node { id, data, listen, peers, tls, max_raft_state_bytes, io_timeout_ms, worker_threads, fault_injection } => {
+            let options = NodeOptions { id, data_dir: data, listen, peers: cluster::parse_members(&peers)?, tls_dir: tls, max_raft_state_bytes, fault_injection, io_timeout_ms, worker_threads };
             cluster::run_node(options, |addr| {
                 println!("node {id} listening on {addr}");
                 let _ = std::io::Write::flush(&mut std::io::stdout());
@@ -243,7 +250,7 @@ fn main() -> Result<()> {
         Cmd::Append { cluster, key, value } => one_shot(&cluster, jsonl::Request::Append { key, value }),
         Cmd::Del { cluster, key } => one_shot(&cluster, jsonl::Request::Del { key }),
         Cmd::Scan { cluster, start, end, limit } => one_shot(&cluster, jsonl::Request::Scan { start, end, limit }),
-        Cmd::Bench { systems, dir, clients, get_clients, warmup_secs, measure_secs, keys, value_bytes, conns, cluster, tls, json } => {
+        Cmd::Bench { systems, dir, clients, get_clients, warmup_secs, measure_secs, keys, value_bytes, conns, cluster, tls, json, node_arg } => {
             let systems = systems
                 .iter()
                 .map(|s| match s.as_str() {
@@ -261,6 +268,7 @@ fn main() -> Result<()> {
                 dir,
                 systems,
                 external,
+                node_args: node_arg,
                 bench: bench::BenchOptions {
                     put_clients: clients,
                     get_clients,

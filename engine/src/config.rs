@@ -21,6 +21,11 @@ pub struct EngineConfig {
     pub write_buffer_bytes: u64,
     /// Background flush and compaction threads.
     pub background_jobs: u32,
+    /// Budget of the apply cache: the latest value of recently written or
+    /// read keys and sessions, kept so applying a write need not search
+    /// the memtable for the key's version and the client's session. When
+    /// full it is emptied. 0 disables it.
+    pub apply_cache_bytes: u64,
 }
 
 /// Default key limit: 8 KiB.
@@ -29,6 +34,8 @@ pub const KEY_BYTES_MAX_DEFAULT: u64 = 8 * 1024;
 pub const VALUE_BYTES_MAX_DEFAULT: u64 = 4 * 1024 * 1024;
 /// Default batch limit: 64 MiB.
 pub const BATCH_BYTES_MAX_DEFAULT: u64 = 64 * 1024 * 1024;
+/// Default apply cache budget: 32 MiB.
+pub const APPLY_CACHE_BYTES_DEFAULT: u64 = 32 * 1024 * 1024;
 /// Default scan limit: 10,000 pairs.
 pub const SCAN_LIMIT_MAX_DEFAULT: u64 = 10_000;
 
@@ -42,6 +49,7 @@ impl Default for EngineConfig {
             block_cache_bytes: 64 * 1024 * 1024,
             write_buffer_bytes: 32 * 1024 * 1024,
             background_jobs: 2,
+            apply_cache_bytes: APPLY_CACHE_BYTES_DEFAULT,
         }
     }
 }

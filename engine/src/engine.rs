@@ -40,6 +40,56 @@ struct Inner<B> {
     groups: RwLock<HashMap<GroupId, GroupLog>>,
     log_writer: Mutex<()>,
     installs_finished_at_open: std::sync::atomic::AtomicU64,
+    apply_cache: Mutex<ApplyCache>,
+}
+
+/// The latest committed state of recently used `kv` and `dedup` keys
+/// (`None`: known absent), for apply (see [`EngineConfig::apply_cache_bytes`]).
+///
+/// Only apply reads and fills it, and applies of one shard come from one
+/// caller at a time, so it never holds a value older than the database's.
+/// It is emptied by anything else that changes those column families: a
+/// snapshot install, a simulated crash, a failed apply write.
+#[derive(Debug, Default)]
+pub(crate) struct ApplyCache {
+    entries: HashMap<(crate::backend::Cf, Vec<u8>), Option<Vec<u8>>>,
+    bytes: u64,
+}
+
+/// Bookkeeping bytes counted per cache entry on top of key and value.
+const APPLY_CACHE_ENTRY_OVERHEAD_BYTES: u64 = 64;
+
+impl ApplyCache {
+    pub(crate) fn get(&self, cf: crate::backend::Cf, key: &[u8]) -> Option<&Option<Vec<u8>>> {
+        // A borrowed-key lookup would need a custom key type; keys are short.
+        self.entries.get(&(cf, key.to_vec()))
+    }
+
+    /// Records `value` as the state of `key`, emptying the cache first if it
+    /// would outgrow `budget` bytes.
+    pub(crate) fn insert(&mut self, budget: u64, cf: crate::backend::Cf, key: Vec<u8>, value: Option<Vec<u8>>) {
+        if budget == 0 {
+            return;
+        }
+        let size = |k: &[u8], v: &Option<Vec<u8>>| k.len() as u64 + v.as_ref().map_or(0, |v| v.len() as u64) + APPLY_CACHE_ENTRY_OVERHEAD_BYTES;
+        let added = size(&key, &value);
+        if self.bytes + added > budget {
+            self.clear();
+            if added > budget {
+                return;
+            }
+        }
+        if let Some(old) = self.entries.get(&(cf, key.clone())) {
+            self.bytes -= size(&key, old);
+        }
+        self.bytes += added;
+        self.entries.insert((cf, key), value);
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
 }
 
 /// The engine on RocksDB: what a node runs.
@@ -68,6 +118,7 @@ impl MemStore {
     pub fn crash_and_recover(&self) -> Result<()> {
         self.inner.backend.crash();
         self.inner.groups.write().unwrap_or_else(|p| p.into_inner()).clear();
+        self.apply_cache().clear();
         self.recover()
     }
 }
@@ -83,6 +134,7 @@ impl<B: Backend> Engine<B> {
                 groups: RwLock::new(HashMap::new()),
                 log_writer: Mutex::new(()),
                 installs_finished_at_open: Default::default(),
+                apply_cache: Mutex::new(ApplyCache::default()),
             }),
         };
         engine.recover()?;
@@ -115,6 +167,10 @@ impl<B: Backend> Engine<B> {
     /// The backend, for code in this crate and for tests that inspect it.
     pub fn backend(&self) -> &B {
         &self.inner.backend
+    }
+
+    pub(crate) fn apply_cache(&self) -> MutexGuard<'_, ApplyCache> {
+        self.inner.apply_cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn log_write_lock(&self) -> MutexGuard<'_, ()> {

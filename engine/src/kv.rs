@@ -20,7 +20,7 @@ use shoal_consensus::{Index, Term};
 
 use crate::backend::{Backend, Cf, View, WriteSet};
 use crate::config::EngineConfig;
-use crate::engine::Engine;
+use crate::engine::{ApplyCache, Engine};
 use crate::error::{EngineError, LimitKind, Result};
 use crate::keys::{decode_record, dedup_key, encode_record, kv_key, meta_applied_key, shard_range};
 use crate::{GroupId, ShardId};
@@ -207,17 +207,25 @@ fn encode_versioned(version: u64, value: &[u8]) -> Vec<u8> {
 /// state is kept, and becomes the write set at the end.
 struct Txn<'a> {
     view: &'a dyn View,
+    /// Latest committed states of keys, consulted before `view`.
+    cache: &'a mut ApplyCache,
+    cache_budget: u64,
     overlay: HashMap<(Cf, Vec<u8>), Option<Vec<u8>>>,
     /// Bytes of keys and values in `overlay`, what the write will carry.
     overlay_bytes: u64,
 }
 
 impl Txn<'_> {
-    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        match self.overlay.get(&(cf, key.to_vec())) {
-            Some(v) => Ok(v.clone()),
-            None => self.view.get(cf, key),
+    fn get(&mut self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        if let Some(v) = self.overlay.get(&(cf, key.to_vec())) {
+            return Ok(v.clone());
         }
+        if let Some(v) = self.cache.get(cf, key) {
+            return Ok(v.clone());
+        }
+        let value = self.view.get(cf, key)?;
+        self.cache.insert(self.cache_budget, cf, key.to_vec(), value.clone());
+        Ok(value)
     }
     fn stage(&mut self, cf: Cf, key: Vec<u8>, value: Option<Vec<u8>>) {
         let added = (key.len() + value.as_ref().map_or(0, Vec::len)) as u64;
@@ -232,9 +240,12 @@ impl Txn<'_> {
     fn delete(&mut self, cf: Cf, key: Vec<u8>) {
         self.stage(cf, key, None);
     }
+    /// The staged writes as one write set; the cache takes their values
+    /// too (the caller empties it if the write then fails).
     fn into_write_set(self) -> WriteSet {
         let mut set = WriteSet::new();
         for ((cf, key), value) in self.overlay {
+            self.cache.insert(self.cache_budget, cf, key.clone(), value.clone());
             match value {
                 Some(v) => set.put(cf, key, v),
                 None => set.delete(cf, key),
@@ -315,8 +326,10 @@ impl<B: Backend> Engine<B> {
         while !rest.is_empty() {
             let mut taken = 0;
             let mut set = WriteSet::new();
+            let mut cache = self.apply_cache();
+            let cache_budget = self.config().apply_cache_bytes;
             self.backend().with_view(&mut |view| {
-                let mut txn = Txn { view, overlay: HashMap::new(), overlay_bytes: 0 };
+                let mut txn = Txn { view, cache: &mut cache, cache_budget, overlay: HashMap::new(), overlay_bytes: 0 };
                 for entry in rest {
                     let mut out = Vec::with_capacity(entry.requests.len());
                     for request in &entry.requests {
@@ -334,7 +347,11 @@ impl<B: Backend> Engine<B> {
             })?;
             let key = meta_applied_key(group);
             set.put(Cf::Meta, key.to_vec(), encode_record(&key, &applied));
-            self.backend().write(set, false)?;
+            if let Err(e) = self.backend().write(set, false) {
+                cache.clear();
+                return Err(e);
+            }
+            drop(cache);
             rest = &rest[taken..];
         }
         Ok(replies)
@@ -368,7 +385,7 @@ impl<B: Backend> Engine<B> {
 
     fn execute(&self, txn: &mut Txn<'_>, request: &Request) -> Result<Reply> {
         let shard = request.shard;
-        let read = |txn: &Txn<'_>, key: &[u8]| -> Result<Option<Versioned>> {
+        let read = |txn: &mut Txn<'_>, key: &[u8]| -> Result<Option<Versioned>> {
             match txn.get(Cf::Kv, &kv_key(shard, key))? {
                 Some(b) => Ok(Some(decode_versioned(&b, &|| format!("value of a key in shard {shard}"))?)),
                 None => Ok(None),

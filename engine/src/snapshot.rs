@@ -231,6 +231,7 @@ impl<B: Backend> Engine<B> {
     fn redo_install(&self, marker: &InstallMarker) -> Result<()> {
         let manifest = &marker.manifest;
         let dir = PathBuf::from(&marker.dir);
+        self.apply_cache().clear();
         let mut clear = WriteSet::new();
         for &shard in &manifest.shards {
             for (cf, (start, end)) in shard_ranges(shard) {

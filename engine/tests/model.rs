@@ -113,7 +113,9 @@ fn request_strategy() -> impl Strategy<Value = Request> {
 fn kv_check(entries: Vec<Vec<Request>>) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let rocks = RocksEngine::open(dir.path(), EngineConfig::default()).unwrap();
-    let mem = MemStore::new_in_memory(EngineConfig::default()).unwrap();
+    // A tiny apply cache on one side: evicted all the time, it must not
+    // change a single reply.
+    let mem = MemStore::new_in_memory(EngineConfig { apply_cache_bytes: 300, ..EngineConfig::default() }).unwrap();
     let mut model = KvModel::default();
     // Apply in chunks of up to 3 entries, so one atomic write carries several
     // entries and later commands must see earlier ones in the same batch.
