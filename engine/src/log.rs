@@ -146,6 +146,19 @@ impl<B: Backend> Engine<B> {
     /// Persists `batch` with ONE synced write, however many groups it spans.
     /// On return every entry and hard state in it is durable.
     pub fn write_log(&self, batch: LogBatch) -> Result<()> {
+        self.write_log_with(batch, true)
+    }
+
+    /// Writes `batch` without waiting for the disk: it becomes durable with
+    /// the next synced write, and a crash before that loses it only together
+    /// with every later write (the database's write-ahead log is one ordered
+    /// log). For batches no message depends on: hard states that only move
+    /// the commit index, which Raft may forget.
+    pub fn write_log_unsynced(&self, batch: LogBatch) -> Result<()> {
+        self.write_log_with(batch, false)
+    }
+
+    fn write_log_with(&self, batch: LogBatch, sync: bool) -> Result<()> {
         EngineConfig::check(LimitKind::BatchBytes, batch.size_bytes(), self.config().batch_bytes_max)?;
         let _writer = self.log_write_lock();
         let mut set = WriteSet::new();
@@ -155,7 +168,7 @@ impl<B: Backend> Engine<B> {
             stage_group_write(&mut set, &mut log, write)?;
             updated.push(log);
         }
-        self.backend().write(set, true)?;
+        self.backend().write(set, sync)?;
         for log in updated {
             self.cache_group(log);
         }

@@ -14,7 +14,10 @@
 //! 2. every group's `Ready` is collected; its `messages` go out at once;
 //! 3. the snapshots, entries and hard states of ALL groups are persisted with
 //!    ONE synced [`Engine::write_log`] (off the async thread when
-//!    [`NodeConfig::blocking_io`] is set, as for RocksDB);
+//!    [`NodeConfig::blocking_io`] is set, as for RocksDB); a round whose
+//!    only change is a commit index writes it unsynced
+//!    ([`Engine::write_log_unsynced`]): Raft may forget a commit index, and
+//!    the write-ahead log's order keeps the applied index at or below it;
 //! 4. only then the `persisted_messages` go out;
 //! 5. committed entries are applied through [`Engine::apply`] and each
 //!    waiting caller is answered: a caller waits on (index, term), and an
@@ -311,6 +314,9 @@ struct Group<B: Backend> {
     /// An installed snapshot has no local export yet (needed to send it on).
     export_pending: bool,
     snapshots_installed: u64,
+    /// Term and vote as last persisted by a synced write: a `Ready` whose
+    /// hard state differs from them only in the commit index needs no sync.
+    durable_term_vote: (Term, NodeId),
 }
 
 /// The node runtime; see the module docs.
@@ -449,7 +455,9 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         raft_config.seed = config.seed ^ config.id.rotate_left(32) ^ group_id.rotate_left(16);
         let raw = RawNode::new(raft_config, engine.group_storage(group_id))
             .map_err(consensus_err(group_id))?;
+        let durable_term_vote = (raw.term(), raw.vote());
         Ok(Group {
+            durable_term_vote,
             id: group_id,
             shards: vec![spec.shard],
             raw,
@@ -736,6 +744,30 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             }
         }
         if !batch.groups.is_empty() {
+            // Entries, snapshots, terms and votes must be on disk before
+            // anyone hears of them. A commit index alone need not be: Raft
+            // may forget it, and every later write (applies included) is
+            // lost with it if at all, so the applied index never passes
+            // the stored commit index. Skipping the sync saves an fsync per
+            // round on every node once entries commit.
+            let must_sync = batch.groups.iter().any(|g| {
+                g.snapshot.is_some()
+                    || !g.entries.is_empty()
+                    || g.hard_state.is_some_and(|hs| {
+                        self.groups
+                            .get(&g.group)
+                            .is_none_or(|group| group.durable_term_vote != (hs.term, hs.vote))
+                    })
+            });
+            let synced_term_votes: Vec<(GroupId, (Term, NodeId))> = if must_sync {
+                batch
+                    .groups
+                    .iter()
+                    .filter_map(|g| g.hard_state.map(|hs| (g.group, (hs.term, hs.vote))))
+                    .collect()
+            } else {
+                Vec::new()
+            };
             let sizes: Vec<(GroupId, u64)> = batch
                 .groups
                 .iter()
@@ -743,11 +775,23 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 .collect();
             let first = batch.groups[0].group;
             let batches = split_batch(batch, self.engine.config().batch_bytes_max);
-            self.with_engine(move |engine| {
-                batches.into_iter().try_for_each(|b| engine.write_log(b))
-            })
-            .await
-            .map_err(engine_err(first))?;
+            if must_sync {
+                self.with_engine(move |engine| {
+                    batches.into_iter().try_for_each(|b| engine.write_log(b))
+                })
+                .await
+                .map_err(engine_err(first))?;
+            } else {
+                batches
+                    .into_iter()
+                    .try_for_each(|b| self.engine.write_log_unsynced(b))
+                    .map_err(engine_err(first))?;
+            }
+            for (gid, term_vote) in synced_term_votes {
+                if let Some(g) = self.groups.get_mut(&gid) {
+                    g.durable_term_vote = term_vote;
+                }
+            }
             for (gid, bytes) in sizes {
                 if let Some(g) = self.groups.get_mut(&gid) {
                     g.log_bytes += bytes;
