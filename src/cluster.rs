@@ -98,6 +98,9 @@ pub struct NodeOptions {
     pub worker_threads: usize,
 }
 
+/// Default log size beyond which `shoal node` snapshots and compacts: 64 MiB.
+pub const MAX_RAFT_STATE_BYTES_DEFAULT: u64 = 64 << 20;
+
 /// Default of [`NodeOptions::worker_threads`].
 pub const WORKER_THREADS_DEFAULT: usize = 2;
 

@@ -62,9 +62,10 @@ enum Cmd {
         /// Certificate directory (from `shoal certs init`).
         #[arg(long)]
         tls: PathBuf,
-        /// Compact the Raft log once it holds more than this many bytes.
-        #[arg(long)]
-        max_raft_state_bytes: Option<u64>,
+        /// Snapshot the state machine (SST files) and compact the Raft log
+        /// once the log holds more than this many bytes; 0: never.
+        #[arg(long, default_value_t = cluster::MAX_RAFT_STATE_BYTES_DEFAULT)]
+        max_raft_state_bytes: u64,
         /// QUIC idle timeout in ms (default 10000): how long a silent peer
         /// is waited for. A restarted peer is noticed at once regardless.
         #[arg(long)]
@@ -238,7 +239,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Node { id, data, listen, peers, tls, max_raft_state_bytes, io_timeout_ms, worker_threads, fault_injection } => {
-            let options = NodeOptions { id, data_dir: data, listen, peers: cluster::parse_members(&peers)?, tls_dir: tls, max_raft_state_bytes, fault_injection, io_timeout_ms, worker_threads };
+            let options = NodeOptions { id, data_dir: data, listen, peers: cluster::parse_members(&peers)?, tls_dir: tls, max_raft_state_bytes: (max_raft_state_bytes > 0).then_some(max_raft_state_bytes), fault_injection, io_timeout_ms, worker_threads };
             cluster::run_node(options, |addr| {
                 println!("node {id} listening on {addr}");
                 let _ = std::io::Write::flush(&mut std::io::stdout());
