@@ -7,7 +7,8 @@
 //! ReadIndex confirmed without a heartbeat quorum. Each test runs many
 //! seeds on the in-memory network under tokio's paused clock:
 //! `SHOAL_SEED=s` replays one seed, `SHOAL_SEEDS=n` sets how many run
-//! (seeds `0..n`, default [`SEEDS_DEFAULT`]).
+//! (seeds `0..n`, default [`SEEDS_DEFAULT`], 50 for the slow leader-change
+//! test).
 //!
 //! - [`isolated_leader_never_serves_stale_reads`]: the leader is cut off
 //!   alone; a reader that can reach only it reads from the moment of the
@@ -26,7 +27,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,6 +49,11 @@ const WRITE_DEADLINE: Duration = Duration::from_secs(30);
 
 /// The seeds to run: `SHOAL_SEED` alone, else `0..SHOAL_SEEDS`.
 fn seeds(test: &str) -> Vec<u64> {
+    seeds_or(test, SEEDS_DEFAULT)
+}
+
+/// [`seeds`] with another default count.
+fn seeds_or(test: &str, default: u64) -> Vec<u64> {
     if let Ok(s) = std::env::var("SHOAL_SEED") {
         let seed = s.parse().expect("SHOAL_SEED must be a u64");
         eprintln!("{test}: seed {seed}");
@@ -55,7 +61,7 @@ fn seeds(test: &str) -> Vec<u64> {
     }
     let n = std::env::var("SHOAL_SEEDS")
         .map(|s| s.parse().expect("SHOAL_SEEDS must be a u64"))
-        .unwrap_or(SEEDS_DEFAULT);
+        .unwrap_or(default);
     eprintln!("{test}: seeds 0..{n} (replay one with SHOAL_SEED=s)");
     (0..n).collect()
 }
@@ -82,10 +88,22 @@ fn pinned_clerk(
     (clerk, name)
 }
 
+/// A logical clock for ordering events within one virtual instant: under
+/// the paused clock a read can begin at the same `Instant` as a write is
+/// acknowledged, and only program order (one thread) tells which came first.
+static EVENTS: AtomicU64 = AtomicU64::new(0);
+
+/// The next logical time.
+fn event() -> u64 {
+    EVENTS.fetch_add(1, Ordering::SeqCst)
+}
+
 /// One read by a reader: when it began, and what it returned (the value
 /// read, or `None` for an error).
 #[derive(Debug, Clone)]
 struct Read {
+    /// Logical time the read began (see [`EVENTS`]).
+    began_event: u64,
     began: Instant,
     ended: Instant,
     value: Option<Bytes>,
@@ -104,16 +122,19 @@ fn spawn_reader(
         let mut reads = Vec::new();
         while !stop.load(Ordering::Relaxed) {
             let began = Instant::now();
+            let began_event = event();
             let r = clerk.get(key).await;
             let ended = Instant::now();
             reads.push(match r {
                 Ok((value, _)) => Read {
+                    began_event,
                     began,
                     ended,
                     value: Some(value),
                     error: None,
                 },
                 Err(e) => Read {
+                    began_event,
                     began,
                     ended,
                     value: None,
@@ -170,6 +191,7 @@ async fn isolated_leader_case(n: usize, seed: u64, window: &mut u64) {
     let reads = spawn_reader(reader, "k", stop.clone(), seed);
     c.net.set_client_reachable(&writer_name, Some(&majority));
     must_put(seed, &writer, "k", "new", 1).await;
+    let acked_event = event();
     let acked = Instant::now();
     if c.nodes[old].as_ref().is_some_and(|h| h.is_leader()) {
         // The interesting window: the majority has acknowledged a newer
@@ -186,11 +208,11 @@ async fn isolated_leader_case(n: usize, seed: u64, window: &mut u64) {
     );
     for read in &reads {
         assert!(
-            !(read.began >= acked && read.value.as_deref() == Some(b"old".as_slice())),
+            !(read.began_event > acked_event && read.value.as_deref() == Some(b"old".as_slice())),
             "seed {seed}, {n} nodes: stale read from isolated leader {old_id}: began {:?} after \
              the partition, {:?} after the newer write was acknowledged, returned the old value",
             read.began - partitioned_at,
-            read.began - acked
+            read.began.saturating_duration_since(acked)
         );
         // Stronger: a node cut off from every peer cannot confirm leadership
         // for a read issued after the cut, whatever its value.
@@ -260,7 +282,12 @@ async fn leader_changes_case(seed: u64) {
     let mut readers = Vec::new();
     for i in 0..n {
         let (clerk, _) = pinned_clerk(&c, Some(&[c.id(i)]), PINNED_READ_DEADLINE);
-        readers.push(spawn_reader(clerk, "k", stop.clone(), seed ^ (i as u64 + 1)));
+        readers.push(spawn_reader(
+            clerk,
+            "k",
+            stop.clone(),
+            seed ^ (i as u64 + 1),
+        ));
     }
     for _ in 0..4 {
         let l = wait_for_leader(&c).await;
@@ -284,7 +311,8 @@ async fn leader_changes_case(seed: u64) {
 
 #[tokio::test(start_paused = true)]
 async fn reads_during_leader_changes_are_linearizable() {
-    for seed in seeds("reads_during_leader_changes_are_linearizable") {
+    // The slowest of the three (about 0.3 s per seed): fewer seeds by default.
+    for seed in seeds_or("reads_during_leader_changes_are_linearizable", 50) {
         leader_changes_case(seed).await;
     }
 }
@@ -300,11 +328,11 @@ async fn rejoining_follower_case(seed: u64) {
     let others: Vec<NodeId> = c.ids().into_iter().filter(|&id| id != fid).collect();
     c.net.partition(&[&[fid], &others]);
     // The latest acknowledged version, and when it was acknowledged.
-    let acked: Arc<Mutex<Vec<(Instant, u64)>>> = Arc::new(Mutex::new(vec![(Instant::now(), 1)]));
+    let acked: Arc<Mutex<Vec<(u64, u64)>>> = Arc::new(Mutex::new(vec![(event(), 1)]));
     c.net.set_client_reachable(&writer_name, Some(&others));
     for version in 1..4 {
         must_put(seed, &writer, "k", &format!("v{version}"), version).await;
-        acked.lock().unwrap().push((Instant::now(), version + 1));
+        acked.lock().unwrap().push((event(), version + 1));
     }
     let stop = Arc::new(AtomicBool::new(false));
     let (reader, _) = pinned_clerk(&c, Some(&[fid]), PINNED_READ_DEADLINE);
@@ -318,16 +346,14 @@ async fn rejoining_follower_case(seed: u64) {
     c.net.set_client_reachable(&writer_name, Some(&rest));
     for version in 4..6 {
         must_put(seed, &writer, "k", &format!("v{version}"), version).await;
-        acked.lock().unwrap().push((Instant::now(), version + 1));
+        acked.lock().unwrap().push((event(), version + 1));
     }
     sleep(ELECTION_TIMEOUT).await;
     stop.store(true, Ordering::Relaxed);
     let reads = reads.await.expect("reader task");
     let acked = acked.lock().unwrap().clone();
-    let mut served = 0;
     for read in &reads {
         let Some(value) = &read.value else { continue };
-        served += 1;
         let read_version: u64 = std::str::from_utf8(&value[1..])
             .expect("utf-8")
             .parse::<u64>()
@@ -335,7 +361,7 @@ async fn rejoining_follower_case(seed: u64) {
             + 1;
         let floor = acked
             .iter()
-            .filter(|(at, _)| *at <= read.began)
+            .filter(|(at, _)| *at < read.began_event)
             .map(|(_, v)| *v)
             .max()
             .unwrap_or(0);
@@ -345,7 +371,6 @@ async fn rejoining_follower_case(seed: u64) {
              {floor} was acknowledged before the read began"
         );
     }
-    let _ = served;
     c.net.heal();
     c.check_linearizable();
     c.shutdown_all().await;

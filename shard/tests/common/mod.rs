@@ -109,7 +109,14 @@ impl Cluster {
         max_raft_state: Option<u64>,
         groups: Vec<GroupSpec>,
     ) -> Cluster {
-        Cluster::build(n, reliable, seed, max_raft_state, groups, SESSION_IDLE_MS_DEFAULT)
+        Cluster::build(
+            n,
+            reliable,
+            seed,
+            max_raft_state,
+            groups,
+            SESSION_IDLE_MS_DEFAULT,
+        )
     }
 
     /// A reliable cluster whose nodes expire sessions idle `session_idle_ms`.
