@@ -214,6 +214,8 @@ async fn isolated_leader_case(n: usize, seed: u64, window: &mut u64) {
             read.began - partitioned_at,
             read.began.saturating_duration_since(acked)
         );
+    }
+    for read in &reads {
         // Stronger: a node cut off from every peer cannot confirm leadership
         // for a read issued after the cut, whatever its value.
         assert!(
