@@ -206,3 +206,45 @@ async fn retry_within_the_session_gets_the_cached_answer() {
         c.shutdown_all().await;
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_mismatch_on_the_only_send_is_never_maybe() {
+    // Goal: a put whose request was sent once, and answered with a
+    // mismatch, reports VersionMismatch however long the operation took in
+    // total. Here the put waits behind a clone's slow operation (which holds
+    // the client for longer than half the idle time) before it is sent:
+    // that wait is no retry, and nothing earlier of this put can have
+    // applied. (The client once measured from before that wait and answered
+    // Maybe.)
+    for seed in seeds("a_mismatch_on_the_only_send_is_never_maybe") {
+        let (mut c, client, armed, name) = setup(seed).await;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let cut_for =
+            Duration::from_millis(rng.random_range(SESSION_IDLE_MS / 2..SESSION_IDLE_MS * 3 / 4));
+        armed.store(true, Ordering::SeqCst);
+        let slow = tokio::spawn({
+            let client = client.clone();
+            async move { client.put_if_version("k", "mine", 0).await }
+        });
+        while armed.load(Ordering::SeqCst) {
+            sleep(Duration::from_millis(1)).await;
+        }
+        // The slow put now holds the client; this one queues behind it.
+        let started = Instant::now();
+        let queued = tokio::spawn({
+            let client = client.clone();
+            async move { client.put_if_version("k", "theirs", 0).await }
+        });
+        sleep(cut_for).await;
+        c.net.set_client_connected(&name, true);
+        assert_eq!(slow.await.expect("slow put"), Ok(1), "seed {seed}");
+        assert_eq!(
+            queued.await.expect("queued put"),
+            Err(ClientError::VersionMismatch { current: 1 }),
+            "seed {seed}: sent once after waiting {:?}",
+            started.elapsed()
+        );
+        assert_applied_once(seed, &c).await;
+        c.shutdown_all().await;
+    }
+}
