@@ -16,9 +16,10 @@
 //! instead, as the lab's clerk does; it does so only when the request was
 //! sent more than once and the retries lasted at least half of
 //! `session_idle_ms`, counted from the first send (time spent waiting for
-//! another operation of a clone of the client does not count). An operation that runs out of
-//! its deadline after a request may have reached a node is
-//! [`ClientError::Maybe`] for writes and [`ClientError::Timeout`] for reads.
+//! another operation of a clone of the client does not count). An
+//! operation that runs out of its deadline after a request may have reached
+//! a node is [`ClientError::Maybe`] for writes and [`ClientError::Timeout`]
+//! for reads.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
