@@ -13,7 +13,8 @@
 //! by `ExpireSessions` entries the leader proposes every quarter of
 //! [`SESSION_IDLE_MS`], stamped with the leader's clock, so on the paused
 //! clock the expiry happens at a known virtual time. Seeded: `SHOAL_SEED`
-//! replays one seed, `SHOAL_SEEDS=n` runs seeds `0..n` (default
+//! replays one seed; otherwise seeds `b..b+n` run, with `b` =
+//! `SHOAL_SEED_BASE` (default 0) and `n` = `SHOAL_SEEDS` (default
 //! [`SEEDS_DEFAULT`]).
 
 mod common;
@@ -46,8 +47,14 @@ fn seeds(test: &str) -> Vec<u64> {
     let n = std::env::var("SHOAL_SEEDS")
         .map(|s| s.parse().expect("SHOAL_SEEDS must be a u64"))
         .unwrap_or(SEEDS_DEFAULT);
-    eprintln!("{test}: seeds 0..{n} (replay one with SHOAL_SEED=s)");
-    (0..n).collect()
+    let base: u64 = std::env::var("SHOAL_SEED_BASE")
+        .map(|s| s.parse().expect("SHOAL_SEED_BASE must be a u64"))
+        .unwrap_or(0);
+    eprintln!(
+        "{test}: seeds {base}..{} (replay one with SHOAL_SEED=s)",
+        base + n
+    );
+    (base..base + n).collect()
 }
 
 /// A client transport that loses the first `Written` reply it sees while

@@ -6,9 +6,9 @@
 //! state: a leader answering without a ReadIndex (no lease either), or a
 //! ReadIndex confirmed without a heartbeat quorum. Each test runs many
 //! seeds on the in-memory network under tokio's paused clock:
-//! `SHOAL_SEED=s` replays one seed, `SHOAL_SEEDS=n` sets how many run
-//! (seeds `0..n`, default [`SEEDS_DEFAULT`], 50 for the slow leader-change
-//! test).
+//! `SHOAL_SEED=s` replays one seed; otherwise seeds `b..b+n` run, with
+//! `b` = `SHOAL_SEED_BASE` (default 0) and `n` = `SHOAL_SEEDS` (default
+//! [`SEEDS_DEFAULT`], 50 for the slow leader-change test).
 //!
 //! - [`isolated_leader_never_serves_stale_reads`]: the leader is cut off
 //!   alone; a reader that can reach only it reads from the moment of the
@@ -62,8 +62,14 @@ fn seeds_or(test: &str, default: u64) -> Vec<u64> {
     let n = std::env::var("SHOAL_SEEDS")
         .map(|s| s.parse().expect("SHOAL_SEEDS must be a u64"))
         .unwrap_or(default);
-    eprintln!("{test}: seeds 0..{n} (replay one with SHOAL_SEED=s)");
-    (0..n).collect()
+    let base: u64 = std::env::var("SHOAL_SEED_BASE")
+        .map(|s| s.parse().expect("SHOAL_SEED_BASE must be a u64"))
+        .unwrap_or(0);
+    eprintln!(
+        "{test}: seeds {base}..{} (replay one with SHOAL_SEED=s)",
+        base + n
+    );
+    (base..base + n).collect()
 }
 
 /// A recorded client that can reach only `reachable` (all nodes: `None`),
@@ -266,7 +272,11 @@ async fn writer_loop(clerk: Clerk, id: usize, stop: Arc<AtomicBool>, seed: u64) 
     }
 }
 
-async fn leader_changes_case(seed: u64) {
+/// What the pinned readers saw: per read, when it began and ended (since
+/// the cluster started) and its outcome.
+type ReadTrace = Vec<(Duration, Duration, Option<Bytes>, Option<ClientError>)>;
+
+async fn leader_changes_case(seed: u64) -> ReadTrace {
     let n = if seed % 2 == 0 { 3 } else { 5 };
     let mut c = Cluster::new(n, true, seed);
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xC4A1);
@@ -304,18 +314,46 @@ async fn leader_changes_case(seed: u64) {
     for t in tasks {
         t.await.expect("writer task");
     }
+    let mut trace = ReadTrace::new();
     for r in readers {
-        r.await.expect("reader task");
+        for read in r.await.expect("reader task") {
+            trace.push((
+                read.began - c.start,
+                read.ended - c.start,
+                read.value,
+                read.error,
+            ));
+        }
     }
     c.check_linearizable();
     c.shutdown_all().await;
+    trace
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_same_seed_replays_the_same_reads() {
+    // Goal: a seed is a replay: the leader-change scenario run twice on one
+    // seed sees the same reads at the same virtual times (this depends on
+    // every select in the runtime and the in-memory network being biased).
+    for seed in seeds_or("the_same_seed_replays_the_same_reads", 5) {
+        let first = leader_changes_case(seed).await;
+        let second = leader_changes_case(seed).await;
+        assert!(!first.is_empty(), "seed {seed}: no reads");
+        assert!(
+            first == second,
+            "seed {seed}: two runs differ: {} vs {} reads; first difference: {:?}",
+            first.len(),
+            second.len(),
+            first.iter().zip(&second).find(|(a, b)| a != b)
+        );
+    }
 }
 
 #[tokio::test(start_paused = true)]
 async fn reads_during_leader_changes_are_linearizable() {
     // The slowest of the three (about 0.3 s per seed): fewer seeds by default.
     for seed in seeds_or("reads_during_leader_changes_are_linearizable", 50) {
-        leader_changes_case(seed).await;
+        let _ = leader_changes_case(seed).await;
     }
 }
 
