@@ -44,7 +44,10 @@ pub struct Limits {
     pub reconnect_backoff_min_ms: u64,
     /// Cap of the exponential reconnect delay.
     pub reconnect_backoff_max_ms: u64,
-    /// How long `shutdown` waits for queues and in-flight RPCs to drain.
+    /// How long `QuicNode::shutdown` may take in all to deliver what is
+    /// queued for live peers and let accepted RPCs answer (plus a short
+    /// close linger, `quic::CLOSE_LINGER_MS`). Peers that have gone silent
+    /// are given up after `quic::PEER_SILENCE_MS`, not waited for.
     pub shutdown_drain_ms: u64,
     /// Upper bound of QUIC path-MTU discovery (UDP payload bytes). Discovery
     /// starts at 1200 and only keeps sizes the path really carries, so a large
@@ -64,6 +67,10 @@ pub struct Limits {
     pub udp_socket_buffer_bytes: usize,
 }
 
+/// Default [`Limits::shutdown_drain_ms`]: enough to flush full queues to
+/// live peers on a LAN, short enough that a stopping node does not hang.
+pub const SHUTDOWN_DRAIN_MS_DEFAULT: u64 = 2_000;
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -78,7 +85,7 @@ impl Default for Limits {
             io_timeout_ms: 10_000,
             reconnect_backoff_min_ms: 20,
             reconnect_backoff_max_ms: 2_000,
-            shutdown_drain_ms: 5_000,
+            shutdown_drain_ms: SHUTDOWN_DRAIN_MS_DEFAULT,
             udp_payload_bytes_max: 8952,
             udp_payload_bytes_min: 1200,
             udp_socket_buffer_bytes: 4 << 20,

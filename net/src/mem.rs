@@ -460,7 +460,11 @@ impl<P: Protocol> MemNetwork<P> {
                     .link_up(&from, from_generation, to, Some(to_generation))
             };
             let response = loop {
+                // Biased: when the reply and a liveness tick are ready at the
+                // same instant, the reply wins, so a seed replays the same
+                // way every time (an unbiased select picks at random).
                 tokio::select! {
+                    biased;
                     r = &mut rx => break r.map_err(|_| RpcError::Lost("handler dropped the reply".into()))?,
                     _ = sleep(Duration::from_millis(100)) => {
                         if !alive() {

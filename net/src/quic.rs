@@ -17,7 +17,7 @@ use std::time::Duration;
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
-use tokio::time::timeout;
+use tokio::time::{timeout, timeout_at};
 use tracing::{debug, info, warn};
 
 use crate::certs::{self, Identity};
@@ -40,6 +40,19 @@ pub const HELLO_VERSION: u8 = 2;
 /// Bytes of the message-stream hello: kind, version, node id (u64 BE),
 /// incarnation (u64 BE, drawn at random each time a node starts).
 pub const HELLO_BYTES: usize = 18;
+
+/// At shutdown, a peer from which no datagram at all arrived for this long
+/// is taken for dead (crashed, or cut off): its queue is given up instead of
+/// waiting for acknowledgements that will never come. A live peer
+/// acknowledges data within a round trip plus its ACK delay (25 ms), and a
+/// handshake within a few round trips, so this is generous on a LAN.
+pub const PEER_SILENCE_MS: u64 = 250;
+
+/// After the endpoint is closed, how long shutdown lets it send its
+/// CONNECTION_CLOSE frames before returning. Peers learn of the close from
+/// the first of them; the draining period that follows (three probe
+/// timeouts, seconds towards a dead peer) need not be waited out.
+pub const CLOSE_LINGER_MS: u64 = 200;
 
 /// Application close/reset codes.
 pub mod codes {
@@ -461,21 +474,35 @@ impl<P: Protocol> QuicNode<P> {
 
     /// Clean shutdown: refuse new connections, flush the peer queues (each
     /// sender waits until the peer acknowledged its stream), let accepted RPCs
-    /// finish, then close the endpoint. Each phase is bounded by
-    /// `Limits::shutdown_drain_ms`.
+    /// finish, then close the endpoint.
+    ///
+    /// Bounded and prompt: all of it takes at most
+    /// `Limits::shutdown_drain_ms` plus [`CLOSE_LINGER_MS`]. A peer that is
+    /// not connected is dialed for at most [`PEER_SILENCE_MS`], and a
+    /// connected peer that stays silent that long is given up, so dead or
+    /// unreachable peers cost a fraction of a second, not the handshake or
+    /// idle timeout. Senders still running at the bound are aborted and
+    /// their messages lost (messages are best effort anyway).
     pub async fn shutdown(&self) {
         let inner = &self.inner;
-        let drain = Duration::from_millis(inner.config.limits.shutdown_drain_ms);
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_millis(inner.config.limits.shutdown_drain_ms);
         inner.dialer.endpoint.set_server_config(None);
         let _ = inner.shutdown.send(true);
-        let tasks = std::mem::take(&mut *inner.tasks.lock().expect("tasks lock"));
-        let _ = timeout(drain, async {
-            for task in tasks {
+        let mut tasks = std::mem::take(&mut *inner.tasks.lock().expect("tasks lock"));
+        let _ = timeout_at(deadline, async {
+            for task in &mut tasks {
                 let _ = task.await;
             }
         })
         .await;
-        let _ = timeout(drain, async {
+        for task in &tasks {
+            if !task.is_finished() {
+                debug!(node = %inner.id, "a peer sender outlived the shutdown drain; aborted");
+                task.abort();
+            }
+        }
+        let _ = timeout_at(deadline, async {
             loop {
                 let done = inner.in_flight_done.notified();
                 tokio::pin!(done);
@@ -495,7 +522,8 @@ impl<P: Protocol> QuicNode<P> {
         if let Some(task) = inner.accept_task.lock().expect("accept lock").take() {
             task.abort();
         }
-        let _ = timeout(drain, inner.dialer.endpoint.wait_idle()).await;
+        let linger = Duration::from_millis(CLOSE_LINGER_MS);
+        let _ = timeout(linger, inner.dialer.endpoint.wait_idle()).await;
         info!(node = %inner.id, "QUIC node stopped");
     }
 }
@@ -636,10 +664,31 @@ async fn run_sender<P: Protocol>(inner: Arc<NodeInner<P>>, to: NodeId, link: Arc
             stream.write_all(&hello).await.map_err(|e| e.to_string())?;
             Ok::<_, String>((conn, stream))
         };
-        let (conn, mut stream) = match attempt.await {
+        tokio::pin!(attempt);
+        let silence = Duration::from_millis(PEER_SILENCE_MS);
+        let silent_at_shutdown = || Err("no answer from the peer at shutdown".to_string());
+        let attempted = if stopping {
+            timeout(silence, &mut attempt)
+                .await
+                .unwrap_or_else(|_| silent_at_shutdown())
+        } else {
+            tokio::select! {
+                r = &mut attempt => r,
+                // Shutdown while dialing: give the dial only a little longer
+                // (a dead peer would hold it for the handshake timeout).
+                () = async {
+                    // (The `Ref` it returns is not `Send`: drop it here.)
+                    let _ = shutdown.wait_for(|s| *s).await;
+                } => timeout(silence, &mut attempt)
+                    .await
+                    .unwrap_or_else(|_| silent_at_shutdown()),
+            }
+        };
+        let (conn, mut stream) = match attempted {
             Ok(ok) => ok,
             Err(reason) => {
-                if stopping {
+                if stopping || *shutdown.borrow() {
+                    debug!(node = %inner.id, peer = %to, %reason, "peer unreachable at shutdown; its queue is dropped");
                     drop_queue(&inner);
                     return;
                 }
@@ -670,11 +719,7 @@ async fn run_sender<P: Protocol>(inner: Arc<NodeInner<P>>, to: NodeId, link: Arc
             if count == 0 {
                 if *shutdown.borrow() {
                     let _ = stream.finish();
-                    let _ = timeout(
-                        Duration::from_millis(limits.shutdown_drain_ms),
-                        stream.stopped(),
-                    )
-                    .await;
+                    wait_acknowledged(&inner, to, &conn, &stream).await;
                     return;
                 }
                 tokio::select! {
@@ -701,6 +746,31 @@ async fn run_sender<P: Protocol>(inner: Arc<NodeInner<P>>, to: NodeId, link: Arc
             }
             bump(&inner.counters.frames_sent);
         }
+    }
+}
+
+/// Waits until `to` acknowledged everything on the finished `stream`, or
+/// until it has been silent (no datagram at all) for [`PEER_SILENCE_MS`]:
+/// a live peer acknowledges within a round trip, a dead one never does.
+/// The caller's shutdown deadline bounds a peer that keeps talking slowly.
+async fn wait_acknowledged<P: Protocol>(
+    inner: &NodeInner<P>,
+    to: NodeId,
+    conn: &Connection,
+    stream: &SendStream,
+) {
+    let silence = Duration::from_millis(PEER_SILENCE_MS);
+    let mut heard = conn.stats().udp_rx.datagrams;
+    loop {
+        if timeout(silence, stream.stopped()).await.is_ok() {
+            return;
+        }
+        let now_heard = conn.stats().udp_rx.datagrams;
+        if now_heard == heard {
+            debug!(node = %inner.id, peer = %to, "peer silent at shutdown; not waiting for its acknowledgements");
+            return;
+        }
+        heard = now_heard;
     }
 }
 
@@ -816,7 +886,9 @@ async fn read_messages<P: Protocol>(
             &format!("bad hello kind/version {:?}", &hello[..2]),
         );
     }
-    let claimed = NodeId(u64::from_be_bytes(hello[2..10].try_into().expect("8 bytes")));
+    let claimed = NodeId(u64::from_be_bytes(
+        hello[2..10].try_into().expect("8 bytes"),
+    ));
     if claimed != from {
         warn!(node = %inner.id, certificate = %from, %claimed, "peer claims another node's id");
         refuse(

@@ -470,3 +470,106 @@ async fn a_ca_reloaded_from_its_key_issues_certificates_the_cluster_trusts() {
         "1:x"
     );
 }
+
+/// A UDP relay standing between a node and one peer: while `up` it forwards
+/// datagrams both ways; once down it swallows them, so the peer looks like
+/// a process that died (or a network that black-holes it) without closing
+/// anything. Returns the address to use for the peer.
+fn udp_relay(
+    peer: std::net::SocketAddr,
+    up: Arc<std::sync::atomic::AtomicBool>,
+) -> std::net::SocketAddr {
+    use std::sync::atomic::Ordering;
+    let front = Arc::new(
+        tokio::net::UdpSocket::from_std({
+            let s = std::net::UdpSocket::bind(loopback()).unwrap();
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .unwrap(),
+    );
+    let back = Arc::new(
+        tokio::net::UdpSocket::from_std({
+            let s = std::net::UdpSocket::bind(loopback()).unwrap();
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .unwrap(),
+    );
+    let addr = front.local_addr().unwrap();
+    let client: Arc<std::sync::Mutex<Option<std::net::SocketAddr>>> = Arc::default();
+    tokio::spawn({
+        let (front, back, up, client) = (front.clone(), back.clone(), up.clone(), client.clone());
+        async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = front.recv_from(&mut buf).await {
+                *client.lock().unwrap() = Some(from);
+                if up.load(Ordering::Relaxed) {
+                    let _ = back.send_to(&buf[..n], peer).await;
+                }
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, _)) = back.recv_from(&mut buf).await {
+            let to = *client.lock().unwrap();
+            if let (true, Some(to)) = (up.load(Ordering::Relaxed), to) {
+                let _ = front.send_to(&buf[..n], to).await;
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn shutdown_with_a_dead_peer_is_prompt() {
+    // Goal: shutdown does not wait on peers that will never answer. Node 1
+    // has a live peer (node 2), a peer that was connected and then went
+    // silent (node 3, behind a relay that starts dropping everything), and a
+    // peer that never answered at all (node 4: an address nobody serves).
+    // Messages queued for all three at shutdown: the live peer gets them,
+    // and shutdown returns within the drain bound, not after the handshake
+    // or idle timeouts (10 s).
+    let mut c = Cluster::start(3, Limits::default());
+    let relay_up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let relay = udp_relay(c.nodes[2].addr, relay_up.clone());
+    c.nodes[0].node.set_member(NodeId(3), relay);
+    let silent = std::net::UdpSocket::bind(loopback()).unwrap();
+    c.nodes[0]
+        .node
+        .set_member(NodeId(4), silent.local_addr().unwrap());
+    // Node 3 is reachable through the relay at first.
+    c.nodes[0].node.send(NodeId(3), msg(0, 8));
+    assert_eq!(
+        within("through the relay", LONG, c.nodes[2].messages.recv())
+            .await
+            .unwrap()
+            .1
+            .seq,
+        0
+    );
+    relay_up.store(false, std::sync::atomic::Ordering::Relaxed);
+    for seq in 1..=100 {
+        c.nodes[0].node.send(NodeId(2), msg(seq, 100));
+        c.nodes[0].node.send(NodeId(3), msg(seq, 100));
+        c.nodes[0].node.send(NodeId(4), msg(seq, 100));
+    }
+    let started = std::time::Instant::now();
+    within("shutdown", LONG, c.nodes[0].node.shutdown()).await;
+    let took = started.elapsed();
+    eprintln!("shutdown with a dead peer took {took:?}");
+    assert!(
+        took < Duration::from_millis(
+            Limits::default().shutdown_drain_ms + shoal_net::quic::CLOSE_LINGER_MS
+        ) + Duration::from_secs(1),
+        "shutdown took {took:?} with dead peers"
+    );
+    for seq in 1..=100 {
+        let (from, m) = within("drained to the live peer", LONG, c.nodes[1].messages.recv())
+            .await
+            .unwrap();
+        assert_eq!((from, m.seq), (NodeId(1), seq));
+    }
+    drop(silent);
+}

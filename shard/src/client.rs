@@ -13,10 +13,13 @@
 //! than that, the retry may run again as a new request. For a versioned put
 //! that second run reports a version mismatch (or a missing key) that is the
 //! effect of the first run, so the client answers [`ClientError::Maybe`]
-//! instead, as the lab's clerk does; it does so only when the retries have
-//! lasted at least half of `session_idle_ms`. An operation that runs out of
-//! its deadline after a request may have reached a node is
-//! [`ClientError::Maybe`] for writes and [`ClientError::Timeout`] for reads.
+//! instead, as the lab's clerk does; it does so only when the request was
+//! sent more than once and the retries lasted at least half of
+//! `session_idle_ms`, counted from the first send (time spent waiting for
+//! another operation of a clone of the client does not count). An
+//! operation that runs out of its deadline after a request may have reached
+//! a node is [`ClientError::Maybe`] for writes and [`ClientError::Timeout`]
+//! for reads.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -125,8 +128,17 @@ struct State {
 
 /// What a retry loop ended with.
 enum Attempted {
-    Reply(Reply),
+    Reply(Reply, Sends),
     Failed(ClientError),
+}
+
+/// How a request that got a reply was sent.
+#[derive(Debug, Clone, Copy)]
+struct Sends {
+    /// Times the request was sent (1: the reply answers the only send).
+    count: u64,
+    /// When it was first sent.
+    first: Instant,
 }
 
 impl<C: RpcCaller<KvProtocol>> Client<C> {
@@ -179,14 +191,15 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
         value: impl Into<Bytes>,
         version: u64,
     ) -> Result<u64, ClientError> {
-        let started = Instant::now();
         let command = Command::PutIfVersion {
             key: key.into(),
             value: value.into(),
             version,
         };
-        let reply = self.run(command).await?;
-        let long = started.elapsed() >= Duration::from_millis(self.config.session_idle_ms / 2);
+        let (reply, sends) = self.run_counting_sends(command).await?;
+        // Only a retry can meet the effect of an earlier send of itself.
+        let long = sends.count > 1
+            && sends.first.elapsed() >= Duration::from_millis(self.config.session_idle_ms / 2);
         match reply {
             Reply::Written { version } => Ok(version),
             // After retries that outlasted half a session, the mismatch may be
@@ -243,6 +256,12 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
     }
 
     async fn run(&self, command: Command) -> Result<Reply, ClientError> {
+        self.run_counting_sends(command)
+            .await
+            .map(|(reply, _)| reply)
+    }
+
+    async fn run_counting_sends(&self, command: Command) -> Result<(Reply, Sends), ClientError> {
         let mut state = self.state.lock().await;
         let read_only = command.is_read_only();
         let seq = if read_only {
@@ -258,7 +277,7 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
             command,
         };
         match self.attempt_until_deadline(request).await {
-            Attempted::Reply(reply) => Ok(reply),
+            Attempted::Reply(reply, sends) => Ok((reply, sends)),
             Attempted::Failed(ClientError::Timeout) if !read_only => Err(ClientError::Maybe),
             Attempted::Failed(e) => Err(e),
         }
@@ -273,6 +292,10 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
         let n = self.servers.len() as u64;
         let mut backoff = self.config.backoff_min;
         let mut tried_in_round = 0u64;
+        let mut sends = Sends {
+            count: 0,
+            first: Instant::now(),
+        };
         loop {
             let now = Instant::now();
             if now >= deadline {
@@ -281,6 +304,10 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
             let index = self.leader.load(Ordering::Relaxed) % n;
             let server = self.servers[index as usize];
             let rpc_deadline = self.config.rpc_deadline.min(deadline - now);
+            if sends.count == 0 {
+                sends.first = now;
+            }
+            sends.count += 1;
             let result = self
                 .caller
                 .call_with_deadline(server, request.clone(), rpc_deadline)
@@ -289,7 +316,7 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
                 Ok(KvResponse::Done(Reply::Rejected { reason })) => {
                     return Attempted::Failed(ClientError::Refused(reason))
                 }
-                Ok(KvResponse::Done(reply)) => return Attempted::Reply(reply),
+                Ok(KvResponse::Done(reply)) => return Attempted::Reply(reply, sends),
                 Ok(KvResponse::WrongShard) => {
                     return Attempted::Failed(ClientError::Refused("wrong shard".into()))
                 }

@@ -20,7 +20,9 @@ use shoal_net::mem::{MemClient, MemConfig, MemNetwork};
 use shoal_net::NodeId;
 use shoal_shard::client::{Client, ClientConfig, ClientError};
 use shoal_shard::linearizability::{HistoryRecorder, Input, Output};
-use shoal_shard::node::{GroupSpec, Node, NodeConfig, NodeHandle, KV_GROUP};
+use shoal_shard::node::{
+    GroupSpec, Node, NodeConfig, NodeHandle, KV_GROUP, SESSION_IDLE_MS_DEFAULT,
+};
 use shoal_shard::protocol::KvProtocol;
 use tokio::time::Instant;
 
@@ -60,6 +62,8 @@ pub struct Cluster {
     pub dir: std::path::PathBuf,
     /// Groups every node hosts (default: the one KV group).
     pub groups: Vec<GroupSpec>,
+    /// The nodes' session idle time (`NodeConfig::session_idle_ms`).
+    pub session_idle_ms: u64,
 }
 
 impl Drop for Cluster {
@@ -105,6 +109,33 @@ impl Cluster {
         max_raft_state: Option<u64>,
         groups: Vec<GroupSpec>,
     ) -> Cluster {
+        Cluster::build(
+            n,
+            reliable,
+            seed,
+            max_raft_state,
+            groups,
+            SESSION_IDLE_MS_DEFAULT,
+        )
+    }
+
+    /// A reliable cluster whose nodes expire sessions idle `session_idle_ms`.
+    pub fn with_session_idle_ms(n: usize, seed: u64, session_idle_ms: u64) -> Cluster {
+        let groups = vec![GroupSpec {
+            group: KV_GROUP,
+            shard: 0,
+        }];
+        Cluster::build(n, true, seed, None, groups, session_idle_ms)
+    }
+
+    fn build(
+        n: usize,
+        reliable: bool,
+        seed: u64,
+        max_raft_state: Option<u64>,
+        groups: Vec<GroupSpec>,
+        session_idle_ms: u64,
+    ) -> Cluster {
         static CLUSTERS: AtomicU64 = AtomicU64::new(0);
         // Snapshot exports fsync every file; on tmpfs that costs nothing.
         let shm = std::path::Path::new("/dev/shm");
@@ -139,6 +170,7 @@ impl Cluster {
             max_raft_state,
             dir,
             groups,
+            session_idle_ms,
         };
         for i in 0..n {
             cluster.start_node(i);
@@ -165,6 +197,7 @@ impl Cluster {
         config.blocking_io = false;
         config.max_raft_state_bytes = self.max_raft_state;
         config.groups = self.groups.clone();
+        config.session_idle_ms = self.session_idle_ms;
         config.snapshot_dir = self.dir.join(format!("node-{}", i + 1));
         let handle =
             Node::start(config, self.engines[i].clone(), transport, inbox).expect("node starts");
@@ -242,6 +275,7 @@ impl Cluster {
     pub fn client_config(&self) -> ClientConfig {
         let id = (self.seed << 16) | self.next_client.fetch_add(1, Ordering::Relaxed);
         let mut c = ClientConfig::new(id.max(1));
+        c.session_idle_ms = self.session_idle_ms;
         // The lab's clerks retry forever; a generous deadline stands in.
         c.op_deadline = Duration::from_secs(600);
         c

@@ -1,0 +1,257 @@
+//! The client's `Maybe` path for versioned puts (see `shard::client`'s
+//! module docs): a put whose first attempt applied but whose reply was lost,
+//! retried until the session expired, runs again as a new request and gets
+//! a version mismatch that is its own doing; the client must answer
+//! `ClientError::Maybe`, not `VersionMismatch`. Conversely, a retry while
+//! the session lives gets the cached answer, and a mismatch on the first
+//! attempt is a plain `VersionMismatch`; neither is ever `Maybe`.
+//!
+//! The reply is lost on purpose by [`LossyCaller`], which wraps the
+//! in-memory network's client: on the first `Written` reply it cuts the
+//! client's links in the `MemNetwork` (so the reply, and every retry until
+//! the test reconnects, is lost) and reports the reply lost. Sessions expire
+//! by `ExpireSessions` entries the leader proposes every quarter of
+//! [`SESSION_IDLE_MS`], stamped with the leader's clock, so on the paused
+//! clock the expiry happens at a known virtual time. Seeded: `SHOAL_SEED`
+//! replays one seed; otherwise seeds `b..b+n` run, with `b` =
+//! `SHOAL_SEED_BASE` (default 0) and `n` = `SHOAL_SEEDS` (default
+//! [`SEEDS_DEFAULT`]).
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::Cluster;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use shoal_engine::Reply;
+use shoal_net::mem::{MemClient, MemNetwork};
+use shoal_net::{NodeId, RpcCaller, RpcError};
+use shoal_shard::client::{Client, ClientError};
+use shoal_shard::protocol::{KvProtocol, KvRequest, KvResponse};
+use tokio::time::{sleep, Instant};
+
+/// The nodes' and the client's session idle time.
+const SESSION_IDLE_MS: u64 = 2_000;
+/// Seeds each test runs unless `SHOAL_SEEDS` or `SHOAL_SEED` says otherwise.
+const SEEDS_DEFAULT: u64 = 50;
+
+fn seeds(test: &str) -> Vec<u64> {
+    if let Ok(s) = std::env::var("SHOAL_SEED") {
+        let seed = s.parse().expect("SHOAL_SEED must be a u64");
+        eprintln!("{test}: seed {seed}");
+        return vec![seed];
+    }
+    let n = std::env::var("SHOAL_SEEDS")
+        .map(|s| s.parse().expect("SHOAL_SEEDS must be a u64"))
+        .unwrap_or(SEEDS_DEFAULT);
+    let base: u64 = std::env::var("SHOAL_SEED_BASE")
+        .map(|s| s.parse().expect("SHOAL_SEED_BASE must be a u64"))
+        .unwrap_or(0);
+    eprintln!(
+        "{test}: seeds {base}..{} (replay one with SHOAL_SEED=s)",
+        base + n
+    );
+    (base..base + n).collect()
+}
+
+/// A client transport that loses the first `Written` reply it sees while
+/// armed, cutting the client's links in the network at that moment.
+#[derive(Clone)]
+struct LossyCaller {
+    inner: MemClient<KvProtocol>,
+    net: MemNetwork<KvProtocol>,
+    armed: Arc<AtomicBool>,
+}
+
+impl RpcCaller<KvProtocol> for LossyCaller {
+    fn call_with_deadline(
+        &self,
+        to: NodeId,
+        request: KvRequest,
+        deadline: Duration,
+    ) -> impl std::future::Future<Output = Result<KvResponse, RpcError>> + Send {
+        let this = self.clone();
+        async move {
+            let response = this.inner.call_with_deadline(to, request, deadline).await;
+            if matches!(response, Ok(KvResponse::Done(Reply::Written { .. })))
+                && this.armed.swap(false, Ordering::SeqCst)
+            {
+                this.net.set_client_connected(this.inner.name(), false);
+                return Err(RpcError::Lost("reply lost (test)".into()));
+            }
+            response
+        }
+    }
+
+    fn default_deadline(&self) -> Duration {
+        self.inner.default_deadline()
+    }
+}
+
+/// A cluster with a short session idle time, a written key `k` (version 1)
+/// and a lossy client; returns the cluster, the client and its arming flag.
+async fn setup(seed: u64) -> (Cluster, Client<LossyCaller>, Arc<AtomicBool>, String) {
+    let c = Cluster::with_session_idle_ms(3, seed, SESSION_IDLE_MS);
+    let mut config = c.client_config();
+    config.op_deadline = Duration::from_secs(60);
+    config.rpc_deadline = Duration::from_millis(500);
+    config.backoff_max = Duration::from_millis(200);
+    assert_eq!(config.session_idle_ms, SESSION_IDLE_MS);
+    let name = format!("client-{}", config.client_id);
+    let armed = Arc::new(AtomicBool::new(false));
+    let caller = LossyCaller {
+        inner: c.net.add_client(&name),
+        net: c.net.clone(),
+        armed: armed.clone(),
+    };
+    let client = Client::new(caller, c.ids(), config);
+    // Elect a leader and give the client a session that is in use.
+    assert_eq!(client.put("warm", "up").await, Ok(1), "seed {seed}");
+    (c, client, armed, name)
+}
+
+/// Runs `put_if_version(k, "mine", 0)` with its first reply lost and the
+/// client cut off for `cut_for`; returns the put's outcome and how long it
+/// took.
+async fn put_with_lost_reply(
+    seed: u64,
+    c: &Cluster,
+    client: &Client<LossyCaller>,
+    armed: &Arc<AtomicBool>,
+    name: &str,
+    cut_for: Duration,
+) -> (Result<u64, ClientError>, Duration) {
+    armed.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    let put = tokio::spawn({
+        let client = client.clone();
+        async move { client.put_if_version("k", "mine", 0).await }
+    });
+    while armed.load(Ordering::SeqCst) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "seed {seed}: the first attempt never applied"
+        );
+        sleep(Duration::from_millis(1)).await;
+    }
+    sleep(cut_for).await;
+    c.net.set_client_connected(name, true);
+    let outcome = put.await.expect("put task");
+    (outcome, started.elapsed())
+}
+
+/// Reads `k` through a fresh client: the put must have applied exactly once.
+async fn assert_applied_once(seed: u64, c: &Cluster) {
+    let v = c.client().get("k").await.expect("get k");
+    assert_eq!(
+        (v.version, v.value.as_ref()),
+        (1, b"mine".as_slice()),
+        "seed {seed}: the put applied once"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_session_expiry_is_maybe() {
+    // Goal: the first attempt applies, its reply is lost, the retries
+    // outlast the session, the retry runs again and finds version 1: the
+    // client says Maybe, never VersionMismatch.
+    for seed in seeds("retry_after_session_expiry_is_maybe") {
+        let (mut c, client, armed, name) = setup(seed).await;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        // Past the idle time plus one expiry period (a quarter of it), so an
+        // ExpireSessions entry has certainly removed the session.
+        let cut_for = Duration::from_millis(
+            SESSION_IDLE_MS + SESSION_IDLE_MS / 4 + rng.random_range(100..2_000),
+        );
+        let (outcome, took) = put_with_lost_reply(seed, &c, &client, &armed, &name, cut_for).await;
+        assert_eq!(
+            outcome,
+            Err(ClientError::Maybe),
+            "seed {seed}: a retry after the session expired ({took:?}) must be Maybe"
+        );
+        assert_applied_once(seed, &c).await;
+        c.shutdown_all().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_within_the_session_gets_the_cached_answer() {
+    // Goal: the same lost reply, retried while the session lives (briefly,
+    // or for longer than half the idle time but less than all of it), gets
+    // the first attempt's answer from the session cache: Ok(1), never Maybe.
+    for seed in seeds("retry_within_the_session_gets_the_cached_answer") {
+        let (mut c, client, armed, name) = setup(seed).await;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let cut_for = if seed % 2 == 0 {
+            Duration::from_millis(rng.random_range(0..SESSION_IDLE_MS / 4))
+        } else {
+            // Longer than half a session: the client's "long" test passes,
+            // but the session is alive, so the cached Written comes back.
+            Duration::from_millis(rng.random_range(SESSION_IDLE_MS / 2..SESSION_IDLE_MS * 3 / 4))
+        };
+        let (outcome, took) = put_with_lost_reply(seed, &c, &client, &armed, &name, cut_for).await;
+        assert_eq!(
+            outcome,
+            Ok(1),
+            "seed {seed}: a retry within the session ({took:?}) gets the cached answer"
+        );
+        assert_applied_once(seed, &c).await;
+        // A later, genuine mismatch on the first attempt is reported as such.
+        assert_eq!(
+            client.put_if_version("k", "other", 0).await,
+            Err(ClientError::VersionMismatch { current: 1 }),
+            "seed {seed}"
+        );
+        assert_eq!(
+            client.put_if_version("absent", "x", 3).await,
+            Err(ClientError::NoKey),
+            "seed {seed}"
+        );
+        c.shutdown_all().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_mismatch_on_the_only_send_is_never_maybe() {
+    // Goal: a put whose request was sent once, and answered with a
+    // mismatch, reports VersionMismatch however long the operation took in
+    // total. Here the put waits behind a clone's slow operation (which holds
+    // the client for longer than half the idle time) before it is sent:
+    // that wait is no retry, and nothing earlier of this put can have
+    // applied. (The client once measured from before that wait and answered
+    // Maybe.)
+    for seed in seeds("a_mismatch_on_the_only_send_is_never_maybe") {
+        let (mut c, client, armed, name) = setup(seed).await;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let cut_for =
+            Duration::from_millis(rng.random_range(SESSION_IDLE_MS / 2..SESSION_IDLE_MS * 3 / 4));
+        armed.store(true, Ordering::SeqCst);
+        let slow = tokio::spawn({
+            let client = client.clone();
+            async move { client.put_if_version("k", "mine", 0).await }
+        });
+        while armed.load(Ordering::SeqCst) {
+            sleep(Duration::from_millis(1)).await;
+        }
+        // The slow put now holds the client; this one queues behind it.
+        let started = Instant::now();
+        let queued = tokio::spawn({
+            let client = client.clone();
+            async move { client.put_if_version("k", "theirs", 0).await }
+        });
+        sleep(cut_for).await;
+        c.net.set_client_connected(&name, true);
+        assert_eq!(slow.await.expect("slow put"), Ok(1), "seed {seed}");
+        assert_eq!(
+            queued.await.expect("queued put"),
+            Err(ClientError::VersionMismatch { current: 1 }),
+            "seed {seed}: sent once after waiting {:?}",
+            started.elapsed()
+        );
+        assert_applied_once(seed, &c).await;
+        c.shutdown_all().await;
+    }
+}
