@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::certs::{self, Identity};
 use crate::config::ALPN;
-use crate::error::{BulkError, FaultInjectionDisabled, RpcError, SetupError};
+use crate::error::{BulkError, FaultFilterError, RpcError, SetupError};
 use crate::frame::{push_record, read_frame, split_records, write_frame};
 use crate::{
     bump, inbox, Counters, Inbox, InboxSenders, IncomingRpc, Limits, NodeConfig, NodeId, Peer,
@@ -437,28 +437,6 @@ impl<P: Protocol> QuicNode<P> {
         self.add_link(id);
     }
 
-    /// Test and admin hook: drop all traffic to and from `peers` (messages,
-    /// RPCs, files), as a partition would. Refused unless
-    /// `NodeConfig::fault_injection_enabled`; the node runtime should expose it
-    /// only through an authenticated admin RPC. Replaces the previous set.
-    pub fn set_fault_filter(
-        &self,
-        peers: impl IntoIterator<Item = NodeId>,
-    ) -> Result<(), FaultInjectionDisabled> {
-        if !self.inner.config.fault_injection_enabled {
-            return Err(FaultInjectionDisabled);
-        }
-        let set: HashSet<NodeId> = peers.into_iter().collect();
-        warn!(node = %self.inner.id, blocked = ?set, "fault filter set");
-        *self.inner.blocked.write().expect("blocked lock") = set;
-        Ok(())
-    }
-
-    /// Clears the fault filter (always allowed).
-    pub fn clear_fault_filter(&self) {
-        self.inner.blocked.write().expect("blocked lock").clear();
-    }
-
     /// Clean shutdown: refuse new connections, flush the peer queues (each
     /// sender waits until the peer acknowledged its stream), let accepted RPCs
     /// finish, then close the endpoint. Each phase is bounded by
@@ -527,6 +505,38 @@ impl<P: Protocol> RpcCaller<P> for QuicNode<P> {
 impl<P: Protocol> Transport<P> for QuicNode<P> {
     fn local_id(&self) -> NodeId {
         self.inner.id
+    }
+
+    fn set_fault_filter(&self, blocked: &[NodeId]) -> Result<(), FaultFilterError> {
+        if !self.inner.config.fault_injection_enabled {
+            return Err(FaultFilterError::Disabled);
+        }
+        let set: HashSet<NodeId> = blocked.iter().copied().collect();
+        warn!(node = %self.inner.id, blocked = ?set, "fault filter set");
+        *self.inner.blocked.write().expect("blocked lock") = set;
+        Ok(())
+    }
+
+    fn clear_fault_filter(&self) -> Result<(), FaultFilterError> {
+        if !self.inner.config.fault_injection_enabled {
+            return Err(FaultFilterError::Disabled);
+        }
+        warn!(node = %self.inner.id, "fault filter cleared");
+        self.inner.blocked.write().expect("blocked lock").clear();
+        Ok(())
+    }
+
+    fn fault_filter(&self) -> Vec<NodeId> {
+        let mut blocked: Vec<NodeId> = self
+            .inner
+            .blocked
+            .read()
+            .expect("blocked lock")
+            .iter()
+            .copied()
+            .collect();
+        blocked.sort();
+        blocked
     }
 
     fn send(&self, to: NodeId, message: P::Message) {
