@@ -36,6 +36,25 @@ pub fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bo
     }
 }
 
+/// Retries an admin call until it succeeds; panics with the last error
+/// after `timeout`.
+pub fn retry_admin(
+    what: &str,
+    timeout: Duration,
+    mut call: impl FnMut() -> Result<(), shoal_shard::AdminError>,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match call() {
+            Ok(()) => return,
+            Err(e) if Instant::now() >= deadline => {
+                panic!("timed out after {timeout:?} waiting for {what}: {e}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
 /// A cluster of `shoal node` processes.
 pub struct Cluster {
     pub root: PathBuf,
@@ -185,8 +204,8 @@ impl Cluster {
                 .map(NodeId)
                 .collect();
             for &id in side {
-                wait_for(&format!("node {id} to take its fault filter"), timeout, || {
-                    admin.set_fault_filter(NodeId(id), blocked.clone()).is_ok()
+                retry_admin(&format!("node {id} to take its fault filter"), timeout, || {
+                    admin.set_fault_filter(NodeId(id), blocked.clone())
                 });
             }
         }
@@ -195,8 +214,8 @@ impl Cluster {
     /// Clears the fault filter of every running node.
     pub fn heal(&self, admin: &BlockingClient, timeout: Duration) {
         for id in self.running() {
-            wait_for(&format!("node {id} to clear its fault filter"), timeout, || {
-                admin.clear_fault_filter(NodeId(id)).is_ok()
+            retry_admin(&format!("node {id} to clear its fault filter"), timeout, || {
+                admin.clear_fault_filter(NodeId(id))
             });
         }
     }
