@@ -264,3 +264,36 @@ fn admin_partition_and_heal_over_quic() {
     });
     admin.close();
 }
+
+// Goal: a client whose connection reached a node process that was SIGKILLed
+// reaches the restarted process at once, not after the QUIC idle timeout
+// (10 s): the new process resets the old connection (stable stateless
+// reset key, see `shoal_net::quic`) and the client redials.
+#[test]
+fn client_reaches_a_restarted_node_at_once() {
+    let _serial = one_at_a_time();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::start_with(dir.path(), 3, true);
+    let admin = cluster.admin();
+    cluster.wait_for_leader(WAIT);
+    for id in cluster.ids() {
+        admin.node_status(NodeId(id)).expect("status rpc");
+    }
+    for round in 0..3 {
+        cluster.kill_many(&[1, 2]);
+        cluster.start_nodes(&[1, 2]);
+        let restarted = Instant::now();
+        let pid = loop {
+            if let Ok(report) = admin.node_status(NodeId(1)) {
+                break report.pid;
+            }
+            assert!(
+                restarted.elapsed() < Duration::from_secs(3),
+                "round {round}: the restarted node is still unreachable"
+            );
+        };
+        assert_eq!(Some(pid), cluster.status(1).map(|s| s.pid).or(Some(pid)));
+        eprintln!("round {round}: reached the restarted node after {:?}", restarted.elapsed());
+    }
+    admin.close();
+}
