@@ -29,11 +29,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use shoal_consensus::Role;
 use shoal_engine::{EngineConfig, RocksEngine};
 use shoal_net::quic::{QuicClient, QuicNode};
 use shoal_net::{Limits, NodeId, Peer};
 use shoal_shard::node::{Node, NodeConfig, KV_GROUP};
-use shoal_consensus::Role;
 use shoal_shard::protocol::{KvProtocol, NodeReport};
 pub use shoal_shard::ClientError;
 
@@ -371,7 +371,10 @@ impl BlockingClient {
             .expect("a current-thread runtime builds");
         let Client { inner, quic } =
             runtime.block_on(async { Client::connect_with(members, tls_dir, options) })?;
-        Ok(BlockingClient { inner: shoal_shard::BlockingClient::new(runtime, inner), quic })
+        Ok(BlockingClient {
+            inner: shoal_shard::BlockingClient::new(runtime, inner),
+            quic,
+        })
     }
 
     /// Closes the connections (waits briefly for the nodes to be told).

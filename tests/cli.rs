@@ -228,7 +228,11 @@ fn status_command_and_admin_refusals() {
         admin.clear_fault_filter(node),
         Err(AdminError::Denied(Denied::FaultInjectionDisabled))
     );
-    assert!(admin.node_status(node).expect("status rpc").blocked.is_empty());
+    assert!(admin
+        .node_status(node)
+        .expect("status rpc")
+        .blocked
+        .is_empty());
     assert_eq!(client.put("still", "up"), Ok(1));
     client.close();
     admin.close();

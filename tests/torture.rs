@@ -161,7 +161,11 @@ fn torture(seed: u64, n: u64) {
                 cluster.start_node(victim);
             }
             Fault::KillMajority | Fault::KillAll => {
-                let count = if fault == Fault::KillAll { n as usize } else { majority };
+                let count = if fault == Fault::KillAll {
+                    n as usize
+                } else {
+                    majority
+                };
                 let mut victims = (1..=n).choose_multiple(&mut rng, count);
                 victims.sort();
                 eprintln!("round {round}: {fault:?}: SIGKILL nodes {victims:?}");
@@ -200,11 +204,7 @@ fn torture(seed: u64, n: u64) {
                 wait_for("a leader on the majority side", WAIT, || {
                     cluster.leader().is_some_and(|l| rest.contains(&l))
                 });
-                workload.wait_progress(
-                    "progress on the majority side",
-                    OPS_BETWEEN_FAULTS,
-                    WAIT,
-                );
+                workload.wait_progress("progress on the majority side", OPS_BETWEEN_FAULTS, WAIT);
                 cluster.heal(&admin, WAIT);
             }
         }
@@ -248,7 +248,10 @@ fn admin_partition_and_heal_over_quic() {
         others.contains(&new)
     });
     let new_term = cluster.status(new).expect("status").term;
-    assert!(new_term > old_term, "new leader in term {new_term}, old {old_term}");
+    assert!(
+        new_term > old_term,
+        "new leader in term {new_term}, old {old_term}"
+    );
     // The majority commits; the cut-off node cannot learn about it.
     let written = admin.put("k", "v").expect("write on the majority side");
     assert!(written >= 1);
@@ -256,11 +259,15 @@ fn admin_partition_and_heal_over_quic() {
     assert!(cluster.status(old).expect("status").commit < target);
 
     cluster.heal(&admin, WAIT);
-    assert!(admin.node_status(NodeId(old)).expect("status rpc").blocked.is_empty());
+    assert!(admin
+        .node_status(NodeId(old))
+        .expect("status rpc")
+        .blocked
+        .is_empty());
     wait_for("the old leader to follow and catch up", WAIT, || {
-        cluster.status(old).is_some_and(|s| {
-            s.role == "follower" && s.term >= new_term && s.applied >= target
-        })
+        cluster
+            .status(old)
+            .is_some_and(|s| s.role == "follower" && s.term >= new_term && s.applied >= target)
     });
     admin.close();
 }
@@ -293,7 +300,10 @@ fn client_reaches_a_restarted_node_at_once() {
             );
         };
         assert_eq!(Some(pid), cluster.status(1).map(|s| s.pid).or(Some(pid)));
-        eprintln!("round {round}: reached the restarted node after {:?}", restarted.elapsed());
+        eprintln!(
+            "round {round}: reached the restarted node after {:?}",
+            restarted.elapsed()
+        );
     }
     admin.close();
 }

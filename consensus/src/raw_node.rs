@@ -19,7 +19,9 @@ use crate::types::{
 
 /// A node's role in its group. Serializable: nodes report it to tools
 /// (the shard protocol's status RPC).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum Role {
     /// Follows a leader (or waits for one).
     #[default]

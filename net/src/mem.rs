@@ -115,7 +115,8 @@ impl<P: Protocol> State<P> {
 
     /// Whether either node's fault filter blocks the other.
     fn filtered(&self, a: NodeId, b: NodeId) -> bool {
-        let blocks = |x: NodeId, y: NodeId| self.nodes.get(&x).is_some_and(|s| s.blocked.contains(&y));
+        let blocks =
+            |x: NodeId, y: NodeId| self.nodes.get(&x).is_some_and(|s| s.blocked.contains(&y));
         blocks(a, b) || blocks(b, a)
     }
 

@@ -383,7 +383,10 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
         node: NodeId,
         blocked: Vec<NodeId>,
     ) -> Result<(), AdminError> {
-        match self.call_node(node, Request::SetFaultFilter { blocked }).await? {
+        match self
+            .call_node(node, Request::SetFaultFilter { blocked })
+            .await?
+        {
             Response::AdminDone => Ok(()),
             other => Err(AdminError::Unexpected(format!("{other:?}"))),
         }

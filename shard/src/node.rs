@@ -732,7 +732,11 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         work: impl FnOnce(&T) -> Result<(), shoal_net::FaultFilterError>,
     ) -> Response {
         if !from.is_admin() {
-            tracing::warn!(node = self.config.id, ?from, "admin request from a non-admin refused");
+            tracing::warn!(
+                node = self.config.id,
+                ?from,
+                "admin request from a non-admin refused"
+            );
             return Response::Denied(Denied::NotAdmin);
         }
         match work(&self.transport) {

@@ -34,15 +34,22 @@ fn start(fault_injection: bool) -> (MemNetwork<KvProtocol>, Vec<NodeHandle>) {
             let (transport, inbox) = net.add_node(*id);
             let mut config = NodeConfig::new(id.0, vec![1, 2, 3]);
             config.blocking_io = false;
-            config.snapshot_dir =
-                std::env::temp_dir().join(format!("shoal-admin-test-{}-{}", std::process::id(), id.0));
+            config.snapshot_dir = std::env::temp_dir().join(format!(
+                "shoal-admin-test-{}-{}",
+                std::process::id(),
+                id.0
+            ));
             Node::start(config, engine, transport, inbox).expect("node starts")
         })
         .collect();
     (net, nodes)
 }
 
-fn client(net: &MemNetwork<KvProtocol>, name: &str, id: u64) -> Client<shoal_net::mem::MemClient<KvProtocol>> {
+fn client(
+    net: &MemNetwork<KvProtocol>,
+    name: &str,
+    id: u64,
+) -> Client<shoal_net::mem::MemClient<KvProtocol>> {
     let mut config = ClientConfig::new(id);
     config.op_deadline = Duration::from_secs(20);
     Client::new(net.add_client(name), NODES.to_vec(), config)
@@ -64,7 +71,10 @@ fn leader(nodes: &[NodeHandle]) -> Option<usize> {
 #[tokio::test(start_paused = true)]
 async fn status_rpc_answers_any_client() {
     let (net, nodes) = start(false);
-    wait_until("a leader", Duration::from_secs(10), || leader(&nodes).is_some()).await;
+    wait_until("a leader", Duration::from_secs(10), || {
+        leader(&nodes).is_some()
+    })
+    .await;
     let client = client(&net, "alice", 1);
     assert_eq!(client.put("k", "v").await, Ok(1));
     let l = leader(&nodes).expect("leader");
@@ -94,7 +104,10 @@ async fn status_rpc_answers_any_client() {
 async fn admin_requests_refused_without_admin_or_fault_injection() {
     // Fault injection on, but not the admin client.
     let (net, nodes) = start(true);
-    wait_until("a leader", Duration::from_secs(10), || leader(&nodes).is_some()).await;
+    wait_until("a leader", Duration::from_secs(10), || {
+        leader(&nodes).is_some()
+    })
+    .await;
     let mallory = client(&net, "mallory", 1);
     assert_eq!(
         mallory.set_fault_filter(NodeId(1), vec![NodeId(2)]).await,
@@ -104,7 +117,12 @@ async fn admin_requests_refused_without_admin_or_fault_injection() {
         mallory.clear_fault_filter(NodeId(1)).await,
         Err(AdminError::Denied(Denied::NotAdmin))
     );
-    assert!(mallory.node_status(NodeId(1)).await.expect("status").blocked.is_empty());
+    assert!(mallory
+        .node_status(NodeId(1))
+        .await
+        .expect("status")
+        .blocked
+        .is_empty());
     assert_eq!(mallory.put("k", "v").await, Ok(1));
     for node in nodes {
         node.shutdown().await.expect("shutdown");
@@ -112,7 +130,10 @@ async fn admin_requests_refused_without_admin_or_fault_injection() {
 
     // The admin client, but fault injection off.
     let (net, nodes) = start(false);
-    wait_until("a leader", Duration::from_secs(10), || leader(&nodes).is_some()).await;
+    wait_until("a leader", Duration::from_secs(10), || {
+        leader(&nodes).is_some()
+    })
+    .await;
     let admin = client(&net, ADMIN_CLIENT_NAME, 2);
     assert_eq!(
         admin.set_fault_filter(NodeId(1), vec![NodeId(2)]).await,
@@ -123,7 +144,12 @@ async fn admin_requests_refused_without_admin_or_fault_injection() {
         Err(AdminError::Denied(Denied::FaultInjectionDisabled))
     );
     // The node is up and unchanged.
-    assert!(admin.node_status(NodeId(1)).await.expect("status").blocked.is_empty());
+    assert!(admin
+        .node_status(NodeId(1))
+        .await
+        .expect("status")
+        .blocked
+        .is_empty());
     assert_eq!(admin.put("k", "v").await, Ok(1));
     assert!(nodes.iter().all(|n| n.is_running()));
     for node in nodes {
@@ -134,17 +160,27 @@ async fn admin_requests_refused_without_admin_or_fault_injection() {
 #[tokio::test(start_paused = true)]
 async fn admin_fault_filter_isolates_the_leader_then_heals() {
     let (net, nodes) = start(true);
-    wait_until("a leader", Duration::from_secs(10), || leader(&nodes).is_some()).await;
+    wait_until("a leader", Duration::from_secs(10), || {
+        leader(&nodes).is_some()
+    })
+    .await;
     let admin = client(&net, ADMIN_CLIENT_NAME, 3);
     assert_eq!(admin.put("k", "1").await, Ok(1));
     let old = leader(&nodes).expect("leader");
     let old_term = nodes[old].status(1).term;
-    let others: Vec<NodeId> = NODES.iter().copied().filter(|id| *id != NODES[old]).collect();
+    let others: Vec<NodeId> = NODES
+        .iter()
+        .copied()
+        .filter(|id| *id != NODES[old])
+        .collect();
     admin
         .set_fault_filter(NODES[old], others.clone())
         .await
         .expect("admin may set the filter");
-    assert_eq!(admin.node_status(NODES[old]).await.expect("status").blocked, others);
+    assert_eq!(
+        admin.node_status(NODES[old]).await.expect("status").blocked,
+        others
+    );
 
     // The others elect a leader in a higher term and commit without it.
     wait_until("a new leader", Duration::from_secs(10), || {
@@ -165,12 +201,24 @@ async fn admin_fault_filter_isolates_the_leader_then_heals() {
     sleep(Duration::from_secs(2)).await;
     assert!(nodes[old].status(1).commit < target, "the filter leaked");
 
-    admin.clear_fault_filter(NODES[old]).await.expect("admin may clear");
-    assert!(admin.node_status(NODES[old]).await.expect("status").blocked.is_empty());
-    wait_until("the old leader to follow and catch up", Duration::from_secs(10), || {
-        let s = nodes[old].status(1);
-        s.role == Some(Role::Follower) && s.applied >= target
-    })
+    admin
+        .clear_fault_filter(NODES[old])
+        .await
+        .expect("admin may clear");
+    assert!(admin
+        .node_status(NODES[old])
+        .await
+        .expect("status")
+        .blocked
+        .is_empty());
+    wait_until(
+        "the old leader to follow and catch up",
+        Duration::from_secs(10),
+        || {
+            let s = nodes[old].status(1);
+            s.role == Some(Role::Follower) && s.applied >= target
+        },
+    )
     .await;
     for node in nodes {
         node.shutdown().await.expect("shutdown");

@@ -179,7 +179,10 @@ impl Cluster {
 
     /// The ids of the running nodes.
     pub fn running(&self) -> Vec<u64> {
-        self.ids().into_iter().filter(|&id| self.is_running(id)).collect()
+        self.ids()
+            .into_iter()
+            .filter(|&id| self.is_running(id))
+            .collect()
     }
 
     /// A client with the admin certificate (status and fault-filter RPCs).
@@ -204,9 +207,11 @@ impl Cluster {
                 .map(NodeId)
                 .collect();
             for &id in side {
-                retry_admin(&format!("node {id} to take its fault filter"), timeout, || {
-                    admin.set_fault_filter(NodeId(id), blocked.clone())
-                });
+                retry_admin(
+                    &format!("node {id} to take its fault filter"),
+                    timeout,
+                    || admin.set_fault_filter(NodeId(id), blocked.clone()),
+                );
             }
         }
     }
@@ -214,9 +219,11 @@ impl Cluster {
     /// Clears the fault filter of every running node.
     pub fn heal(&self, admin: &BlockingClient, timeout: Duration) {
         for id in self.running() {
-            retry_admin(&format!("node {id} to clear its fault filter"), timeout, || {
-                admin.clear_fault_filter(NodeId(id))
-            });
+            retry_admin(
+                &format!("node {id} to clear its fault filter"),
+                timeout,
+                || admin.clear_fault_filter(NodeId(id)),
+            );
         }
     }
 
@@ -227,9 +234,11 @@ impl Cluster {
         let leader = self.wait_for_leader(timeout);
         let target = self.status(leader).map_or(0, |s| s.commit);
         for id in self.running() {
-            wait_for(&format!("node {id} to catch up to {target}"), timeout, || {
-                self.status(id).is_some_and(|s| s.applied >= target)
-            });
+            wait_for(
+                &format!("node {id} to catch up to {target}"),
+                timeout,
+                || self.status(id).is_some_and(|s| s.applied >= target),
+            );
         }
     }
 

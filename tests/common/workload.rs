@@ -257,8 +257,10 @@ impl ClientLoop {
         let client_id = self.client_id;
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ client_id);
         let (mut acked, mut unknown) = (Vec::new(), Vec::new());
-        let append_key = |rng: &mut ChaCha8Rng| format!("a{}", rng.random_range(0..self.config.append_keys));
-        let put_key = |rng: &mut ChaCha8Rng| format!("p{}", rng.random_range(0..self.config.put_keys));
+        let append_key =
+            |rng: &mut ChaCha8Rng| format!("a{}", rng.random_range(0..self.config.append_keys));
+        let put_key =
+            |rng: &mut ChaCha8Rng| format!("p{}", rng.random_range(0..self.config.put_keys));
         let mut n = 0u64;
         while !self.stop.load(Ordering::Relaxed) {
             n += 1;
