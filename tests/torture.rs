@@ -139,7 +139,15 @@ fn torture(seed: u64, n: u64) {
     let mut cluster = Cluster::start_with(dir.path(), n, true);
     let admin = cluster.admin();
     cluster.wait_for_leader(WAIT);
-    let workload = Workload::start(&cluster, WorkloadConfig::default(), seed);
+    // Short deadlines: operations caught by a fault give up, so the history
+    // holds writes of unknown outcome, which the checks must tolerate (an
+    // unknown append at most once) without ever counting them as lost.
+    let config = WorkloadConfig {
+        op_deadline: Duration::from_secs(2),
+        rpc_deadline: Duration::from_millis(300),
+        ..WorkloadConfig::default()
+    };
+    let workload = Workload::start(&cluster, config, seed);
     let majority = (n / 2 + 1) as usize;
     let mut processes_killed = 0;
 
@@ -169,9 +177,24 @@ fn torture(seed: u64, n: u64) {
                 let mut victims = (1..=n).choose_multiple(&mut rng, count);
                 victims.sort();
                 eprintln!("round {round}: {fault:?}: SIGKILL nodes {victims:?}");
+                let acked = workload.acked_ops();
+                let unknown = workload.unknown_ops();
                 cluster.kill_many(&victims);
                 processes_killed += victims.len();
-                // No quorum is left: nothing can commit until they are back.
+                // No quorum is left: nothing can complete until they are
+                // back. Wait for an operation to give up, then check that
+                // at most the ones already answered when the kill came (one
+                // per client) completed meanwhile.
+                wait_for(
+                    "an operation to time out with no quorum",
+                    workload.config().op_deadline * 3,
+                    || workload.unknown_ops() > unknown,
+                );
+                let completed = workload.acked_ops() - acked;
+                assert!(
+                    completed <= workload.config().clients,
+                    "{completed} operations completed with a majority down"
+                );
                 cluster.start_nodes(&victims);
                 workload.wait_progress(
                     "progress after restarting the killed nodes",

@@ -77,6 +77,7 @@ pub struct Workload {
     config: WorkloadConfig,
     history: Arc<HistoryRecorder>,
     acked_ops: Arc<AtomicU64>,
+    unknown_ops: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     clients: Vec<JoinHandle<(Tokens, Tokens)>>,
 }
@@ -97,6 +98,7 @@ impl Workload {
     pub fn start(cluster: &Cluster, config: WorkloadConfig, seed: u64) -> Workload {
         let history = Arc::new(HistoryRecorder::new());
         let acked_ops = Arc::new(AtomicU64::new(0));
+        let unknown_ops = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let clients = (1..=config.clients)
             .map(|id| {
@@ -108,6 +110,7 @@ impl Workload {
                     config: config.clone(),
                     history: history.clone(),
                     acked_ops: acked_ops.clone(),
+                    unknown_ops: unknown_ops.clone(),
                     stop: stop.clone(),
                 };
                 std::thread::spawn(move || worker.run())
@@ -117,9 +120,20 @@ impl Workload {
             config,
             history,
             acked_ops,
+            unknown_ops,
             stop,
             clients,
         }
+    }
+
+    /// The workload's shape.
+    pub fn config(&self) -> &WorkloadConfig {
+        &self.config
+    }
+
+    /// Operations that ended with an unknown outcome (deadline) so far.
+    pub fn unknown_ops(&self) -> u64 {
+        self.unknown_ops.load(Ordering::Relaxed)
     }
 
     /// Operations completed with a known outcome so far.
@@ -237,6 +251,7 @@ struct ClientLoop {
     config: WorkloadConfig,
     history: Arc<HistoryRecorder>,
     acked_ops: Arc<AtomicU64>,
+    unknown_ops: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 }
 
@@ -335,7 +350,9 @@ impl ClientLoop {
                 history.end(op, out.clone());
                 out
             };
-            if output != Output::Unknown {
+            if output == Output::Unknown {
+                self.unknown_ops.fetch_add(1, Ordering::Relaxed);
+            } else {
                 self.acked_ops.fetch_add(1, Ordering::Relaxed);
             }
         }
