@@ -44,6 +44,8 @@ const KILL_FAULTS_DEFAULT: usize = 20;
 /// Partitions per run: one per this many kill faults (at least two).
 const KILLS_PER_PARTITION: usize = 3;
 const WAIT: Duration = Duration::from_secs(30);
+/// Kill faults per put key (see the workload's `put_keys`).
+const KILLS_PER_PUT_KEY: u64 = 8;
 
 /// The tests here each run a whole cluster; on 2 cores they run one at a
 /// time rather than starving each other's elections.
@@ -142,7 +144,11 @@ fn torture(seed: u64, n: u64) {
     // Short deadlines: operations caught by a fault give up, so the history
     // holds writes of unknown outcome, which the checks must tolerate (an
     // unknown append at most once) without ever counting them as lost.
+    // A put of unknown outcome stays open to the end of the history, and
+    // the checker's search on its key grows with every such put: longer
+    // runs spread their puts over more keys.
     let config = WorkloadConfig {
+        put_keys: (kill_faults() as u64 / KILLS_PER_PUT_KEY).max(2),
         op_deadline: Duration::from_secs(2),
         rpc_deadline: Duration::from_millis(300),
         ..WorkloadConfig::default()
