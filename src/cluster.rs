@@ -10,8 +10,17 @@
 //! # Status file
 //! A running node rewrites `<data>/status.json` (atomically, by rename)
 //! every [`STATUS_INTERVAL_MS`] with its view of the KV group: role, term,
-//! leader, commit and applied index ([`NodeStatus`]). The protocol has no
-//! status RPC yet; tools on the same machine (the demo, tests) read this file.
+//! leader, commit and applied index ([`NodeStatus`]). Tools on the same
+//! machine (the demo, tests) read this file; remote tools ask the node's
+//! status RPC instead ([`shoal_shard::Client::node_status`], `shoal
+//! status`), which [`NodeStatus::from_report`] turns into the same schema.
+//!
+//! # Admin client
+//! A [`Client`] connected with the `admin` certificate
+//! ([`ClientOptions::name`] = [`shoal_net::ADMIN_CLIENT_NAME`]) may also set
+//! and clear a node's fault filter ([`shoal_shard::Client::set_fault_filter`])
+//! on nodes started with fault injection (`shoal node --fault-injection`),
+//! which is how the real-process tests partition a cluster.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,11 +29,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use shoal_consensus::Role;
 use shoal_engine::{EngineConfig, RocksEngine};
 use shoal_net::quic::{QuicClient, QuicNode};
 use shoal_net::{Limits, NodeId, Peer};
 use shoal_shard::node::{Node, NodeConfig, KV_GROUP};
-use shoal_shard::protocol::KvProtocol;
+use shoal_shard::protocol::{KvProtocol, NodeReport};
 pub use shoal_shard::ClientError;
 
 /// How often a node rewrites its status file.
@@ -123,6 +133,31 @@ pub struct NodeStatus {
     pub pid: u32,
 }
 
+impl NodeStatus {
+    /// The KV group's line of a node's status RPC answer, in the status
+    /// file's schema (None if the node does not host the KV group).
+    pub fn from_report(report: &NodeReport) -> Option<NodeStatus> {
+        let g = report.groups.iter().find(|g| g.group == KV_GROUP)?;
+        Some(NodeStatus {
+            id: report.id,
+            role: role_name(Some(g.role)),
+            term: g.term,
+            leader: g.leader,
+            commit: g.commit,
+            applied: g.applied,
+            pid: report.pid,
+        })
+    }
+}
+
+/// A role as the status schema names it.
+fn role_name(role: Option<Role>) -> String {
+    match role {
+        Some(role) => format!("{role:?}").to_lowercase(),
+        None => "unknown".into(),
+    }
+}
+
 /// Path of a node's status file inside its data directory.
 pub fn status_path(data_dir: &Path) -> PathBuf {
     data_dir.join("status.json")
@@ -188,10 +223,7 @@ pub fn run_node(options: NodeOptions, ready: impl FnOnce(SocketAddr)) -> Result<
                         break;
                     }
                     let s = handle.status(KV_GROUP);
-                    let role = match s.role {
-                        Some(role) => format!("{role:?}").to_lowercase(),
-                        None => "unknown".into(),
-                    };
+                    let role = role_name(s.role);
                     let status = NodeStatus { id: options.id, role, term: s.term, leader: s.leader, commit: s.commit, applied: s.applied, pid };
                     if let Err(e) = write_status(&options.data_dir, &status) {
                         tracing::warn!(error = %e, "writing the status file");
@@ -348,7 +380,10 @@ impl BlockingClient {
             .expect("a current-thread runtime builds");
         let Client { inner, quic } =
             runtime.block_on(async { Client::connect_with(members, tls_dir, options) })?;
-        Ok(BlockingClient { inner: shoal_shard::BlockingClient::new(runtime, inner), quic })
+        Ok(BlockingClient {
+            inner: shoal_shard::BlockingClient::new(runtime, inner),
+            quic,
+        })
     }
 
     /// Closes the connections (waits briefly for the nodes to be told).

@@ -168,6 +168,13 @@ enum Cmd {
         #[arg(long, allow_hyphen_values = true)]
         node_arg: Vec<String>,
     },
+    /// Ask every node for its status: one JSON line per node,
+    /// {"id","role","term","leader","commit","applied","pid"} (the status
+    /// file's schema) or {"id","error"}; exits 1 if no node answered.
+    Status {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
     /// (Crash workload) append and apply until killed; prints `ack N`.
     #[command(hide = true)]
     EngineWriter {
@@ -287,6 +294,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Status { cluster } => status(&cluster),
         Cmd::DbWriter { dir } => db_writer(&dir),
         Cmd::EngineWriter { dir, seed, stop_after } => crashtest::run_writer(&dir, seed, stop_after),
         Cmd::EngineInstaller { dir, rounds } => crashtest::run_installer(&dir, rounds),
@@ -330,6 +338,30 @@ fn one_shot(args: &ClusterArgs, request: jsonl::Request) -> Result<()> {
     runtime.block_on(client.close());
     println!("{}", jsonl::render(&answer));
     if answer["ok"] != true {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// `shoal status`: every member's status RPC, one JSON line each.
+fn status(args: &ClusterArgs) -> Result<()> {
+    let (runtime, client) = connect(args)?;
+    let mut answered = 0;
+    for (id, _) in cluster::parse_members(&args.cluster)? {
+        let line = match runtime.block_on(client.node_status(shoal_net::NodeId(id))) {
+            Ok(report) => match cluster::NodeStatus::from_report(&report) {
+                Some(status) => {
+                    answered += 1;
+                    serde_json::to_value(status)?
+                }
+                None => serde_json::json!({ "id": id, "error": "the node hosts no KV group" }),
+            },
+            Err(e) => serde_json::json!({ "id": id, "error": e.to_string() }),
+        };
+        println!("{line}");
+    }
+    runtime.block_on(client.close());
+    if answered == 0 {
         std::process::exit(1);
     }
     Ok(())

@@ -166,3 +166,74 @@ fn nodes_and_json_client_end_to_end() {
         (true, json!({"ok": true, "value": "w!", "version": 3}))
     );
 }
+
+// Goal: `shoal status` prints one line per node in the status file's
+// schema (from the status RPC, any client certificate), and admin requests
+// over QUIC are refused — for a non-admin client, and for the admin client
+// on nodes without `--fault-injection` — while the nodes keep serving.
+#[test]
+fn status_command_and_admin_refusals() {
+    use shoal::cluster::{BlockingClient, ClientOptions};
+    use shoal_shard::{AdminError, Denied};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = Cluster::start(dir.path(), 3);
+    let leader = cluster.wait_for_leader(Duration::from_secs(20));
+    let output = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["status", "--cluster", &cluster.cluster_arg(), "--tls"])
+        .arg(&cluster.tls)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run shoal status");
+    assert!(output.status.success(), "shoal status failed");
+    let lines: Vec<Value> = String::from_utf8(output.stdout)
+        .expect("utf-8")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for (i, line) in lines.iter().enumerate() {
+        let id = i as u64 + 1;
+        let file = cluster.status(id).expect("status file");
+        assert_eq!(line["id"], id);
+        assert_eq!(line["pid"], file.pid, "{line}");
+        assert!(line["term"].as_u64().expect("term") >= 1);
+        for key in ["role", "leader", "commit", "applied"] {
+            assert!(!line[key].is_null(), "{key} missing in {line}");
+        }
+        if id == leader {
+            assert_eq!(line["role"], "leader", "{line}");
+        }
+    }
+
+    let connect = |name: &str| {
+        let options = ClientOptions {
+            name: name.into(),
+            ..ClientOptions::default()
+        };
+        BlockingClient::connect_with(&cluster.members, &cluster.tls, options).expect("client")
+    };
+    let client = connect("client");
+    let node = shoal_net::NodeId(leader);
+    assert_eq!(
+        client.set_fault_filter(node, vec![shoal_net::NodeId(1)]),
+        Err(AdminError::Denied(Denied::NotAdmin))
+    );
+    let admin = connect("admin");
+    assert_eq!(
+        admin.set_fault_filter(node, vec![shoal_net::NodeId(1)]),
+        Err(AdminError::Denied(Denied::FaultInjectionDisabled))
+    );
+    assert_eq!(
+        admin.clear_fault_filter(node),
+        Err(AdminError::Denied(Denied::FaultInjectionDisabled))
+    );
+    assert!(admin
+        .node_status(node)
+        .expect("status rpc")
+        .blocked
+        .is_empty());
+    assert_eq!(client.put("still", "up"), Ok(1));
+    client.close();
+    admin.close();
+}

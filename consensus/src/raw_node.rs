@@ -17,8 +17,11 @@ use crate::types::{
     ConfState, Entry, EntryKind, HardState, Index, NodeId, Snapshot, Term, NO_NODE,
 };
 
-/// A node's role in its group.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+/// A node's role in its group. Serializable: nodes report it to tools
+/// (the shard protocol's status RPC).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum Role {
     /// Follows a leader (or waits for one).
     #[default]

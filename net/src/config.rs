@@ -190,7 +190,7 @@ pub struct NodeConfig {
     pub files_dir: PathBuf,
     /// Limits.
     pub limits: Limits,
-    /// Enables [`crate::quic::QuicNode::set_fault_filter`]. Off by default;
+    /// Enables [`crate::Transport::set_fault_filter`]. Off by default;
     /// turn it on only in tests or behind an authenticated admin call.
     pub fault_injection_enabled: bool,
 }

@@ -128,7 +128,14 @@ pub enum BulkError {
     },
 }
 
-/// The fault filter is not enabled on this node.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("fault injection is disabled on this node (set NodeConfig::fault_injection_enabled)")]
-pub struct FaultInjectionDisabled;
+/// Why a transport's fault filter could not be changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FaultFilterError {
+    /// Fault injection is off on this node.
+    #[error("fault injection is disabled on this node (set NodeConfig::fault_injection_enabled)")]
+    Disabled,
+    /// This transport has no fault filter.
+    #[error("this transport has no fault filter")]
+    Unsupported,
+}

@@ -86,7 +86,7 @@ mod bulk;
 
 pub use config::{Limits, NodeConfig};
 pub use error::{
-    BulkError, CertError, ConfigError, FaultInjectionDisabled, FrameError, RpcError, SetupError,
+    BulkError, CertError, ConfigError, FaultFilterError, FrameError, RpcError, SetupError,
 };
 
 /// A node's id in the cluster; it is also the name in its certificate (`node-<id>.shoal`).
@@ -282,6 +282,28 @@ pub trait Transport<P: Protocol>: RpcCaller<P> {
 
     /// A snapshot of this node's counters.
     fn stats(&self) -> Stats;
+
+    /// Test and admin hook: drops all traffic between this node and
+    /// `blocked` (messages, RPCs, files, both directions), as a partition
+    /// would; replaces the previous set. Clients are never blocked. Refused
+    /// unless the transport enables fault injection; the node runtime
+    /// exposes it only through its authenticated admin RPC. The default
+    /// implementation has no filter.
+    fn set_fault_filter(&self, blocked: &[NodeId]) -> Result<(), FaultFilterError> {
+        let _ = blocked;
+        Err(FaultFilterError::Unsupported)
+    }
+
+    /// Removes the fault filter (same conditions as
+    /// [`Transport::set_fault_filter`]).
+    fn clear_fault_filter(&self) -> Result<(), FaultFilterError> {
+        Err(FaultFilterError::Unsupported)
+    }
+
+    /// The peers the fault filter blocks now, sorted (empty: none).
+    fn fault_filter(&self) -> Vec<NodeId> {
+        Vec::new()
+    }
 }
 
 /// Counters of one endpoint (monotonic since creation).

@@ -39,7 +39,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::time::sleep;
 
-use crate::error::{BulkError, RpcError};
+use crate::error::{BulkError, FaultFilterError, RpcError};
 use crate::{
     bump, inbox, Counters, Inbox, InboxSenders, IncomingRpc, Limits, NodeId, Peer, Protocol,
     ReceivedFile, Responder, RpcCaller, Stats, Transport,
@@ -54,6 +54,9 @@ pub struct MemConfig {
     pub limits: Limits,
     /// Where received files are placed, in one subdirectory per node.
     pub files_dir: PathBuf,
+    /// Enables the nodes' [`Transport::set_fault_filter`] (off by
+    /// default, as on QUIC; the network's own partitions need no flag).
+    pub fault_injection_enabled: bool,
 }
 
 impl MemConfig {
@@ -64,6 +67,7 @@ impl MemConfig {
             limits: Limits::default(),
             files_dir: std::env::temp_dir()
                 .join(format!("shoal-mem-{}-{seed}", std::process::id())),
+            fault_injection_enabled: false,
         }
     }
 }
@@ -72,6 +76,9 @@ struct NodeSlot<P: Protocol> {
     generation: u64,
     inbox: InboxSenders<P>,
     counters: Arc<Counters>,
+    /// The node's fault filter: peers cut off in both directions. A
+    /// restart starts with none, as a restarted process would.
+    blocked: HashSet<NodeId>,
 }
 
 #[derive(Default)]
@@ -106,6 +113,13 @@ impl<P: Protocol> State<P> {
         }
     }
 
+    /// Whether either node's fault filter blocks the other.
+    fn filtered(&self, a: NodeId, b: NodeId) -> bool {
+        let blocks =
+            |x: NodeId, y: NodeId| self.nodes.get(&x).is_some_and(|s| s.blocked.contains(&y));
+        blocks(a, b) || blocks(b, a)
+    }
+
     fn same_side(&self, a: NodeId, b: NodeId) -> bool {
         match &self.sides {
             None => true,
@@ -128,7 +142,11 @@ impl<P: Protocol> State<P> {
             return false;
         }
         match from {
-            Peer::Node(f) => self.node_up(*f, from_generation) && self.same_side(*f, to),
+            Peer::Node(f) => {
+                self.node_up(*f, from_generation)
+                    && self.same_side(*f, to)
+                    && !self.filtered(*f, to)
+            }
             Peer::Client(name) => match self.clients.get(name) {
                 Some(c) => !c.disconnected && c.reachable.as_ref().is_none_or(|r| r.contains(&to)),
                 None => false,
@@ -238,6 +256,7 @@ impl<P: Protocol> MemNetwork<P> {
                 generation,
                 inbox: senders,
                 counters: counters.clone(),
+                blocked: HashSet::new(),
             },
         );
         st.disconnected.remove(&id);
@@ -559,6 +578,35 @@ impl<P: Protocol> RpcCaller<P> for MemNode<P> {
 impl<P: Protocol> Transport<P> for MemNode<P> {
     fn local_id(&self) -> NodeId {
         self.id
+    }
+
+    fn set_fault_filter(&self, blocked: &[NodeId]) -> Result<(), FaultFilterError> {
+        if !self.net.config.fault_injection_enabled {
+            return Err(FaultFilterError::Disabled);
+        }
+        let mut st = self.net.lock();
+        if let Some(slot) = st.nodes.get_mut(&self.id) {
+            if slot.generation == self.generation {
+                slot.blocked = blocked.iter().copied().collect();
+            }
+        }
+        Ok(())
+    }
+
+    fn clear_fault_filter(&self) -> Result<(), FaultFilterError> {
+        self.set_fault_filter(&[])
+    }
+
+    fn fault_filter(&self) -> Vec<NodeId> {
+        let st = self.net.lock();
+        let mut blocked: Vec<NodeId> = st
+            .nodes
+            .get(&self.id)
+            .filter(|slot| slot.generation == self.generation)
+            .map(|slot| slot.blocked.iter().copied().collect())
+            .unwrap_or_default();
+        blocked.sort();
+        blocked
     }
 
     fn send(&self, to: NodeId, message: P::Message) {

@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::certs::{self, Identity};
 use crate::config::ALPN;
-use crate::error::{BulkError, FaultInjectionDisabled, RpcError, SetupError};
+use crate::error::{BulkError, FaultFilterError, RpcError, SetupError};
 use crate::frame::{push_record, read_frame, split_records, write_frame};
 use crate::{
     bump, inbox, Counters, Inbox, InboxSenders, IncomingRpc, Limits, NodeConfig, NodeId, Peer,
@@ -92,12 +92,66 @@ fn transport_config(limits: &Limits) -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
+/// The stateless reset key of a node's endpoint, derived from its private
+/// key so that it is the same in every incarnation of the node.
+///
+/// Why: a client (or peer) whose connection reached a node process that was
+/// SIGKILLed and restarted on the same address keeps sending on that
+/// connection. The new process can end it at the first packet with a QUIC
+/// stateless reset, but (1) quinn's default connection-id generator only
+/// lets through ids signed with a random per-process key, so the new
+/// process silently dropped its predecessor's packets, and (2) a caller
+/// believes a reset only if its token matches the one the *old* process
+/// handed out, an HMAC of the connection id under the endpoint's reset key,
+/// random per process by default. So every caller waited for the idle
+/// timeout (`io_timeout_ms`, 10 s) before it redialed: 10 s in which no
+/// client reached a restarted node. With this key and [`RandomCids`] the
+/// reset is sent and believed, and the next call dials the new process.
+/// The key stays secret: an HMAC of a fixed label under the node's private
+/// key.
+fn stable_reset_key(identity: &Identity) -> Arc<dyn quinn::crypto::HmacKey> {
+    use ring::hmac;
+    let root = hmac::Key::new(hmac::HMAC_SHA256, identity.key_pem.as_bytes());
+    let secret = hmac::sign(&root, b"shoal/1 QUIC stateless reset key");
+    Arc::new(hmac::Key::new(hmac::HMAC_SHA256, secret.as_ref()))
+}
+
+/// Random 8-byte connection ids that a node accepts from any incarnation
+/// (no per-process check), so a packet for a predecessor's connection is
+/// answered with a stateless reset (see [`stable_reset_key`]). Resets are
+/// rate-limited by quinn and never larger than the packet that caused them.
+struct RandomCids;
+
+impl RandomCids {
+    const BYTES: usize = 8;
+}
+
+impl quinn::ConnectionIdGenerator for RandomCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        let bytes: [u8; RandomCids::BYTES] = rand::random();
+        quinn::ConnectionId::new(&bytes)
+    }
+
+    fn cid_len(&self) -> usize {
+        RandomCids::BYTES
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
+}
+
 fn endpoint(
     limits: &Limits,
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
+    reset_key: Option<Arc<dyn quinn::crypto::HmacKey>>,
 ) -> std::io::Result<Endpoint> {
     let mut config = quinn::EndpointConfig::default();
+    if let Some(key) = reset_key {
+        config.reset_key(key);
+        config.cid_generator(|| Box::new(RandomCids));
+    }
     config
         .max_udp_payload_size(limits.udp_payload_bytes_max)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
@@ -353,7 +407,12 @@ impl<P: Protocol> QuicNode<P> {
         let transport = transport_config(&config.limits);
         let server = certs::server_config(identity, transport.clone())?;
         let client = certs::client_config(identity, &[ALPN], transport)?;
-        let mut endpoint = endpoint(&config.limits, config.listen_addr, Some(server))?;
+        let mut endpoint = endpoint(
+            &config.limits,
+            config.listen_addr,
+            Some(server),
+            Some(stable_reset_key(identity)),
+        )?;
         endpoint.set_default_client_config(client);
         let (senders, inbox) = inbox::<P>(config.limits.inbox_capacity);
         let mut members = config.members.clone();
@@ -450,28 +509,6 @@ impl<P: Protocol> QuicNode<P> {
         self.add_link(id);
     }
 
-    /// Test and admin hook: drop all traffic to and from `peers` (messages,
-    /// RPCs, files), as a partition would. Refused unless
-    /// `NodeConfig::fault_injection_enabled`; the node runtime should expose it
-    /// only through an authenticated admin RPC. Replaces the previous set.
-    pub fn set_fault_filter(
-        &self,
-        peers: impl IntoIterator<Item = NodeId>,
-    ) -> Result<(), FaultInjectionDisabled> {
-        if !self.inner.config.fault_injection_enabled {
-            return Err(FaultInjectionDisabled);
-        }
-        let set: HashSet<NodeId> = peers.into_iter().collect();
-        warn!(node = %self.inner.id, blocked = ?set, "fault filter set");
-        *self.inner.blocked.write().expect("blocked lock") = set;
-        Ok(())
-    }
-
-    /// Clears the fault filter (always allowed).
-    pub fn clear_fault_filter(&self) {
-        self.inner.blocked.write().expect("blocked lock").clear();
-    }
-
     /// Clean shutdown: refuse new connections, flush the peer queues (each
     /// sender waits until the peer acknowledged its stream), let accepted RPCs
     /// finish, then close the endpoint.
@@ -555,6 +592,38 @@ impl<P: Protocol> RpcCaller<P> for QuicNode<P> {
 impl<P: Protocol> Transport<P> for QuicNode<P> {
     fn local_id(&self) -> NodeId {
         self.inner.id
+    }
+
+    fn set_fault_filter(&self, blocked: &[NodeId]) -> Result<(), FaultFilterError> {
+        if !self.inner.config.fault_injection_enabled {
+            return Err(FaultFilterError::Disabled);
+        }
+        let set: HashSet<NodeId> = blocked.iter().copied().collect();
+        warn!(node = %self.inner.id, blocked = ?set, "fault filter set");
+        *self.inner.blocked.write().expect("blocked lock") = set;
+        Ok(())
+    }
+
+    fn clear_fault_filter(&self) -> Result<(), FaultFilterError> {
+        if !self.inner.config.fault_injection_enabled {
+            return Err(FaultFilterError::Disabled);
+        }
+        warn!(node = %self.inner.id, "fault filter cleared");
+        self.inner.blocked.write().expect("blocked lock").clear();
+        Ok(())
+    }
+
+    fn fault_filter(&self) -> Vec<NodeId> {
+        let mut blocked: Vec<NodeId> = self
+            .inner
+            .blocked
+            .read()
+            .expect("blocked lock")
+            .iter()
+            .copied()
+            .collect();
+        blocked.sort();
+        blocked
     }
 
     fn send(&self, to: NodeId, message: P::Message) {
@@ -1144,7 +1213,7 @@ impl<P: Protocol> QuicClient<P> {
         } else {
             "0.0.0.0:0".parse().expect("addr")
         };
-        let mut endpoint = endpoint(&limits, bind, None)?;
+        let mut endpoint = endpoint(&limits, bind, None, None)?;
         endpoint.set_default_client_config(client);
         Ok(QuicClient {
             dialer: Arc::new(Dialer {

@@ -352,7 +352,7 @@ async fn reconnects_after_the_peer_restarts() {
 async fn fault_filter_cuts_and_restores_traffic() {
     let mut c = Cluster::start(2, Limits::default());
     let n1 = c.nodes[0].node.clone();
-    n1.set_fault_filter([NodeId(2)]).unwrap();
+    n1.set_fault_filter(&[NodeId(2)]).unwrap();
     assert!(n1.call(NodeId(2), Req::Echo("x".into())).await.is_err());
     n1.send(NodeId(2), msg(1, 8));
     c.nodes[1].node.send(NodeId(1), msg(2, 8));
@@ -362,7 +362,9 @@ async fn fault_filter_cuts_and_restores_traffic() {
     .await;
     assert!(c.nodes[1].messages.try_recv().is_err());
     assert!(c.nodes[0].messages.try_recv().is_err());
-    n1.clear_fault_filter();
+    assert_eq!(n1.fault_filter(), vec![NodeId(2)]);
+    n1.clear_fault_filter().unwrap();
+    assert!(n1.fault_filter().is_empty());
     n1.send(NodeId(2), msg(3, 8));
     assert_eq!(
         within("after heal", LONG, c.nodes[1].messages.recv())
@@ -386,7 +388,14 @@ async fn fault_filter_is_off_by_default() {
     config.fault_injection_enabled = false;
     let (node, _inbox) =
         QuicNode::<TestProto>::bind(config, &ca.issue_node(NodeId(1)).unwrap()).unwrap();
-    assert!(node.set_fault_filter([NodeId(2)]).is_err());
+    assert_eq!(
+        node.set_fault_filter(&[NodeId(2)]),
+        Err(shoal_net::FaultFilterError::Disabled)
+    );
+    assert_eq!(
+        node.clear_fault_filter(),
+        Err(shoal_net::FaultFilterError::Disabled)
+    );
 }
 
 #[tokio::test]

@@ -32,7 +32,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::node::{KV_SHARD, SESSION_IDLE_MS_DEFAULT};
-use crate::protocol::{KvProtocol, KvRequest, KvResponse};
+use crate::protocol::{Denied, KvProtocol, KvRequest, KvResponse, NodeReport, Request, Response};
 
 /// Client settings.
 #[derive(Debug, Clone)]
@@ -310,8 +310,14 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
             sends.count += 1;
             let result = self
                 .caller
-                .call_with_deadline(server, request.clone(), rpc_deadline)
-                .await;
+                .call_with_deadline(server, Request::Kv(request.clone()), rpc_deadline)
+                .await
+                .map(|response| match response {
+                    Response::Kv(kv) => kv,
+                    other => KvResponse::Refused {
+                        reason: format!("unexpected response {other:?}"),
+                    },
+                });
             let next = match result {
                 Ok(KvResponse::Done(Reply::Rejected { reason })) => {
                     return Attempted::Failed(ClientError::Refused(reason))
@@ -355,6 +361,71 @@ fn written(reply: Reply) -> Result<u64, ClientError> {
     match reply {
         Reply::Written { version } => Ok(version),
         other => Err(unexpected(other)),
+    }
+}
+
+/// Why a status or admin call to one node failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdminError {
+    /// The node refused (not the admin client, fault injection off, ...).
+    #[error("refused: {0}")]
+    Denied(Denied),
+    /// The node could not be reached or did not answer in time.
+    #[error("rpc: {0}")]
+    Rpc(RpcError),
+    /// The node answered something else (a bug or a version mismatch).
+    #[error("unexpected response {0}")]
+    Unexpected(String),
+}
+
+/// Status and admin calls: one attempt at one node, no retries (the
+/// caller picks the node; these are not replicated operations).
+impl<C: RpcCaller<KvProtocol>> Client<C> {
+    async fn call_node(&self, node: NodeId, request: Request) -> Result<Response, AdminError> {
+        match self
+            .caller
+            .call_with_deadline(node, request, self.config.rpc_deadline)
+            .await
+        {
+            Ok(Response::Denied(denied)) => Err(AdminError::Denied(denied)),
+            Ok(response) => Ok(response),
+            Err(e) => Err(AdminError::Rpc(e)),
+        }
+    }
+
+    /// Node `node`'s view of itself and its groups (any client may ask).
+    pub async fn node_status(&self, node: NodeId) -> Result<NodeReport, AdminError> {
+        match self.call_node(node, Request::Status).await? {
+            Response::Status(report) => Ok(report),
+            other => Err(AdminError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Admin: makes `node` drop all traffic with `blocked` (replacing its
+    /// previous filter). Needs the admin client's certificate and a node
+    /// with fault injection enabled.
+    pub async fn set_fault_filter(
+        &self,
+        node: NodeId,
+        blocked: Vec<NodeId>,
+    ) -> Result<(), AdminError> {
+        match self
+            .call_node(node, Request::SetFaultFilter { blocked })
+            .await?
+        {
+            Response::AdminDone => Ok(()),
+            other => Err(AdminError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Admin: clears `node`'s fault filter (same conditions as
+    /// [`Client::set_fault_filter`]).
+    pub async fn clear_fault_filter(&self, node: NodeId) -> Result<(), AdminError> {
+        match self.call_node(node, Request::ClearFaultFilter).await? {
+            Response::AdminDone => Ok(()),
+            other => Err(AdminError::Unexpected(format!("{other:?}"))),
+        }
     }
 }
 
@@ -429,6 +500,22 @@ impl<C: RpcCaller<KvProtocol>> BlockingClient<C> {
     /// See [`Client::delete`].
     pub fn delete(&self, key: impl Into<Bytes>) -> Result<bool, ClientError> {
         self.runtime.block_on(self.client.delete(key))
+    }
+
+    /// See [`Client::node_status`].
+    pub fn node_status(&self, node: NodeId) -> Result<NodeReport, AdminError> {
+        self.runtime.block_on(self.client.node_status(node))
+    }
+
+    /// See [`Client::set_fault_filter`].
+    pub fn set_fault_filter(&self, node: NodeId, blocked: Vec<NodeId>) -> Result<(), AdminError> {
+        self.runtime
+            .block_on(self.client.set_fault_filter(node, blocked))
+    }
+
+    /// See [`Client::clear_fault_filter`].
+    pub fn clear_fault_filter(&self, node: NodeId) -> Result<(), AdminError> {
+        self.runtime.block_on(self.client.clear_fault_filter(node))
     }
 
     /// See [`Client::scan`].

@@ -3,7 +3,7 @@
 //! # Layout
 //! - [`protocol`]: [`protocol::KvProtocol`], what nodes and clients send
 //!   over `shoal-net`: group-tagged consensus messages, KV requests and
-//!   responses.
+//!   responses, the status RPC and the admin fault-filter RPCs.
 //! - [`node`]: the node runtime — one event loop per node driving every Raft
 //!   group on it (ticks, the `Ready` loop with one synced log write per round
 //!   for all groups, apply, waking callers, ReadIndex reads, shutdown).
@@ -48,6 +48,9 @@ pub mod linearizability;
 pub mod node;
 pub mod protocol;
 
-pub use client::{BlockingClient, Client, ClientConfig, ClientError};
+pub use client::{AdminError, BlockingClient, Client, ClientConfig, ClientError};
 pub use node::{GroupSpec, Node, NodeConfig, NodeError, NodeHandle};
-pub use protocol::{KvProtocol, KvRequest, KvResponse, PeerMessage};
+pub use protocol::{
+    Denied, GroupReport, KvProtocol, KvRequest, KvResponse, NodeReport, PeerMessage, Request,
+    Response,
+};

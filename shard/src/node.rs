@@ -89,7 +89,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::protocol::{KvProtocol, KvRequest, KvResponse, PeerMessage, SnapshotFileMeta};
+use crate::protocol::{
+    Denied, GroupReport, KvProtocol, KvRequest, KvResponse, NodeReport, PeerMessage,
+    Request as RpcRequest, Response, SnapshotFileMeta,
+};
 
 /// The Raft group that holds the KV service's data (for now, one group).
 pub const KV_GROUP: GroupId = 1;
@@ -653,10 +656,25 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
 
     fn on_rpc(&mut self, rpc: IncomingRpc<KvProtocol>) {
         let IncomingRpc {
-            from: _,
+            from,
             request,
             reply,
         } = rpc;
+        let request = match request {
+            RpcRequest::Kv(request) => request,
+            RpcRequest::Status => {
+                let _ = reply.send(Response::Status(self.report()));
+                return;
+            }
+            RpcRequest::SetFaultFilter { blocked } => {
+                let _ = reply.send(self.admin(&from, |t| t.set_fault_filter(&blocked)));
+                return;
+            }
+            RpcRequest::ClearFaultFilter => {
+                let _ = reply.send(self.admin(&from, |t| t.clear_fault_filter()));
+                return;
+            }
+        };
         let reply = Waiter(Some(reply));
         let Some(gid) = self.shard_groups.get(&request.shard).copied() else {
             reply.send(KvResponse::WrongShard);
@@ -689,6 +707,52 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             group.queued_reads.push((request, reply));
         } else {
             group.queued_writes.push((engine_request, reply));
+        }
+    }
+
+    /// This node's view of its groups, for [`RpcRequest::Status`].
+    fn report(&self) -> NodeReport {
+        NodeReport {
+            id: self.config.id,
+            pid: std::process::id(),
+            blocked: self.transport.fault_filter(),
+            groups: self
+                .groups
+                .iter()
+                .map(|(gid, g)| GroupReport {
+                    group: *gid,
+                    role: g.raw.role(),
+                    term: g.raw.term(),
+                    leader: g.raw.leader_id(),
+                    commit: g.raw.commit_index(),
+                    applied: g.raw.applied_index(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Runs an admin request for `from`: only the admin client may, and
+    /// only where the transport enables fault injection. A refusal changes
+    /// nothing.
+    fn admin(
+        &self,
+        from: &shoal_net::Peer,
+        work: impl FnOnce(&T) -> Result<(), shoal_net::FaultFilterError>,
+    ) -> Response {
+        if !from.is_admin() {
+            tracing::warn!(
+                node = self.config.id,
+                ?from,
+                "admin request from a non-admin refused"
+            );
+            return Response::Denied(Denied::NotAdmin);
+        }
+        match work(&self.transport) {
+            Ok(()) => Response::AdminDone,
+            Err(shoal_net::FaultFilterError::Disabled) => {
+                Response::Denied(Denied::FaultInjectionDisabled)
+            }
+            Err(_) => Response::Denied(Denied::Unsupported),
         }
     }
 
@@ -1014,13 +1078,13 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
 
 /// Whoever waits for a request's answer: a client RPC, or nobody (the
 /// leader's own session-expiry proposals).
-struct Waiter(Option<Responder<KvResponse>>);
+struct Waiter(Option<Responder<Response>>);
 
 impl Waiter {
     fn send(self, response: KvResponse) {
         if let Some(r) = self.0 {
             // A caller that gave up (deadline) is not an error.
-            let _ = r.send(response);
+            let _ = r.send(Response::Kv(response));
         }
     }
 }

@@ -22,7 +22,7 @@ use bytes::Bytes;
 use common::{seed, Cluster, ELECTION_TIMEOUT};
 use shoal_engine::{Command, Reply};
 use shoal_net::{NodeId, RpcCaller};
-use shoal_shard::protocol::{KvRequest, KvResponse};
+use shoal_shard::protocol::{KvRequest, KvResponse, Response};
 use tokio::time::{sleep, timeout, Instant};
 
 /// How long `check_counter` waits for every server to apply.
@@ -138,8 +138,9 @@ async fn test_leader_partition_4a() {
                     command: append("dec"),
                 };
                 caller
-                    .call_with_deadline(old, request, Duration::from_secs(60))
+                    .call_with_deadline(old, request.into(), Duration::from_secs(60))
                     .await
+                    .map(kv_response)
             })
         })
         .collect();
@@ -186,6 +187,14 @@ async fn test_restart_replay_4a() {
     check_counter(&cluster, 101).await;
 }
 
+/// The KV answer inside a node's response (these tests send KV requests only).
+fn kv_response(response: Response) -> KvResponse {
+    match response {
+        Response::Kv(kv) => kv,
+        other => panic!("a KV request answered with {other:?}"),
+    }
+}
+
 /// 100 concurrent `Null` submissions to node `to` from clients named
 /// `client`, then a shutdown of every server 20 ms later; every submission
 /// must return within 11 s. Returns their outcomes.
@@ -205,8 +214,9 @@ async fn null_submissions_then_shutdown(
                     command: append("null"),
                 };
                 caller
-                    .call_with_deadline(to, request, Duration::from_secs(60))
+                    .call_with_deadline(to, request.into(), Duration::from_secs(60))
                     .await
+                    .map(kv_response)
             })
         })
         .collect();

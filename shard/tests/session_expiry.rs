@@ -30,7 +30,7 @@ use shoal_engine::Reply;
 use shoal_net::mem::{MemClient, MemNetwork};
 use shoal_net::{NodeId, RpcCaller, RpcError};
 use shoal_shard::client::{Client, ClientError};
-use shoal_shard::protocol::{KvProtocol, KvRequest, KvResponse};
+use shoal_shard::protocol::{KvProtocol, KvResponse, Request, Response};
 use tokio::time::{sleep, Instant};
 
 /// The nodes' and the client's session idle time.
@@ -70,13 +70,13 @@ impl RpcCaller<KvProtocol> for LossyCaller {
     fn call_with_deadline(
         &self,
         to: NodeId,
-        request: KvRequest,
+        request: Request,
         deadline: Duration,
-    ) -> impl std::future::Future<Output = Result<KvResponse, RpcError>> + Send {
+    ) -> impl std::future::Future<Output = Result<Response, RpcError>> + Send {
         let this = self.clone();
         async move {
             let response = this.inner.call_with_deadline(to, request, deadline).await;
-            if matches!(response, Ok(KvResponse::Done(Reply::Written { .. })))
+            if matches!(response, Ok(Response::Kv(KvResponse::Done(Reply::Written { .. }))))
                 && this.armed.swap(false, Ordering::SeqCst)
             {
                 this.net.set_client_connected(this.inner.name(), false);
