@@ -39,22 +39,7 @@ const SESSION_IDLE_MS: u64 = 2_000;
 const SEEDS_DEFAULT: u64 = 50;
 
 fn seeds(test: &str) -> Vec<u64> {
-    if let Ok(s) = std::env::var("SHOAL_SEED") {
-        let seed = s.parse().expect("SHOAL_SEED must be a u64");
-        eprintln!("{test}: seed {seed}");
-        return vec![seed];
-    }
-    let n = std::env::var("SHOAL_SEEDS")
-        .map(|s| s.parse().expect("SHOAL_SEEDS must be a u64"))
-        .unwrap_or(SEEDS_DEFAULT);
-    let base: u64 = std::env::var("SHOAL_SEED_BASE")
-        .map(|s| s.parse().expect("SHOAL_SEED_BASE must be a u64"))
-        .unwrap_or(0);
-    eprintln!(
-        "{test}: seeds {base}..{} (replay one with SHOAL_SEED=s)",
-        base + n
-    );
-    (base..base + n).collect()
+    common::seeds_or(test, SEEDS_DEFAULT)
 }
 
 /// A client transport that loses the first `Written` reply it sees while

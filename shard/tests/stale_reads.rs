@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Clerk, Cluster, ELECTION_TIMEOUT};
+use common::{seeds_or, Clerk, Cluster, ELECTION_TIMEOUT};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use shoal_net::NodeId;
@@ -50,26 +50,6 @@ const WRITE_DEADLINE: Duration = Duration::from_secs(30);
 /// The seeds to run: `SHOAL_SEED` alone, else `0..SHOAL_SEEDS`.
 fn seeds(test: &str) -> Vec<u64> {
     seeds_or(test, SEEDS_DEFAULT)
-}
-
-/// [`seeds`] with another default count.
-fn seeds_or(test: &str, default: u64) -> Vec<u64> {
-    if let Ok(s) = std::env::var("SHOAL_SEED") {
-        let seed = s.parse().expect("SHOAL_SEED must be a u64");
-        eprintln!("{test}: seed {seed}");
-        return vec![seed];
-    }
-    let n = std::env::var("SHOAL_SEEDS")
-        .map(|s| s.parse().expect("SHOAL_SEEDS must be a u64"))
-        .unwrap_or(default);
-    let base: u64 = std::env::var("SHOAL_SEED_BASE")
-        .map(|s| s.parse().expect("SHOAL_SEED_BASE must be a u64"))
-        .unwrap_or(0);
-    eprintln!(
-        "{test}: seeds {base}..{} (replay one with SHOAL_SEED=s)",
-        base + n
-    );
-    (base..base + n).collect()
 }
 
 /// A recorded client that can reach only `reachable` (all nodes: `None`),

@@ -45,6 +45,28 @@ pub fn seed(test: &str) -> u64 {
     seed
 }
 
+/// The seeds a seed-sweeping test runs: `SHOAL_SEED` alone, else
+/// `SHOAL_SEED_BASE..SHOAL_SEED_BASE + SHOAL_SEEDS` (`SHOAL_SEEDS` defaults to `default`).
+#[allow(dead_code)] // not every test binary sweeps seeds
+pub fn seeds_or(test: &str, default: u64) -> Vec<u64> {
+    if let Ok(s) = std::env::var("SHOAL_SEED") {
+        let seed = s.parse().expect("SHOAL_SEED must be a u64");
+        eprintln!("{test}: seed {seed}");
+        return vec![seed];
+    }
+    let n = std::env::var("SHOAL_SEEDS")
+        .map(|s| s.parse().expect("SHOAL_SEEDS must be a u64"))
+        .unwrap_or(default);
+    let base: u64 = std::env::var("SHOAL_SEED_BASE")
+        .map(|s| s.parse().expect("SHOAL_SEED_BASE must be a u64"))
+        .unwrap_or(0);
+    eprintln!(
+        "{test}: seeds {base}..{} (replay one with SHOAL_SEED=s)",
+        base + n
+    );
+    (base..base + n).collect()
+}
+
 /// A cluster of `n` nodes (ids 1..=n).
 pub struct Cluster {
     pub net: MemNetwork<KvProtocol>,
