@@ -493,6 +493,21 @@ impl<B: Backend> Engine<B> {
         })
     }
 
+    /// How many client sessions `shard` holds, and their stored bytes (keys
+    /// and records): the per-client state the server keeps.
+    pub fn session_footprint(&self, shard: ShardId) -> Result<(u64, u64)> {
+        let (start, end) = shard_range(shard);
+        let (mut count, mut bytes) = (0u64, 0u64);
+        self.backend().with_view(&mut |view| {
+            view.scan(Cf::Dedup, &start, &end, &mut |k, v| {
+                count += 1;
+                bytes += (k.len() + v.len()) as u64;
+                Ok(true)
+            })
+        })?;
+        Ok((count, bytes))
+    }
+
     /// The session of `client` in `shard`, if any.
     pub fn session(&self, shard: ShardId, client: ClientId) -> Result<Option<Session>> {
         let key = dedup_key(shard, client);
