@@ -185,12 +185,15 @@ pub fn key(n: u64) -> Bytes {
 // ---------------------------------------------------------------------------
 // Drivers: one per system, each a set of clients sharing a few connections.
 
+/// Shoal clients (one session each) and the QUIC clients they share.
+type ShoalClients = (Vec<shoal_shard::Client<QuicClient<KvProtocol>>>, Vec<QuicClient<KvProtocol>>);
+
 /// Clients of one system: `op(client, key, value)` runs one operation.
 #[derive(Clone)]
 pub enum Driver {
     /// Shoal clients, each with its own session, and the QUIC clients
     /// they share.
-    Shoal(Arc<(Vec<shoal_shard::Client<QuicClient<KvProtocol>>>, Vec<QuicClient<KvProtocol>>)>),
+    Shoal(Arc<ShoalClients>),
     /// etcd gRPC clients.
     Etcd(Arc<Vec<EtcdConn>>),
 }
