@@ -183,14 +183,16 @@ fn torture(seed: u64, n: u64) {
                 let mut victims = (1..=n).choose_multiple(&mut rng, count);
                 victims.sort();
                 eprintln!("round {round}: {fault:?}: SIGKILL nodes {victims:?}");
-                let acked = workload.acked_ops();
-                let unknown = workload.unknown_ops();
                 cluster.kill_many(&victims);
                 processes_killed += victims.len();
+                // Counted only once every victim is dead: while the kills
+                // are under way a quorum may still be alive and serving.
+                let acked = workload.acked_ops();
+                let unknown = workload.unknown_ops();
                 // No quorum is left: nothing can complete until they are
                 // back. Wait for an operation to give up, then check that
-                // at most the ones already answered when the kill came (one
-                // per client) completed meanwhile.
+                // at most the ones in flight when the last victim died (one
+                // per client, committed just before) completed meanwhile.
                 wait_for(
                     "an operation to time out with no quorum",
                     workload.config().op_deadline * 3,
