@@ -42,7 +42,7 @@ use shoal_net::{Limits, NodeId, Peer};
 use shoal_shard::protocol::KvProtocol;
 
 use crate::cluster::fresh_client_id;
-use crate::local_cluster::{free_tcp_addr, wait_for, LocalCluster};
+use crate::local_cluster::{free_tcp_addr, LocalCluster};
 
 /// Key length in bytes (`k` + 15 digits).
 pub const KEY_BYTES: usize = 16;
@@ -714,18 +714,6 @@ pub fn start_shoal(exe: &Path, dir: &Path, node_args: &[&str]) -> Result<LocalCl
     cluster.start_all()?;
     cluster.wait_for_leader(STARTUP_WAIT_MAX)?;
     Ok(cluster)
-}
-
-/// Waits until every member of `cluster` has applied the leader's commit index.
-pub fn wait_caught_up(cluster: &LocalCluster) -> Result<()> {
-    wait_for("every node to catch up", STARTUP_WAIT_MAX, || {
-        let leader = cluster.leader()?;
-        cluster
-            .members()
-            .iter()
-            .all(|&(id, _)| cluster.status(id).is_some_and(|s| s.applied >= leader.commit))
-            .then_some(())
-    })
 }
 
 /// What `shoal bench` runs.

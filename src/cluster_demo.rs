@@ -92,7 +92,6 @@ pub fn run(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let dir = dir.canonicalize()?;
     let mut nodes = LocalCluster::create(&std::env::current_exe()?, &dir, NODES, &[])?;
-    let ids: Vec<u64> = (1..=NODES).collect();
     let members = nodes.members().to_vec();
     let tls = nodes.tls_dir().to_path_buf();
     println!("Shoal cluster demo: {NODES} `shoal node` processes on loopback (QUIC + mutual TLS, RocksDB), data in {}", dir.display());
@@ -179,12 +178,7 @@ pub fn run(dir: &Path) -> Result<()> {
     )?;
     let verified = verify(&client, &acked, "verifying all writes")?;
     nodes.start(second_victim.id)?;
-    wait_for("every node to catch up", WAIT_MAX, || {
-        let leader = nodes.leader()?;
-        ids.iter()
-            .all(|&id| nodes.status(id).is_some_and(|s| s.applied >= leader.commit))
-            .then_some(())
-    })?;
+    nodes.wait_caught_up(WAIT_MAX)?;
     client.close();
     nodes.stop_all(WAIT_MAX)?;
 

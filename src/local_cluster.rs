@@ -11,7 +11,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -61,6 +61,7 @@ pub struct LocalCluster {
     tls: PathBuf,
     members: Vec<(u64, SocketAddr)>,
     extra_args: Vec<String>,
+    inherit_stderr: bool,
     children: BTreeMap<u64, Child>,
 }
 
@@ -83,8 +84,20 @@ impl LocalCluster {
             tls,
             members,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            inherit_stderr: false,
             children: BTreeMap::new(),
         })
+    }
+
+    /// Nodes started from now on write their logs to this process's stderr
+    /// instead of `DIR/node-N.log` (tests, so a failure shows the logs).
+    pub fn inherit_stderr(&mut self) {
+        self.inherit_stderr = true;
+    }
+
+    /// Every member's id.
+    pub fn ids(&self) -> Vec<u64> {
+        self.members.iter().map(|&(id, _)| id).collect()
     }
 
     /// Every member: (id, address).
@@ -109,17 +122,39 @@ impl LocalCluster {
 
     /// Starts every node that is not running.
     pub fn start_all(&mut self) -> Result<()> {
-        let ids: Vec<u64> = self.members.iter().map(|&(id, _)| id).collect();
-        for id in ids {
-            if !self.is_running(id) {
-                self.start(id)?;
-            }
-        }
-        Ok(())
+        let ids: Vec<u64> = self.ids().into_iter().filter(|&id| !self.is_running(id)).collect();
+        self.start_many(&ids)
     }
 
     /// Starts (or restarts) node `id` and waits until it listens.
     pub fn start(&mut self, id: u64) -> Result<()> {
+        self.start_many(&[id])
+    }
+
+    /// Starts (or restarts) every node of `ids` at once, then waits until
+    /// each listens.
+    pub fn start_many(&mut self, ids: &[u64]) -> Result<()> {
+        let mut outputs = Vec::new();
+        for &id in ids {
+            let mut child = self.spawn(id)?;
+            let stdout = BufReader::new(child.stdout.take().context("node stdout")?);
+            // Owned by the cluster at once, so a failure below still kills it.
+            self.children.insert(id, child);
+            outputs.push((id, stdout));
+        }
+        for (id, mut stdout) in outputs {
+            let mut line = String::new();
+            stdout.read_line(&mut line)?;
+            if !line.contains("listening") {
+                bail!("node {id} did not start: {line:?} (see its log)");
+            }
+            // Keep draining so the node never blocks on a full pipe.
+            std::thread::spawn(move || for _ in stdout.lines() {});
+        }
+        Ok(())
+    }
+
+    fn spawn(&self, id: u64) -> Result<Child> {
         if self.is_running(id) {
             bail!("node {id} is running");
         }
@@ -133,28 +168,22 @@ impl LocalCluster {
         std::fs::create_dir_all(&data)?;
         // A stale status file from the previous run must not be mistaken for this one's.
         let _ = std::fs::remove_file(cluster::status_path(&data));
-        let log_path = self.dir.join(format!("node-{id}.log"));
-        let log = File::options().create(true).append(true).open(&log_path)?;
-        let mut child = Command::new(&self.exe)
+        let stderr = if self.inherit_stderr {
+            Stdio::inherit()
+        } else {
+            let log = self.dir.join(format!("node-{id}.log"));
+            File::options().create(true).append(true).open(log)?.into()
+        };
+        Command::new(&self.exe)
             .args(["node", "--id", &id.to_string(), "--data"])
             .arg(&data)
             .args(["--listen", &addr.to_string(), "--peers", &self.cluster_arg(), "--tls"])
             .arg(&self.tls)
             .args(&self.extra_args)
             .stdout(Stdio::piped())
-            .stderr(log)
+            .stderr(stderr)
             .spawn()
-            .with_context(|| format!("starting {}", self.exe.display()))?;
-        let mut stdout = BufReader::new(child.stdout.take().context("node stdout")?);
-        self.children.insert(id, child);
-        let mut line = String::new();
-        stdout.read_line(&mut line)?;
-        if !line.contains("listening") {
-            bail!("node {id} did not start (see {})", log_path.display());
-        }
-        // Keep draining so the node never blocks on a full pipe.
-        std::thread::spawn(move || for _ in stdout.lines() {});
-        Ok(())
+            .with_context(|| format!("starting {}", self.exe.display()))
     }
 
     /// Whether node `id` was started and not killed since.
@@ -167,34 +196,50 @@ impl LocalCluster {
         self.children.get(&id).map(Child::id)
     }
 
+    /// The ids of the running nodes.
+    pub fn running(&self) -> Vec<u64> {
+        self.children.keys().copied().collect()
+    }
+
     /// SIGKILLs node `id` (a crash) and reaps it.
     pub fn kill(&mut self, id: u64) -> Result<()> {
-        let mut child = self.children.remove(&id).context("node not running")?;
-        child.kill()?;
-        child.wait()?;
+        self.kill_many(&[id])
+    }
+
+    /// SIGKILLs every node of `ids` at once (all signals sent before any is
+    /// reaped), then reaps them.
+    pub fn kill_many(&mut self, ids: &[u64]) -> Result<()> {
+        let mut killed = Vec::new();
+        for &id in ids {
+            let mut child = self.children.remove(&id).with_context(|| format!("node {id} is not running"))?;
+            child.kill()?;
+            killed.push(child);
+        }
+        for mut child in killed {
+            child.wait()?;
+        }
         Ok(())
+    }
+
+    /// SIGTERMs node `id` and waits (at most `timeout`) for it to exit;
+    /// returns how it exited.
+    pub fn terminate(&mut self, id: u64, timeout: Duration) -> Result<ExitStatus> {
+        let child = self.children.remove(&id).with_context(|| format!("node {id} is not running"))?;
+        sigterm(&child)?;
+        wait_exit(id, child, Instant::now() + timeout)
     }
 
     /// SIGTERM to every running node, then waits (at most `timeout`) for
     /// each to exit cleanly.
     pub fn stop_all(&mut self, timeout: Duration) -> Result<()> {
         for child in self.children.values() {
-            Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+            sigterm(child)?;
         }
         let deadline = Instant::now() + timeout;
-        for (id, mut child) in std::mem::take(&mut self.children) {
-            loop {
-                if let Some(status) = child.try_wait()? {
-                    if !status.success() {
-                        bail!("node {id} exited with {status}");
-                    }
-                    break;
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    bail!("node {id} did not exit within {timeout:?} of SIGTERM");
-                }
-                std::thread::sleep(Duration::from_millis(POLL_INTERVAL_MS));
+        for (id, child) in std::mem::take(&mut self.children) {
+            let status = wait_exit(id, child, deadline)?;
+            if !status.success() {
+                bail!("node {id} exited with {status}");
             }
         }
         Ok(())
@@ -218,6 +263,42 @@ impl LocalCluster {
     /// Waits until some running node leads.
     pub fn wait_for_leader(&self, timeout: Duration) -> Result<NodeStatus> {
         wait_for("a leader", timeout, || self.leader())
+    }
+
+    /// Waits until every running node has applied what the leader had
+    /// committed when this was called (under load the commit index moves
+    /// on; that moment's value is the target).
+    pub fn wait_caught_up(&self, timeout: Duration) -> Result<()> {
+        let target = self.wait_for_leader(timeout)?.commit;
+        for id in self.running() {
+            wait_for(&format!("node {id} to catch up to {target}"), timeout, || {
+                self.status(id).filter(|s| s.applied >= target)
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn sigterm(child: &Child) -> Result<()> {
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+    if !status.success() {
+        bail!("kill -TERM {} failed", child.id());
+    }
+    Ok(())
+}
+
+/// Waits for `child` (node `id`) to exit; SIGKILLs it and fails at `deadline`.
+fn wait_exit(id: u64, mut child: Child, deadline: Instant) -> Result<ExitStatus> {
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("node {id} did not exit after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(POLL_INTERVAL_MS));
     }
 }
 
