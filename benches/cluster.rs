@@ -20,7 +20,14 @@ const VALUE_BYTES: usize = 256;
 const CONNS: usize = 8;
 
 /// `iters` operations per client, all clients at once; returns the wall time.
-fn run_concurrent(rt: &tokio::runtime::Runtime, driver: &Driver, clients: usize, op: Op, iters: u64, round: &mut u64) -> Duration {
+fn run_concurrent(
+    rt: &tokio::runtime::Runtime,
+    driver: &Driver,
+    clients: usize,
+    op: Op,
+    iters: u64,
+    round: &mut u64,
+) -> Duration {
     let value = Bytes::from(vec![b'v'; VALUE_BYTES]);
     *round += 1;
     let base = *round * 7919;
@@ -32,7 +39,10 @@ fn run_concurrent(rt: &tokio::runtime::Runtime, driver: &Driver, clients: usize,
                 tokio::spawn(async move {
                     for i in 0..iters {
                         let n = (base + i * clients as u64 + c as u64) % KEYS;
-                        driver.run(c, op, key(n), value.clone()).await.expect("operation");
+                        driver
+                            .run(c, op, key(n), value.clone())
+                            .await
+                            .expect("operation");
                     }
                 })
             })
@@ -46,22 +56,41 @@ fn run_concurrent(rt: &tokio::runtime::Runtime, driver: &Driver, clients: usize,
 
 fn cluster(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cluster = start_shoal(env!("CARGO_BIN_EXE_shoal").as_ref(), dir.path(), &[]).expect("cluster");
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let cluster =
+        start_shoal(env!("CARGO_BIN_EXE_shoal").as_ref(), dir.path(), &[]).expect("cluster");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     let members = cluster.members().to_vec();
     let tls = cluster.tls_dir().to_path_buf();
-    let one = rt.block_on(async { Driver::shoal(&members, &tls, 1, 1) }).expect("client");
-    let many = rt.block_on(async { Driver::shoal(&members, &tls, 64, CONNS) }).expect("clients");
-    rt.block_on(load_keys(&many, KEYS, Bytes::from(vec![b'v'; VALUE_BYTES]))).expect("load");
+    let one = rt
+        .block_on(async { Driver::shoal(&members, &tls, 1, 1) })
+        .expect("client");
+    let many = rt
+        .block_on(async { Driver::shoal(&members, &tls, 64, CONNS) })
+        .expect("clients");
+    rt.block_on(load_keys(&many, KEYS, Bytes::from(vec![b'v'; VALUE_BYTES])))
+        .expect("load");
 
     let mut group = c.benchmark_group("cluster");
-    group.sample_size(10).measurement_time(Duration::from_secs(10)).warm_up_time(Duration::from_secs(2));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10))
+        .warm_up_time(Duration::from_secs(2));
     let mut round = 0;
     group.throughput(Throughput::Elements(1));
-    group.bench_function("put/1_client", |b| b.iter_custom(|iters| run_concurrent(&rt, &one, 1, Op::Put, iters, &mut round)));
+    group.bench_function("put/1_client", |b| {
+        b.iter_custom(|iters| run_concurrent(&rt, &one, 1, Op::Put, iters, &mut round))
+    });
     group.throughput(Throughput::Elements(64));
-    group.bench_function("put/64_clients", |b| b.iter_custom(|iters| run_concurrent(&rt, &many, 64, Op::Put, iters, &mut round)));
-    group.bench_function("get/64_clients", |b| b.iter_custom(|iters| run_concurrent(&rt, &many, 64, Op::Get, iters, &mut round)));
+    group.bench_function("put/64_clients", |b| {
+        b.iter_custom(|iters| run_concurrent(&rt, &many, 64, Op::Put, iters, &mut round))
+    });
+    group.bench_function("get/64_clients", |b| {
+        b.iter_custom(|iters| run_concurrent(&rt, &many, 64, Op::Get, iters, &mut round))
+    });
     group.finish();
     rt.block_on(async {
         one.close().await;

@@ -1,35 +1,93 @@
 #!/usr/bin/env bash
 # Installs what building Shoal needs beyond Rust and gcc, if it is missing:
-# clang + libclang-dev (bindgen for the rocksdb crate) and ccache (so the
-# RocksDB C++ build is compiled once per machine, not once per target dir).
+# clang + libclang-dev (bindgen for the rocksdb crate loads libclang at build
+# time), g++ (RocksDB is C++) and ccache (so the RocksDB C++ build is compiled
+# once per machine, not once per target dir).
+#
+# What is installed is asked of the package manager, never guessed from file
+# globs: a Debian machine often has `libclang-cpp14` (the C++ interface
+# library, pulled in by other packages) without `libclang`, and a glob like
+# `libclang*.so*` mistakes the one for the other.
+#
+# `SHOAL_SETUP_FUNCTIONS_ONLY=1 source scripts/setup.sh` defines the functions
+# and does nothing else (tests/setup_script.rs uses it).
 set -euo pipefail
 
-have_libclang() {
-    ldconfig -p 2>/dev/null | grep -q 'libclang[-.0-9]*\.so' && return 0
-    compgen -G '/usr/lib/llvm-*/lib/libclang*.so*' >/dev/null && return 0
-    compgen -G '/usr/lib/x86_64-linux-gnu/libclang*.so*' >/dev/null && return 0
+# Succeeds when the Debian package $1 is installed (dpkg's "install ok
+# installed"; a package that was removed but not purged does not count).
+package_installed() {
+    local status
+    status=$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) || return 1
+    [ "$status" = "install ok installed" ]
+}
+
+# Succeeds when directory $1 holds a libclang that bindgen (clang-sys) can
+# load: `libclang.so`, `libclang-<ver>.so`, `libclang.so.<N>` or
+# `libclang-<ver>.so.<N>` - the names clang-sys searches for. `libclang-cpp*`
+# is a different library (clang's C++ API) and does not count.
+libclang_in_dir() {
+    local dir=$1 file name
+    [ -d "$dir" ] || return 1
+    for file in "$dir"/libclang*.so*; do
+        [ -e "$file" ] || continue
+        name=${file##*/}
+        if [[ $name =~ ^libclang(-[0-9][0-9.]*)?\.so(\.[0-9][0-9.]*)?$ ]]; then
+            return 0
+        fi
+    done
     return 1
 }
 
-missing=()
-have_libclang || missing+=(clang libclang-dev)
-command -v ccache >/dev/null 2>&1 || missing+=(ccache)
-command -v g++ >/dev/null 2>&1 || missing+=(g++)
+# The packages still to install, space-separated, for this machine.
+# With LIBCLANG_PATH set (the user points bindgen at a libclang of their own),
+# that directory is checked instead of the clang packages.
+missing_packages() {
+    local missing=()
+    if [ -n "${LIBCLANG_PATH:-}" ]; then
+        libclang_in_dir "$LIBCLANG_PATH" || missing+=(clang libclang-dev)
+    else
+        package_installed libclang-dev || missing+=(libclang-dev)
+        package_installed clang || missing+=(clang)
+    fi
+    command -v g++ >/dev/null 2>&1 || missing+=(g++)
+    command -v ccache >/dev/null 2>&1 || missing+=(ccache)
+    echo "${missing[*]}"
+}
 
-if [ ${#missing[@]} -eq 0 ]; then
-    exit 0
-fi
+install_packages() {
+    echo "setup: installing $*" >&2
+    if [ "$(id -u)" = 0 ]; then
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq "$@" >/dev/null
+    elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+        sudo apt-get update -qq
+        sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+    else
+        echo "setup: missing packages and not root. Run this, then try again:" >&2
+        echo "    sudo apt-get install -y $*" >&2
+        exit 1
+    fi
+}
 
-echo "setup: installing ${missing[*]}" >&2
-if [ "$(id -u)" = 0 ]; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq "${missing[@]}" >/dev/null
-elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-    sudo apt-get update -qq
-    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-else
-    echo "setup: missing packages and not root. Run this, then try again:" >&2
-    echo "    sudo apt-get install -y ${missing[*]}" >&2
-    exit 1
+main() {
+    if ! command -v dpkg-query >/dev/null 2>&1; then
+        echo "setup: not a Debian/Ubuntu machine; install clang, libclang (dev), g++ and ccache" >&2
+        echo "setup: with your package manager (or set LIBCLANG_PATH), then run make again." >&2
+        return 0
+    fi
+    local missing
+    missing=$(missing_packages)
+    [ -z "$missing" ] && return 0
+    # shellcheck disable=SC2086 # word splitting is the point
+    install_packages $missing
+    missing=$(missing_packages)
+    if [ -n "$missing" ]; then
+        echo "setup: still missing after the install: $missing" >&2
+        exit 1
+    fi
+}
+
+if [ "${SHOAL_SETUP_FUNCTIONS_ONLY:-0}" != 1 ]; then
+    main
 fi

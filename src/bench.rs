@@ -157,7 +157,9 @@ pub fn process_cpu(pid: u32) -> Result<Duration> {
         .zip(fields.get(12))
         .and_then(|(u, s)| Some(u.parse::<u64>().ok()? + s.parse::<u64>().ok()?))
         .context("malformed /proc stat")?;
-    Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks_per_sec()))
+    Ok(Duration::from_secs_f64(
+        ticks as f64 / clock_ticks_per_sec(),
+    ))
 }
 
 #[allow(unsafe_code)]
@@ -186,7 +188,10 @@ pub fn key(n: u64) -> Bytes {
 // Drivers: one per system, each a set of clients sharing a few connections.
 
 /// Shoal clients (one session each) and the QUIC clients they share.
-type ShoalClients = (Vec<shoal_shard::Client<QuicClient<KvProtocol>>>, Vec<QuicClient<KvProtocol>>);
+type ShoalClients = (
+    Vec<shoal_shard::Client<QuicClient<KvProtocol>>>,
+    Vec<QuicClient<KvProtocol>>,
+);
 
 /// Clients of one system: `op(client, key, value)` runs one operation.
 #[derive(Clone)]
@@ -207,8 +212,10 @@ impl Driver {
         conns: usize,
     ) -> Result<Driver> {
         let identity = crate::certs::load(tls_dir, &Peer::Client("client".into()))?;
-        let nodes: std::collections::HashMap<NodeId, SocketAddr> =
-            members.iter().map(|&(id, addr)| (NodeId(id), addr)).collect();
+        let nodes: std::collections::HashMap<NodeId, SocketAddr> = members
+            .iter()
+            .map(|&(id, addr)| (NodeId(id), addr))
+            .collect();
         let quics = (0..conns.clamp(1, clients.max(1)))
             .map(|_| QuicClient::new(&identity, nodes.clone(), Limits::default()))
             .collect::<Result<Vec<_>, _>>()?;
@@ -230,7 +237,9 @@ impl Driver {
             connections.push(EtcdConn::connect(endpoint).await?);
         }
         Ok(Driver::Etcd(Arc::new(
-            (0..clients).map(|i| connections[i % connections.len()].clone()).collect(),
+            (0..clients)
+                .map(|i| connections[i % connections.len()].clone())
+                .collect(),
         )))
     }
 
@@ -286,7 +295,9 @@ pub async fn load_keys(driver: &Driver, keys: u64, value: Bytes) -> Result<()> {
         tasks.push(tokio::spawn(async move {
             let mut n = c;
             while n < keys {
-                driver.run(c as usize, Op::Put, key(n), value.clone()).await?;
+                driver
+                    .run(c as usize, Op::Put, key(n), value.clone())
+                    .await?;
                 n += clients;
             }
             anyhow::Ok(())
@@ -325,7 +336,9 @@ pub async fn run_phase(
                 if began >= window_end {
                     break;
                 }
-                let result = driver.run(c, op, key(rng.random_range(0..keys)), value.clone()).await;
+                let result = driver
+                    .run(c, op, key(rng.random_range(0..keys)), value.clone())
+                    .await;
                 let ended = Instant::now();
                 if ended >= window_start && ended < window_end {
                     match result {
@@ -405,13 +418,18 @@ impl EtcdConn {
             .await
             .with_context(|| format!("connecting to etcd at {addr}"))?;
         tcp.set_nodelay(true)?;
-        let (send, connection) = h2::client::handshake(tcp).await.context("HTTP/2 handshake")?;
+        let (send, connection) = h2::client::handshake(tcp)
+            .await
+            .context("HTTP/2 handshake")?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "etcd connection ended");
             }
         });
-        Ok(EtcdConn { send, authority: addr.to_string() })
+        Ok(EtcdConn {
+            send,
+            authority: addr.to_string(),
+        })
     }
 
     /// `KV.Put(key, value)`.
@@ -550,13 +568,20 @@ impl EtcdCluster {
     /// Starts `n` etcd members with data under `dir` and waits until a
     /// write succeeds.
     pub async fn start(etcd: &Path, dir: &Path, n: usize) -> Result<EtcdCluster> {
-        let client_addrs = (0..n).map(|_| free_tcp_addr()).collect::<Result<Vec<_>>>()?;
-        let peer_addrs = (0..n).map(|_| free_tcp_addr()).collect::<Result<Vec<_>>>()?;
+        let client_addrs = (0..n)
+            .map(|_| free_tcp_addr())
+            .collect::<Result<Vec<_>>>()?;
+        let peer_addrs = (0..n)
+            .map(|_| free_tcp_addr())
+            .collect::<Result<Vec<_>>>()?;
         let initial = (0..n)
             .map(|i| format!("e{i}=http://{}", peer_addrs[i]))
             .collect::<Vec<_>>()
             .join(",");
-        let mut cluster = EtcdCluster { children: Vec::new(), client_addrs: client_addrs.clone() };
+        let mut cluster = EtcdCluster {
+            children: Vec::new(),
+            client_addrs: client_addrs.clone(),
+        };
         for i in 0..n {
             let data = dir.join(format!("etcd-{i}"));
             let _ = std::fs::remove_dir_all(&data);
@@ -565,9 +590,15 @@ impl EtcdCluster {
                 .arg(format!("--name=e{i}"))
                 .arg(format!("--data-dir={}", data.display()))
                 .arg(format!("--listen-client-urls=http://{}", client_addrs[i]))
-                .arg(format!("--advertise-client-urls=http://{}", client_addrs[i]))
+                .arg(format!(
+                    "--advertise-client-urls=http://{}",
+                    client_addrs[i]
+                ))
                 .arg(format!("--listen-peer-urls=http://{}", peer_addrs[i]))
-                .arg(format!("--initial-advertise-peer-urls=http://{}", peer_addrs[i]))
+                .arg(format!(
+                    "--initial-advertise-peer-urls=http://{}",
+                    peer_addrs[i]
+                ))
                 .arg(format!("--initial-cluster={initial}"))
                 .arg("--initial-cluster-state=new")
                 .arg("--initial-cluster-token=shoal-bench")
@@ -584,7 +615,10 @@ impl EtcdCluster {
             let mut ok = true;
             for &addr in &cluster.client_addrs {
                 let attempt = async {
-                    EtcdConn::connect(addr).await?.put(key(0), Bytes::from_static(b"x")).await
+                    EtcdConn::connect(addr)
+                        .await?
+                        .put(key(0), Bytes::from_static(b"x"))
+                        .await
                 };
                 if attempt.await.is_err() {
                     ok = false;
@@ -594,7 +628,10 @@ impl EtcdCluster {
                 return Ok(cluster);
             }
             if Instant::now() > deadline {
-                bail!("etcd did not come up within {STARTUP_WAIT_MAX:?} (logs in {})", dir.display());
+                bail!(
+                    "etcd did not come up within {STARTUP_WAIT_MAX:?} (logs in {})",
+                    dir.display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -607,15 +644,29 @@ impl EtcdCluster {
 
     /// The client address of the current leader, asked of `etcdctl endpoint status`.
     pub fn leader(&self, etcdctl: &Path) -> Result<SocketAddr> {
-        let endpoints =
-            self.client_addrs.iter().map(|a| format!("http://{a}")).collect::<Vec<_>>().join(",");
+        let endpoints = self
+            .client_addrs
+            .iter()
+            .map(|a| format!("http://{a}"))
+            .collect::<Vec<_>>()
+            .join(",");
         let output = Command::new(etcdctl)
             .env("ETCDCTL_API", "3")
-            .args(["endpoint", "status", "-w", "json", "--endpoints", &endpoints])
+            .args([
+                "endpoint",
+                "status",
+                "-w",
+                "json",
+                "--endpoints",
+                &endpoints,
+            ])
             .output()
             .with_context(|| format!("running {}", etcdctl.display()))?;
         if !output.status.success() {
-            bail!("etcdctl endpoint status: {}", String::from_utf8_lossy(&output.stderr));
+            bail!(
+                "etcdctl endpoint status: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
         }
         let statuses: Vec<serde_json::Value> = serde_json::from_slice(&output.stdout)?;
         for s in &statuses {
@@ -681,8 +732,7 @@ pub async fn run_system(
 }
 
 /// A future connecting a [`Driver`], so [`run_system`] takes either system's.
-pub type DriverFuture =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Driver>> + Send>>;
+pub type DriverFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Driver>> + Send>>;
 
 /// Formats a phase result as one table row.
 pub fn format_row(r: &PhaseResult) -> String {
@@ -697,7 +747,8 @@ pub fn format_row(r: &PhaseResult) -> String {
         r.ops_per_sec,
         r.p50_us as f64 / 1000.0,
         r.p99_us as f64 / 1000.0,
-        r.server_cpu_us_per_op.map_or("-".to_string(), |c| format!("{c:.0}")),
+        r.server_cpu_us_per_op
+            .map_or("-".to_string(), |c| format!("{c:.0}")),
         r.client_cpu_us_per_op,
         r.errors,
     )
@@ -758,7 +809,8 @@ pub fn run(options: &RunOptions) -> Result<Vec<PhaseResult>> {
                 let (cluster, members, tls) = match &options.external {
                     Some((members, tls)) => (None, members.clone(), tls.clone()),
                     None => {
-                        let args: Vec<&str> = options.node_args.iter().map(String::as_str).collect();
+                        let args: Vec<&str> =
+                            options.node_args.iter().map(String::as_str).collect();
                         let cluster = start_shoal(&options.exe, &dir.join("shoal"), &args)?;
                         let (members, tls) =
                             (cluster.members().to_vec(), cluster.tls_dir().to_path_buf());
@@ -766,7 +818,10 @@ pub fn run(options: &RunOptions) -> Result<Vec<PhaseResult>> {
                     }
                 };
                 let pids: Option<Vec<u32>> = cluster.as_ref().map(|c| {
-                    c.members().iter().filter_map(|&(id, _)| c.pid(id)).collect()
+                    c.members()
+                        .iter()
+                        .filter_map(|&(id, _)| c.pid(id))
+                        .collect()
                 });
                 let conns = b.conns;
                 let connect = |clients: usize| -> DriverFuture {
@@ -788,9 +843,8 @@ pub fn run(options: &RunOptions) -> Result<Vec<PhaseResult>> {
                 let etcd = which("etcd").context(
                     "etcd is not installed (Debian: apt-get install -y etcd-server etcd-client)",
                 )?;
-                let etcdctl = which("etcdctl").context(
-                    "etcdctl is not installed (Debian: apt-get install -y etcd-client)",
-                )?;
+                let etcdctl = which("etcdctl")
+                    .context("etcdctl is not installed (Debian: apt-get install -y etcd-client)")?;
                 let etcd_dir = dir.join("etcd");
                 std::fs::create_dir_all(&etcd_dir)?;
                 let cluster = runtime.block_on(EtcdCluster::start(&etcd, &etcd_dir, 3))?;
@@ -825,7 +879,9 @@ pub fn print_ratios(results: &[PhaseResult]) {
             continue;
         };
         if !header {
-            println!("\nshoal vs etcd (throughput: higher is better; p99 and CPU: lower is better)");
+            println!(
+                "\nshoal vs etcd (throughput: higher is better; p99 and CPU: lower is better)"
+            );
             header = true;
         }
         let cpu = s

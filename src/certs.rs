@@ -24,7 +24,13 @@ pub fn stem(peer: &Peer) -> String {
 fn write_private(path: &Path, contents: &str) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).with_context(|| format!("writing {}", path.display()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
     f.write_all(contents.as_bytes())?;
     Ok(())
 }
@@ -39,7 +45,10 @@ fn write_identity(dir: &Path, peer: &Peer, identity: &Identity) -> Result<()> {
 /// certificate for every node and client named.
 pub fn init(dir: &Path, nodes: &[u64], clients: &[String]) -> Result<()> {
     if dir.join("ca.pem").exists() {
-        bail!("{} already holds a cluster CA (ca.pem); refusing to overwrite it", dir.display());
+        bail!(
+            "{} already holds a cluster CA (ca.pem); refusing to overwrite it",
+            dir.display()
+        );
     }
     if nodes.contains(&0) {
         bail!("node ids start at 1 (0 means \"nobody\" to Raft)");
@@ -53,7 +62,9 @@ pub fn init(dir: &Path, nodes: &[u64], clients: &[String]) -> Result<()> {
         write_identity(dir, &peer, &ca.issue_node(NodeId(id))?)?;
     }
     for name in clients {
-        let identity = ca.issue_client(name).with_context(|| format!("client name {name:?}"))?;
+        let identity = ca
+            .issue_client(name)
+            .with_context(|| format!("client name {name:?}"))?;
         write_identity(dir, &Peer::Client(name.clone()), &identity)?;
     }
     Ok(())
@@ -62,8 +73,15 @@ pub fn init(dir: &Path, nodes: &[u64], clients: &[String]) -> Result<()> {
 /// Loads `peer`'s identity (certificate, key, CA) from `dir`.
 pub fn load(dir: &Path, peer: &Peer) -> Result<Identity> {
     let stem = stem(peer);
-    let read = |name: String| std::fs::read_to_string(dir.join(&name)).with_context(|| format!("reading {}", dir.join(&name).display()));
-    let identity = Identity { cert_pem: read(format!("{stem}.pem"))?, key_pem: read(format!("{stem}-key.pem"))?, ca_cert_pem: read("ca.pem".into())? };
+    let read = |name: String| {
+        std::fs::read_to_string(dir.join(&name))
+            .with_context(|| format!("reading {}", dir.join(&name).display()))
+    };
+    let identity = Identity {
+        cert_pem: read(format!("{stem}.pem"))?,
+        key_pem: read(format!("{stem}-key.pem"))?,
+        ca_cert_pem: read("ca.pem".into())?,
+    };
     match identity.peer() {
         Some(p) if &p == peer => Ok(identity),
         other => bail!("{stem}.pem names {other:?}, not {peer:?}"),

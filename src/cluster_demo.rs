@@ -95,7 +95,11 @@ pub fn run(dir: &Path) -> Result<()> {
     let members = nodes.members().to_vec();
     let tls = nodes.tls_dir().to_path_buf();
     println!("Shoal cluster demo: {NODES} `shoal node` processes on loopback (QUIC + mutual TLS, RocksDB), data in {}", dir.display());
-    println!("  certificates in {}; cluster {}", tls.display(), nodes.cluster_arg());
+    println!(
+        "  certificates in {}; cluster {}",
+        tls.display(),
+        nodes.cluster_arg()
+    );
     nodes.start_all()?;
     let first = nodes.wait_for_leader(WAIT_MAX)?;
     println!("  node {} leads (term {})\n", first.id, first.term);

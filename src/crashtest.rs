@@ -16,7 +16,10 @@ use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use shoal_consensus::{Entry, HardState, Index};
-use shoal_engine::{ApplyEntry, Command, EngineConfig, GroupWrite, LogBatch, MemStore, Request, RocksEngine, ShardId};
+use shoal_engine::{
+    ApplyEntry, Command, EngineConfig, GroupWrite, LogBatch, MemStore, Request, RocksEngine,
+    ShardId,
+};
 
 /// The group the workload writes.
 pub const GROUP: u64 = 1;
@@ -34,7 +37,9 @@ pub const INSTALL_SHARD: ShardId = 5;
 pub const INSTALL_TEMPLATE_KEYS: u64 = 2_000;
 
 fn rng(seed: u64, index: Index, salt: u64) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt.wrapping_mul(0xD1B5_4A32_D192_ED03))
+    ChaCha8Rng::seed_from_u64(
+        seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt.wrapping_mul(0xD1B5_4A32_D192_ED03),
+    )
 }
 
 /// How many entries the batch starting at `start` holds (1..=16).
@@ -54,14 +59,24 @@ pub fn requests_for(seed: u64, index: Index) -> Vec<Request> {
         let command = match r.random_range(0..100) {
             0..=39 => Command::Put { key, value },
             40..=64 => Command::Append { key, value },
-            65..=79 => Command::PutIfVersion { key, value, version: r.random_range(0..4) },
+            65..=79 => Command::PutIfVersion {
+                key,
+                value,
+                version: r.random_range(0..4),
+            },
             80..=89 => Command::Delete { key },
             90..=94 => Command::Get { key },
             _ => Command::ExpireSessions { idle_ms: 2_000 },
         };
         // Sequence numbers grow with the index, so each client's requests are
         // in order; `n` keeps two requests of one entry distinct.
-        out.push(Request { shard, client: r.random_range(0..=CLIENTS), seq: index * 4 + n as u64, time_ms: index * 10, command });
+        out.push(Request {
+            shard,
+            client: r.random_range(0..=CLIENTS),
+            seq: index * 4 + n as u64,
+            time_ms: index * 10,
+            command,
+        });
     }
     if r.random_ratio(1, 5) {
         // A retry of the first request: must be answered from the session.
@@ -73,7 +88,12 @@ pub fn requests_for(seed: u64, index: Index) -> Vec<Request> {
 /// Entry `index` as the writer appends it.
 pub fn entry_for(seed: u64, index: Index) -> Entry {
     let data = postcard::to_stdvec(&requests_for(seed, index)).expect("encoding requests");
-    Entry { term: 1, index, data: data.into(), ..Default::default() }
+    Entry {
+        term: 1,
+        index,
+        data: data.into(),
+        ..Default::default()
+    }
 }
 
 /// Runs the log/apply writer on `dir` forever (until killed), printing
@@ -97,22 +117,46 @@ pub fn run_writer(dir: &Path, seed: u64, stop_after: Option<Index>) -> Result<()
         let start = last + 1;
         let end = start + batch_len(seed, start) - 1;
         let entries: Vec<Entry> = (start..=end).map(|i| entry_for(seed, i)).collect();
-        let hard_state = HardState { term: 1, vote: 1, commit: end };
-        engine.write_log(LogBatch { groups: vec![GroupWrite { group: GROUP, entries, hard_state: Some(hard_state), ..Default::default() }] })?;
+        let hard_state = HardState {
+            term: 1,
+            vote: 1,
+            commit: end,
+        };
+        engine.write_log(LogBatch {
+            groups: vec![GroupWrite {
+                group: GROUP,
+                entries,
+                hard_state: Some(hard_state),
+                ..Default::default()
+            }],
+        })?;
         last = end;
         writeln!(out, "ack {last}")?;
         out.flush()?;
         apply_range(&engine, seed, start, end)?;
         writeln!(out, "applied {end}")?;
         out.flush()?;
-        if end / COMPACT_EVERY_ENTRIES != (start - 1) / COMPACT_EVERY_ENTRIES && end > COMPACT_KEEP_ENTRIES {
+        if end / COMPACT_EVERY_ENTRIES != (start - 1) / COMPACT_EVERY_ENTRIES
+            && end > COMPACT_KEEP_ENTRIES
+        {
             engine.compact_log(GROUP, end - COMPACT_KEEP_ENTRIES)?;
         }
     }
 }
 
-fn apply_range<B: shoal_engine::Backend>(engine: &shoal_engine::Engine<B>, seed: u64, from: Index, to: Index) -> Result<()> {
-    let batch: Vec<ApplyEntry> = (from..=to).map(|i| ApplyEntry { index: i, term: 1, requests: requests_for(seed, i) }).collect();
+fn apply_range<B: shoal_engine::Backend>(
+    engine: &shoal_engine::Engine<B>,
+    seed: u64,
+    from: Index,
+    to: Index,
+) -> Result<()> {
+    let batch: Vec<ApplyEntry> = (from..=to)
+        .map(|i| ApplyEntry {
+            index: i,
+            term: 1,
+            requests: requests_for(seed, i),
+        })
+        .collect();
     engine.apply(GROUP, &batch)?;
     Ok(())
 }
@@ -138,20 +182,43 @@ pub fn check_writer(dir: &Path, seed: u64, acked: Index) -> Result<WriterCheck> 
     let last = engine.last_index(GROUP)?;
     let first = engine.first_index(GROUP)?;
     let applied = engine.applied(GROUP)?.index;
-    ensure!(last >= acked, "acknowledged index {acked} lost: the log ends at {last}");
-    ensure!(applied <= last, "applied index {applied} is past the log's end {last}");
+    ensure!(
+        last >= acked,
+        "acknowledged index {acked} lost: the log ends at {last}"
+    );
+    ensure!(
+        applied <= last,
+        "applied index {applied} is past the log's end {last}"
+    );
     let mut boundary = 0;
     while boundary < last {
         boundary += batch_len(seed, boundary + 1);
     }
-    ensure!(boundary == last, "the log ends at {last}, inside a batch (partial batch visible)");
+    ensure!(
+        boundary == last,
+        "the log ends at {last}, inside a batch (partial batch visible)"
+    );
     let state = engine.group_state(GROUP)?;
-    ensure!(state.hard_state.commit == last, "hard state commit {} but log ends at {last}", state.hard_state.commit);
+    ensure!(
+        state.hard_state.commit == last,
+        "hard state commit {} but log ends at {last}",
+        state.hard_state.commit
+    );
     if last >= first {
-        let entries = engine.entries(GROUP, first, last + 1, u64::MAX).context("reading the log back")?;
-        ensure!(entries.len() as u64 == last - first + 1, "log has {} entries in [{first}, {last}]", entries.len());
+        let entries = engine
+            .entries(GROUP, first, last + 1, u64::MAX)
+            .context("reading the log back")?;
+        ensure!(
+            entries.len() as u64 == last - first + 1,
+            "log has {} entries in [{first}, {last}]",
+            entries.len()
+        );
         for e in entries {
-            ensure!(e == entry_for(seed, e.index), "entry {} differs from what was written", e.index);
+            ensure!(
+                e == entry_for(seed, e.index),
+                "entry {} differs from what was written",
+                e.index
+            );
         }
     }
     // The state machine must equal a replay of the workload to `applied`.
@@ -163,7 +230,11 @@ pub fn check_writer(dir: &Path, seed: u64, acked: Index) -> Result<WriterCheck> 
         next = to + 1;
     }
     compare_state(&engine, &model, 0..SHARDS)?;
-    Ok(WriterCheck { last_index: last, applied_index: applied, first_index: first })
+    Ok(WriterCheck {
+        last_index: last,
+        applied_index: applied,
+        first_index: first,
+    })
 }
 
 fn compare_state<B1: shoal_engine::Backend, B2: shoal_engine::Backend>(
@@ -176,10 +247,17 @@ fn compare_state<B1: shoal_engine::Backend, B2: shoal_engine::Backend>(
         let got = a.scan(shard, b"", b"", limit)?;
         let want = b.scan(shard, b"", b"", limit)?;
         if got != want {
-            bail!("shard {shard}: state machine ({} keys) differs from the replay ({} keys)", got.len(), want.len());
+            bail!(
+                "shard {shard}: state machine ({} keys) differs from the replay ({} keys)",
+                got.len(),
+                want.len()
+            );
         }
         for client in 0..=CLIENTS {
-            ensure!(a.session(shard, client)? == b.session(shard, client)?, "shard {shard}: session of client {client} differs from the replay");
+            ensure!(
+                a.session(shard, client)? == b.session(shard, client)?,
+                "shard {shard}: session of client {client} differs from the replay"
+            );
         }
     }
     Ok(())
@@ -194,20 +272,39 @@ fn template_requests(which: u64) -> Vec<Request> {
             client: 0,
             seq: 0,
             time_ms: 0,
-            command: Command::Put { key: Bytes::from(format!("t{k:05}")), value: Bytes::from(format!("template{which}-{k}-{}", "x".repeat((k % 50) as usize))) },
+            command: Command::Put {
+                key: Bytes::from(format!("t{k:05}")),
+                value: Bytes::from(format!(
+                    "template{which}-{k}-{}",
+                    "x".repeat((k % 50) as usize)
+                )),
+            },
         })
         .chain((0..which * 300).map(|k| Request {
             shard: INSTALL_SHARD,
             client: 0,
             seq: 0,
             time_ms: 0,
-            command: Command::Put { key: Bytes::from(format!("u{k:05}")), value: Bytes::from("only in template 1") },
+            command: Command::Put {
+                key: Bytes::from(format!("u{k:05}")),
+                value: Bytes::from("only in template 1"),
+            },
         }))
         .collect()
 }
 
-fn template_engine<B: shoal_engine::Backend>(engine: &shoal_engine::Engine<B>, which: u64) -> Result<()> {
-    engine.apply(GROUP, &[ApplyEntry { index: 100 * (which + 1), term: 1, requests: template_requests(which) }])?;
+fn template_engine<B: shoal_engine::Backend>(
+    engine: &shoal_engine::Engine<B>,
+    which: u64,
+) -> Result<()> {
+    engine.apply(
+        GROUP,
+        &[ApplyEntry {
+            index: 100 * (which + 1),
+            term: 1,
+            requests: template_requests(which),
+        }],
+    )?;
     Ok(())
 }
 
@@ -221,7 +318,10 @@ fn export_dir(dir: &Path, which: u64) -> PathBuf {
 pub fn run_installer(dir: &Path, rounds: Option<u64>) -> Result<()> {
     for which in 0..2 {
         let export = export_dir(dir, which);
-        if !export.join(shoal_engine::snapshot::MANIFEST_FILE_NAME).exists() {
+        if !export
+            .join(shoal_engine::snapshot::MANIFEST_FILE_NAME)
+            .exists()
+        {
             let tmp = dir.join(format!("template-{which}"));
             let _ = std::fs::remove_dir_all(&tmp);
             let _ = std::fs::remove_dir_all(&export);
@@ -238,7 +338,10 @@ pub fn run_installer(dir: &Path, rounds: Option<u64>) -> Result<()> {
     // (an interrupted install was finished, and its directory removed, by open).
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
-        if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("staging-")) {
+        if path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("staging-"))
+        {
             std::fs::remove_dir_all(&path)?;
         }
     }
@@ -280,15 +383,27 @@ pub fn check_installer(dir: &Path) -> Result<InstallCheck> {
     let got = engine.scan(INSTALL_SHARD, b"", b"", limit)?;
     let applied = engine.applied(GROUP)?.index;
     if got.is_empty() && applied == 0 {
-        return Ok(InstallCheck { template: None, finished_interrupted_install });
+        return Ok(InstallCheck {
+            template: None,
+            finished_interrupted_install,
+        });
     }
     for which in 0..2 {
         let model = MemStore::new_in_memory(EngineConfig::default())?;
         template_engine(&model, which)?;
         if got == model.scan(INSTALL_SHARD, b"", b"", limit)? {
-            ensure!(applied == 100 * (which + 1), "shard holds template {which} but the applied index is {applied}");
-            return Ok(InstallCheck { template: Some(which), finished_interrupted_install });
+            ensure!(
+                applied == 100 * (which + 1),
+                "shard holds template {which} but the applied index is {applied}"
+            );
+            return Ok(InstallCheck {
+                template: Some(which),
+                finished_interrupted_install,
+            });
         }
     }
-    bail!("shard {INSTALL_SHARD} holds {} keys matching neither snapshot: a mix of old and new", got.len())
+    bail!(
+        "shard {INSTALL_SHARD} holds {} keys matching neither snapshot: a mix of old and new",
+        got.len()
+    )
 }

@@ -22,13 +22,13 @@
 //! - [`crashtest`]: the deterministic crash workload behind `shoal demo --engine`
 //!   and the crash tests.
 
+pub mod bench;
 pub mod certs;
 pub mod cluster;
 pub mod crashtest;
 pub mod db;
 pub mod jsonl;
 pub mod local_cluster;
-pub mod bench;
 
 pub use cluster::{BlockingClient, Client, ClientError, ConnectError};
 pub use db::{AsyncDb, Db, DbError};

@@ -29,8 +29,7 @@ pub fn free_udp_addr() -> Result<SocketAddr> {
 
 /// A TCP port nobody is listening on right now on 127.0.0.1.
 pub fn free_tcp_addr() -> Result<SocketAddr> {
-    let listener =
-        std::net::TcpListener::bind("127.0.0.1:0").context("binding a free TCP port")?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding a free TCP port")?;
     Ok(listener.local_addr()?)
 }
 
@@ -122,7 +121,11 @@ impl LocalCluster {
 
     /// Starts every node that is not running.
     pub fn start_all(&mut self) -> Result<()> {
-        let ids: Vec<u64> = self.ids().into_iter().filter(|&id| !self.is_running(id)).collect();
+        let ids: Vec<u64> = self
+            .ids()
+            .into_iter()
+            .filter(|&id| !self.is_running(id))
+            .collect();
         self.start_many(&ids)
     }
 
@@ -177,7 +180,13 @@ impl LocalCluster {
         Command::new(&self.exe)
             .args(["node", "--id", &id.to_string(), "--data"])
             .arg(&data)
-            .args(["--listen", &addr.to_string(), "--peers", &self.cluster_arg(), "--tls"])
+            .args([
+                "--listen",
+                &addr.to_string(),
+                "--peers",
+                &self.cluster_arg(),
+                "--tls",
+            ])
             .arg(&self.tls)
             .args(&self.extra_args)
             .stdout(Stdio::piped())
@@ -211,7 +220,10 @@ impl LocalCluster {
     pub fn kill_many(&mut self, ids: &[u64]) -> Result<()> {
         let mut killed = Vec::new();
         for &id in ids {
-            let mut child = self.children.remove(&id).with_context(|| format!("node {id} is not running"))?;
+            let mut child = self
+                .children
+                .remove(&id)
+                .with_context(|| format!("node {id} is not running"))?;
             child.kill()?;
             killed.push(child);
         }
@@ -224,7 +236,10 @@ impl LocalCluster {
     /// SIGTERMs node `id` and waits (at most `timeout`) for it to exit;
     /// returns how it exited.
     pub fn terminate(&mut self, id: u64, timeout: Duration) -> Result<ExitStatus> {
-        let child = self.children.remove(&id).with_context(|| format!("node {id} is not running"))?;
+        let child = self
+            .children
+            .remove(&id)
+            .with_context(|| format!("node {id} is not running"))?;
         sigterm(&child)?;
         wait_exit(id, child, Instant::now() + timeout)
     }
@@ -271,16 +286,20 @@ impl LocalCluster {
     pub fn wait_caught_up(&self, timeout: Duration) -> Result<()> {
         let target = self.wait_for_leader(timeout)?.commit;
         for id in self.running() {
-            wait_for(&format!("node {id} to catch up to {target}"), timeout, || {
-                self.status(id).filter(|s| s.applied >= target)
-            })?;
+            wait_for(
+                &format!("node {id} to catch up to {target}"),
+                timeout,
+                || self.status(id).filter(|s| s.applied >= target),
+            )?;
         }
         Ok(())
     }
 }
 
 fn sigterm(child: &Child) -> Result<()> {
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
     if !status.success() {
         bail!("kill -TERM {} failed", child.id());
     }

@@ -12,7 +12,11 @@ use shoal::{bench, crashtest, jsonl};
 mod cluster_demo;
 
 #[derive(Parser)]
-#[command(name = "shoal", version, about = "Shoal: a replicated, sharded key/value database")]
+#[command(
+    name = "shoal",
+    version,
+    about = "Shoal: a replicated, sharded key/value database"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -236,17 +240,54 @@ enum CertsCmd {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     match Cli::parse().command {
-        Cmd::Demo { engine: false, dir, .. } => cluster_demo::run(&dir),
-        Cmd::Demo { engine: true, dir, kills, seed } => demo(&dir, kills, seed),
-        Cmd::Certs { command: CertsCmd::Init { out, nodes, clients } } => {
+        Cmd::Demo {
+            engine: false, dir, ..
+        } => cluster_demo::run(&dir),
+        Cmd::Demo {
+            engine: true,
+            dir,
+            kills,
+            seed,
+        } => demo(&dir, kills, seed),
+        Cmd::Certs {
+            command:
+                CertsCmd::Init {
+                    out,
+                    nodes,
+                    clients,
+                },
+        } => {
             shoal::certs::init(&out, &nodes, &clients)?;
             println!("wrote a cluster CA and certificates for nodes {nodes:?} and clients {clients:?} to {}", out.display());
             Ok(())
         }
-        Cmd::Node { id, data, listen, peers, tls, max_raft_state_bytes, io_timeout_ms, worker_threads, fault_injection } => {
-            let options = NodeOptions { id, data_dir: data, listen, peers: cluster::parse_members(&peers)?, tls_dir: tls, max_raft_state_bytes: (max_raft_state_bytes > 0).then_some(max_raft_state_bytes), fault_injection, io_timeout_ms, worker_threads };
+        Cmd::Node {
+            id,
+            data,
+            listen,
+            peers,
+            tls,
+            max_raft_state_bytes,
+            io_timeout_ms,
+            worker_threads,
+            fault_injection,
+        } => {
+            let options = NodeOptions {
+                id,
+                data_dir: data,
+                listen,
+                peers: cluster::parse_members(&peers)?,
+                tls_dir: tls,
+                max_raft_state_bytes: (max_raft_state_bytes > 0).then_some(max_raft_state_bytes),
+                fault_injection,
+                io_timeout_ms,
+                worker_threads,
+            };
             cluster::run_node(options, |addr| {
                 println!("node {id} listening on {addr}");
                 let _ = std::io::Write::flush(&mut std::io::stdout());
@@ -254,11 +295,46 @@ fn main() -> Result<()> {
         }
         Cmd::Client { cluster } => run_client(&cluster),
         Cmd::Get { cluster, key } => one_shot(&cluster, jsonl::Request::Get { key }),
-        Cmd::Put { cluster, key, value, if_version } => one_shot(&cluster, jsonl::Request::Put { key, value, if_version }),
-        Cmd::Append { cluster, key, value } => one_shot(&cluster, jsonl::Request::Append { key, value }),
+        Cmd::Put {
+            cluster,
+            key,
+            value,
+            if_version,
+        } => one_shot(
+            &cluster,
+            jsonl::Request::Put {
+                key,
+                value,
+                if_version,
+            },
+        ),
+        Cmd::Append {
+            cluster,
+            key,
+            value,
+        } => one_shot(&cluster, jsonl::Request::Append { key, value }),
         Cmd::Del { cluster, key } => one_shot(&cluster, jsonl::Request::Del { key }),
-        Cmd::Scan { cluster, start, end, limit } => one_shot(&cluster, jsonl::Request::Scan { start, end, limit }),
-        Cmd::Bench { systems, dir, clients, get_clients, warmup_secs, measure_secs, keys, value_bytes, conns, cluster, tls, json, node_arg } => {
+        Cmd::Scan {
+            cluster,
+            start,
+            end,
+            limit,
+        } => one_shot(&cluster, jsonl::Request::Scan { start, end, limit }),
+        Cmd::Bench {
+            systems,
+            dir,
+            clients,
+            get_clients,
+            warmup_secs,
+            measure_secs,
+            keys,
+            value_bytes,
+            conns,
+            cluster,
+            tls,
+            json,
+            node_arg,
+        } => {
             let systems = systems
                 .iter()
                 .map(|s| match s.as_str() {
@@ -290,22 +366,34 @@ fn main() -> Result<()> {
             };
             let results = bench::run(&options)?;
             if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_vec_pretty(&results)?).with_context(|| format!("writing {}", path.display()))?;
+                std::fs::write(&path, serde_json::to_vec_pretty(&results)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
             }
             Ok(())
         }
         Cmd::Status { cluster } => status(&cluster),
         Cmd::DbWriter { dir } => db_writer(&dir),
-        Cmd::EngineWriter { dir, seed, stop_after } => crashtest::run_writer(&dir, seed, stop_after),
+        Cmd::EngineWriter {
+            dir,
+            seed,
+            stop_after,
+        } => crashtest::run_writer(&dir, seed, stop_after),
         Cmd::EngineInstaller { dir, rounds } => crashtest::run_installer(&dir, rounds),
     }
 }
 
 fn connect(args: &ClusterArgs) -> Result<(tokio::runtime::Runtime, cluster::Client)> {
     let members = cluster::parse_members(&args.cluster)?;
-    let options = ClientOptions { name: args.name.clone(), op_deadline: std::time::Duration::from_millis(args.timeout_ms), ..ClientOptions::default() };
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let client = runtime.block_on(async { cluster::Client::connect_with(&members, &args.tls, options) })?;
+    let options = ClientOptions {
+        name: args.name.clone(),
+        op_deadline: std::time::Duration::from_millis(args.timeout_ms),
+        ..ClientOptions::default()
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let client =
+        runtime.block_on(async { cluster::Client::connect_with(&members, &args.tls, options) })?;
     Ok((runtime, client))
 }
 
@@ -382,7 +470,12 @@ fn db_writer(dir: &Path) -> Result<()> {
 
 fn spawn_self(args: &[&str]) -> Result<Child> {
     let exe = std::env::current_exe().context("locating the shoal binary")?;
-    Process::new(exe).args(args).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().context("starting the writer")
+    Process::new(exe)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting the writer")
 }
 
 /// Reads the child's lines until `stop(line)` is true; returns the lines seen.
@@ -405,14 +498,26 @@ fn demo(dir: &Path, kills: u32, seed: u64) -> Result<()> {
     println!("Shoal engine demo: a writer appends Raft log batches (synced) and applies them to the KV state machine;");
     println!("we SIGKILL it mid-write {kills} times, reopen the database each time, and check what survived.\n");
     let bar = indicatif::ProgressBar::new(u64::from(kills));
-    bar.set_style(indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} kills  {msg}").expect("static template"));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} kills  {msg}")
+            .expect("static template"),
+    );
     let mut acked = 0;
     let mut summary = Vec::new();
     for round in 0..kills {
         let target = acked + 2_000 + u64::from(round) * 750;
-        let mut child = spawn_self(&["engine-writer", "--dir", &log_dir_arg, "--seed", &seed.to_string()])?;
+        let mut child = spawn_self(&[
+            "engine-writer",
+            "--dir",
+            &log_dir_arg,
+            "--seed",
+            &seed.to_string(),
+        ])?;
         read_until(&mut child, |line| {
-            if let Some(n) = line.strip_prefix("ack ").and_then(|n| n.parse::<u64>().ok()) {
+            if let Some(n) = line
+                .strip_prefix("ack ")
+                .and_then(|n| n.parse::<u64>().ok())
+            {
                 acked = n;
                 bar.set_message(format!("acknowledged index {acked}"));
             }
@@ -435,7 +540,9 @@ fn demo(dir: &Path, kills: u32, seed: u64) -> Result<()> {
     for line in &summary {
         println!("{line}");
     }
-    println!("\nSnapshot install: killing an installer that alternates two SST snapshots of one shard.");
+    println!(
+        "\nSnapshot install: killing an installer that alternates two SST snapshots of one shard."
+    );
     let install_dir = dir.join("install");
     std::fs::create_dir_all(&install_dir)?;
     let install_arg = install_dir.display().to_string();
@@ -449,7 +556,11 @@ fn demo(dir: &Path, kills: u32, seed: u64) -> Result<()> {
         child.kill()?;
         child.wait()?;
         let check = crashtest::check_installer(&install_dir)?;
-        let interrupted = if check.finished_interrupted_install { ", an interrupted install was finished on reopen" } else { "" };
+        let interrupted = if check.finished_interrupted_install {
+            ", an interrupted install was finished on reopen"
+        } else {
+            ""
+        };
         println!(
             "  kill {}: shard holds snapshot {} entirely{interrupted} (never a mix)",
             round + 1,

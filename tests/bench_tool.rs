@@ -12,8 +12,25 @@ fn bench_runs_every_phase_against_a_real_cluster() {
     let dir = tempfile::tempdir().expect("tempdir");
     let json = dir.path().join("results.json");
     let output = Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .args(["bench", "--systems", "shoal", "--clients", "1,4", "--get-clients", "4"])
-        .args(["--warmup-secs", "0.2", "--measure-secs", "1", "--keys", "100", "--conns", "2"])
+        .args([
+            "bench",
+            "--systems",
+            "shoal",
+            "--clients",
+            "1,4",
+            "--get-clients",
+            "4",
+        ])
+        .args([
+            "--warmup-secs",
+            "0.2",
+            "--measure-secs",
+            "1",
+            "--keys",
+            "100",
+            "--conns",
+            "2",
+        ])
         .arg("--dir")
         .arg(dir.path().join("data"))
         .arg("--json")
@@ -27,19 +44,34 @@ fn bench_runs_every_phase_against_a_real_cluster() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(stdout.contains("server µs/op"), "no table: {stdout}");
-    let results: Vec<Value> = serde_json::from_slice(&std::fs::read(&json).expect("results")).expect("JSON");
+    let results: Vec<Value> =
+        serde_json::from_slice(&std::fs::read(&json).expect("results")).expect("JSON");
     let phases: Vec<(String, u64)> = results
         .iter()
-        .map(|r| (r["op"].as_str().expect("op").to_string(), r["clients"].as_u64().expect("clients")))
+        .map(|r| {
+            (
+                r["op"].as_str().expect("op").to_string(),
+                r["clients"].as_u64().expect("clients"),
+            )
+        })
         .collect();
-    assert_eq!(phases, [("put".into(), 1), ("put".into(), 4), ("get".into(), 4)]);
+    assert_eq!(
+        phases,
+        [("put".into(), 1), ("put".into(), 4), ("get".into(), 4)]
+    );
     for r in &results {
         assert_eq!(r["system"], "shoal");
         assert_eq!(r["errors"], 0, "{r}");
         assert!(r["ops"].as_u64().expect("ops") > 0, "{r}");
-        let (p50, p99) = (r["p50_us"].as_u64().expect("p50"), r["p99_us"].as_u64().expect("p99"));
+        let (p50, p99) = (
+            r["p50_us"].as_u64().expect("p50"),
+            r["p99_us"].as_u64().expect("p99"),
+        );
         assert!(0 < p50 && p50 <= p99, "{r}");
         // Three node processes did the work: their CPU time is measured.
-        assert!(r["server_cpu_us_per_op"].as_f64().expect("server CPU") > 0.0, "{r}");
+        assert!(
+            r["server_cpu_us_per_op"].as_f64().expect("server CPU") > 0.0,
+            "{r}"
+        );
     }
 }

@@ -11,14 +11,32 @@ use shoal_net::{NodeId, Peer};
 fn certs_init_writes_loadable_identities() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("tls");
-    let run = || Command::new(env!("CARGO_BIN_EXE_shoal")).args(["certs", "init", "--out"]).arg(&out).args(["--nodes", "1,2,3"]).output().unwrap();
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(["certs", "init", "--out"])
+            .arg(&out)
+            .args(["--nodes", "1,2,3"])
+            .output()
+            .unwrap()
+    };
     let first = run();
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     for id in 1..=3 {
         let identity = shoal::certs::load(&out, &Peer::Node(NodeId(id))).unwrap();
         assert_eq!(identity.peer(), Some(Peer::Node(NodeId(id))));
-        let mode = std::fs::metadata(out.join(format!("node-{id}-key.pem"))).unwrap().permissions().mode();
-        assert_eq!(mode & 0o077, 0, "private keys are readable by their owner only");
+        let mode = std::fs::metadata(out.join(format!("node-{id}-key.pem")))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o077,
+            0,
+            "private keys are readable by their owner only"
+        );
     }
     shoal::certs::load(&out, &Peer::Client("admin".into())).unwrap();
     // A certificate file under another peer's name is refused.

@@ -27,11 +27,19 @@ fn seed() -> u64 {
 }
 
 fn rounds(default: u64) -> u64 {
-    std::env::var("SHOAL_CRASH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+    std::env::var("SHOAL_CRASH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
 }
 
 fn spawn(args: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_shoal")).args(args).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("start shoal")
+    Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start shoal")
 }
 
 /// Busy-waits `micros` so the kill lands at a random point inside the
@@ -77,7 +85,8 @@ fn engine_survives_sigkill_mid_write() {
             spin(rng.random_range(0..3_000));
             child.kill().unwrap();
             child.wait().unwrap();
-            let check = crashtest::check_writer(dir.path(), seed, acked).unwrap_or_else(|e| panic!("round {round}: {e:#}"));
+            let check = crashtest::check_writer(dir.path(), seed, acked)
+                .unwrap_or_else(|e| panic!("round {round}: {e:#}"));
             acked = check.last_index;
         }
         assert!(acked > 0);
@@ -110,7 +119,8 @@ fn snapshot_install_survives_sigkill() {
             child.kill().unwrap();
             child.wait().unwrap();
             drop(lines);
-            let check = crashtest::check_installer(dir.path()).unwrap_or_else(|e| panic!("round {round}: {e:#}"));
+            let check = crashtest::check_installer(dir.path())
+                .unwrap_or_else(|e| panic!("round {round}: {e:#}"));
             if let Some(which) = check.template {
                 seen[which as usize] = true;
             }
@@ -130,7 +140,15 @@ fn snapshot_install_survives_sigkill() {
 fn checker_accepts_clean_run_and_rejects_lost_acks() {
     let dir = tempfile::tempdir().unwrap();
     let status = Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .args(["engine-writer", "--dir", &dir.path().display().to_string(), "--seed", "7", "--stop-after", "700"])
+        .args([
+            "engine-writer",
+            "--dir",
+            &dir.path().display().to_string(),
+            "--seed",
+            "7",
+            "--stop-after",
+            "700",
+        ])
         .stdout(Stdio::null())
         .status()
         .unwrap();

@@ -24,7 +24,10 @@ use shoal_engine::{ApplyEntry, Command, EngineConfig, GroupWrite, LogBatch, Requ
 const ENTRY_BYTES: usize = 256;
 
 fn bench_dir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("shoal-bench").tempdir_in(std::env::temp_dir()).unwrap()
+    tempfile::Builder::new()
+        .prefix("shoal-bench")
+        .tempdir_in(std::env::temp_dir())
+        .unwrap()
 }
 
 fn log_append(c: &mut Criterion) {
@@ -37,10 +40,30 @@ fn log_append(c: &mut Criterion) {
         group.throughput(Throughput::Elements(batch));
         group.bench_function(batch.to_string(), |b| {
             b.iter(|| {
-                let entries: Vec<Entry> = (next..next + batch).map(|index| Entry { term: 1, index, data: payload.clone(), ..Default::default() }).collect();
+                let entries: Vec<Entry> = (next..next + batch)
+                    .map(|index| Entry {
+                        term: 1,
+                        index,
+                        data: payload.clone(),
+                        ..Default::default()
+                    })
+                    .collect();
                 next += batch;
-                let hard_state = HardState { term: 1, vote: 1, commit: next - 1 };
-                engine.write_log(LogBatch { groups: vec![GroupWrite { group: 1, entries, hard_state: Some(hard_state), ..Default::default() }] }).unwrap();
+                let hard_state = HardState {
+                    term: 1,
+                    vote: 1,
+                    commit: next - 1,
+                };
+                engine
+                    .write_log(LogBatch {
+                        groups: vec![GroupWrite {
+                            group: 1,
+                            entries,
+                            hard_state: Some(hard_state),
+                            ..Default::default()
+                        }],
+                    })
+                    .unwrap();
             })
         });
     }
@@ -65,11 +88,23 @@ fn apply(c: &mut Criterion) {
                         client: n + 1,
                         seq: index,
                         time_ms: index,
-                        command: Command::Put { key: Bytes::from(format!("key{:08}", key % 100_000)), value: Bytes::from(vec![1u8; 256]) },
+                        command: Command::Put {
+                            key: Bytes::from(format!("key{:08}", key % 100_000)),
+                            value: Bytes::from(vec![1u8; 256]),
+                        },
                     }
                 })
                 .collect();
-            engine.apply(1, &[ApplyEntry { index, term: 1, requests }]).unwrap();
+            engine
+                .apply(
+                    1,
+                    &[ApplyEntry {
+                        index,
+                        term: 1,
+                        requests,
+                    }],
+                )
+                .unwrap();
         })
     });
     group.finish();
@@ -89,10 +124,22 @@ fn snapshot(c: &mut Criterion) {
                 client: 0,
                 seq: 0,
                 time_ms: 0,
-                command: Command::Put { key: Bytes::from(format!("key{k:010}")), value: Bytes::from(vec![(*k % 251) as u8; VALUE_BYTES]) },
+                command: Command::Put {
+                    key: Bytes::from(format!("key{k:010}")),
+                    value: Bytes::from(vec![(*k % 251) as u8; VALUE_BYTES]),
+                },
             })
             .collect();
-        source.apply(1, &[ApplyEntry { index: i as u64 + 1, term: 1, requests }]).unwrap();
+        source
+            .apply(
+                1,
+                &[ApplyEntry {
+                    index: i as u64 + 1,
+                    term: 1,
+                    requests,
+                }],
+            )
+            .unwrap();
     }
     let target = RocksEngine::open(dir.path().join("target"), EngineConfig::default()).unwrap();
     let mut group = c.benchmark_group("snapshot");
@@ -113,7 +160,13 @@ fn snapshot(c: &mut Criterion) {
 fn yardsticks(c: &mut Criterion) {
     let mut group = c.benchmark_group("yardstick");
     let dir = bench_dir();
-    let file = std::fs::OpenOptions::new().create(true).truncate(true).read(true).write(true).open(dir.path().join("raw")).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(dir.path().join("raw"))
+        .unwrap();
     // Overwrite a preallocated, synced file in place, as a WAL does: then
     // fdatasync flushes data only, no file-size metadata.
     const RAW_FILE_BYTES: u64 = 64 * 1024 * 1024;

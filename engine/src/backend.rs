@@ -122,7 +122,13 @@ pub trait View {
     /// Writes the pairs in `[start, end)` to a new file at `path` in the
     /// backend's ingestible format; `None` (and no file) when the range is
     /// empty.
-    fn export_range(&self, cf: Cf, start: &[u8], end: &[u8], path: &Path) -> Result<Option<ExportedFile>>;
+    fn export_range(
+        &self,
+        cf: Cf,
+        start: &[u8],
+        end: &[u8],
+        path: &Path,
+    ) -> Result<Option<ExportedFile>>;
 }
 
 /// A storage backend: a [`View`] of the latest state, atomic writes, point-

@@ -57,24 +57,52 @@ impl Default for EngineConfig {
 impl EngineConfig {
     /// Checks that every field is in range, naming the first that is not.
     pub fn validate(&self) -> Result<()> {
-        let check = |ok: bool, msg: &str| if ok { Ok(()) } else { Err(EngineError::Config(msg.to_string())) };
+        let check = |ok: bool, msg: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(EngineError::Config(msg.to_string()))
+            }
+        };
         check(self.key_bytes_max >= 1, "key_bytes_max must be at least 1")?;
-        check(self.key_bytes_max <= 64 * 1024, "key_bytes_max must be at most 64 KiB")?;
-        check(self.value_bytes_max <= 256 * 1024 * 1024, "value_bytes_max must be at most 256 MiB")?;
+        check(
+            self.key_bytes_max <= 64 * 1024,
+            "key_bytes_max must be at most 64 KiB",
+        )?;
+        check(
+            self.value_bytes_max <= 256 * 1024 * 1024,
+            "value_bytes_max must be at most 256 MiB",
+        )?;
         check(
             self.batch_bytes_max >= self.key_bytes_max + self.value_bytes_max,
             "batch_bytes_max must hold at least one maximal key and value",
         )?;
-        check(self.scan_limit_max >= 1, "scan_limit_max must be at least 1")?;
-        check(self.block_cache_bytes >= 1024 * 1024, "block_cache_bytes must be at least 1 MiB")?;
-        check(self.write_buffer_bytes >= 1024 * 1024, "write_buffer_bytes must be at least 1 MiB")?;
-        check((1..=64).contains(&self.background_jobs), "background_jobs must be in 1..=64")?;
+        check(
+            self.scan_limit_max >= 1,
+            "scan_limit_max must be at least 1",
+        )?;
+        check(
+            self.block_cache_bytes >= 1024 * 1024,
+            "block_cache_bytes must be at least 1 MiB",
+        )?;
+        check(
+            self.write_buffer_bytes >= 1024 * 1024,
+            "write_buffer_bytes must be at least 1 MiB",
+        )?;
+        check(
+            (1..=64).contains(&self.background_jobs),
+            "background_jobs must be in 1..=64",
+        )?;
         Ok(())
     }
 
     pub(crate) fn check(kind: LimitKind, actual: u64, limit: u64) -> Result<()> {
         if actual > limit {
-            Err(EngineError::LimitExceeded { kind, actual, limit })
+            Err(EngineError::LimitExceeded {
+                kind,
+                actual,
+                limit,
+            })
         } else {
             Ok(())
         }

@@ -24,13 +24,18 @@ pub struct Engine<B: Backend> {
 
 impl<B: Backend> Clone for Engine<B> {
     fn clone(&self) -> Self {
-        Engine { inner: self.inner.clone() }
+        Engine {
+            inner: self.inner.clone(),
+        }
     }
 }
 
 impl<B: Backend> std::fmt::Debug for Engine<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("backend", &self.inner.backend).field("config", &self.inner.config).finish()
+        f.debug_struct("Engine")
+            .field("backend", &self.inner.backend)
+            .field("config", &self.inner.config)
+            .finish()
     }
 }
 
@@ -67,11 +72,21 @@ impl ApplyCache {
 
     /// Records `value` as the state of `key`, emptying the cache first if it
     /// would outgrow `budget` bytes.
-    pub(crate) fn insert(&mut self, budget: u64, cf: crate::backend::Cf, key: Vec<u8>, value: Option<Vec<u8>>) {
+    pub(crate) fn insert(
+        &mut self,
+        budget: u64,
+        cf: crate::backend::Cf,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+    ) {
         if budget == 0 {
             return;
         }
-        let size = |k: &[u8], v: &Option<Vec<u8>>| k.len() as u64 + v.as_ref().map_or(0, |v| v.len() as u64) + APPLY_CACHE_ENTRY_OVERHEAD_BYTES;
+        let size = |k: &[u8], v: &Option<Vec<u8>>| {
+            k.len() as u64
+                + v.as_ref().map_or(0, |v| v.len() as u64)
+                + APPLY_CACHE_ENTRY_OVERHEAD_BYTES
+        };
         let added = size(&key, &value);
         if self.bytes + added > budget {
             self.clear();
@@ -117,7 +132,11 @@ impl MemStore {
     /// write are lost, caches are dropped, interrupted installs are finished.
     pub fn crash_and_recover(&self) -> Result<()> {
         self.inner.backend.crash();
-        self.inner.groups.write().unwrap_or_else(|p| p.into_inner()).clear();
+        self.inner
+            .groups
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         self.apply_cache().clear();
         self.recover()
     }
@@ -143,14 +162,18 @@ impl<B: Backend> Engine<B> {
 
     fn recover(&self) -> Result<()> {
         let finished = self.finish_interrupted_installs()?;
-        self.inner.installs_finished_at_open.fetch_add(finished, std::sync::atomic::Ordering::Relaxed);
+        self.inner
+            .installs_finished_at_open
+            .fetch_add(finished, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
     /// How many snapshot installs a crash had interrupted and recovery
     /// finished (when opening, or in [`MemStore::crash_and_recover`]).
     pub fn interrupted_installs_finished(&self) -> u64 {
-        self.inner.installs_finished_at_open.load(std::sync::atomic::Ordering::Relaxed)
+        self.inner
+            .installs_finished_at_open
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Makes every write so far durable (applies and compactions are
@@ -170,36 +193,67 @@ impl<B: Backend> Engine<B> {
     }
 
     pub(crate) fn apply_cache(&self) -> MutexGuard<'_, ApplyCache> {
-        self.inner.apply_cache.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner
+            .apply_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn log_write_lock(&self) -> MutexGuard<'_, ()> {
-        self.inner.log_writer.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner
+            .log_writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn group_log(&self, group: GroupId) -> Result<GroupLog> {
-        if let Some(g) = self.inner.groups.read().unwrap_or_else(|p| p.into_inner()).get(&group) {
+        if let Some(g) = self
+            .inner
+            .groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&group)
+        {
             return Ok(g.clone());
         }
         let loaded = load_group(&self.inner.backend, group)?;
-        self.inner.groups.write().unwrap_or_else(|p| p.into_inner()).entry(group).or_insert_with(|| loaded.clone());
+        self.inner
+            .groups
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(group)
+            .or_insert_with(|| loaded.clone());
         Ok(loaded)
     }
 
     /// The cached log bounds of `group`, loading them on first use; cheaper
     /// than [`Self::group_log`] on the hot `term`/`entries` path.
     pub(crate) fn log_bounds(&self, group: GroupId) -> Result<LogBounds> {
-        if let Some(g) = self.inner.groups.read().unwrap_or_else(|p| p.into_inner()).get(&group) {
+        if let Some(g) = self
+            .inner
+            .groups
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&group)
+        {
             return Ok(g.bounds());
         }
         Ok(self.group_log(group)?.bounds())
     }
 
     pub(crate) fn cache_group(&self, log: GroupLog) {
-        self.inner.groups.write().unwrap_or_else(|p| p.into_inner()).insert(log.group, log);
+        self.inner
+            .groups
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(log.group, log);
     }
 
     pub(crate) fn forget_group(&self, group: GroupId) {
-        self.inner.groups.write().unwrap_or_else(|p| p.into_inner()).remove(&group);
+        self.inner
+            .groups
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&group);
     }
 }

@@ -76,7 +76,10 @@ impl From<rocksdb::Error> for EngineError {
 
 impl EngineError {
     pub(crate) fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
-        EngineError::Io { path: path.as_ref().display().to_string(), source }
+        EngineError::Io {
+            path: path.as_ref().display().to_string(),
+            source,
+        }
     }
 }
 

@@ -23,9 +23,14 @@ pub fn log_key(group: GroupId, index: Index) -> [u8; 16] {
 
 /// Splits a `raft_log` key.
 pub fn parse_log_key(key: &[u8]) -> Result<(GroupId, Index)> {
-    let bytes: [u8; 16] = key.try_into().map_err(|_| EngineError::Corrupt(format!("raft_log key of {} bytes", key.len())))?;
+    let bytes: [u8; 16] = key
+        .try_into()
+        .map_err(|_| EngineError::Corrupt(format!("raft_log key of {} bytes", key.len())))?;
     let (g, i) = bytes.split_at(8);
-    Ok((u64::from_be_bytes(g.try_into().unwrap_or_default()), u64::from_be_bytes(i.try_into().unwrap_or_default())))
+    Ok((
+        u64::from_be_bytes(g.try_into().unwrap_or_default()),
+        u64::from_be_bytes(i.try_into().unwrap_or_default()),
+    ))
 }
 
 /// Key of `group` in `raft_state`.
@@ -49,7 +54,10 @@ pub fn kv_key(shard: ShardId, user_key: &[u8]) -> Vec<u8> {
 /// `[start, end)` covering every key of `shard` (in `kv` and in `dedup`).
 pub fn shard_range(shard: ShardId) -> (Vec<u8>, Vec<u8>) {
     check_shard(shard);
-    (shard.to_be_bytes().to_vec(), (shard + 1).to_be_bytes().to_vec())
+    (
+        shard.to_be_bytes().to_vec(),
+        (shard + 1).to_be_bytes().to_vec(),
+    )
 }
 
 /// Key of a client's session of `shard` in `dedup`.
@@ -99,7 +107,8 @@ pub fn meta_shard_range(shard: ShardId) -> (Vec<u8>, Vec<u8>) {
 /// covering `context` (normally the record's key) so a record copied under
 /// the wrong key is caught.
 pub fn encode_record<T: Serialize>(context: &[u8], value: &T) -> Vec<u8> {
-    let body = postcard::to_stdvec(value).expect("postcard encoding of an in-memory value cannot fail");
+    let body =
+        postcard::to_stdvec(value).expect("postcard encoding of an in-memory value cannot fail");
     let mut out = Vec::with_capacity(4 + body.len());
     out.extend_from_slice(&checksum(context, &body).to_be_bytes());
     out.extend_from_slice(&body);
@@ -107,16 +116,28 @@ pub fn encode_record<T: Serialize>(context: &[u8], value: &T) -> Vec<u8> {
 }
 
 /// Decodes a record made by [`encode_record`]; `what` names it in errors.
-pub fn decode_record<T: DeserializeOwned>(context: &[u8], bytes: &[u8], what: &dyn Fn() -> String) -> Result<T> {
+pub fn decode_record<T: DeserializeOwned>(
+    context: &[u8],
+    bytes: &[u8],
+    what: &dyn Fn() -> String,
+) -> Result<T> {
     if bytes.len() < 4 {
-        return Err(EngineError::Corrupt(format!("{}: record of {} bytes is truncated", what(), bytes.len())));
+        return Err(EngineError::Corrupt(format!(
+            "{}: record of {} bytes is truncated",
+            what(),
+            bytes.len()
+        )));
     }
     let (crc, body) = bytes.split_at(4);
     let stored = u32::from_be_bytes(crc.try_into().unwrap_or_default());
     if stored != checksum(context, body) {
-        return Err(EngineError::Corrupt(format!("{}: checksum mismatch", what())));
+        return Err(EngineError::Corrupt(format!(
+            "{}: checksum mismatch",
+            what()
+        )));
     }
-    postcard::from_bytes(body).map_err(|e| EngineError::Corrupt(format!("{}: undecodable record: {e}", what())))
+    postcard::from_bytes(body)
+        .map_err(|e| EngineError::Corrupt(format!("{}: undecodable record: {e}", what())))
 }
 
 /// CRC32 of `context` followed by `body`.

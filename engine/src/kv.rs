@@ -189,10 +189,17 @@ pub struct ApplyEntry {
 
 fn decode_versioned(bytes: &[u8], what: &dyn Fn() -> String) -> Result<Versioned> {
     if bytes.len() < 8 {
-        return Err(EngineError::Corrupt(format!("{}: value of {} bytes", what(), bytes.len())));
+        return Err(EngineError::Corrupt(format!(
+            "{}: value of {} bytes",
+            what(),
+            bytes.len()
+        )));
     }
     let (v, value) = bytes.split_at(8);
-    Ok(Versioned { version: u64::from_be_bytes(v.try_into().unwrap_or_default()), value: Bytes::copy_from_slice(value) })
+    Ok(Versioned {
+        version: u64::from_be_bytes(v.try_into().unwrap_or_default()),
+        value: Bytes::copy_from_slice(value),
+    })
 }
 
 fn encode_versioned(version: u64, value: &[u8]) -> Vec<u8> {
@@ -224,7 +231,8 @@ impl Txn<'_> {
             return Ok(v.clone());
         }
         let value = self.view.get(cf, key)?;
-        self.cache.insert(self.cache_budget, cf, key.to_vec(), value.clone());
+        self.cache
+            .insert(self.cache_budget, cf, key.to_vec(), value.clone());
         Ok(value)
     }
     fn stage(&mut self, cf: Cf, key: Vec<u8>, value: Option<Vec<u8>>) {
@@ -245,7 +253,8 @@ impl Txn<'_> {
     fn into_write_set(self) -> WriteSet {
         let mut set = WriteSet::new();
         for ((cf, key), value) in self.overlay {
-            self.cache.insert(self.cache_budget, cf, key.clone(), value.clone());
+            self.cache
+                .insert(self.cache_budget, cf, key.clone(), value.clone());
             match value {
                 Some(v) => set.put(cf, key, v),
                 None => set.delete(cf, key),
@@ -254,9 +263,19 @@ impl Txn<'_> {
         set
     }
     /// Pairs in `[start, end)` as the batch so far sees them, at most `limit`.
-    fn scan(&self, cf: Cf, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    fn scan(
+        &self,
+        cf: Cf,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let mut merged = std::collections::BTreeMap::new();
-        let pending: Vec<_> = self.overlay.iter().filter(|((c, k), _)| *c == cf && k.as_slice() >= start && k.as_slice() < end).collect();
+        let pending: Vec<_> = self
+            .overlay
+            .iter()
+            .filter(|((c, k), _)| *c == cf && k.as_slice() >= start && k.as_slice() < end)
+            .collect();
         let deleted = pending.iter().filter(|(_, v)| v.is_none()).count();
         let want = limit.saturating_add(deleted);
         self.view.scan(cf, start, end, &mut |k, v| {
@@ -278,14 +297,22 @@ impl<B: Backend> Engine<B> {
     /// proposing it.
     pub fn validate_request(&self, request: &Request) -> Result<()> {
         let c = self.config();
-        let key_check = |k: &[u8]| EngineConfig::check(LimitKind::KeyBytes, k.len() as u64, c.key_bytes_max);
-        let value_check = |v: &[u8]| EngineConfig::check(LimitKind::ValueBytes, v.len() as u64, c.value_bytes_max);
+        let key_check =
+            |k: &[u8]| EngineConfig::check(LimitKind::KeyBytes, k.len() as u64, c.key_bytes_max);
+        let value_check = |v: &[u8]| {
+            EngineConfig::check(LimitKind::ValueBytes, v.len() as u64, c.value_bytes_max)
+        };
         if request.shard > crate::keys::SHARD_ID_MAX {
-            return Err(EngineError::Invalid(format!("shard id {} is reserved", request.shard)));
+            return Err(EngineError::Invalid(format!(
+                "shard id {} is reserved",
+                request.shard
+            )));
         }
         match &request.command {
             Command::Get { key } | Command::Delete { key } => key_check(key),
-            Command::Put { key, value } | Command::PutIfVersion { key, value, .. } | Command::Append { key, value } => {
+            Command::Put { key, value }
+            | Command::PutIfVersion { key, value, .. }
+            | Command::Append { key, value } => {
                 key_check(key)?;
                 value_check(value)
             }
@@ -329,14 +356,23 @@ impl<B: Backend> Engine<B> {
             let mut cache = self.apply_cache();
             let cache_budget = self.config().apply_cache_bytes;
             self.backend().with_view(&mut |view| {
-                let mut txn = Txn { view, cache: &mut cache, cache_budget, overlay: HashMap::new(), overlay_bytes: 0 };
+                let mut txn = Txn {
+                    view,
+                    cache: &mut cache,
+                    cache_budget,
+                    overlay: HashMap::new(),
+                    overlay_bytes: 0,
+                };
                 for entry in rest {
                     let mut out = Vec::with_capacity(entry.requests.len());
                     for request in &entry.requests {
                         out.push(self.apply_request(&mut txn, request)?);
                     }
                     replies.push(out);
-                    applied = AppliedState { index: entry.index, term: entry.term };
+                    applied = AppliedState {
+                        index: entry.index,
+                        term: entry.term,
+                    };
                     taken += 1;
                     if txn.overlay_bytes >= self.config().batch_bytes_max {
                         break;
@@ -359,14 +395,18 @@ impl<B: Backend> Engine<B> {
 
     fn apply_request(&self, txn: &mut Txn<'_>, request: &Request) -> Result<Reply> {
         if let Err(e) = self.validate_request(request) {
-            return Ok(Reply::Rejected { reason: e.to_string() });
+            return Ok(Reply::Rejected {
+                reason: e.to_string(),
+            });
         }
         let shard = request.shard;
         let session_key = dedup_key(shard, request.client);
         let tracked = request.client != 0 && !request.command.is_read_only();
         if tracked {
             if let Some(bytes) = txn.get(Cf::Dedup, &session_key)? {
-                let session: Session = decode_record(&session_key, &bytes, &|| format!("session of client {} in shard {shard}", request.client))?;
+                let session: Session = decode_record(&session_key, &bytes, &|| {
+                    format!("session of client {} in shard {shard}", request.client)
+                })?;
                 if request.seq == session.seq {
                     return Ok(session.reply);
                 }
@@ -377,8 +417,16 @@ impl<B: Backend> Engine<B> {
         }
         let reply = self.execute(txn, request)?;
         if tracked {
-            let session = Session { seq: request.seq, reply: reply.clone(), last_seen_ms: request.time_ms };
-            txn.put(Cf::Dedup, session_key.to_vec(), encode_record(&session_key, &session));
+            let session = Session {
+                seq: request.seq,
+                reply: reply.clone(),
+                last_seen_ms: request.time_ms,
+            };
+            txn.put(
+                Cf::Dedup,
+                session_key.to_vec(),
+                encode_record(&session_key, &session),
+            );
         }
         Ok(reply)
     }
@@ -387,7 +435,9 @@ impl<B: Backend> Engine<B> {
         let shard = request.shard;
         let read = |txn: &mut Txn<'_>, key: &[u8]| -> Result<Option<Versioned>> {
             match txn.get(Cf::Kv, &kv_key(shard, key))? {
-                Some(b) => Ok(Some(decode_versioned(&b, &|| format!("value of a key in shard {shard}"))?)),
+                Some(b) => Ok(Some(decode_versioned(&b, &|| {
+                    format!("value of a key in shard {shard}")
+                })?)),
                 None => Ok(None),
             }
         };
@@ -401,17 +451,29 @@ impl<B: Backend> Engine<B> {
                 txn.put(Cf::Kv, kv_key(shard, key), encode_versioned(version, value));
                 Reply::Written { version }
             }
-            Command::PutIfVersion { key, value, version } => match (read(txn, key)?, *version) {
+            Command::PutIfVersion {
+                key,
+                value,
+                version,
+            } => match (read(txn, key)?, *version) {
                 (None, 0) => {
                     txn.put(Cf::Kv, kv_key(shard, key), encode_versioned(1, value));
                     Reply::Written { version: 1 }
                 }
                 (None, _) => Reply::NoKey,
                 (Some(current), expected) if current.version == expected => {
-                    txn.put(Cf::Kv, kv_key(shard, key), encode_versioned(expected + 1, value));
-                    Reply::Written { version: expected + 1 }
+                    txn.put(
+                        Cf::Kv,
+                        kv_key(shard, key),
+                        encode_versioned(expected + 1, value),
+                    );
+                    Reply::Written {
+                        version: expected + 1,
+                    }
                 }
-                (Some(current), _) => Reply::VersionMismatch { current: current.version },
+                (Some(current), _) => Reply::VersionMismatch {
+                    current: current.version,
+                },
             },
             Command::Append { key, value } => {
                 let (version, mut bytes) = match read(txn, key)? {
@@ -429,7 +491,11 @@ impl<B: Backend> Engine<B> {
                     });
                 }
                 bytes.extend_from_slice(value);
-                txn.put(Cf::Kv, kv_key(shard, key), encode_versioned(version, &bytes));
+                txn.put(
+                    Cf::Kv,
+                    kv_key(shard, key),
+                    encode_versioned(version, &bytes),
+                );
                 Reply::Written { version }
             }
             Command::Delete { key } => {
@@ -439,13 +505,18 @@ impl<B: Backend> Engine<B> {
                 }
                 Reply::Deleted { existed }
             }
-            Command::Scan { start, end, limit } => Reply::Pairs(scan_pairs(shard, start, end, *limit, &|cf, s, e, l| txn.scan(cf, s, e, l))?),
+            Command::Scan { start, end, limit } => {
+                Reply::Pairs(scan_pairs(shard, start, end, *limit, &|cf, s, e, l| {
+                    txn.scan(cf, s, e, l)
+                })?)
+            }
             Command::ExpireSessions { idle_ms } => {
                 let (start, end) = shard_range(shard);
                 let cutoff = request.time_ms.saturating_sub(*idle_ms);
                 let mut expired = Vec::new();
                 for (k, v) in txn.scan(Cf::Dedup, &start, &end, usize::MAX)? {
-                    let session: Session = decode_record(&k, &v, &|| format!("a session in shard {shard}"))?;
+                    let session: Session =
+                        decode_record(&k, &v, &|| format!("a session in shard {shard}"))?;
                     if session.last_seen_ms < cutoff {
                         expired.push(k);
                     }
@@ -471,16 +542,28 @@ impl<B: Backend> Engine<B> {
     /// Reads a key of the local state machine (linearizable only when the
     /// caller established a read index first).
     pub fn get(&self, shard: ShardId, key: &[u8]) -> Result<Option<Versioned>> {
-        EngineConfig::check(LimitKind::KeyBytes, key.len() as u64, self.config().key_bytes_max)?;
+        EngineConfig::check(
+            LimitKind::KeyBytes,
+            key.len() as u64,
+            self.config().key_bytes_max,
+        )?;
         match self.backend().get(Cf::Kv, &kv_key(shard, key))? {
-            Some(b) => Ok(Some(decode_versioned(&b, &|| format!("value of a key in shard {shard}"))?)),
+            Some(b) => Ok(Some(decode_versioned(&b, &|| {
+                format!("value of a key in shard {shard}")
+            })?)),
             None => Ok(None),
         }
     }
 
     /// Keys of `shard` in `[start, end)` (empty `end`: no bound), at most
     /// `limit`.
-    pub fn scan(&self, shard: ShardId, start: &[u8], end: &[u8], limit: u64) -> Result<Vec<(Bytes, Versioned)>> {
+    pub fn scan(
+        &self,
+        shard: ShardId,
+        start: &[u8],
+        end: &[u8],
+        limit: u64,
+    ) -> Result<Vec<(Bytes, Versioned)>> {
         EngineConfig::check(LimitKind::ScanLimit, limit, self.config().scan_limit_max)?;
         let backend = self.backend();
         scan_pairs(shard, start, end, limit, &|cf, s, e, l| {
@@ -512,7 +595,9 @@ impl<B: Backend> Engine<B> {
     pub fn session(&self, shard: ShardId, client: ClientId) -> Result<Option<Session>> {
         let key = dedup_key(shard, client);
         match self.backend().get(Cf::Dedup, &key)? {
-            Some(b) => Ok(Some(decode_record(&key, &b, &|| format!("session of client {client} in shard {shard}"))?)),
+            Some(b) => Ok(Some(decode_record(&key, &b, &|| {
+                format!("session of client {client} in shard {shard}")
+            })?)),
             None => Ok(None),
         }
     }
@@ -520,10 +605,20 @@ impl<B: Backend> Engine<B> {
 
 type ScanFn<'a> = dyn Fn(Cf, &[u8], &[u8], usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> + 'a;
 
-fn scan_pairs(shard: ShardId, start: &[u8], end: &[u8], limit: u64, scan: &ScanFn<'_>) -> Result<Vec<(Bytes, Versioned)>> {
+fn scan_pairs(
+    shard: ShardId,
+    start: &[u8],
+    end: &[u8],
+    limit: u64,
+    scan: &ScanFn<'_>,
+) -> Result<Vec<(Bytes, Versioned)>> {
     let (_, shard_end) = shard_range(shard);
     let from = kv_key(shard, start);
-    let to = if end.is_empty() { shard_end } else { kv_key(shard, end) };
+    let to = if end.is_empty() {
+        shard_end
+    } else {
+        kv_key(shard, end)
+    };
     if limit == 0 || from >= to {
         return Ok(Vec::new());
     }

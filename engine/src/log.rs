@@ -3,7 +3,9 @@
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use shoal_consensus::{ConfState, Entry, EntryKind, HardState, Index, RaftState, Snapshot, Storage, StorageError, Term};
+use shoal_consensus::{
+    ConfState, Entry, EntryKind, HardState, Index, RaftState, Snapshot, Storage, StorageError, Term,
+};
 
 use crate::backend::{Backend, Cf, View, WriteSet};
 use crate::config::EngineConfig;
@@ -80,7 +82,11 @@ pub struct LogBatch {
 impl LogBatch {
     /// Total payload bytes, as counted against `batch_bytes_max`.
     pub fn size_bytes(&self) -> u64 {
-        self.groups.iter().flat_map(|g| &g.entries).map(Entry::size_bytes).sum()
+        self.groups
+            .iter()
+            .flat_map(|g| &g.entries)
+            .map(Entry::size_bytes)
+            .sum()
     }
 }
 
@@ -111,7 +117,11 @@ pub(crate) struct GroupLog {
 }
 
 fn decode_entry(group: GroupId, key: &[u8], value: &[u8], index: Index) -> Result<Entry> {
-    let corrupt = |what: &str| EngineError::Corrupt(format!("raft log entry group {group} index {index}: {what}"));
+    let corrupt = |what: &str| {
+        EngineError::Corrupt(format!(
+            "raft log entry group {group} index {index}: {what}"
+        ))
+    };
     if value.len() < ENTRY_HEADER_BYTES {
         return Err(corrupt("record is truncated"));
     }
@@ -125,7 +135,12 @@ fn decode_entry(group: GroupId, key: &[u8], value: &[u8], index: Index) -> Resul
         1 => EntryKind::ConfigChange,
         other => return Err(corrupt(&format!("unknown entry kind {other}"))),
     };
-    Ok(Entry { term, index, kind, data: Bytes::copy_from_slice(&body[9..]) })
+    Ok(Entry {
+        term,
+        index,
+        kind,
+        data: Bytes::copy_from_slice(&body[9..]),
+    })
 }
 
 pub(crate) fn load_group(view: &dyn View, group: GroupId) -> Result<GroupLog> {
@@ -139,7 +154,11 @@ pub(crate) fn load_group(view: &dyn View, group: GroupId) -> Result<GroupLog> {
         Some((k, _)) => crate::keys::parse_log_key(&k)?.1,
         None => state.truncated_index,
     };
-    Ok(GroupLog { group, last_index: last_index.max(state.truncated_index), state })
+    Ok(GroupLog {
+        group,
+        last_index: last_index.max(state.truncated_index),
+        state,
+    })
 }
 
 impl<B: Backend> Engine<B> {
@@ -159,7 +178,11 @@ impl<B: Backend> Engine<B> {
     }
 
     fn write_log_with(&self, batch: LogBatch, sync: bool) -> Result<()> {
-        EngineConfig::check(LimitKind::BatchBytes, batch.size_bytes(), self.config().batch_bytes_max)?;
+        EngineConfig::check(
+            LimitKind::BatchBytes,
+            batch.size_bytes(),
+            self.config().batch_bytes_max,
+        )?;
         let _writer = self.log_write_lock();
         let mut set = WriteSet::new();
         let mut updated = Vec::with_capacity(batch.groups.len());
@@ -194,10 +217,18 @@ impl<B: Backend> Engine<B> {
         }
         let term = self.term(group, through).map_err(storage_to_engine)?;
         let mut set = WriteSet::new();
-        set.delete_range(Cf::RaftLog, log_key(group, 0).to_vec(), log_key(group, through + 1).to_vec());
+        set.delete_range(
+            Cf::RaftLog,
+            log_key(group, 0).to_vec(),
+            log_key(group, through + 1).to_vec(),
+        );
         log.state.truncated_index = through;
         log.state.truncated_term = term;
-        set.put(Cf::RaftState, group_key(group).to_vec(), encode_record(&group_key(group), &log.state));
+        set.put(
+            Cf::RaftState,
+            group_key(group).to_vec(),
+            encode_record(&group_key(group), &log.state),
+        );
         // Not synced: losing a compaction only brings back valid entries.
         self.backend().write(set, false)?;
         self.cache_group(log);
@@ -211,7 +242,11 @@ impl<B: Backend> Engine<B> {
         let mut log = self.group_log(group)?;
         log.state.snapshot = Some(snapshot);
         let mut set = WriteSet::new();
-        set.put(Cf::RaftState, group_key(group).to_vec(), encode_record(&group_key(group), &log.state));
+        set.put(
+            Cf::RaftState,
+            group_key(group).to_vec(),
+            encode_record(&group_key(group), &log.state),
+        );
         self.backend().write(set, true)?;
         self.cache_group(log);
         Ok(())
@@ -224,7 +259,13 @@ impl<B: Backend> Engine<B> {
 
     /// Entries of `group` in `[low, high)`, at most `max_bytes` of them but
     /// at least one. Each is checked against its CRC32.
-    pub fn entries(&self, group: GroupId, low: Index, high: Index, max_bytes: u64) -> Result<Vec<Entry>, StorageError> {
+    pub fn entries(
+        &self,
+        group: GroupId,
+        low: Index,
+        high: Index,
+        max_bytes: u64,
+    ) -> Result<Vec<Entry>, StorageError> {
         let bounds = self.log_bounds(group)?;
         if low <= bounds.truncated_index {
             return Err(StorageError::Compacted);
@@ -236,31 +277,40 @@ impl<B: Backend> Engine<B> {
         let mut bytes = 0u64;
         let mut expected = low;
         let mut failure = None;
-        self.backend().scan(Cf::RaftLog, &log_key(group, low), &log_key(group, high), &mut |k, v| {
-            if crate::keys::parse_log_key(k)?.1 != expected {
-                failure = Some(EngineError::Corrupt(format!("group {group}: log has a hole at index {expected}")));
-                return Ok(false);
-            }
-            let entry = match decode_entry(group, k, v, expected) {
-                Ok(e) => e,
-                Err(e) => {
-                    failure = Some(e);
+        self.backend().scan(
+            Cf::RaftLog,
+            &log_key(group, low),
+            &log_key(group, high),
+            &mut |k, v| {
+                if crate::keys::parse_log_key(k)?.1 != expected {
+                    failure = Some(EngineError::Corrupt(format!(
+                        "group {group}: log has a hole at index {expected}"
+                    )));
                     return Ok(false);
                 }
-            };
-            bytes += entry.size_bytes();
-            if !out.is_empty() && bytes > max_bytes {
-                return Ok(false);
-            }
-            out.push(entry);
-            expected += 1;
-            Ok(true)
-        })?;
+                let entry = match decode_entry(group, k, v, expected) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        failure = Some(e);
+                        return Ok(false);
+                    }
+                };
+                bytes += entry.size_bytes();
+                if !out.is_empty() && bytes > max_bytes {
+                    return Ok(false);
+                }
+                out.push(entry);
+                expected += 1;
+                Ok(true)
+            },
+        )?;
         if let Some(e) = failure {
             return Err(e.into());
         }
         if out.is_empty() && low < high {
-            return Err(StorageError::Corrupt(format!("group {group}: entry {low} missing from the log")));
+            return Err(StorageError::Corrupt(format!(
+                "group {group}: entry {low} missing from the log"
+            )));
         }
         Ok(out)
     }
@@ -280,7 +330,9 @@ impl<B: Backend> Engine<B> {
         let key = log_key(group, index);
         match self.backend().get(Cf::RaftLog, &key)? {
             Some(v) => Ok(decode_entry(group, &key, &v, index)?.term),
-            None => Err(StorageError::Corrupt(format!("group {group}: entry {index} missing from the log"))),
+            None => Err(StorageError::Corrupt(format!(
+                "group {group}: entry {index} missing from the log"
+            ))),
         }
     }
 
@@ -297,7 +349,10 @@ impl<B: Backend> Engine<B> {
     /// A handle implementing the consensus core's read-side [`Storage`] for
     /// one group.
     pub fn group_storage(&self, group: GroupId) -> GroupStorage<B> {
-        GroupStorage { engine: self.clone(), group }
+        GroupStorage {
+            engine: self.clone(),
+            group,
+        }
     }
 }
 
@@ -313,7 +368,11 @@ fn stage_group_write(set: &mut WriteSet, log: &mut GroupLog, write: GroupWrite) 
     let mut state_changed = false;
     if let Some(snapshot) = write.snapshot {
         let meta = &snapshot.meta;
-        set.delete_range(Cf::RaftLog, log_key(group, 0).to_vec(), log_key(group, u64::MAX).to_vec());
+        set.delete_range(
+            Cf::RaftLog,
+            log_key(group, 0).to_vec(),
+            log_key(group, u64::MAX).to_vec(),
+        );
         log.state.truncated_index = meta.index;
         log.state.truncated_term = meta.term;
         log.state.conf_state = meta.conf_state.clone();
@@ -340,7 +399,11 @@ fn stage_group_write(set: &mut WriteSet, log: &mut GroupLog, write: GroupWrite) 
         }
         if first_index <= log.last_index {
             // Replace the conflicting suffix.
-            set.delete_range(Cf::RaftLog, log_key(group, first_index).to_vec(), log_key(group, log.last_index + 1).to_vec());
+            set.delete_range(
+                Cf::RaftLog,
+                log_key(group, first_index).to_vec(),
+                log_key(group, log.last_index + 1).to_vec(),
+            );
         }
         for entry in &write.entries {
             let key = log_key(group, entry.index);
@@ -357,7 +420,11 @@ fn stage_group_write(set: &mut WriteSet, log: &mut GroupLog, write: GroupWrite) 
         state_changed = true;
     }
     if state_changed {
-        set.put(Cf::RaftState, group_key(group).to_vec(), encode_record(&group_key(group), &log.state));
+        set.put(
+            Cf::RaftState,
+            group_key(group).to_vec(),
+            encode_record(&group_key(group), &log.state),
+        );
     }
     Ok(())
 }
@@ -372,7 +439,10 @@ pub struct GroupStorage<B: Backend> {
 impl<B: Backend> Storage for GroupStorage<B> {
     fn initial_state(&self) -> Result<RaftState, StorageError> {
         let state = self.engine.group_state(self.group)?;
-        Ok(RaftState { hard_state: state.hard_state, conf_state: state.conf_state })
+        Ok(RaftState {
+            hard_state: state.hard_state,
+            conf_state: state.conf_state,
+        })
     }
     fn entries(&self, low: Index, high: Index, max_bytes: u64) -> Result<Vec<Entry>, StorageError> {
         self.engine.entries(self.group, low, high, max_bytes)

@@ -49,11 +49,18 @@ impl std::fmt::Debug for MemBackend {
     }
 }
 
-fn range<'a>(map: &'a Map, start: &[u8], end: &[u8]) -> impl DoubleEndedIterator<Item = (&'a Vec<u8>, &'a Vec<u8>)> + 'a {
+fn range<'a>(
+    map: &'a Map,
+    start: &[u8],
+    end: &[u8],
+) -> impl DoubleEndedIterator<Item = (&'a Vec<u8>, &'a Vec<u8>)> + 'a {
     let valid = start < end;
     // An inverted or empty range reads nothing (BTreeMap::range would panic).
     let end = if valid { end } else { start };
-    let bounds = (Bound::Included(start.to_vec()), Bound::Excluded(end.to_vec()));
+    let bounds = (
+        Bound::Included(start.to_vec()),
+        Bound::Excluded(end.to_vec()),
+    );
     map.range(bounds).filter(move |_| valid)
 }
 
@@ -99,12 +106,24 @@ impl View for MemView<'_> {
     }
 
     fn last_in(&self, cf: Cf, start: &[u8], end: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
-        Ok(self.0.maps.get(&cf).and_then(|m| range(m, start, end).next_back().map(|(k, v)| (k.clone(), v.clone()))))
+        Ok(self.0.maps.get(&cf).and_then(|m| {
+            range(m, start, end)
+                .next_back()
+                .map(|(k, v)| (k.clone(), v.clone()))
+        }))
     }
 
-    fn export_range(&self, cf: Cf, start: &[u8], end: &[u8], path: &Path) -> Result<Option<ExportedFile>> {
+    fn export_range(
+        &self,
+        cf: Cf,
+        start: &[u8],
+        end: &[u8],
+        path: &Path,
+    ) -> Result<Option<ExportedFile>> {
         let pairs: Vec<(Vec<u8>, Vec<u8>)> = match self.0.maps.get(&cf) {
-            Some(m) => range(m, start, end).map(|(k, v)| (k.clone(), v.clone())).collect(),
+            Some(m) => range(m, start, end)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             None => Vec::new(),
         };
         if pairs.is_empty() {
@@ -112,7 +131,10 @@ impl View for MemView<'_> {
         }
         let bytes = postcard::to_stdvec(&pairs).map_err(|e| EngineError::Corrupt(e.to_string()))?;
         std::fs::write(path, &bytes).map_err(|e| EngineError::io(path, e))?;
-        Ok(Some(ExportedFile { entries: pairs.len() as u64, size_bytes: bytes.len() as u64 }))
+        Ok(Some(ExportedFile {
+            entries: pairs.len() as u64,
+            size_bytes: bytes.len() as u64,
+        }))
     }
 }
 
@@ -126,7 +148,13 @@ impl View for MemBackend {
     fn last_in(&self, cf: Cf, start: &[u8], end: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
         MemView(&self.lock()).last_in(cf, start, end)
     }
-    fn export_range(&self, cf: Cf, start: &[u8], end: &[u8], path: &Path) -> Result<Option<ExportedFile>> {
+    fn export_range(
+        &self,
+        cf: Cf,
+        start: &[u8],
+        end: &[u8],
+        path: &Path,
+    ) -> Result<Option<ExportedFile>> {
         MemView(&self.lock()).export_range(cf, start, end, path)
     }
 }
@@ -139,7 +167,8 @@ impl Backend for MemBackend {
                 WriteOp::Put(cf, k, v) => st.set(cf, k, Some(v)),
                 WriteOp::Delete(cf, k) => st.set(cf, k, None),
                 WriteOp::DeleteRange(cf, s, e) => {
-                    let keys: Vec<Vec<u8>> = range(st.map(cf), &s, &e).map(|(k, _)| k.clone()).collect();
+                    let keys: Vec<Vec<u8>> =
+                        range(st.map(cf), &s, &e).map(|(k, _)| k.clone()).collect();
                     for k in keys {
                         st.set(cf, k, None);
                     }

@@ -34,8 +34,8 @@ use std::path::Path;
 
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, DBRecoveryMode,
-    IngestExternalFileOptions, Options, ReadOptions, SnapshotWithThreadMode, SstFileWriter, WriteBatch,
-    WriteOptions, DB,
+    IngestExternalFileOptions, Options, ReadOptions, SnapshotWithThreadMode, SstFileWriter,
+    WriteBatch, WriteOptions, DB,
 };
 
 use crate::backend::{Backend, Cf, ExportedFile, View, Visitor, WriteOp, WriteSet};
@@ -55,7 +55,9 @@ pub struct RocksBackend {
 
 impl std::fmt::Debug for RocksBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RocksBackend").field("path", &self.db.path()).finish()
+        f.debug_struct("RocksBackend")
+            .field("path", &self.db.path())
+            .finish()
     }
 }
 
@@ -85,18 +87,28 @@ impl RocksBackend {
         db_opts.set_paranoid_checks(true);
         db_opts.set_max_background_jobs(config.background_jobs as i32);
         db_opts.set_recycle_log_file_num(WAL_FILES_RECYCLED);
-        let descriptors = Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(config, &cache)));
+        let descriptors = Cf::ALL
+            .iter()
+            .map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(config, &cache)));
         let db = DB::open_cf_descriptors(&db_opts, path, descriptors)?;
-        Ok(RocksBackend { db, sst_options: cf_options(config, &cache) })
+        Ok(RocksBackend {
+            db,
+            sst_options: cf_options(config, &cache),
+        })
     }
 
     fn handle(&self, cf: Cf) -> &rocksdb::ColumnFamily {
         // Every family is created at open; a missing one is a bug.
-        self.db.cf_handle(cf.name()).unwrap_or_else(|| panic!("column family {} missing", cf.name()))
+        self.db
+            .cf_handle(cf.name())
+            .unwrap_or_else(|| panic!("column family {} missing", cf.name()))
     }
 
     fn view(&self) -> RocksView<'_> {
-        RocksView { backend: self, snapshot: None }
+        RocksView {
+            backend: self,
+            snapshot: None,
+        }
     }
 }
 
@@ -121,12 +133,15 @@ impl RocksView<'_> {
 impl View for RocksView<'_> {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
         let b = self.backend;
-        Ok(b.db.get_pinned_cf_opt(b.handle(cf), key, &self.read_options(None))?.map(|v| v.to_vec()))
+        Ok(b.db
+            .get_pinned_cf_opt(b.handle(cf), key, &self.read_options(None))?
+            .map(|v| v.to_vec()))
     }
 
     fn scan(&self, cf: Cf, start: &[u8], end: &[u8], visit: &mut Visitor<'_>) -> Result<()> {
         let b = self.backend;
-        let mut it = b.db.raw_iterator_cf_opt(b.handle(cf), self.read_options(Some(end)));
+        let mut it =
+            b.db.raw_iterator_cf_opt(b.handle(cf), self.read_options(Some(end)));
         it.seek(start);
         while it.valid() {
             let (k, v) = (it.key().unwrap_or_default(), it.value().unwrap_or_default());
@@ -146,18 +161,28 @@ impl View for RocksView<'_> {
         let mut it = b.db.raw_iterator_cf_opt(b.handle(cf), opts);
         it.seek_to_last();
         if it.valid() {
-            return Ok(Some((it.key().unwrap_or_default().to_vec(), it.value().unwrap_or_default().to_vec())));
+            return Ok(Some((
+                it.key().unwrap_or_default().to_vec(),
+                it.value().unwrap_or_default().to_vec(),
+            )));
         }
         it.status()?;
         Ok(None)
     }
 
-    fn export_range(&self, cf: Cf, start: &[u8], end: &[u8], path: &Path) -> Result<Option<ExportedFile>> {
+    fn export_range(
+        &self,
+        cf: Cf,
+        start: &[u8],
+        end: &[u8],
+        path: &Path,
+    ) -> Result<Option<ExportedFile>> {
         let b = self.backend;
         let mut writer = SstFileWriter::create(&b.sst_options);
         let mut entries = 0u64;
         let mut opened = false;
-        let mut it = b.db.raw_iterator_cf_opt(b.handle(cf), self.read_options(Some(end)));
+        let mut it =
+            b.db.raw_iterator_cf_opt(b.handle(cf), self.read_options(Some(end)));
         it.seek(start);
         while it.valid() {
             if !opened {
@@ -173,8 +198,13 @@ impl View for RocksView<'_> {
             return Ok(None);
         }
         writer.finish()?;
-        let size_bytes = std::fs::metadata(path).map_err(|e| EngineError::io(path, e))?.len();
-        Ok(Some(ExportedFile { entries, size_bytes }))
+        let size_bytes = std::fs::metadata(path)
+            .map_err(|e| EngineError::io(path, e))?
+            .len();
+        Ok(Some(ExportedFile {
+            entries,
+            size_bytes,
+        }))
     }
 }
 
@@ -188,7 +218,13 @@ impl View for RocksBackend {
     fn last_in(&self, cf: Cf, start: &[u8], end: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
         self.view().last_in(cf, start, end)
     }
-    fn export_range(&self, cf: Cf, start: &[u8], end: &[u8], path: &Path) -> Result<Option<ExportedFile>> {
+    fn export_range(
+        &self,
+        cf: Cf,
+        start: &[u8],
+        end: &[u8],
+        path: &Path,
+    ) -> Result<Option<ExportedFile>> {
         self.view().export_range(cf, start, end, path)
     }
 }
@@ -196,7 +232,8 @@ impl View for RocksBackend {
 impl Backend for RocksBackend {
     fn write(&self, set: WriteSet, sync: bool) -> Result<()> {
         // Room for every key and value plus RocksDB's per-record framing.
-        let mut batch = WriteBatch::with_capacity_bytes(set.bytes as usize + set.ops.len() * 16 + 64);
+        let mut batch =
+            WriteBatch::with_capacity_bytes(set.bytes as usize + set.ops.len() * 16 + 64);
         for op in set.ops {
             match op {
                 WriteOp::Put(cf, k, v) => batch.put_cf(self.handle(cf), k, v),
@@ -217,13 +254,17 @@ impl Backend for RocksBackend {
 
     fn with_view(&self, f: &mut dyn FnMut(&dyn View) -> Result<()>) -> Result<()> {
         let snapshot = self.db.snapshot();
-        f(&RocksView { backend: self, snapshot: Some(&snapshot) })
+        f(&RocksView {
+            backend: self,
+            snapshot: Some(&snapshot),
+        })
     }
 
     fn ingest(&self, cf: Cf, path: &Path) -> Result<()> {
         let mut opts = IngestExternalFileOptions::default();
         opts.set_move_files(true);
-        self.db.ingest_external_file_cf_opts(self.handle(cf), &opts, vec![path])?;
+        self.db
+            .ingest_external_file_cf_opts(self.handle(cf), &opts, vec![path])?;
         Ok(())
     }
 }

@@ -32,7 +32,10 @@ use serde::{Deserialize, Serialize};
 use crate::backend::{Backend, Cf, View, WriteSet};
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
-use crate::keys::{decode_record, encode_record, meta_applied_key, meta_install_key, meta_install_range, meta_shard_range, shard_range};
+use crate::keys::{
+    decode_record, encode_record, meta_applied_key, meta_install_key, meta_install_range,
+    meta_shard_range, shard_range,
+};
 use crate::kv::AppliedState;
 use crate::{GroupId, ShardId};
 
@@ -93,7 +96,9 @@ fn cf_by_name(name: &str) -> Result<Cf> {
     Cf::ALL
         .into_iter()
         .find(|cf| cf.name() == name)
-        .ok_or_else(|| EngineError::Corrupt(format!("snapshot names unknown column family {name:?}")))
+        .ok_or_else(|| {
+            EngineError::Corrupt(format!("snapshot names unknown column family {name:?}"))
+        })
 }
 
 /// A column family and a `[start, end)` key range in it.
@@ -101,7 +106,11 @@ type CfRange = (Cf, (Vec<u8>, Vec<u8>));
 
 /// Every range a shard owns.
 fn shard_ranges(shard: ShardId) -> [CfRange; 3] {
-    [(Cf::Kv, shard_range(shard)), (Cf::Dedup, shard_range(shard)), (Cf::Meta, meta_shard_range(shard))]
+    [
+        (Cf::Kv, shard_range(shard)),
+        (Cf::Dedup, shard_range(shard)),
+        (Cf::Meta, meta_shard_range(shard)),
+    ]
 }
 
 /// CRC32 and size of a file, read in bounded chunks.
@@ -122,14 +131,18 @@ pub fn file_checksum(path: &Path) -> Result<(u32, u64)> {
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| EngineError::io(dir, e))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| EngineError::io(dir, e))
 }
 
 /// Reads and verifies a snapshot directory's manifest (not yet its files).
 pub fn read_manifest(dir: &Path) -> Result<SnapshotManifest> {
     let path = dir.join(MANIFEST_FILE_NAME);
     let bytes = std::fs::read(&path).map_err(|e| EngineError::io(&path, e))?;
-    let manifest: SnapshotManifest = decode_record(MANIFEST_CONTEXT, &bytes, &|| format!("snapshot manifest {}", path.display()))?;
+    let manifest: SnapshotManifest = decode_record(MANIFEST_CONTEXT, &bytes, &|| {
+        format!("snapshot manifest {}", path.display())
+    })?;
     if manifest.format_version != SNAPSHOT_FORMAT_VERSION {
         return Err(EngineError::Corrupt(format!(
             "snapshot manifest {}: format version {} (this build reads {})",
@@ -148,7 +161,11 @@ pub fn verify_files(dir: &Path, manifest: &SnapshotManifest) -> Result<()> {
         let path = dir.join(&f.name);
         let (crc, size) = file_checksum(&path)?;
         if size != f.size_bytes {
-            return Err(EngineError::Corrupt(format!("snapshot file {}: {size} bytes, manifest says {}", path.display(), f.size_bytes)));
+            return Err(EngineError::Corrupt(format!(
+                "snapshot file {}: {size} bytes, manifest says {}",
+                path.display(),
+                f.size_bytes
+            )));
         }
         if crc != f.crc32 {
             return Err(EngineError::Corrupt(format!(
@@ -164,7 +181,12 @@ pub fn verify_files(dir: &Path, manifest: &SnapshotManifest) -> Result<()> {
 impl<B: Backend> Engine<B> {
     /// Exports `shards` of `group` into the empty or new directory `dir`, at
     /// one point in time. Returns the manifest (also written to `dir`).
-    pub fn export_snapshot(&self, group: GroupId, shards: &[ShardId], dir: &Path) -> Result<SnapshotManifest> {
+    pub fn export_snapshot(
+        &self,
+        group: GroupId,
+        shards: &[ShardId],
+        dir: &Path,
+    ) -> Result<SnapshotManifest> {
         std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
         let mut manifest = SnapshotManifest {
             format_version: SNAPSHOT_FORMAT_VERSION,
@@ -176,7 +198,8 @@ impl<B: Backend> Engine<B> {
         self.backend().with_view(&mut |view: &dyn View| {
             let key = meta_applied_key(group);
             if let Some(b) = view.get(Cf::Meta, &key)? {
-                manifest.applied = decode_record(&key, &b, &|| format!("applied index of group {group}"))?;
+                manifest.applied =
+                    decode_record(&key, &b, &|| format!("applied index of group {group}"))?;
             }
             for &shard in shards {
                 for (cf, (start, end)) in shard_ranges(shard) {
@@ -201,11 +224,14 @@ impl<B: Backend> Engine<B> {
             let (crc, size) = file_checksum(&path)?;
             f.crc32 = crc;
             f.size_bytes = size;
-            File::open(&path).and_then(|file| file.sync_all()).map_err(|e| EngineError::io(&path, e))?;
+            File::open(&path)
+                .and_then(|file| file.sync_all())
+                .map_err(|e| EngineError::io(&path, e))?;
         }
         let path = dir.join(MANIFEST_FILE_NAME);
         let mut file = File::create(&path).map_err(|e| EngineError::io(&path, e))?;
-        file.write_all(&encode_record(MANIFEST_CONTEXT, &manifest)).map_err(|e| EngineError::io(&path, e))?;
+        file.write_all(&encode_record(MANIFEST_CONTEXT, &manifest))
+            .map_err(|e| EngineError::io(&path, e))?;
         file.sync_all().map_err(|e| EngineError::io(&path, e))?;
         sync_dir(dir)?;
         Ok(manifest)
@@ -218,8 +244,15 @@ impl<B: Backend> Engine<B> {
     pub fn install_snapshot(&self, dir: &Path) -> Result<SnapshotManifest> {
         let manifest = read_manifest(dir)?;
         verify_files(dir, &manifest)?;
-        let dir_name = dir.canonicalize().map_err(|e| EngineError::io(dir, e))?.display().to_string();
-        let marker = InstallMarker { dir: dir_name, manifest: manifest.clone() };
+        let dir_name = dir
+            .canonicalize()
+            .map_err(|e| EngineError::io(dir, e))?
+            .display()
+            .to_string();
+        let marker = InstallMarker {
+            dir: dir_name,
+            manifest: manifest.clone(),
+        };
         let key = meta_install_key(manifest.group);
         let mut set = WriteSet::new();
         set.put(Cf::Meta, key.to_vec(), encode_record(&key, &marker));
@@ -252,7 +285,11 @@ impl<B: Backend> Engine<B> {
         }
         let mut finish = WriteSet::new();
         let applied_key = meta_applied_key(manifest.group);
-        finish.put(Cf::Meta, applied_key.to_vec(), encode_record(&applied_key, &manifest.applied));
+        finish.put(
+            Cf::Meta,
+            applied_key.to_vec(),
+            encode_record(&applied_key, &manifest.applied),
+        );
         finish.delete(Cf::Meta, meta_install_key(manifest.group).to_vec());
         self.backend().write(finish, true)?;
         self.forget_group(manifest.group);
@@ -268,7 +305,9 @@ impl<B: Backend> Engine<B> {
         let (start, end) = meta_install_range();
         let mut markers = Vec::new();
         self.backend().scan(Cf::Meta, &start, &end, &mut |k, v| {
-            markers.push(decode_record::<InstallMarker>(k, v, &|| "snapshot install marker".to_string())?);
+            markers.push(decode_record::<InstallMarker>(k, v, &|| {
+                "snapshot install marker".to_string()
+            })?);
             Ok(true)
         })?;
         for marker in &markers {
@@ -278,4 +317,3 @@ impl<B: Backend> Engine<B> {
         Ok(markers.len() as u64)
     }
 }
-

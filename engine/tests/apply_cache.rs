@@ -18,7 +18,10 @@ fn put(index: u64, client: u64, seq: u64, value: &str) -> ApplyEntry {
             client,
             seq,
             time_ms: 0,
-            command: Command::Put { key: Bytes::from_static(b"k"), value: Bytes::from(value.to_string()) },
+            command: Command::Put {
+                key: Bytes::from_static(b"k"),
+                value: Bytes::from(value.to_string()),
+            },
         }],
     }
 }
@@ -40,7 +43,15 @@ fn snapshot_install_replaces_cached_state() {
         assert_eq!(written(b.apply(GROUP, &[put(i, 7, i, "b")]).unwrap()), i);
     }
     for i in 1..=5 {
-        a.apply(GROUP, &[ApplyEntry { index: i, term: 1, requests: vec![] }]).unwrap();
+        a.apply(
+            GROUP,
+            &[ApplyEntry {
+                index: i,
+                term: 1,
+                requests: vec![],
+            }],
+        )
+        .unwrap();
     }
     assert_eq!(written(a.apply(GROUP, &[put(6, 9, 1, "a")]).unwrap()), 1);
     let export = dir.path().join("export");
@@ -51,20 +62,32 @@ fn snapshot_install_replaces_cached_state() {
     assert_eq!(written(b.apply(GROUP, &[put(7, 7, 4, "b2")]).unwrap()), 2);
     // Client 9's session came with the snapshot: its seq 1 is a duplicate.
     assert_eq!(written(b.apply(GROUP, &[put(8, 9, 1, "a")]).unwrap()), 1);
-    assert_eq!(b.get(SHARD, b"k").unwrap().unwrap().value, Bytes::from_static(b"b2"));
+    assert_eq!(
+        b.get(SHARD, b"k").unwrap().unwrap().value,
+        Bytes::from_static(b"b2")
+    );
 }
 
 #[test]
 fn crash_drops_cached_unsynced_applies() {
     let mem = MemStore::new_in_memory(EngineConfig::default()).unwrap();
-    assert_eq!(written(mem.apply(GROUP, &[put(1, 7, 1, "one")]).unwrap()), 1);
+    assert_eq!(
+        written(mem.apply(GROUP, &[put(1, 7, 1, "one")]).unwrap()),
+        1
+    );
     mem.sync().unwrap();
     // Applied but never synced: a crash loses it, and the cache must forget it.
-    assert_eq!(written(mem.apply(GROUP, &[put(2, 7, 2, "two")]).unwrap()), 2);
+    assert_eq!(
+        written(mem.apply(GROUP, &[put(2, 7, 2, "two")]).unwrap()),
+        2
+    );
     mem.crash_and_recover().unwrap();
     assert_eq!(mem.applied(GROUP).unwrap().index, 1);
     // Replayed from the log after the crash: same version as the lost apply.
-    assert_eq!(written(mem.apply(GROUP, &[put(2, 7, 2, "two")]).unwrap()), 2);
+    assert_eq!(
+        written(mem.apply(GROUP, &[put(2, 7, 2, "two")]).unwrap()),
+        2
+    );
     assert_eq!(mem.get(SHARD, b"k").unwrap().unwrap().version, 2);
 }
 
@@ -73,18 +96,48 @@ fn tiny_and_disabled_caches_give_the_same_results() {
     let configs = [0, 200, 2_000, EngineConfig::default().apply_cache_bytes];
     let mut results = Vec::new();
     for apply_cache_bytes in configs {
-        let mem = MemStore::new_in_memory(EngineConfig { apply_cache_bytes, ..EngineConfig::default() }).unwrap();
+        let mem = MemStore::new_in_memory(EngineConfig {
+            apply_cache_bytes,
+            ..EngineConfig::default()
+        })
+        .unwrap();
         let mut replies = Vec::new();
         for i in 1..=200u64 {
             let key = Bytes::from(format!("k{}", i % 7));
             let command = match i % 4 {
-                0 => Command::Append { key, value: Bytes::from(format!("{i};")) },
-                1 => Command::Put { key, value: Bytes::from(vec![b'x'; (i % 50) as usize]) },
-                2 => Command::PutIfVersion { key, value: Bytes::from_static(b"c"), version: i % 5 },
+                0 => Command::Append {
+                    key,
+                    value: Bytes::from(format!("{i};")),
+                },
+                1 => Command::Put {
+                    key,
+                    value: Bytes::from(vec![b'x'; (i % 50) as usize]),
+                },
+                2 => Command::PutIfVersion {
+                    key,
+                    value: Bytes::from_static(b"c"),
+                    version: i % 5,
+                },
                 _ => Command::Delete { key },
             };
-            let request = Request { shard: SHARD, client: i % 3 + 1, seq: i, time_ms: 0, command };
-            replies.push(mem.apply(GROUP, &[ApplyEntry { index: i, term: 1, requests: vec![request] }]).unwrap());
+            let request = Request {
+                shard: SHARD,
+                client: i % 3 + 1,
+                seq: i,
+                time_ms: 0,
+                command,
+            };
+            replies.push(
+                mem.apply(
+                    GROUP,
+                    &[ApplyEntry {
+                        index: i,
+                        term: 1,
+                        requests: vec![request],
+                    }],
+                )
+                .unwrap(),
+            );
         }
         results.push((replies, mem.scan(SHARD, b"", b"", 100).unwrap()));
     }

@@ -9,7 +9,10 @@ use std::collections::{BTreeMap, HashMap};
 use bytes::Bytes;
 use proptest::prelude::*;
 use shoal_consensus::{Entry, HardState, StorageError};
-use shoal_engine::{ApplyEntry, Command, EngineConfig, GroupWrite, LogBatch, MemStore, Reply, Request, RocksEngine, Versioned};
+use shoal_engine::{
+    ApplyEntry, Command, EngineConfig, GroupWrite, LogBatch, MemStore, Reply, Request, RocksEngine,
+    Versioned,
+};
 
 const GROUP: u64 = 3;
 
@@ -23,7 +26,8 @@ struct KvModel {
 
 impl KvModel {
     fn apply(&mut self, r: &Request) -> Reply {
-        let tracked = r.client != 0 && !matches!(r.command, Command::Get { .. } | Command::Scan { .. });
+        let tracked =
+            r.client != 0 && !matches!(r.command, Command::Get { .. } | Command::Scan { .. });
         if tracked {
             if let Some((seq, reply, _)) = self.sessions.get(&(r.shard, r.client)) {
                 if r.seq == *seq {
@@ -36,7 +40,8 @@ impl KvModel {
         }
         let reply = self.execute(r);
         if tracked {
-            self.sessions.insert((r.shard, r.client), (r.seq, reply.clone(), r.time_ms));
+            self.sessions
+                .insert((r.shard, r.client), (r.seq, reply.clone(), r.time_ms));
         }
         reply
     }
@@ -44,37 +49,78 @@ impl KvModel {
     fn execute(&mut self, r: &Request) -> Reply {
         let s = r.shard;
         match &r.command {
-            Command::Get { key } => self.kv.get(&(s, key.to_vec())).map_or(Reply::NotFound, |v| Reply::Value(v.clone())),
+            Command::Get { key } => self
+                .kv
+                .get(&(s, key.to_vec()))
+                .map_or(Reply::NotFound, |v| Reply::Value(v.clone())),
             Command::Put { key, value } => {
                 let version = self.kv.get(&(s, key.to_vec())).map_or(1, |v| v.version + 1);
-                self.kv.insert((s, key.to_vec()), Versioned { value: value.clone(), version });
+                self.kv.insert(
+                    (s, key.to_vec()),
+                    Versioned {
+                        value: value.clone(),
+                        version,
+                    },
+                );
                 Reply::Written { version }
             }
-            Command::PutIfVersion { key, value, version } => match self.kv.get(&(s, key.to_vec())) {
+            Command::PutIfVersion {
+                key,
+                value,
+                version,
+            } => match self.kv.get(&(s, key.to_vec())) {
                 None if *version == 0 => {
-                    self.kv.insert((s, key.to_vec()), Versioned { value: value.clone(), version: 1 });
+                    self.kv.insert(
+                        (s, key.to_vec()),
+                        Versioned {
+                            value: value.clone(),
+                            version: 1,
+                        },
+                    );
                     Reply::Written { version: 1 }
                 }
                 None => Reply::NoKey,
                 Some(v) if v.version == *version => {
-                    self.kv.insert((s, key.to_vec()), Versioned { value: value.clone(), version: version + 1 });
-                    Reply::Written { version: version + 1 }
+                    self.kv.insert(
+                        (s, key.to_vec()),
+                        Versioned {
+                            value: value.clone(),
+                            version: version + 1,
+                        },
+                    );
+                    Reply::Written {
+                        version: version + 1,
+                    }
                 }
                 Some(v) => Reply::VersionMismatch { current: v.version },
             },
             Command::Append { key, value } => {
-                let (version, mut bytes) = self.kv.get(&(s, key.to_vec())).map_or((1, Vec::new()), |v| (v.version + 1, v.value.to_vec()));
+                let (version, mut bytes) = self
+                    .kv
+                    .get(&(s, key.to_vec()))
+                    .map_or((1, Vec::new()), |v| (v.version + 1, v.value.to_vec()));
                 bytes.extend_from_slice(value);
-                self.kv.insert((s, key.to_vec()), Versioned { value: bytes.into(), version });
+                self.kv.insert(
+                    (s, key.to_vec()),
+                    Versioned {
+                        value: bytes.into(),
+                        version,
+                    },
+                );
                 Reply::Written { version }
             }
-            Command::Delete { key } => Reply::Deleted { existed: self.kv.remove(&(s, key.to_vec())).is_some() },
+            Command::Delete { key } => Reply::Deleted {
+                existed: self.kv.remove(&(s, key.to_vec())).is_some(),
+            },
             Command::Scan { start, end, limit } => Reply::Pairs(self.scan(s, start, end, *limit)),
             Command::ExpireSessions { idle_ms } => {
                 let cutoff = r.time_ms.saturating_sub(*idle_ms);
                 let before = self.sessions.len();
-                self.sessions.retain(|(shard, _), (_, _, seen)| *shard != s || *seen >= cutoff);
-                Reply::SessionsExpired { count: (before - self.sessions.len()) as u64 }
+                self.sessions
+                    .retain(|(shard, _), (_, _, seen)| *shard != s || *seen >= cutoff);
+                Reply::SessionsExpired {
+                    count: (before - self.sessions.len()) as u64,
+                }
             }
         }
     }
@@ -82,7 +128,9 @@ impl KvModel {
     fn scan(&self, s: u32, start: &[u8], end: &[u8], limit: u64) -> Vec<(Bytes, Versioned)> {
         self.kv
             .iter()
-            .filter(|((shard, k), _)| *shard == s && k.as_slice() >= start && (end.is_empty() || k.as_slice() < end))
+            .filter(|((shard, k), _)| {
+                *shard == s && k.as_slice() >= start && (end.is_empty() || k.as_slice() < end)
+            })
             .take(limit as usize)
             .map(|((_, k), v)| (Bytes::from(k.clone()), v.clone()))
             .collect()
@@ -90,7 +138,11 @@ impl KvModel {
 }
 
 fn key_strategy() -> impl Strategy<Value = Bytes> {
-    prop_oneof![Just(Bytes::new()), (0u8..6).prop_map(|k| Bytes::from(vec![b'a' + k])), (0u8..6).prop_map(|k| Bytes::from(vec![b'a' + k, b'x']))]
+    prop_oneof![
+        Just(Bytes::new()),
+        (0u8..6).prop_map(|k| Bytes::from(vec![b'a' + k])),
+        (0u8..6).prop_map(|k| Bytes::from(vec![b'a' + k, b'x']))
+    ]
 }
 
 fn command_strategy() -> impl Strategy<Value = Command> {
@@ -98,16 +150,34 @@ fn command_strategy() -> impl Strategy<Value = Command> {
     prop_oneof![
         key_strategy().prop_map(|key| Command::Get { key }),
         (key_strategy(), value.clone()).prop_map(|(key, value)| Command::Put { key, value }),
-        (key_strategy(), value.clone(), 0u64..4).prop_map(|(key, value, version)| Command::PutIfVersion { key, value, version }),
+        (key_strategy(), value.clone(), 0u64..4).prop_map(|(key, value, version)| {
+            Command::PutIfVersion {
+                key,
+                value,
+                version,
+            }
+        }),
         (key_strategy(), value).prop_map(|(key, value)| Command::Append { key, value }),
         key_strategy().prop_map(|key| Command::Delete { key }),
-        (key_strategy(), key_strategy(), 0u64..5).prop_map(|(start, end, limit)| Command::Scan { start, end, limit }),
+        (key_strategy(), key_strategy(), 0u64..5).prop_map(|(start, end, limit)| Command::Scan {
+            start,
+            end,
+            limit
+        }),
         (0u64..50).prop_map(|idle_ms| Command::ExpireSessions { idle_ms }),
     ]
 }
 
 fn request_strategy() -> impl Strategy<Value = Request> {
-    (0u32..3, 0u64..3, 0u64..6, 0u64..100, command_strategy()).prop_map(|(shard, client, seq, time_ms, command)| Request { shard, client, seq, time_ms, command })
+    (0u32..3, 0u64..3, 0u64..6, 0u64..100, command_strategy()).prop_map(
+        |(shard, client, seq, time_ms, command)| Request {
+            shard,
+            client,
+            seq,
+            time_ms,
+            command,
+        },
+    )
 }
 
 fn kv_check(entries: Vec<Vec<Request>>) -> Result<(), TestCaseError> {
@@ -115,7 +185,11 @@ fn kv_check(entries: Vec<Vec<Request>>) -> Result<(), TestCaseError> {
     let rocks = RocksEngine::open(dir.path(), EngineConfig::default()).unwrap();
     // A tiny apply cache on one side: evicted all the time, it must not
     // change a single reply.
-    let mem = MemStore::new_in_memory(EngineConfig { apply_cache_bytes: 300, ..EngineConfig::default() }).unwrap();
+    let mem = MemStore::new_in_memory(EngineConfig {
+        apply_cache_bytes: 300,
+        ..EngineConfig::default()
+    })
+    .unwrap();
     let mut model = KvModel::default();
     // Apply in chunks of up to 3 entries, so one atomic write carries several
     // entries and later commands must see earlier ones in the same batch.
@@ -125,10 +199,17 @@ fn kv_check(entries: Vec<Vec<Request>>) -> Result<(), TestCaseError> {
             .iter()
             .map(|requests| {
                 index += 1;
-                ApplyEntry { index, term: 1, requests: requests.clone() }
+                ApplyEntry {
+                    index,
+                    term: 1,
+                    requests: requests.clone(),
+                }
             })
             .collect();
-        let want: Vec<Vec<Reply>> = chunk.iter().map(|rs| rs.iter().map(|r| model.apply(r)).collect()).collect();
+        let want: Vec<Vec<Reply>> = chunk
+            .iter()
+            .map(|rs| rs.iter().map(|r| model.apply(r)).collect())
+            .collect();
         prop_assert_eq!(&rocks.apply(GROUP, &batch).unwrap(), &want);
         prop_assert_eq!(&mem.apply(GROUP, &batch).unwrap(), &want);
     }
@@ -137,10 +218,19 @@ fn kv_check(entries: Vec<Vec<Request>>) -> Result<(), TestCaseError> {
         prop_assert_eq!(&rocks.scan(shard, b"", b"", 1000).unwrap(), &want);
         prop_assert_eq!(&mem.scan(shard, b"", b"", 1000).unwrap(), &want);
         for client in 0..3 {
-            let want = model.sessions.get(&(shard, client)).map(|(s, r, t)| (*s, r.clone(), *t));
-            let got = rocks.session(shard, client).unwrap().map(|s| (s.seq, s.reply, s.last_seen_ms));
+            let want = model
+                .sessions
+                .get(&(shard, client))
+                .map(|(s, r, t)| (*s, r.clone(), *t));
+            let got = rocks
+                .session(shard, client)
+                .unwrap()
+                .map(|s| (s.seq, s.reply, s.last_seen_ms));
             prop_assert_eq!(&got, &want);
-            let got = mem.session(shard, client).unwrap().map(|s| (s.seq, s.reply, s.last_seen_ms));
+            let got = mem
+                .session(shard, client)
+                .unwrap()
+                .map(|s| (s.seq, s.reply, s.last_seen_ms));
             prop_assert_eq!(&got, &want);
         }
     }
@@ -202,7 +292,11 @@ impl LogModel {
         }
         let mut out = Vec::new();
         let mut bytes = 0;
-        for e in self.entries.iter().filter(|e| e.index >= lo && e.index < hi) {
+        for e in self
+            .entries
+            .iter()
+            .filter(|e| e.index >= lo && e.index < hi)
+        {
             bytes += e.size_bytes();
             if !out.is_empty() && bytes > max {
                 break;
@@ -217,20 +311,36 @@ fn log_check(ops: Vec<LogOp>) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let mut rocks = Some(RocksEngine::open(dir.path(), EngineConfig::default()).unwrap());
     let mem = MemStore::new_in_memory(EngineConfig::default()).unwrap();
-    let mut model = LogModel { entries: Vec::new(), truncated: (0, 0), applied: 0 };
+    let mut model = LogModel {
+        entries: Vec::new(),
+        truncated: (0, 0),
+        applied: 0,
+    };
     for op in ops {
         let r = rocks.as_ref().unwrap();
         match op {
             LogOp::Append { back, count, term } => {
-                let start = (model.last() + 1).saturating_sub(back).max(model.first()).max(model.applied + 1);
+                let start = (model.last() + 1)
+                    .saturating_sub(back)
+                    .max(model.first())
+                    .max(model.applied + 1);
                 let entries: Vec<Entry> = (start..start + count)
-                    .map(|index| Entry { term, index, data: Bytes::from(format!("{index}@{term}").repeat((index % 4) as usize)), ..Default::default() })
+                    .map(|index| Entry {
+                        term,
+                        index,
+                        data: Bytes::from(format!("{index}@{term}").repeat((index % 4) as usize)),
+                        ..Default::default()
+                    })
                     .collect();
                 let batch = LogBatch {
                     groups: vec![GroupWrite {
                         group: GROUP,
                         entries: entries.clone(),
-                        hard_state: Some(HardState { term, vote: 1, commit: model.applied }),
+                        hard_state: Some(HardState {
+                            term,
+                            vote: 1,
+                            commit: model.applied,
+                        }),
                         ..Default::default()
                     }],
                 };
@@ -243,14 +353,23 @@ fn log_check(ops: Vec<LogOp>) -> Result<(), TestCaseError> {
                 // Apply everything (no-op entries) so compaction is allowed.
                 let last = model.last();
                 if last > model.applied {
-                    let batch: Vec<ApplyEntry> = vec![ApplyEntry { index: last, term: 1, requests: vec![] }];
+                    let batch: Vec<ApplyEntry> = vec![ApplyEntry {
+                        index: last,
+                        term: 1,
+                        requests: vec![],
+                    }];
                     r.apply(GROUP, &batch).unwrap();
                     mem.apply(GROUP, &batch).unwrap();
                     model.applied = last;
                 }
                 let through = model.applied.saturating_sub(keep);
                 if through > model.truncated.0 {
-                    let term = model.entries.iter().find(|e| e.index == through).map(|e| e.term).unwrap();
+                    let term = model
+                        .entries
+                        .iter()
+                        .find(|e| e.index == through)
+                        .map(|e| e.term)
+                        .unwrap();
                     r.compact_log(GROUP, through).unwrap();
                     mem.compact_log(GROUP, through).unwrap();
                     model.entries.retain(|e| e.index > through);
@@ -266,7 +385,12 @@ fn log_check(ops: Vec<LogOp>) -> Result<(), TestCaseError> {
                 } else if lo < model.truncated.0 {
                     Err(StorageError::Compacted)
                 } else {
-                    model.entries.iter().find(|e| e.index == lo).map(|e| e.term).ok_or(StorageError::Unavailable)
+                    model
+                        .entries
+                        .iter()
+                        .find(|e| e.index == lo)
+                        .map(|e| e.term)
+                        .ok_or(StorageError::Unavailable)
                 };
                 prop_assert_eq!(&r.term(GROUP, lo), &want_term);
                 prop_assert_eq!(&mem.term(GROUP, lo), &want_term);
@@ -307,8 +431,19 @@ fn group_commit_spans_groups() {
     let groups = (1..=50u64)
         .map(|g| GroupWrite {
             group: g,
-            entries: (1..=g).map(|i| Entry { term: 1, index: i, data: Bytes::from(vec![g as u8; 10]), ..Default::default() }).collect(),
-            hard_state: Some(HardState { term: 1, vote: g, commit: 0 }),
+            entries: (1..=g)
+                .map(|i| Entry {
+                    term: 1,
+                    index: i,
+                    data: Bytes::from(vec![g as u8; 10]),
+                    ..Default::default()
+                })
+                .collect(),
+            hard_state: Some(HardState {
+                term: 1,
+                vote: g,
+                commit: 0,
+            }),
             ..Default::default()
         })
         .collect();
@@ -319,6 +454,8 @@ fn group_commit_spans_groups() {
         assert_eq!(engine.last_index(g).unwrap(), g);
         assert_eq!(engine.group_state(g).unwrap().hard_state.vote, g);
         let entries = engine.entries(g, 1, g + 1, u64::MAX).unwrap();
-        assert!(entries.iter().all(|e| e.data.as_ref() == vec![g as u8; 10].as_slice()));
+        assert!(entries
+            .iter()
+            .all(|e| e.data.as_ref() == vec![g as u8; 10].as_slice()));
     }
 }

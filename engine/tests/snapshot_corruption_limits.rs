@@ -10,22 +10,47 @@ use shoal_consensus::{Entry, HardState, StorageError};
 use shoal_engine::backend::{View, WriteSet};
 use shoal_engine::keys::log_key;
 use shoal_engine::{
-    ApplyEntry, Backend, Cf, Command, Engine, EngineConfig, EngineError, GroupWrite, LimitKind, LogBatch, MemStore, Reply, Request, RocksEngine,
+    ApplyEntry, Backend, Cf, Command, Engine, EngineConfig, EngineError, GroupWrite, LimitKind,
+    LogBatch, MemStore, Reply, Request, RocksEngine,
 };
 
 fn put(shard: u32, client: u64, seq: u64, key: &str, value: &str) -> Request {
-    Request { shard, client, seq, time_ms: seq, command: Command::Put { key: Bytes::from(key.to_string()), value: Bytes::from(value.to_string()) } }
+    Request {
+        shard,
+        client,
+        seq,
+        time_ms: seq,
+        command: Command::Put {
+            key: Bytes::from(key.to_string()),
+            value: Bytes::from(value.to_string()),
+        },
+    }
 }
 
 fn fill<B: Backend>(engine: &Engine<B>, group: u64, index: u64, tag: &str) {
     let mut requests = Vec::new();
     for shard in 1..=2 {
         for k in 0..200 {
-            requests.push(put(shard, 0, 0, &format!("k{k:03}"), &format!("{tag}-{shard}-{k}")));
+            requests.push(put(
+                shard,
+                0,
+                0,
+                &format!("k{k:03}"),
+                &format!("{tag}-{shard}-{k}"),
+            ));
         }
         requests.push(put(shard, 7, 1, &format!("only-{tag}"), tag));
     }
-    engine.apply(group, &[ApplyEntry { index, term: 2, requests }]).unwrap();
+    engine
+        .apply(
+            group,
+            &[ApplyEntry {
+                index,
+                term: 2,
+                requests,
+            }],
+        )
+        .unwrap();
 }
 
 fn roundtrip<B: Backend>(make: &dyn Fn(&Path) -> Engine<B>) {
@@ -37,18 +62,48 @@ fn roundtrip<B: Backend>(make: &dyn Fn(&Path) -> Engine<B>) {
     let export = tmp.path().join("export");
     let manifest = a.export_snapshot(1, &[1], &export).unwrap();
     assert_eq!(manifest.applied.index, 50);
-    assert!(manifest.files.iter().any(|f| f.cf == "kv" && f.entries == 201));
+    assert!(manifest
+        .files
+        .iter()
+        .any(|f| f.cf == "kv" && f.entries == 201));
     b.install_snapshot(&export).unwrap();
     assert!(!export.exists(), "install consumes the snapshot directory");
-    assert_eq!(b.scan(1, b"", b"", 1000).unwrap(), a.scan(1, b"", b"", 1000).unwrap());
-    assert!(b.get(1, b"only-B").unwrap().is_none(), "keys absent from the snapshot are removed");
-    assert_eq!(b.get(2, b"only-B").unwrap().unwrap().value, "B", "other shards are untouched");
-    assert_eq!(b.session(1, 7).unwrap(), a.session(1, 7).unwrap(), "sessions travel with the shard");
+    assert_eq!(
+        b.scan(1, b"", b"", 1000).unwrap(),
+        a.scan(1, b"", b"", 1000).unwrap()
+    );
+    assert!(
+        b.get(1, b"only-B").unwrap().is_none(),
+        "keys absent from the snapshot are removed"
+    );
+    assert_eq!(
+        b.get(2, b"only-B").unwrap().unwrap().value,
+        "B",
+        "other shards are untouched"
+    );
+    assert_eq!(
+        b.session(1, 7).unwrap(),
+        a.session(1, 7).unwrap(),
+        "sessions travel with the shard"
+    );
     assert_eq!(b.applied(1).unwrap().index, 50);
     // A retry of the request the session remembers is answered from it.
-    let replies = b.apply(1, &[ApplyEntry { index: 51, term: 2, requests: vec![put(1, 7, 1, "only-A", "again")] }]).unwrap();
+    let replies = b
+        .apply(
+            1,
+            &[ApplyEntry {
+                index: 51,
+                term: 2,
+                requests: vec![put(1, 7, 1, "only-A", "again")],
+            }],
+        )
+        .unwrap();
     assert_eq!(replies[0][0], Reply::Written { version: 1 });
-    assert_eq!(b.get(1, b"only-A").unwrap().unwrap().value, "A", "the retry was not applied again");
+    assert_eq!(
+        b.get(1, b"only-A").unwrap().unwrap().value,
+        "A",
+        "the retry was not applied again"
+    );
 }
 
 #[test]
@@ -83,7 +138,10 @@ fn corrupt_snapshot_file_is_rejected_and_changes_nothing() {
     let err = b.install_snapshot(&export).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, EngineError::Corrupt(_)), "{msg}");
-    assert!(msg.contains("kv-1.sst") && msg.contains("checksum"), "error names the file: {msg}");
+    assert!(
+        msg.contains("kv-1.sst") && msg.contains("checksum"),
+        "error names the file: {msg}"
+    );
     assert_eq!(b.scan(1, b"", b"", 1000).unwrap(), before);
     assert_eq!(b.applied(1).unwrap().index, 10);
 
@@ -99,8 +157,23 @@ fn corrupt_snapshot_file_is_rejected_and_changes_nothing() {
 fn corrupt_log_entry_is_reported_with_group_and_index() {
     let tmp = tempfile::tempdir().unwrap();
     let engine = RocksEngine::open(tmp.path(), EngineConfig::default()).unwrap();
-    let entries: Vec<Entry> = (1..=5).map(|i| Entry { term: 1, index: i, data: Bytes::from(vec![i as u8; 64]), ..Default::default() }).collect();
-    engine.write_log(LogBatch { groups: vec![GroupWrite { group: 9, entries, ..Default::default() }] }).unwrap();
+    let entries: Vec<Entry> = (1..=5)
+        .map(|i| Entry {
+            term: 1,
+            index: i,
+            data: Bytes::from(vec![i as u8; 64]),
+            ..Default::default()
+        })
+        .collect();
+    engine
+        .write_log(LogBatch {
+            groups: vec![GroupWrite {
+                group: 9,
+                entries,
+                ..Default::default()
+            }],
+        })
+        .unwrap();
     // Flip one byte of entry 3's stored record, under the engine.
     let key = log_key(9, 3);
     let mut stored = engine.backend().get(Cf::RaftLog, &key).unwrap().unwrap();
@@ -114,7 +187,9 @@ fn corrupt_log_entry_is_reported_with_group_and_index() {
     let engine = RocksEngine::open(tmp.path(), EngineConfig::default()).unwrap();
     let err = engine.entries(9, 1, 6, u64::MAX).unwrap_err();
     match &err {
-        StorageError::Corrupt(msg) => assert!(msg.contains("group 9") && msg.contains("index 3"), "{msg}"),
+        StorageError::Corrupt(msg) => {
+            assert!(msg.contains("group 9") && msg.contains("index 3"), "{msg}")
+        }
         other => panic!("expected Corrupt, got {other:?}"),
     }
     assert!(matches!(engine.term(9, 3), Err(StorageError::Corrupt(_))));
@@ -124,53 +199,192 @@ fn corrupt_log_entry_is_reported_with_group_and_index() {
 
 #[test]
 fn limits_refuse_and_write_nothing() {
-    let config = EngineConfig { key_bytes_max: 16, value_bytes_max: 64, batch_bytes_max: 1024, ..EngineConfig::default() };
+    let config = EngineConfig {
+        key_bytes_max: 16,
+        value_bytes_max: 64,
+        batch_bytes_max: 1024,
+        ..EngineConfig::default()
+    };
     let engine = MemStore::new_in_memory(config).unwrap();
-    let big_key = Request { shard: 0, client: 1, seq: 1, time_ms: 0, command: Command::Put { key: Bytes::from(vec![b'k'; 17]), value: Bytes::new() } };
+    let big_key = Request {
+        shard: 0,
+        client: 1,
+        seq: 1,
+        time_ms: 0,
+        command: Command::Put {
+            key: Bytes::from(vec![b'k'; 17]),
+            value: Bytes::new(),
+        },
+    };
     match engine.validate_request(&big_key) {
-        Err(EngineError::LimitExceeded { kind: LimitKind::KeyBytes, actual: 17, limit: 16 }) => {}
+        Err(EngineError::LimitExceeded {
+            kind: LimitKind::KeyBytes,
+            actual: 17,
+            limit: 16,
+        }) => {}
         other => panic!("expected a key limit error, got {other:?}"),
     }
-    let big_value = Request { shard: 0, client: 1, seq: 1, time_ms: 0, command: Command::Put { key: Bytes::from("k"), value: Bytes::from(vec![0; 65]) } };
-    assert!(matches!(engine.validate_request(&big_value), Err(EngineError::LimitExceeded { kind: LimitKind::ValueBytes, .. })));
+    let big_value = Request {
+        shard: 0,
+        client: 1,
+        seq: 1,
+        time_ms: 0,
+        command: Command::Put {
+            key: Bytes::from("k"),
+            value: Bytes::from(vec![0; 65]),
+        },
+    };
+    assert!(matches!(
+        engine.validate_request(&big_value),
+        Err(EngineError::LimitExceeded {
+            kind: LimitKind::ValueBytes,
+            ..
+        })
+    ));
     // A committed entry carrying an oversized request is answered Rejected
     // (deterministically on every replica) and writes nothing, not even a session.
-    let replies = engine.apply(1, &[ApplyEntry { index: 1, term: 1, requests: vec![big_key, big_value] }]).unwrap();
-    assert!(replies[0].iter().all(|r| matches!(r, Reply::Rejected { .. })));
+    let replies = engine
+        .apply(
+            1,
+            &[ApplyEntry {
+                index: 1,
+                term: 1,
+                requests: vec![big_key, big_value],
+            }],
+        )
+        .unwrap();
+    assert!(replies[0]
+        .iter()
+        .all(|r| matches!(r, Reply::Rejected { .. })));
     assert!(engine.scan(0, b"", b"", 10).unwrap().is_empty());
     assert!(engine.session(0, 1).unwrap().is_none());
     // Appends growing a value past the limit are rejected too.
-    let append = |seq| Request { shard: 0, client: 0, seq, time_ms: 0, command: Command::Append { key: Bytes::from("a"), value: Bytes::from(vec![1; 40]) } };
-    let replies = engine.apply(1, &[ApplyEntry { index: 2, term: 1, requests: vec![append(1), append(2)] }]).unwrap();
+    let append = |seq| Request {
+        shard: 0,
+        client: 0,
+        seq,
+        time_ms: 0,
+        command: Command::Append {
+            key: Bytes::from("a"),
+            value: Bytes::from(vec![1; 40]),
+        },
+    };
+    let replies = engine
+        .apply(
+            1,
+            &[ApplyEntry {
+                index: 2,
+                term: 1,
+                requests: vec![append(1), append(2)],
+            }],
+        )
+        .unwrap();
     assert_eq!(replies[0][0], Reply::Written { version: 1 });
     assert!(matches!(replies[0][1], Reply::Rejected { .. }));
     assert_eq!(engine.get(0, b"a").unwrap().unwrap().value.len(), 40);
     // An oversized log batch is refused whole.
-    let entries: Vec<Entry> = (1..=20).map(|i| Entry { term: 1, index: i, data: Bytes::from(vec![0; 100]), ..Default::default() }).collect();
-    let err = engine.write_log(LogBatch { groups: vec![GroupWrite { group: 1, entries, hard_state: Some(HardState::default()), ..Default::default() }] }).unwrap_err();
-    assert!(matches!(err, EngineError::LimitExceeded { kind: LimitKind::BatchBytes, .. }), "{err}");
+    let entries: Vec<Entry> = (1..=20)
+        .map(|i| Entry {
+            term: 1,
+            index: i,
+            data: Bytes::from(vec![0; 100]),
+            ..Default::default()
+        })
+        .collect();
+    let err = engine
+        .write_log(LogBatch {
+            groups: vec![GroupWrite {
+                group: 1,
+                entries,
+                hard_state: Some(HardState::default()),
+                ..Default::default()
+            }],
+        })
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::LimitExceeded {
+                kind: LimitKind::BatchBytes,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert_eq!(engine.last_index(1).unwrap(), 0);
     // Bad configurations are refused with the field named.
-    let err = EngineConfig { batch_bytes_max: 10, ..EngineConfig::default() }.validate().unwrap_err();
+    let err = EngineConfig {
+        batch_bytes_max: 10,
+        ..EngineConfig::default()
+    }
+    .validate()
+    .unwrap_err();
     assert!(err.to_string().contains("batch_bytes_max"), "{err}");
 }
 
 #[test]
 fn memstore_crash_loses_only_unsynced_writes() {
     let engine = MemStore::new_in_memory(EngineConfig::default()).unwrap();
-    let entry = Entry { term: 1, index: 1, ..Default::default() };
-    engine.write_log(LogBatch { groups: vec![GroupWrite { group: 1, entries: vec![entry], ..Default::default() }] }).unwrap();
-    engine.apply(1, &[ApplyEntry { index: 1, term: 1, requests: vec![put(0, 0, 0, "k", "v")] }]).unwrap();
+    let entry = Entry {
+        term: 1,
+        index: 1,
+        ..Default::default()
+    };
+    engine
+        .write_log(LogBatch {
+            groups: vec![GroupWrite {
+                group: 1,
+                entries: vec![entry],
+                ..Default::default()
+            }],
+        })
+        .unwrap();
+    engine
+        .apply(
+            1,
+            &[ApplyEntry {
+                index: 1,
+                term: 1,
+                requests: vec![put(0, 0, 0, "k", "v")],
+            }],
+        )
+        .unwrap();
     engine.crash_and_recover().unwrap();
-    assert_eq!(engine.last_index(1).unwrap(), 1, "the synced log write survives");
-    assert_eq!(engine.applied(1).unwrap().index, 0, "the unsynced apply is lost, to be replayed");
+    assert_eq!(
+        engine.last_index(1).unwrap(),
+        1,
+        "the synced log write survives"
+    );
+    assert_eq!(
+        engine.applied(1).unwrap().index,
+        0,
+        "the unsynced apply is lost, to be replayed"
+    );
     assert!(engine.get(0, b"k").unwrap().is_none());
-    engine.apply(1, &[ApplyEntry { index: 1, term: 1, requests: vec![put(0, 0, 0, "k", "v")] }]).unwrap();
+    engine
+        .apply(
+            1,
+            &[ApplyEntry {
+                index: 1,
+                term: 1,
+                requests: vec![put(0, 0, 0, "k", "v")],
+            }],
+        )
+        .unwrap();
     engine.sync().unwrap();
     engine.crash_and_recover().unwrap();
     assert_eq!(engine.applied(1).unwrap().index, 1);
     // Re-applying an applied index is a caller bug, refused.
-    assert!(engine.apply(1, &[ApplyEntry { index: 1, term: 1, requests: vec![] }]).is_err());
+    assert!(engine
+        .apply(
+            1,
+            &[ApplyEntry {
+                index: 1,
+                term: 1,
+                requests: vec![]
+            }]
+        )
+        .is_err());
 }
 
 /// Goal: applying committed entries never fails on the batch limit (that
@@ -179,7 +393,12 @@ fn memstore_crash_loses_only_unsynced_writes() {
 /// at an entry boundary with its applied index.
 #[test]
 fn apply_splits_large_catch_up_and_never_refuses() {
-    let config = EngineConfig { key_bytes_max: 16, value_bytes_max: 1000, batch_bytes_max: 4096, ..EngineConfig::default() };
+    let config = EngineConfig {
+        key_bytes_max: 16,
+        value_bytes_max: 1000,
+        batch_bytes_max: 4096,
+        ..EngineConfig::default()
+    };
     let tmp = tempfile::tempdir().unwrap();
     catch_up(&RocksEngine::open(tmp.path(), config.clone()).unwrap());
     catch_up(&MemStore::new_in_memory(config).unwrap());
@@ -188,21 +407,59 @@ fn apply_splits_large_catch_up_and_never_refuses() {
 fn catch_up<B: Backend>(engine: &Engine<B>) {
     // 200 appends of 10 bytes to one key: per-put accounting would stage
     // ~200 KB, final-value accounting 2 KB.
-    let append = |i: u64| Request { shard: 0, client: 0, seq: i, time_ms: 0, command: Command::Append { key: Bytes::from("k"), value: Bytes::from(vec![b'a'; 5]) } };
-    let entries: Vec<ApplyEntry> = (1..=200).map(|i| ApplyEntry { index: i, term: 1, requests: vec![append(i)] }).collect();
+    let append = |i: u64| Request {
+        shard: 0,
+        client: 0,
+        seq: i,
+        time_ms: 0,
+        command: Command::Append {
+            key: Bytes::from("k"),
+            value: Bytes::from(vec![b'a'; 5]),
+        },
+    };
+    let entries: Vec<ApplyEntry> = (1..=200)
+        .map(|i| ApplyEntry {
+            index: i,
+            term: 1,
+            requests: vec![append(i)],
+        })
+        .collect();
     let replies = engine.apply(1, &entries).unwrap();
     assert_eq!(replies.len(), 200);
     assert_eq!(engine.get(0, b"k").unwrap().unwrap().value.len(), 1000);
     // 50 distinct 900-byte values: ~45 KB, more than ten times the limit.
     let puts: Vec<ApplyEntry> = (201..=250)
-        .map(|i| ApplyEntry { index: i, term: 2, requests: vec![put(0, 0, 0, &format!("p{i}"), &"x".repeat(900))] })
+        .map(|i| ApplyEntry {
+            index: i,
+            term: 2,
+            requests: vec![put(0, 0, 0, &format!("p{i}"), &"x".repeat(900))],
+        })
         .collect();
     let replies = engine.apply(1, &puts).unwrap();
-    assert!(replies.iter().all(|r| r[0] == Reply::Written { version: 1 }));
-    assert_eq!(engine.applied(1).unwrap(), shoal_engine::AppliedState { index: 250, term: 2 });
+    assert!(replies
+        .iter()
+        .all(|r| r[0] == Reply::Written { version: 1 }));
+    assert_eq!(
+        engine.applied(1).unwrap(),
+        shoal_engine::AppliedState {
+            index: 250,
+            term: 2
+        }
+    );
     assert_eq!(engine.scan(0, b"p", b"q", 100).unwrap().len(), 50);
     // Out-of-order or repeated indexes are refused before anything is written.
-    let bad = vec![ApplyEntry { index: 252, term: 2, requests: vec![put(0, 0, 0, "z", "z")] }, ApplyEntry { index: 251, term: 2, requests: vec![] }];
+    let bad = vec![
+        ApplyEntry {
+            index: 252,
+            term: 2,
+            requests: vec![put(0, 0, 0, "z", "z")],
+        },
+        ApplyEntry {
+            index: 251,
+            term: 2,
+            requests: vec![],
+        },
+    ];
     assert!(engine.apply(1, &bad).is_err());
     assert!(engine.get(0, b"z").unwrap().is_none());
 }

@@ -215,22 +215,43 @@ pub fn apply(state: &KeyState, input: &Input) -> (KeyState, Output) {
     };
     match (input, state) {
         (Input::Get { .. }, KeyState::Absent) => (KeyState::Absent, Output::NotFound),
-        (Input::Get { .. }, KeyState::Present { value, version }) => {
-            (state.clone(), Output::Value { value: value.clone(), version: *version })
-        }
-        (Input::Put { value, .. }, _) => (
-            KeyState::Present { value: value.clone(), version: version_after_write },
-            Output::Written { version: version_after_write },
+        (Input::Get { .. }, KeyState::Present { value, version }) => (
+            state.clone(),
+            Output::Value {
+                value: value.clone(),
+                version: *version,
+            },
         ),
-        (Input::PutIfVersion { value, version: expected, .. }, _) => {
+        (Input::Put { value, .. }, _) => (
+            KeyState::Present {
+                value: value.clone(),
+                version: version_after_write,
+            },
+            Output::Written {
+                version: version_after_write,
+            },
+        ),
+        (
+            Input::PutIfVersion {
+                value,
+                version: expected,
+                ..
+            },
+            _,
+        ) => {
             let current = match state {
                 KeyState::Absent => 0,
                 KeyState::Present { version, .. } => *version,
             };
             if *expected == current {
                 (
-                    KeyState::Present { value: value.clone(), version: version_after_write },
-                    Output::Written { version: version_after_write },
+                    KeyState::Present {
+                        value: value.clone(),
+                        version: version_after_write,
+                    },
+                    Output::Written {
+                        version: version_after_write,
+                    },
                 )
             } else if current == 0 {
                 (KeyState::Absent, Output::NoKey)
@@ -239,7 +260,10 @@ pub fn apply(state: &KeyState, input: &Input) -> (KeyState, Output) {
             }
         }
         (Input::Append { value, .. }, KeyState::Absent) => (
-            KeyState::Present { value: value.clone(), version: 1 },
+            KeyState::Present {
+                value: value.clone(),
+                version: 1,
+            },
             Output::Written { version: 1 },
         ),
         (Input::Append { value: suffix, .. }, KeyState::Present { value, .. }) => {
@@ -247,13 +271,21 @@ pub fn apply(state: &KeyState, input: &Input) -> (KeyState, Output) {
             joined.extend_from_slice(value);
             joined.extend_from_slice(suffix);
             (
-                KeyState::Present { value: joined.freeze(), version: version_after_write },
-                Output::Written { version: version_after_write },
+                KeyState::Present {
+                    value: joined.freeze(),
+                    version: version_after_write,
+                },
+                Output::Written {
+                    version: version_after_write,
+                },
             )
         }
-        (Input::Delete { .. }, _) => {
-            (KeyState::Absent, Output::Deleted { existed: matches!(state, KeyState::Present { .. }) })
-        }
+        (Input::Delete { .. }, _) => (
+            KeyState::Absent,
+            Output::Deleted {
+                existed: matches!(state, KeyState::Present { .. }),
+            },
+        ),
     }
 }
 
@@ -333,7 +365,11 @@ impl fmt::Display for CheckOutcome {
             CheckOutcome::Linearizable { steps_used } => {
                 write!(f, "linearizable ({steps_used} search steps)")
             }
-            CheckOutcome::NotLinearizable { key, ops_involved, explanation } => write!(
+            CheckOutcome::NotLinearizable {
+                key,
+                ops_involved,
+                explanation,
+            } => write!(
                 f,
                 "not linearizable on key {key:?} (operations {ops_involved:?}):\n{explanation}"
             ),
@@ -373,8 +409,15 @@ pub fn check_history(ops: &[Operation], steps_max_per_key: u64) -> CheckOutcome 
     for (key, indices) in by_key {
         match check_partition(ops, &indices, steps_max_per_key) {
             PartitionOutcome::Linearizable { steps_used } => steps_total += steps_used,
-            PartitionOutcome::NotLinearizable { ops_involved, explanation } => {
-                return CheckOutcome::NotLinearizable { key: key.clone(), ops_involved, explanation };
+            PartitionOutcome::NotLinearizable {
+                ops_involved,
+                explanation,
+            } => {
+                return CheckOutcome::NotLinearizable {
+                    key: key.clone(),
+                    ops_involved,
+                    explanation,
+                };
             }
             PartitionOutcome::BudgetExhausted { steps_used } => {
                 // Keep going: a definite violation on a later key is worth
@@ -385,14 +428,23 @@ pub fn check_history(ops: &[Operation], steps_max_per_key: u64) -> CheckOutcome 
     }
     match exhausted {
         Some((key, steps_used)) => CheckOutcome::BudgetExhausted { key, steps_used },
-        None => CheckOutcome::Linearizable { steps_used: steps_total },
+        None => CheckOutcome::Linearizable {
+            steps_used: steps_total,
+        },
     }
 }
 
 enum PartitionOutcome {
-    Linearizable { steps_used: u64 },
-    NotLinearizable { ops_involved: Vec<usize>, explanation: String },
-    BudgetExhausted { steps_used: u64 },
+    Linearizable {
+        steps_used: u64,
+    },
+    NotLinearizable {
+        ops_involved: Vec<usize>,
+        explanation: String,
+    },
+    BudgetExhausted {
+        steps_used: u64,
+    },
 }
 
 /// Marks the end of the event list and "no entry".
@@ -439,7 +491,10 @@ impl EventList {
             if kind == 0 {
                 call_entry_of[id] = entry;
             } else {
-                assert_ne!(call_entry_of[id], NIL, "return event of op {id} sorted before its call");
+                assert_ne!(
+                    call_entry_of[id], NIL,
+                    "return event of op {id} sorted before its call"
+                );
                 list.return_entry[call_entry_of[id]] = entry;
             }
             list.next[previous] = entry;
@@ -533,7 +588,10 @@ fn check_partition(all_ops: &[Operation], indices: &[usize], steps_max: u64) -> 
             // anything later, and no candidate before it worked: backtrack.
             let Some((call, previous_state)) = stack.pop() else {
                 let (ops_involved, explanation) = explain(&ops, indices, &longest_prefix);
-                return PartitionOutcome::NotLinearizable { ops_involved, explanation };
+                return PartitionOutcome::NotLinearizable {
+                    ops_involved,
+                    explanation,
+                };
             };
             bit_clear(&mut linearized, list.op[call]);
             state = previous_state;
@@ -553,7 +611,11 @@ fn explain(ops: &[&Operation], indices: &[usize], prefix: &[usize]) -> (Vec<usiz
     use std::fmt::Write as _;
     let describe = |id: usize| {
         let op = ops[id];
-        let returned = if op.is_unknown() { "inf".to_string() } else { op.return_time.to_string() };
+        let returned = if op.is_unknown() {
+            "inf".to_string()
+        } else {
+            op.return_time.to_string()
+        };
         format!(
             "op {} (client {}, [{}, {}]): {:?} -> {:?}",
             indices[id], op.client_id, op.call_time, returned, op.input, op.output
@@ -584,8 +646,9 @@ fn explain(ops: &[&Operation], indices: &[usize], prefix: &[usize]) -> (Vec<usiz
         .map(|id| ops[id].return_time)
         .min()
         .unwrap_or(u64::MAX);
-    let stuck: Vec<usize> =
-        (0..ops.len()).filter(|&id| !in_prefix[id] && ops[id].call_time <= earliest_return).collect();
+    let stuck: Vec<usize> = (0..ops.len())
+        .filter(|&id| !in_prefix[id] && ops[id].call_time <= earliest_return)
+        .collect();
     let _ = writeln!(text, "none of these can come next:");
     for &id in &stuck {
         let (_, expected) = apply(&state, &ops[id].input);
@@ -625,7 +688,10 @@ struct RecorderState {
 impl RecorderState {
     fn use_clock(&mut self, source: ClockSource) {
         let current = *self.clock_source.get_or_insert(source);
-        assert_eq!(current, source, "a HistoryRecorder must not mix begin/end with begin_at/end_at");
+        assert_eq!(
+            current, source,
+            "a HistoryRecorder must not mix begin/end with begin_at/end_at"
+        );
     }
 
     fn tick(&mut self) -> u64 {
@@ -692,7 +758,9 @@ impl HistoryRecorder {
     fn lock(&self) -> std::sync::MutexGuard<'_, RecorderState> {
         // A client that panicked cannot leave the log half-written (each
         // update is a push or a field store), so poisoning is ignored.
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Records the call of `input` by `client_id` at the next logical tick.

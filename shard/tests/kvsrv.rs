@@ -25,12 +25,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{seed, Clerk, Cluster};
-use shoal_engine::{Command, Reply};
-use shoal_net::{NodeId, RpcCaller};
-use shoal_shard::protocol::{KvRequest, KvResponse, Request, Response};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use shoal_engine::{Command, Reply};
+use shoal_net::{NodeId, RpcCaller};
 use shoal_shard::client::ClientError;
+use shoal_shard::protocol::{KvRequest, KvResponse, Request, Response};
 use tokio::time::sleep;
 
 // Goal: the versioned-put rules on a reliable network.
@@ -247,9 +247,16 @@ async fn put_without_session<C: RpcCaller<shoal_shard::protocol::KvProtocol>>(
         shard: 0,
         client: 0,
         seq: 0,
-        command: Command::PutIfVersion { key: key.clone(), value, version },
+        command: Command::PutIfVersion {
+            key: key.clone(),
+            value,
+            version,
+        },
     });
-    match caller.call_with_deadline(NodeId(1), request, Duration::from_secs(10)).await {
+    match caller
+        .call_with_deadline(NodeId(1), request, Duration::from_secs(10))
+        .await
+    {
         Ok(Response::Kv(KvResponse::Done(reply))) => reply,
         other => panic!("session-less put of version {version}: {other:?}"),
     }
@@ -268,7 +275,11 @@ async fn test_mem_put_many_clients_reliable() {
     let engine = &cluster.engines[0];
     let (sessions_before, session_bytes_before) = engine.session_footprint(0).expect("sessions");
     let kv_bytes = |e: &shoal_engine::MemStore| -> u64 {
-        e.scan(0, b"", b"", 1000).expect("scan").iter().map(|(k, v)| (k.len() + v.value.len() + 8) as u64).sum()
+        e.scan(0, b"", b"", 1000)
+            .expect("scan")
+            .iter()
+            .map(|(k, v)| (k.len() + v.value.len() + 8) as u64)
+            .sum()
     };
     let kv_before = kv_bytes(engine);
     let key = Bytes::from_static(b"k");
@@ -278,7 +289,9 @@ async fn test_mem_put_many_clients_reliable() {
         let calls: Vec<_> = (0..1000)
             .map(|_| {
                 let (caller, key) = (caller.clone(), key.clone());
-                tokio::spawn(async move { put_without_session(&*caller, &key, Bytes::new(), 1).await })
+                tokio::spawn(
+                    async move { put_without_session(&*caller, &key, Bytes::new(), 1).await },
+                )
             })
             .collect();
         for call in calls {
@@ -294,7 +307,10 @@ async fn test_mem_put_many_clients_reliable() {
         );
     }
     let (sessions, session_bytes) = engine.session_footprint(0).expect("sessions");
-    assert_eq!(sessions, sessions_before, "a session-less client left a session");
+    assert_eq!(
+        sessions, sessions_before,
+        "a session-less client left a session"
+    );
     let grown = (session_bytes - session_bytes_before) + kv_bytes(engine).saturating_sub(kv_before);
     eprintln!("server state grew by {grown} bytes for {NCLIENT} clients");
     assert!(

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use shoal_shard::linearizability::{check_history, CheckOutcome, HistoryRecorder, Input, Operation, Output};
+use shoal_shard::linearizability::{
+    check_history, CheckOutcome, HistoryRecorder, Input, Operation, Output,
+};
 
 /// Generous for every hand-written and tiny history.
 const STEPS_MAX_PER_KEY: u64 = 1_000_000;
@@ -28,15 +30,25 @@ fn get(key: &str) -> Input {
 }
 
 fn put(key: &str, value: &str) -> Input {
-    Input::Put { key: bytes(key), value: bytes(value) }
+    Input::Put {
+        key: bytes(key),
+        value: bytes(value),
+    }
 }
 
 fn put_if_version(key: &str, value: &str, version: u64) -> Input {
-    Input::PutIfVersion { key: bytes(key), value: bytes(value), version }
+    Input::PutIfVersion {
+        key: bytes(key),
+        value: bytes(value),
+        version,
+    }
 }
 
 fn append(key: &str, value: &str) -> Input {
-    Input::Append { key: bytes(key), value: bytes(value) }
+    Input::Append {
+        key: bytes(key),
+        value: bytes(value),
+    }
 }
 
 fn delete(key: &str) -> Input {
@@ -44,7 +56,10 @@ fn delete(key: &str) -> Input {
 }
 
 fn value(text: &str, version: u64) -> Output {
-    Output::Value { value: bytes(text), version }
+    Output::Value {
+        value: bytes(text),
+        version,
+    }
 }
 
 fn written(version: u64) -> Output {
@@ -57,7 +72,13 @@ fn deleted(existed: bool) -> Output {
 
 /// An operation of `client` over the closed interval `[call_time, return_time]`.
 fn op(client_id: u64, input: Input, output: Output, call_time: u64, return_time: u64) -> Operation {
-    Operation { client_id, input, output, call_time, return_time }
+    Operation {
+        client_id,
+        input,
+        output,
+        call_time,
+        return_time,
+    }
 }
 
 /// An operation whose outcome the client never learned; it gave up at
@@ -68,14 +89,24 @@ fn unknown(client_id: u64, input: Input, call_time: u64, return_time: u64) -> Op
 
 fn assert_linearizable(history: &[Operation]) {
     let outcome = check_history(history, STEPS_MAX_PER_KEY);
-    assert!(outcome.is_linearizable(), "expected linearizable, got {outcome}\nhistory: {history:#?}");
+    assert!(
+        outcome.is_linearizable(),
+        "expected linearizable, got {outcome}\nhistory: {history:#?}"
+    );
 }
 
 /// Asserts a violation and returns the operations it blames.
 fn assert_not_linearizable(history: &[Operation]) -> Vec<usize> {
     match check_history(history, STEPS_MAX_PER_KEY) {
-        CheckOutcome::NotLinearizable { ops_involved, explanation, .. } => {
-            assert!(!ops_involved.is_empty(), "a violation must blame some operation");
+        CheckOutcome::NotLinearizable {
+            ops_involved,
+            explanation,
+            ..
+        } => {
+            assert!(
+                !ops_involved.is_empty(),
+                "a violation must blame some operation"
+            );
             assert!(!explanation.is_empty());
             ops_involved
         }
@@ -149,8 +180,20 @@ fn versioned_puts_with_mismatches_are_linearizable() {
     assert_linearizable(&[
         op(1, put_if_version("x", "a", 3), Output::NoKey, 0, 1),
         op(1, put_if_version("x", "a", 0), written(1), 2, 3),
-        op(2, put_if_version("x", "b", 0), Output::VersionMismatch, 4, 5),
-        op(1, put_if_version("x", "c", 1), Output::VersionMismatch, 10, 20),
+        op(
+            2,
+            put_if_version("x", "b", 0),
+            Output::VersionMismatch,
+            4,
+            5,
+        ),
+        op(
+            1,
+            put_if_version("x", "c", 1),
+            Output::VersionMismatch,
+            10,
+            20,
+        ),
         op(2, put_if_version("x", "d", 1), written(2), 12, 18),
         op(3, get("x"), value("d", 2), 21, 22),
     ]);
@@ -346,7 +389,9 @@ fn violation_on_one_key_is_found_among_linearizable_keys() {
         op(2, get("a"), value("1", 1), 4, 5),
     ];
     match check_history(&history, STEPS_MAX_PER_KEY) {
-        CheckOutcome::NotLinearizable { key, ops_involved, .. } => {
+        CheckOutcome::NotLinearizable {
+            key, ops_involved, ..
+        } => {
             assert_eq!(key, bytes("b"));
             assert_eq!(ops_involved, vec![2]);
         }
@@ -363,7 +408,10 @@ fn budget_exhaustion_is_reported_not_guessed() {
         op(2, put("x", "b"), written(2), 0, 10),
         op(3, get("x"), value("b", 2), 11, 12),
     ];
-    assert!(matches!(check_history(&history, 1), CheckOutcome::BudgetExhausted { steps_used: 1, .. }));
+    assert!(matches!(
+        check_history(&history, 1),
+        CheckOutcome::BudgetExhausted { steps_used: 1, .. }
+    ));
     assert!(check_history(&history, STEPS_MAX_PER_KEY).is_linearizable());
 }
 
@@ -399,7 +447,10 @@ fn recorder_with_caller_clock_keeps_caller_times() {
     let token = recorder.begin_at(7, get("x"), 2_000);
     recorder.end_unknown_at(token, 9_000);
     let history = recorder.history();
-    assert_eq!((history[0].call_time, history[0].return_time), (1_000, 2_000));
+    assert_eq!(
+        (history[0].call_time, history[0].return_time),
+        (1_000, 2_000)
+    );
     assert_eq!(history[1].output, Output::Unknown);
     assert!(recorder.check(STEPS_MAX_PER_KEY).is_linearizable());
 }
@@ -468,19 +519,30 @@ impl ReferenceKv {
         let current = self.version(&key);
         match input {
             Input::Get { .. } => match self.entries.get(&key) {
-                Some((text, version)) => Output::Value { value: Bytes::from(text.clone()), version: *version },
+                Some((text, version)) => Output::Value {
+                    value: Bytes::from(text.clone()),
+                    version: *version,
+                },
                 None => Output::NotFound,
             },
             Input::Put { value, .. } => {
                 self.entries.insert(key, (value.to_vec(), current + 1));
-                Output::Written { version: current + 1 }
+                Output::Written {
+                    version: current + 1,
+                }
             }
             Input::PutIfVersion { value, version, .. } => {
                 if *version != current {
-                    return if current == 0 { Output::NoKey } else { Output::VersionMismatch };
+                    return if current == 0 {
+                        Output::NoKey
+                    } else {
+                        Output::VersionMismatch
+                    };
                 }
                 self.entries.insert(key, (value.to_vec(), current + 1));
-                Output::Written { version: current + 1 }
+                Output::Written {
+                    version: current + 1,
+                }
             }
             Input::Append { value, .. } => {
                 let entry = self.entries.entry(key).or_insert_with(|| (Vec::new(), 0));
@@ -488,7 +550,9 @@ impl ReferenceKv {
                 entry.1 += 1;
                 Output::Written { version: entry.1 }
             }
-            Input::Delete { .. } => Output::Deleted { existed: self.entries.remove(&key).is_some() },
+            Input::Delete { .. } => Output::Deleted {
+                existed: self.entries.remove(&key).is_some(),
+            },
         }
     }
 }
@@ -500,7 +564,8 @@ impl ReferenceKv {
 fn brute_force_linearizable(history: &[Operation]) -> bool {
     assert!(history.len() <= 16);
     fn search(history: &[Operation], placed: u32, kv: &ReferenceKv) -> bool {
-        let known_remaining = (0..history.len()).any(|i| placed & (1 << i) == 0 && !history[i].is_unknown());
+        let known_remaining =
+            (0..history.len()).any(|i| placed & (1 << i) == 0 && !history[i].is_unknown());
         if !known_remaining {
             return true;
         }
@@ -550,7 +615,11 @@ fn random_input(rng: &mut ChaCha8Rng, keys: usize, unique: &str, small_values: u
     match rng.random_range(0..10) {
         0..=2 => Input::Get { key },
         3..=4 => Input::Put { key, value },
-        5..=6 => Input::PutIfVersion { key, value, version: rng.random_range(0..4) },
+        5..=6 => Input::PutIfVersion {
+            key,
+            value,
+            version: rng.random_range(0..4),
+        },
         7..=8 => Input::Append { key, value },
         _ => Input::Delete { key },
     }
@@ -587,20 +656,29 @@ fn simulate(rng: &mut ChaCha8Rng, config: &SimulationConfig) -> Vec<Operation> {
             kv.execute(&input);
             continue;
         }
-        let ready: Vec<usize> = (0..config.clients).filter(|&c| left[c] > 0 && free_at[c] <= now).collect();
+        let ready: Vec<usize> = (0..config.clients)
+            .filter(|&c| left[c] > 0 && free_at[c] <= now)
+            .collect();
         if ready.is_empty() {
             continue;
         }
         let client = ready[rng.random_range(0..ready.len())];
         left[client] -= 1;
-        let mut input = random_input(rng, config.keys, &format!("{client}.{}", left[client]), config.small_values);
+        let mut input = random_input(
+            rng,
+            config.keys,
+            &format!("{client}.{}", left[client]),
+            config.small_values,
+        );
         if let Input::PutIfVersion { key, version, .. } = &mut input {
             // Mostly the current version, as a read-modify-write would.
             if rng.random_bool(0.6) {
                 *version = kv.version(key);
             }
         }
-        let call_time = now.saturating_sub(rng.random_range(0..=config.latency_ticks_max)).max(free_at[client]);
+        let call_time = now
+            .saturating_sub(rng.random_range(0..=config.latency_ticks_max))
+            .max(free_at[client]);
         let return_time = now + rng.random_range(0..=config.latency_ticks_max);
         let output = if rng.random_ratio(config.unknown_percent, 100) {
             match rng.random_range(0..3) {
@@ -615,7 +693,13 @@ fn simulate(rng: &mut ChaCha8Rng, config: &SimulationConfig) -> Vec<Operation> {
             kv.execute(&input)
         };
         free_at[client] = return_time + 1;
-        history.push(Operation { client_id: client as u64, input, output, call_time, return_time });
+        history.push(Operation {
+            client_id: client as u64,
+            input,
+            output,
+            call_time,
+            return_time,
+        });
     }
     history
 }
@@ -645,7 +729,9 @@ fn random_output(rng: &mut ChaCha8Rng, input: &Input) -> Output {
 fn seeds(test_salt: u64, count: u64) -> Vec<u64> {
     match std::env::var("SHOAL_SEED") {
         Ok(text) => vec![text.parse().expect("SHOAL_SEED must be a u64")],
-        Err(_) => (0..count).map(|i| test_salt.wrapping_mul(1_000_003).wrapping_add(i)).collect(),
+        Err(_) => (0..count)
+            .map(|i| test_salt.wrapping_mul(1_000_003).wrapping_add(i))
+            .collect(),
     }
 }
 
@@ -680,7 +766,13 @@ fn checker_agrees_with_brute_force_on_tiny_histories() {
                     let output = random_output(&mut rng, &input);
                     let call_time = rng.random_range(0..10);
                     let return_time = call_time + rng.random_range(0..5);
-                    Operation { client_id: i, input, output, call_time, return_time }
+                    Operation {
+                        client_id: i,
+                        input,
+                        output,
+                        call_time,
+                        return_time,
+                    }
                 })
                 .collect()
         };
@@ -696,15 +788,30 @@ fn checker_agrees_with_brute_force_on_tiny_histories() {
             "seed {seed} (replay with SHOAL_SEED={seed}): brute force says linearizable={expected}, \
              checker says {outcome}\nhistory: {history:#?}"
         );
-        *verdicts.entry(if expected { "linearizable" } else { "not linearizable" }).or_default() += 1;
+        *verdicts
+            .entry(if expected {
+                "linearizable"
+            } else {
+                "not linearizable"
+            })
+            .or_default() += 1;
         let unknown = history.iter().any(Operation::is_unknown);
-        *verdicts.entry(if unknown { "with unknown ops" } else { "without unknown ops" }).or_default() += 1;
+        *verdicts
+            .entry(if unknown {
+                "with unknown ops"
+            } else {
+                "without unknown ops"
+            })
+            .or_default() += 1;
     }
     println!("tiny histories cross-checked: {verdicts:?}");
     if std::env::var("SHOAL_SEED").is_err() {
         // Both verdicts must be well represented or the test proves little.
         for (class, count) in &verdicts {
-            assert!(*count >= 2_000, "only {count} histories {class}: {verdicts:?}");
+            assert!(
+                *count >= 2_000,
+                "only {count} histories {class}: {verdicts:?}"
+            );
         }
     }
 }
@@ -767,7 +874,9 @@ fn corrupt_provably(rng: &mut ChaCha8Rng, history: &mut [Operation]) -> Option<u
         }
         let newest_completed = history
             .iter()
-            .filter(|write| *write.input.key() == key && write.return_time < history[read].call_time)
+            .filter(|write| {
+                *write.input.key() == key && write.return_time < history[read].call_time
+            })
             .filter_map(|write| match write.output {
                 Output::Written { version } => Some(version),
                 _ => None,
@@ -775,8 +884,11 @@ fn corrupt_provably(rng: &mut ChaCha8Rng, history: &mut [Operation]) -> Option<u
             .max();
         if let Some(version) = newest_completed {
             // For a value, the version alone is impossible.
-            history[read].output =
-                if version >= 2 && rng.random_bool(0.5) { value("stale", version - 1) } else { Output::NotFound };
+            history[read].output = if version >= 2 && rng.random_bool(0.5) {
+                value("stale", version - 1)
+            } else {
+                Output::NotFound
+            };
             return Some(read);
         }
     }
@@ -793,7 +905,9 @@ fn provably_illegal_corruptions_are_rejected() {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let config = medium_config(&mut rng);
         let mut history = simulate(&mut rng, &config);
-        let Some(read) = corrupt_provably(&mut rng, &mut history) else { continue };
+        let Some(read) = corrupt_provably(&mut rng, &mut history) else {
+            continue;
+        };
         corrupted += 1;
         match check_history(&history, STEPS_MAX_PER_KEY) {
             CheckOutcome::NotLinearizable { ops_involved, .. } => assert!(
@@ -807,7 +921,10 @@ fn provably_illegal_corruptions_are_rejected() {
         }
     }
     if std::env::var("SHOAL_SEED").is_err() {
-        assert!(corrupted >= 200, "only {corrupted} histories could be corrupted");
+        assert!(
+            corrupted >= 200,
+            "only {corrupted} histories could be corrupted"
+        );
     }
 }
 
@@ -831,11 +948,17 @@ fn ten_clients_thousand_ops_twenty_keys_fit_the_budget() {
         let started = std::time::Instant::now();
         let outcome = check_history(&history, STEPS_BUDGET_PER_KEY);
         println!("seed {seed}: {outcome} in {:?}", started.elapsed());
-        assert!(outcome.is_linearizable(), "seed {seed} (replay with SHOAL_SEED={seed}): {outcome}");
+        assert!(
+            outcome.is_linearizable(),
+            "seed {seed} (replay with SHOAL_SEED={seed}): {outcome}"
+        );
         // And a corruption in so large a history is still found in budget.
         corrupt_provably(&mut rng, &mut history).expect("a 10k-op history has reads");
         let outcome = check_history(&history, STEPS_BUDGET_PER_KEY);
-        assert!(outcome.is_violation(), "seed {seed} (replay with SHOAL_SEED={seed}): {outcome}");
+        assert!(
+            outcome.is_violation(),
+            "seed {seed} (replay with SHOAL_SEED={seed}): {outcome}"
+        );
     }
 }
 
@@ -861,11 +984,23 @@ fn many_unknown_writes_never_turn_a_violation_into_a_pass() {
             continue;
         }
         let outcome = check_history(&history, STEPS_BUDGET_PER_KEY);
-        assert!(!outcome.is_linearizable(), "seed {seed} (replay with SHOAL_SEED={seed}): corruption accepted");
-        *verdicts.entry(if outcome.is_violation() { "violation" } else { "no verdict" }).or_default() += 1;
+        assert!(
+            !outcome.is_linearizable(),
+            "seed {seed} (replay with SHOAL_SEED={seed}): corruption accepted"
+        );
+        *verdicts
+            .entry(if outcome.is_violation() {
+                "violation"
+            } else {
+                "no verdict"
+            })
+            .or_default() += 1;
     }
     println!("heavily unknown, corrupted histories: {verdicts:?}");
     if std::env::var("SHOAL_SEED").is_err() {
-        assert!(verdicts.values().sum::<u64>() >= 5, "too few corruptible histories: {verdicts:?}");
+        assert!(
+            verdicts.values().sum::<u64>() >= 5,
+            "too few corruptible histories: {verdicts:?}"
+        );
     }
 }

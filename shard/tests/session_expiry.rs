@@ -61,8 +61,10 @@ impl RpcCaller<KvProtocol> for LossyCaller {
         let this = self.clone();
         async move {
             let response = this.inner.call_with_deadline(to, request, deadline).await;
-            if matches!(response, Ok(Response::Kv(KvResponse::Done(Reply::Written { .. }))))
-                && this.armed.swap(false, Ordering::SeqCst)
+            if matches!(
+                response,
+                Ok(Response::Kv(KvResponse::Done(Reply::Written { .. })))
+            ) && this.armed.swap(false, Ordering::SeqCst)
             {
                 this.net.set_client_connected(this.inner.name(), false);
                 return Err(RpcError::Lost("reply lost (test)".into()));

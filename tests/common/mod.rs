@@ -58,7 +58,11 @@ impl Cluster {
 
     /// [`Cluster::start`], the nodes with `--fault-injection` if asked.
     pub fn start_with(root: &Path, n: u64, fault_injection: bool) -> Cluster {
-        let args: &[&str] = if fault_injection { &["--fault-injection"] } else { &[] };
+        let args: &[&str] = if fault_injection {
+            &["--fault-injection"]
+        } else {
+            &[]
+        };
         let mut nodes = LocalCluster::create(env!("CARGO_BIN_EXE_shoal").as_ref(), root, n, args)
             .expect("certificates and ports");
         nodes.inherit_stderr();
@@ -159,12 +163,16 @@ impl Cluster {
     /// Waits until every running node has applied what the leader had
     /// committed when this was called.
     pub fn wait_caught_up(&self, timeout: Duration) {
-        self.nodes.wait_caught_up(timeout).unwrap_or_else(|e| panic!("{e}"));
+        self.nodes
+            .wait_caught_up(timeout)
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// SIGTERMs node `id` and waits (at most `timeout`) for it to exit.
     pub fn terminate(&mut self, id: u64, timeout: Duration) -> std::process::ExitStatus {
-        self.nodes.terminate(id, timeout).unwrap_or_else(|e| panic!("{e}"))
+        self.nodes
+            .terminate(id, timeout)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// The status node `id` last wrote, if it is running and wrote one.
@@ -179,6 +187,9 @@ impl Cluster {
 
     /// Waits until some running node leads.
     pub fn wait_for_leader(&self, timeout: Duration) -> u64 {
-        self.nodes.wait_for_leader(timeout).unwrap_or_else(|e| panic!("{e}")).id
+        self.nodes
+            .wait_for_leader(timeout)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .id
     }
 }
