@@ -203,10 +203,13 @@ pub fn run_node(options: NodeOptions, ready: impl FnOnce(SocketAddr)) -> Result<
         net_config.validate().context("transport limits")?;
         let (quic, inbox) = QuicNode::<KvProtocol>::bind(net_config, &identity).context("binding the QUIC endpoint")?;
         let engine = RocksEngine::open(options.data_dir.join("db"), EngineConfig::default()).context("opening RocksDB")?;
-        let mut config = NodeConfig::new(options.id, options.peers.iter().map(|&(id, _)| id).collect());
+        let mut config = NodeConfig::new(
+            options.id,
+            options.peers.iter().map(|&(id, _)| id).collect(),
+            options.data_dir.join("db").join("snapshots"),
+        );
         config.blocking_io = true;
         config.max_raft_state_bytes = options.max_raft_state_bytes;
-        config.snapshot_dir = options.data_dir.join("snapshots");
         let handle = Node::start(config, engine, quic.clone(), inbox).context("starting the node")?;
         ready(quic.local_addr().context("local address")?);
 

@@ -35,6 +35,9 @@ pub const COMPACT_EVERY_ENTRIES: u64 = 300;
 pub const INSTALL_SHARD: ShardId = 5;
 /// Keys in each install template.
 pub const INSTALL_TEMPLATE_KEYS: u64 = 2_000;
+/// The value limit the workload's appends carry (small, so some appends are
+/// refused by the state machine, deterministically).
+pub const VALUE_BYTES_MAX: u64 = 256;
 
 fn rng(seed: u64, index: Index, salt: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(
@@ -58,7 +61,11 @@ pub fn requests_for(seed: u64, index: Index) -> Vec<Request> {
         let value = Bytes::from(format!("{index}.{n};"));
         let command = match r.random_range(0..100) {
             0..=39 => Command::Put { key, value },
-            40..=64 => Command::Append { key, value },
+            40..=64 => Command::Append {
+                key,
+                value,
+                value_bytes_max: VALUE_BYTES_MAX,
+            },
             65..=79 => Command::PutIfVersion {
                 key,
                 value,
@@ -66,7 +73,11 @@ pub fn requests_for(seed: u64, index: Index) -> Vec<Request> {
             },
             80..=89 => Command::Delete { key },
             90..=94 => Command::Get { key },
-            _ => Command::ExpireSessions { idle_ms: 2_000 },
+            _ => Command::ExpireSessions {
+                sessions: (1..=CLIENTS)
+                    .map(|client| (client, r.random_range(0..=index * 4)))
+                    .collect(),
+            },
         };
         // Sequence numbers grow with the index, so each client's requests are
         // in order; `n` keeps two requests of one entry distinct.
@@ -74,7 +85,6 @@ pub fn requests_for(seed: u64, index: Index) -> Vec<Request> {
             shard,
             client: r.random_range(0..=CLIENTS),
             seq: index * 4 + n as u64,
-            time_ms: index * 10,
             command,
         });
     }
@@ -242,10 +252,9 @@ fn compare_state<B1: shoal_engine::Backend, B2: shoal_engine::Backend>(
     b: &shoal_engine::Engine<B2>,
     shards: std::ops::Range<ShardId>,
 ) -> Result<()> {
-    let limit = a.config().scan_limit_max;
     for shard in shards {
-        let got = a.scan(shard, b"", b"", limit)?;
-        let want = b.scan(shard, b"", b"", limit)?;
+        let got = scan_all(a, shard)?;
+        let want = scan_all(b, shard)?;
         if got != want {
             bail!(
                 "shard {shard}: state machine ({} keys) differs from the replay ({} keys)",
@@ -263,6 +272,24 @@ fn compare_state<B1: shoal_engine::Backend, B2: shoal_engine::Backend>(
     Ok(())
 }
 
+/// Every pair of `shard`, following the scan's continuation.
+fn scan_all<B: shoal_engine::Backend>(
+    engine: &shoal_engine::Engine<B>,
+    shard: ShardId,
+) -> Result<Vec<(Bytes, shoal_engine::Versioned)>> {
+    let limit = engine.config().scan_limit_max;
+    let mut pairs = Vec::new();
+    let mut start = Bytes::new();
+    loop {
+        let page = engine.scan(shard, &start, b"", limit)?;
+        pairs.extend(page.pairs);
+        match page.next {
+            Some(next) => start = next,
+            None => return Ok(pairs),
+        }
+    }
+}
+
 /// The content of install template `which` (0 or 1), applied at index
 /// `100 * (which + 1)`.
 fn template_requests(which: u64) -> Vec<Request> {
@@ -271,7 +298,6 @@ fn template_requests(which: u64) -> Vec<Request> {
             shard: INSTALL_SHARD,
             client: 0,
             seq: 0,
-            time_ms: 0,
             command: Command::Put {
                 key: Bytes::from(format!("t{k:05}")),
                 value: Bytes::from(format!(
@@ -284,7 +310,6 @@ fn template_requests(which: u64) -> Vec<Request> {
             shard: INSTALL_SHARD,
             client: 0,
             seq: 0,
-            time_ms: 0,
             command: Command::Put {
                 key: Bytes::from(format!("u{k:05}")),
                 value: Bytes::from("only in template 1"),
@@ -379,8 +404,7 @@ pub struct InstallCheck {
 pub fn check_installer(dir: &Path) -> Result<InstallCheck> {
     let engine = RocksEngine::open(dir.join("db"), EngineConfig::default())?;
     let finished_interrupted_install = engine.interrupted_installs_finished() > 0;
-    let limit = engine.config().scan_limit_max;
-    let got = engine.scan(INSTALL_SHARD, b"", b"", limit)?;
+    let got = scan_all(&engine, INSTALL_SHARD)?;
     let applied = engine.applied(GROUP)?.index;
     if got.is_empty() && applied == 0 {
         return Ok(InstallCheck {
@@ -391,7 +415,7 @@ pub fn check_installer(dir: &Path) -> Result<InstallCheck> {
     for which in 0..2 {
         let model = MemStore::new_in_memory(EngineConfig::default())?;
         template_engine(&model, which)?;
-        if got == model.scan(INSTALL_SHARD, b"", b"", limit)? {
+        if got == scan_all(&model, INSTALL_SHARD)? {
             ensure!(
                 applied == 100 * (which + 1),
                 "shard holds template {which} but the applied index is {applied}"

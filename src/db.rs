@@ -13,9 +13,18 @@
 //! so every acknowledged write survives a crash of the process (SIGKILL) or
 //! of the machine; reopening replays the log past the applied index.
 //!
+//! # Log compaction
+//! Every write goes to the Raft log and then to the key/value tables, so
+//! the log is compacted: once it holds more than
+//! [`DbOptions::max_raft_state_bytes`] (default 64 MiB) a snapshot of the
+//! tables is exported off the write path and the log is cut through it.
+//! The log's size is a running count kept by the engine, so opening never
+//! reads the whole log.
+//!
 //! # Layout of the directory
-//! `db/` (RocksDB), `snapshots/` (log-compaction exports), `net-files/`
-//! (unused by a group of one).
+//! `db/` (RocksDB), `db/snapshots/` (log-compaction exports; inside the
+//! engine's directory so an interrupted install always finds its files),
+//! `net-files/` (unused by a group of one).
 //!
 //! # Example
 //! ```no_run
@@ -43,6 +52,22 @@ const DB_NODE_ID: u64 = 1;
 
 /// How long [`Db::open`] waits for the group of one to elect itself.
 pub const OPEN_LEADER_WAIT_MS_MAX: u64 = 10_000;
+
+/// Settings of a [`Db`]; [`DbOptions::default`] is what [`Db::open`] uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DbOptions {
+    /// Compact the log once it holds more than this many bytes of entries.
+    pub max_raft_state_bytes: u64,
+}
+
+impl Default for DbOptions {
+    fn default() -> Self {
+        DbOptions {
+            max_raft_state_bytes: shoal_shard::node::MAX_RAFT_STATE_BYTES_DEFAULT,
+        }
+    }
+}
 
 /// Why a [`Db`] operation failed. Expected outcomes (missing key, version
 /// mismatch) are variants too.
@@ -179,6 +204,11 @@ impl Db {
     /// Opens (or creates) the database in `dir` and waits until it serves.
     /// Another process (or `Db`) must not have it open.
     pub fn open(dir: impl AsRef<Path>) -> Result<Db, DbError> {
+        Db::open_with(dir, DbOptions::default())
+    }
+
+    /// [`Db::open`] with `options`.
+    pub fn open_with(dir: impl AsRef<Path>, options: DbOptions) -> Result<Db, DbError> {
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -198,9 +228,10 @@ impl Db {
             net_config.files_dir = dir.join("net-files");
             let net = MemNetwork::<KvProtocol>::new(net_config);
             let (transport, inbox) = net.add_node(NodeId(DB_NODE_ID));
-            let mut config = NodeConfig::new(DB_NODE_ID, vec![DB_NODE_ID]);
+            let mut config =
+                NodeConfig::new(DB_NODE_ID, vec![DB_NODE_ID], dir.join("db").join("snapshots"));
             config.blocking_io = true;
-            config.snapshot_dir = dir.join("snapshots");
+            config.max_raft_state_bytes = Some(options.max_raft_state_bytes);
             let node = Node::start(config, engine, transport, inbox)?;
             // A fresh session id every open: the session table is durable,
             // and sequence numbers restart at 1 with each client.
@@ -237,6 +268,14 @@ impl Db {
     /// The directory the database lives in.
     pub fn path(&self) -> &Path {
         &self.dir
+    }
+
+    /// Bytes of entries in the database's Raft log (the running count that
+    /// decides compaction; an upper estimate).
+    pub fn log_bytes(&self) -> u64 {
+        self.node
+            .as_ref()
+            .map_or(0, |node| node.status(shoal_shard::node::KV_GROUP).log_bytes)
     }
 
     /// The async face of this database, for use inside async code.

@@ -31,7 +31,7 @@ pub mod jsonl;
 pub mod local_cluster;
 
 pub use cluster::{BlockingClient, Client, ClientError, ConnectError};
-pub use db::{AsyncDb, Db, DbError};
+pub use db::{AsyncDb, Db, DbError, DbOptions};
 
 pub use shoal_consensus as consensus;
 pub use shoal_engine as engine;

@@ -8,31 +8,42 @@
 //! retried write never applies twice and gets the first attempt's answer.
 //!
 //! # When the outcome is unknown
-//! A session expires after `session_idle_ms` without requests. If a write
-//! applied but its reply was lost, and the client kept retrying for longer
-//! than that, the retry may run again as a new request. For a versioned put
-//! that second run reports a version mismatch (or a missing key) that is the
-//! effect of the first run, so the client answers [`ClientError::Maybe`]
-//! instead, as the lab's clerk does; it does so only when the request was
-//! sent more than once and the retries lasted at least half of
-//! `session_idle_ms`, counted from the first send (time spent waiting for
-//! another operation of a clone of the client does not count). An
-//! operation that runs out of its deadline after a request may have reached
-//! a node is [`ClientError::Maybe`] for writes and [`ClientError::Timeout`]
-//! for reads.
+//! A session expires once a leader has seen it idle for `session_idle_ms`
+//! on its own clock. If a write applied but its reply was lost, and the
+//! client kept retrying past that, a retry may run again as a new request:
+//! its answer (a second version, a version mismatch that is the first run's
+//! doing) describes a write applied twice. So every write that was sent
+//! more than once and whose retries lasted at least a quarter of
+//! `session_idle_ms`, counted from the first send, is reported as
+//! [`ClientError::Maybe`] instead of its reply. The session cannot really
+//! have expired that early (a leader watches the whole period after the
+//! first send was applied); the margin covers clock rate differences and a
+//! client configured with a longer idle time than the nodes'. Time spent
+//! waiting for another operation of a clone of the client does not count.
+//! [`ClientConfig::validate`] keeps `op_deadline` at most half of
+//! `session_idle_ms`. An operation that runs out of its deadline after a
+//! request may have reached a node is [`ClientError::Maybe`] for writes and
+//! [`ClientError::Timeout`] for reads.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use shoal_engine::{ClientId, Command, Reply, ShardId, Versioned};
+use shoal_engine::kv::ScanPage;
+use shoal_engine::{ClientId, Reply, ShardId, Versioned};
 use shoal_net::{NodeId, RpcCaller, RpcError};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::node::{KV_SHARD, SESSION_IDLE_MS_DEFAULT};
-use crate::protocol::{Denied, KvProtocol, KvRequest, KvResponse, NodeReport, Request, Response};
+use crate::protocol::{
+    ClientCommand, Denied, KvProtocol, KvRequest, KvResponse, NodeReport, Request, Response,
+};
+
+/// Most pairs [`Client::scan`] asks for in one page (the nodes' default
+/// per-request limit).
+pub const SCAN_PAGE_PAIRS_MAX: u64 = shoal_engine::config::SCAN_LIMIT_MAX_DEFAULT;
 
 /// Client settings.
 #[derive(Debug, Clone)]
@@ -54,7 +65,54 @@ pub struct ClientConfig {
     pub shard: ShardId,
 }
 
+/// Why a [`ClientConfig`] cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientConfigError {
+    /// Client id 0 means "no session".
+    #[error("client id 0 is reserved (no session)")]
+    ZeroClientId,
+    /// An operation could retry for longer than half a session lifetime,
+    /// so a retry could outlive the session and apply twice.
+    #[error("op_deadline ({op_deadline_ms} ms) must be at most half of session_idle_ms ({session_idle_ms} ms)")]
+    DeadlineTooLong {
+        /// The operation deadline.
+        op_deadline_ms: u64,
+        /// The session idle time.
+        session_idle_ms: u64,
+    },
+    /// A deadline or backoff of zero, or a backoff range upside down.
+    #[error("{0} must be positive, and backoff_min at most backoff_max")]
+    Timing(&'static str),
+}
+
 impl ClientConfig {
+    /// Checks the settings: a non-zero id, positive timings, and an
+    /// operation deadline of at most half the session idle time (so no
+    /// write is retried past its session's lifetime).
+    pub fn validate(&self) -> Result<(), ClientConfigError> {
+        if self.client_id == 0 {
+            return Err(ClientConfigError::ZeroClientId);
+        }
+        if self.op_deadline.is_zero() {
+            return Err(ClientConfigError::Timing("op_deadline"));
+        }
+        if self.rpc_deadline.is_zero() {
+            return Err(ClientConfigError::Timing("rpc_deadline"));
+        }
+        if self.backoff_min > self.backoff_max {
+            return Err(ClientConfigError::Timing("backoff"));
+        }
+        let op_deadline_ms = self.op_deadline.as_millis() as u64;
+        if op_deadline_ms.saturating_mul(2) > self.session_idle_ms {
+            return Err(ClientConfigError::DeadlineTooLong {
+                op_deadline_ms,
+                session_idle_ms: self.session_idle_ms,
+            });
+        }
+        Ok(())
+    }
+
     /// Defaults for session `client_id`: 30 s per operation, 1 s per
     /// attempt, backoff from 10 ms to 500 ms.
     pub fn new(client_id: ClientId) -> ClientConfig {
@@ -143,15 +201,35 @@ struct Sends {
 
 impl<C: RpcCaller<KvProtocol>> Client<C> {
     /// A client of the cluster `servers`, calling through `caller`.
+    ///
+    /// # Panics
+    /// If `servers` is empty or `config` does not validate
+    /// ([`ClientConfig::validate`]); [`Client::try_new`] returns the error.
     pub fn new(caller: C, servers: Vec<NodeId>, config: ClientConfig) -> Client<C> {
+        match Client::try_new(caller, servers, config) {
+            Ok(client) => client,
+            Err(e) => panic!("invalid client config: {e}"),
+        }
+    }
+
+    /// A client of the cluster `servers`, or why `config` cannot be used.
+    ///
+    /// # Panics
+    /// If `servers` is empty.
+    pub fn try_new(
+        caller: C,
+        servers: Vec<NodeId>,
+        config: ClientConfig,
+    ) -> Result<Client<C>, ClientConfigError> {
         assert!(!servers.is_empty(), "a client needs at least one server");
-        Client {
+        config.validate()?;
+        Ok(Client {
             caller,
             servers: Arc::new(servers),
             config: Arc::new(config),
             state: Arc::new(Mutex::new(State::default())),
             leader: Arc::new(AtomicU64::new(0)),
-        }
+        })
     }
 
     /// This client's session id.
@@ -161,7 +239,7 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
 
     /// Reads `key` (linearizable).
     pub async fn get(&self, key: impl Into<Bytes>) -> Result<Versioned, ClientError> {
-        match self.run(Command::Get { key: key.into() }).await? {
+        match self.run(ClientCommand::Get { key: key.into() }).await? {
             Reply::Value(v) => Ok(v),
             Reply::NotFound => Err(ClientError::NotFound),
             other => Err(unexpected(other)),
@@ -175,7 +253,7 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
         value: impl Into<Bytes>,
     ) -> Result<u64, ClientError> {
         written(
-            self.run(Command::Put {
+            self.run(ClientCommand::Put {
                 key: key.into(),
                 value: value.into(),
             })
@@ -191,20 +269,13 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
         value: impl Into<Bytes>,
         version: u64,
     ) -> Result<u64, ClientError> {
-        let command = Command::PutIfVersion {
+        let command = ClientCommand::PutIfVersion {
             key: key.into(),
             value: value.into(),
             version,
         };
-        let (reply, sends) = self.run_counting_sends(command).await?;
-        // Only a retry can meet the effect of an earlier send of itself.
-        let long = sends.count > 1
-            && sends.first.elapsed() >= Duration::from_millis(self.config.session_idle_ms / 2);
-        match reply {
+        match self.run(command).await? {
             Reply::Written { version } => Ok(version),
-            // After retries that outlasted half a session, the mismatch may be
-            // our own first attempt's doing (see the module docs).
-            Reply::VersionMismatch { .. } | Reply::NoKey if long => Err(ClientError::Maybe),
             Reply::VersionMismatch { current } => Err(ClientError::VersionMismatch { current }),
             Reply::NoKey => Err(ClientError::NoKey),
             other => Err(unexpected(other)),
@@ -218,7 +289,7 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
         value: impl Into<Bytes>,
     ) -> Result<u64, ClientError> {
         written(
-            self.run(Command::Append {
+            self.run(ClientCommand::Append {
                 key: key.into(),
                 value: value.into(),
             })
@@ -228,40 +299,61 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
 
     /// Deletes `key`; returns whether it existed.
     pub async fn delete(&self, key: impl Into<Bytes>) -> Result<bool, ClientError> {
-        match self.run(Command::Delete { key: key.into() }).await? {
+        match self.run(ClientCommand::Delete { key: key.into() }).await? {
             Reply::Deleted { existed } => Ok(existed),
             other => Err(unexpected(other)),
         }
     }
 
     /// Keys in `[start, end)` (empty `end`: no bound), at most `limit`, in
-    /// order (linearizable).
+    /// order. Fetched in pages (each bounded by the nodes' scan byte limit,
+    /// so no reply outgrows a frame); each page is a linearizable read, the
+    /// whole is not one snapshot when writes run meanwhile.
     pub async fn scan(
         &self,
         start: impl Into<Bytes>,
         end: impl Into<Bytes>,
         limit: u64,
     ) -> Result<Vec<(Bytes, Versioned)>, ClientError> {
+        let end = end.into();
+        let mut start = start.into();
+        let mut pairs = Vec::new();
+        while (pairs.len() as u64) < limit {
+            let page = self
+                .scan_page(start, end.clone(), (limit - pairs.len() as u64).min(SCAN_PAGE_PAIRS_MAX))
+                .await?;
+            pairs.extend(page.pairs);
+            match page.next {
+                Some(next) => start = next,
+                None => break,
+            }
+        }
+        Ok(pairs)
+    }
+
+    /// One page of keys in `[start, end)` (empty `end`: no bound): at most
+    /// `limit` pairs and at most the nodes' scan byte limit, in order
+    /// (linearizable), with the key to continue from if more remain.
+    pub async fn scan_page(
+        &self,
+        start: impl Into<Bytes>,
+        end: impl Into<Bytes>,
+        limit: u64,
+    ) -> Result<ScanPage, ClientError> {
         match self
-            .run(Command::Scan {
+            .run(ClientCommand::Scan {
                 start: start.into(),
                 end: end.into(),
                 limit,
             })
             .await?
         {
-            Reply::Pairs(p) => Ok(p),
+            Reply::Pairs(page) => Ok(page),
             other => Err(unexpected(other)),
         }
     }
 
-    async fn run(&self, command: Command) -> Result<Reply, ClientError> {
-        self.run_counting_sends(command)
-            .await
-            .map(|(reply, _)| reply)
-    }
-
-    async fn run_counting_sends(&self, command: Command) -> Result<(Reply, Sends), ClientError> {
+    async fn run(&self, command: ClientCommand) -> Result<Reply, ClientError> {
         let mut state = self.state.lock().await;
         let read_only = command.is_read_only();
         let seq = if read_only {
@@ -277,10 +369,22 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
             command,
         };
         match self.attempt_until_deadline(request).await {
-            Attempted::Reply(reply, sends) => Ok((reply, sends)),
+            // Retries that outlasted a quarter of a session may have met a
+            // re-execution of an earlier send (see the module docs).
+            Attempted::Reply(_, sends) if !read_only && self.outlasted_session(sends) => {
+                Err(ClientError::Maybe)
+            }
+            Attempted::Reply(reply, _) => Ok(reply),
             Attempted::Failed(ClientError::Timeout) if !read_only => Err(ClientError::Maybe),
             Attempted::Failed(e) => Err(e),
         }
+    }
+
+    /// Whether a write's retries lasted long enough that its session might
+    /// have expired in between (see the module docs).
+    fn outlasted_session(&self, sends: Sends) -> bool {
+        sends.count > 1
+            && sends.first.elapsed() >= Duration::from_millis(self.config.session_idle_ms / 4)
     }
 
     /// Sends `request` to the presumed leader, then the others in turn,

@@ -28,7 +28,7 @@
 //! for id in 1..=3 {
 //!     let engine = MemStore::new_in_memory(EngineConfig::default()).unwrap();
 //!     let (transport, inbox) = net.add_node(NodeId(id));
-//!     let mut config = NodeConfig::new(id, vec![1, 2, 3]);
+//!     let mut config = NodeConfig::new(id, vec![1, 2, 3], std::env::temp_dir().join("shoal-doc"));
 //!     config.blocking_io = false; // the in-memory engine never blocks
 //!     nodes.push(Node::start(config, engine, transport, inbox).unwrap());
 //! }

@@ -32,13 +32,13 @@ fn start(fault_injection: bool) -> (MemNetwork<KvProtocol>, Vec<NodeHandle>) {
         .map(|id| {
             let engine = MemStore::new_in_memory(EngineConfig::default()).expect("engine");
             let (transport, inbox) = net.add_node(*id);
-            let mut config = NodeConfig::new(id.0, vec![1, 2, 3]);
-            config.blocking_io = false;
-            config.snapshot_dir = std::env::temp_dir().join(format!(
+            let snapshot_dir = std::env::temp_dir().join(format!(
                 "shoal-admin-test-{}-{}",
                 std::process::id(),
                 id.0
             ));
+            let mut config = NodeConfig::new(id.0, vec![1, 2, 3], snapshot_dir);
+            config.blocking_io = false;
             Node::start(config, engine, transport, inbox).expect("node starts")
         })
         .collect();

@@ -27,10 +27,10 @@ use bytes::Bytes;
 use common::{seed, Clerk, Cluster};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use shoal_engine::{Command, Reply};
+use shoal_engine::Reply;
 use shoal_net::{NodeId, RpcCaller};
 use shoal_shard::client::ClientError;
-use shoal_shard::protocol::{KvRequest, KvResponse, Request, Response};
+use shoal_shard::protocol::{ClientCommand, KvRequest, KvResponse, Request, Response};
 use tokio::time::sleep;
 
 // Goal: the versioned-put rules on a reliable network.
@@ -247,7 +247,7 @@ async fn put_without_session<C: RpcCaller<shoal_shard::protocol::KvProtocol>>(
         shard: 0,
         client: 0,
         seq: 0,
-        command: Command::PutIfVersion {
+        command: ClientCommand::PutIfVersion {
             key: key.clone(),
             value,
             version,

@@ -17,9 +17,9 @@ fn start(net: &MemNetwork<KvProtocol>, root: &std::path::Path, i: u64) -> NodeHa
     let engine = RocksEngine::open(root.join(format!("db-{i}")), EngineConfig::default())
         .expect("open rocksdb");
     let (transport, inbox) = net.add_node(NodeId(i));
-    let mut config = NodeConfig::new(i, vec![1, 2, 3]);
+    let dir = root.join(format!("db-{i}"));
+    let mut config = NodeConfig::new(i, vec![1, 2, 3], dir.join("snapshots"));
     config.max_raft_state_bytes = Some(4096);
-    config.snapshot_dir = root.join(format!("snap-{i}"));
     Node::start(config, engine, transport, inbox).expect("node starts")
 }
 

@@ -20,16 +20,16 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{seed, Cluster, ELECTION_TIMEOUT};
-use shoal_engine::{Command, Reply};
+use shoal_engine::Reply;
 use shoal_net::{NodeId, RpcCaller};
-use shoal_shard::protocol::{KvRequest, KvResponse, Response};
+use shoal_shard::protocol::{ClientCommand, KvRequest, KvResponse, Response};
 use tokio::time::{sleep, timeout, Instant};
 
 /// How long `check_counter` waits for every server to apply.
 const CHECK_COUNTER_WAIT: Duration = Duration::from_secs(30);
 
-fn append(key: &'static str) -> Command {
-    Command::Append {
+fn append(key: &'static str) -> ClientCommand {
+    ClientCommand::Append {
         key: Bytes::from_static(key.as_bytes()),
         value: Bytes::from_static(b"."),
     }

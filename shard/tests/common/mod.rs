@@ -212,7 +212,11 @@ impl Cluster {
         assert!(self.nodes[i].is_none(), "node {i} is running");
         self.incarnation += 1;
         let (transport, inbox) = self.net.add_node(self.id(i));
-        let mut config = NodeConfig::new(i as u64 + 1, (1..=self.n as u64).collect());
+        let mut config = NodeConfig::new(
+            i as u64 + 1,
+            (1..=self.n as u64).collect(),
+            self.dir.join(format!("node-{}", i + 1)),
+        );
         config.seed = self
             .seed
             .wrapping_add(self.incarnation.wrapping_mul(0x9E37_79B9_7F4A_7C15));
@@ -220,7 +224,6 @@ impl Cluster {
         config.max_raft_state_bytes = self.max_raft_state;
         config.groups = self.groups.clone();
         config.session_idle_ms = self.session_idle_ms;
-        config.snapshot_dir = self.dir.join(format!("node-{}", i + 1));
         let handle =
             Node::start(config, self.engines[i].clone(), transport, inbox).expect("node starts");
         self.nodes[i] = Some(handle);
@@ -298,8 +301,9 @@ impl Cluster {
         let id = (self.seed << 16) | self.next_client.fetch_add(1, Ordering::Relaxed);
         let mut c = ClientConfig::new(id.max(1));
         c.session_idle_ms = self.session_idle_ms;
-        // The lab's clerks retry forever; a generous deadline stands in.
-        c.op_deadline = Duration::from_secs(600);
+        // The lab's clerks retry forever; a generous deadline stands in,
+        // within the longest a session allows (half its idle time).
+        c.op_deadline = Duration::from_secs(600).min(Duration::from_millis(self.session_idle_ms / 2));
         c
     }
 

@@ -1,0 +1,312 @@
+//! One Raft group on a node: its consensus core, the callers waiting on it
+//! (proposals by index, reads by ReadIndex context), and its snapshot
+//! bookkeeping.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use shoal_consensus::{Index, NodeId, RawNode, Term};
+use shoal_engine::{Backend, Command, Engine, GroupId, GroupStorage, Reply, Request, ShardId};
+use shoal_net::Responder;
+
+use super::persist::{entry_chunks, request_bytes};
+use super::NodeError;
+use crate::protocol::{KvRequest, KvResponse, Response};
+
+/// Whoever waits for a request's answer: a client RPC, or nobody (the
+/// leader's own session-expiry proposals).
+pub(super) struct Waiter(pub(super) Option<Responder<Response>>);
+
+impl Waiter {
+    pub(super) fn send(self, response: KvResponse) {
+        if let Some(r) = self.0 {
+            // A caller that gave up (deadline) is not an error.
+            let _ = r.send(Response::Kv(response));
+        }
+    }
+}
+
+/// A proposal waiting for its entry to apply.
+struct Proposal {
+    term: Term,
+    responders: Vec<Waiter>,
+}
+
+type Waiting = Vec<(KvRequest, Waiter)>;
+
+/// One Raft group on this node.
+pub(super) struct Group<B: Backend> {
+    pub(super) id: GroupId,
+    /// Shards whose data the group's state machine holds.
+    pub(super) shards: Vec<ShardId>,
+    pub(super) raw: RawNode<GroupStorage<B>>,
+    /// Writes received this turn, proposed at the start of the round.
+    pub(super) queued_writes: Vec<(Request, Waiter)>,
+    /// Reads received this turn, sent as one ReadIndex at the round start.
+    pub(super) queued_reads: Waiting,
+    /// Proposals by log index.
+    proposals: BTreeMap<Index, Proposal>,
+    /// Reads waiting for leadership confirmation, by context.
+    pub(super) reads_unconfirmed: BTreeMap<Bytes, Waiting>,
+    /// Confirmed reads waiting for the applied index to reach theirs.
+    pub(super) reads_confirmed: Vec<(Index, Waiting)>,
+    /// The leader term the waiters above belong to.
+    leader_term: Option<Term>,
+    /// Index of the latest snapshot taken or installed (0: none).
+    pub(super) snapshot_index: Index,
+    /// Bytes of its files.
+    pub(super) snapshot_bytes: u64,
+    /// Received snapshot directories whose files verified, by snapshot
+    /// index: when consensus restores a snapshot, its files are the ones
+    /// at its index. Keyed by index, not "the latest message", because a
+    /// message that consensus then ignores (an older term's) must not
+    /// displace one it restores.
+    pub(super) verified: BTreeMap<Index, PathBuf>,
+    /// An export of this group runs off the loop.
+    pub(super) exporting: bool,
+    /// An installed snapshot has no local export yet (needed to send it on).
+    pub(super) export_pending: bool,
+    pub(super) snapshots_installed: u64,
+    /// Term and vote as last persisted by a synced write: a `Ready` whose
+    /// hard state differs from them only in the commit index needs no sync.
+    pub(super) durable_term_vote: (Term, NodeId),
+}
+
+impl<B: Backend> Group<B> {
+    pub(super) fn new(
+        id: GroupId,
+        shards: Vec<ShardId>,
+        raw: RawNode<GroupStorage<B>>,
+        snapshot_index: Index,
+        snapshot_bytes: u64,
+    ) -> Group<B> {
+        Group {
+            durable_term_vote: (raw.term(), raw.vote()),
+            id,
+            shards,
+            raw,
+            queued_writes: Vec::new(),
+            queued_reads: Vec::new(),
+            proposals: BTreeMap::new(),
+            reads_unconfirmed: BTreeMap::new(),
+            reads_confirmed: Vec::new(),
+            leader_term: None,
+            snapshot_index,
+            snapshot_bytes,
+            verified: BTreeMap::new(),
+            exporting: false,
+            export_pending: false,
+            snapshots_installed: 0,
+        }
+    }
+
+    pub(super) fn propose_queued(&mut self, next_context: &mut u64) -> Result<(), NodeError> {
+        if !self.queued_writes.is_empty() {
+            let queued = std::mem::take(&mut self.queued_writes);
+            if !self.raw.is_leader() {
+                let hint = self.raw.leader_id();
+                for (_, r) in queued {
+                    r.send(KvResponse::NotLeader { leader_hint: hint });
+                }
+            } else {
+                let sizes: Vec<u64> = queued.iter().map(|(r, _)| request_bytes(r)).collect();
+                let mut queued = queued.into_iter();
+                for count in entry_chunks(&sizes) {
+                    let (requests, responders): (Vec<Request>, Vec<Waiter>) =
+                        queued.by_ref().take(count).unzip();
+                    self.propose(requests, responders);
+                }
+            }
+        }
+        if !self.queued_reads.is_empty() {
+            let reads = std::mem::take(&mut self.queued_reads);
+            if !self.raw.is_leader() {
+                let hint = self.raw.leader_id();
+                for (_, r) in reads {
+                    r.send(KvResponse::NotLeader { leader_hint: hint });
+                }
+            } else {
+                let context = Bytes::copy_from_slice(&next_context.to_be_bytes());
+                *next_context += 1;
+                match self.raw.read_index(context.clone()) {
+                    Ok(()) => {
+                        self.leader_term.get_or_insert(self.raw.term());
+                        self.reads_unconfirmed.insert(context, reads);
+                    }
+                    Err(_) => {
+                        for (_, r) in reads {
+                            r.send(KvResponse::Busy);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn propose(&mut self, requests: Vec<Request>, responders: Vec<Waiter>) {
+        let data = postcard::to_allocvec(&requests).expect("requests always encode");
+        match self.raw.propose(Bytes::from(data)) {
+            Ok(index) => {
+                self.leader_term.get_or_insert(self.raw.term());
+                self.proposals.insert(
+                    index,
+                    Proposal {
+                        term: self.raw.term(),
+                        responders,
+                    },
+                );
+            }
+            Err(e) => {
+                let response = match e {
+                    shoal_consensus::Error::NotLeader { leader_hint } => {
+                        KvResponse::NotLeader { leader_hint }
+                    }
+                    _ => KvResponse::Busy,
+                };
+                for r in responders {
+                    r.send(response.clone());
+                }
+            }
+        }
+    }
+
+    pub(super) fn answer_applied(&mut self, index: Index, term: Term, replies: Vec<Reply>) {
+        // Proposals at lower indexes were overwritten by another leader's
+        // entries; they were answered when leadership was lost, but be sure.
+        while let Some((&first, _)) = self.proposals.first_key_value() {
+            if first >= index {
+                break;
+            }
+            let (_, p) = self.proposals.pop_first().expect("non-empty");
+            let hint = self.raw.leader_id();
+            for r in p.responders {
+                r.send(KvResponse::NotLeader { leader_hint: hint });
+            }
+        }
+        let Some(p) = self.proposals.remove(&index) else {
+            return;
+        };
+        if p.term != term || p.responders.len() != replies.len() {
+            let hint = self.raw.leader_id();
+            for r in p.responders {
+                r.send(KvResponse::NotLeader { leader_hint: hint });
+            }
+            return;
+        }
+        for (r, reply) in p.responders.into_iter().zip(replies) {
+            r.send(KvResponse::Done(reply));
+        }
+    }
+
+    pub(super) fn serve_reads(&mut self, engine: &Engine<B>, applied: Index) {
+        if self.reads_confirmed.is_empty() {
+            return;
+        }
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.reads_confirmed)
+            .into_iter()
+            .partition(|(i, _)| *i <= applied);
+        self.reads_confirmed = waiting;
+        for (_, reads) in ready {
+            for (request, responder) in reads {
+                let reply = match &request.command {
+                    crate::protocol::ClientCommand::Get { key } => {
+                        match engine.get(request.shard, key) {
+                            Ok(Some(v)) => Ok(Reply::Value(v)),
+                            Ok(None) => Ok(Reply::NotFound),
+                            Err(e) => Err(e),
+                        }
+                    }
+                    crate::protocol::ClientCommand::Scan { start, end, limit } => engine
+                        .scan(request.shard, start, end, *limit)
+                        .map(Reply::Pairs),
+                    _ => unreachable!("only reads are queued as reads"),
+                };
+                responder.send(match reply {
+                    Ok(r) => KvResponse::Done(r),
+                    Err(e) => KvResponse::Refused {
+                        reason: e.to_string(),
+                    },
+                });
+            }
+        }
+    }
+
+    /// Answers every waiter `NotLeader` once this node is no longer the
+    /// leader of the term they were queued in. Returns whether leadership
+    /// was lost (so the node stops this group's snapshot transfers).
+    pub(super) fn check_leadership(&mut self) -> bool {
+        let Some(term) = self.leader_term else {
+            return false;
+        };
+        if self.raw.is_leader() && self.raw.term() == term {
+            return false;
+        }
+        let hint = self.raw.leader_id();
+        tracing::debug!(
+            group = self.id,
+            term,
+            leader_hint = hint,
+            "leadership lost: waiters answered"
+        );
+        self.fail_waiters(&|| KvResponse::NotLeader { leader_hint: hint });
+        if self.raw.is_leader() {
+            self.leader_term = Some(self.raw.term());
+        }
+        true
+    }
+
+    pub(super) fn fail_waiters(&mut self, response: &dyn Fn() -> KvResponse) {
+        for (_, r) in self.queued_writes.drain(..) {
+            r.send(response());
+        }
+        for (_, r) in self.queued_reads.drain(..) {
+            r.send(response());
+        }
+        for (_, p) in std::mem::take(&mut self.proposals) {
+            for r in p.responders {
+                r.send(response());
+            }
+        }
+        for (_, reads) in std::mem::take(&mut self.reads_unconfirmed) {
+            for (_, r) in reads {
+                r.send(response());
+            }
+        }
+        for (_, reads) in self.reads_confirmed.drain(..) {
+            for (_, r) in reads {
+                r.send(response());
+            }
+        }
+        self.leader_term = None;
+    }
+}
+
+/// Decodes an entry's requests; empty for no-ops and config entries.
+pub(super) fn decode_entry(
+    group: GroupId,
+    index: Index,
+    kind: shoal_consensus::EntryKind,
+    data: &Bytes,
+) -> Vec<Request> {
+    if kind != shoal_consensus::EntryKind::Normal || data.is_empty() {
+        return Vec::new();
+    }
+    match postcard::from_bytes::<Vec<Request>>(data) {
+        Ok(requests) => requests,
+        // Entries are written only by this runtime and checksummed by the
+        // engine: an undecodable one is a bug, and applying around it would
+        // make replicas diverge.
+        Err(e) => panic!("group {group}: committed entry {index} does not decode as requests: {e}"),
+    }
+}
+
+/// Whether applying `request` with `reply` leaves its session at the
+/// request's sequence number (a write of a session that was not stale).
+pub(super) fn updates_session(request: &Request, reply: &Reply) -> bool {
+    request.client != 0
+        && !matches!(request.command, Command::ExpireSessions { .. })
+        && !request.command.is_read_only()
+        && !matches!(reply, Reply::Stale)
+}

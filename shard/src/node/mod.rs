@@ -1,0 +1,1270 @@
+//! The node runtime: one event loop per node driving every Raft group the
+//! node hosts, persisting through the engine, talking through the net.
+//!
+//! # Layout
+//! - this module: configuration, the handle, the event loop and its rounds;
+//! - [`group`]: one group's consensus core and the callers waiting on it;
+//! - [`persist`]: pure decisions — what a round writes, whether it syncs,
+//!   how batches and entries are cut;
+//! - [`sessions`]: which client sessions a leader may expire, by its own
+//!   monotonic clock;
+//! - [`snapshots`]: snapshot files — export, verification, transfer — the
+//!   blocking work the loop hands to owned tasks.
+//!
+//! # The loop
+//! [`Node::start`] spawns one tokio task. Each turn it waits for an event —
+//! a tick (every [`NodeConfig::tick_ms`]), peer messages, client RPCs, a
+//! finished background task, or shutdown — drains whatever else is already
+//! queued, and then runs one *round* over all groups:
+//!
+//! 1. queued client writes of each group become log entries (a batch of
+//!    [`Request`]s per entry, cut by [`persist::entry_chunks`]); queued
+//!    reads become one ReadIndex request with a unique context;
+//! 2. every group's `Ready` is collected; its `messages` go out at once;
+//! 3. the snapshots, entries and hard states of ALL groups are persisted with
+//!    ONE synced [`Engine::write_log`] (off the async thread when
+//!    [`NodeConfig::blocking_io`] is set, as for RocksDB); a round whose
+//!    only change is a commit index writes it unsynced
+//!    ([`persist::must_sync`] says why that is safe);
+//! 4. only then the `persisted_messages` go out;
+//! 5. committed entries are applied through [`Engine::apply`] and each
+//!    waiting caller is answered: a caller waits on (index, term), and an
+//!    entry of another term at its index means its proposal was lost, so it
+//!    gets `NotLeader`;
+//! 6. confirmed reads are served from the engine once the applied index
+//!    reaches their read index;
+//! 7. every `Ready` is handed back with `advance`.
+//!
+//! When a group stops being leader (or its term changes), every write and
+//! read waiting on it is answered `NotLeader { leader_hint }` at once and
+//! its snapshot transfers are stopped; a client retrying a write with the
+//! same sequence number is deduplicated by the engine's session table, so
+//! this never applies a write twice.
+//!
+//! # Work off the loop
+//! The loop ticks every group, so nothing slow runs on it: exporting a
+//! snapshot (SST files, checksums), verifying received snapshot files and
+//! streaming files to followers run as tasks in one [`JoinSet`] the node
+//! owns; their results come back as events. Shutdown aborts the async ones
+//! and waits for the blocking ones. With `blocking_io` off (the in-memory
+//! engine under a paused test clock) the blocking work runs at once, so a
+//! seed replays exactly, and its result still arrives as an event.
+//!
+//! # Sessions
+//! Client sessions expire when idle for [`NodeConfig::session_idle_ms`],
+//! judged by each leader's own monotonic clock, never a wall clock (see
+//! [`sessions`]). Clients may not retry one write for that long: a client's
+//! operation deadline must stay well below it.
+//!
+//! # Shutdown
+//! [`NodeHandle::shutdown`] signals the loop, which stops taking events,
+//! answers every waiting caller with [`KvResponse::ShuttingDown`], stops its
+//! tasks, drops its inbox (RPCs still queued there fail at the caller with
+//! a lost reply) and returns. Nothing is left to persist: every round's log
+//! write is synced before anybody is answered. [`NodeHandle::crash`]
+//! instead aborts the task at its next await point, dropping every waiter
+//! unanswered (what a process crash does); tests pair it with
+//! `MemStore::crash_and_recover`.
+//!
+//! # Restart
+//! A node is rebuilt from the engine alone: the group's hard state,
+//! membership and log come from [`shoal_engine::GroupStorage`], and the consensus
+//! `Config::applied` is the engine's applied index, which is written
+//! atomically with the applied data, so nothing is replayed twice.
+//!
+//! # Log compaction and InstallSnapshot
+//! Once a group's log holds more entry bytes than
+//! [`NodeConfig::max_raft_state_bytes`] (the lab's maxraftstate; the engine
+//! keeps a running count, [`Engine::log_bytes`]), a task exports the
+//! group's shards at the applied index to SST files
+//! ([`snapshots::export`], directory `export-g<group>-i<index>` under
+//! [`NodeConfig::snapshot_dir`]); when it is done the loop records that
+//! snapshot as the one to send ([`Engine::set_snapshot`]) and compacts the
+//! log through it, unless an installed snapshot overtook it meanwhile.
+//!
+//! When consensus decides a follower needs the snapshot, the node does not
+//! send the `Snapshot` message directly: a task first streams every file of
+//! the export to the follower over the net's bulk file transfer, and sends
+//! the message only once all arrived (on failure it tells consensus with
+//! `report_snapshot`, which retries later). The follower files what it
+//! receives under `recv-g<group>-i<index>-n<sender>` (directory entries
+//! synced), and on the `Snapshot` message verifies those files (manifest
+//! and per-file CRC32) in a task, stepping the message only once they
+//! verify; the verified directory is recorded by snapshot index. When a
+//! `Ready` carries a restored snapshot, the follower installs the files at
+//! its index ([`Engine::install_snapshot`], crash-atomic) and then persists
+//! the log reset in the round's synced write. A crash between the two
+//! leaves the state machine ahead of the log; [`Node::start`] repairs that
+//! by resetting the log to the applied index (which is committed by
+//! definition).
+
+pub mod group;
+pub mod persist;
+pub mod sessions;
+pub mod snapshots;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use shoal_consensus::{
+    Config, Index, Message, MessageBody, NodeId, RawNode, Role, Snapshot, SnapshotMeta, Term,
+};
+use shoal_engine::{
+    ApplyEntry, Backend, Command, Engine, EngineError, GroupId, GroupWrite, LogBatch,
+    Request, ShardId, SnapshotManifest,
+};
+use shoal_net::{Inbox, IncomingRpc, ReceivedFile, Transport};
+use tokio::sync::watch;
+use tokio::task::{AbortHandle, JoinHandle, JoinSet};
+use tokio::time::{Instant, MissedTickBehavior};
+
+use self::group::{decode_entry, updates_session, Group, Waiter};
+use self::sessions::SessionTracker;
+use self::snapshots::{export_dir, recv_dir, remove_dirs, SnapshotFileError};
+use crate::protocol::{
+    Denied, GroupReport, KvProtocol, KvResponse, NodeReport, PeerMessage, Request as RpcRequest,
+    Response, SnapshotFileMeta,
+};
+
+pub use self::persist::{ENTRY_BYTES_MAX, ENTRY_REQUESTS_MAX};
+
+/// The Raft group that holds the KV service's data (for now, one group).
+pub const KV_GROUP: GroupId = 1;
+/// The shard group [`KV_GROUP`] serves.
+pub const KV_SHARD: ShardId = 0;
+/// Most events (messages plus RPCs) drained before a round runs.
+pub const EVENTS_PER_ROUND_MAX: usize = 1024;
+/// Most `Ready` rounds run back to back before the loop looks at events again.
+pub const READY_ROUNDS_MAX: usize = 16;
+/// Most verified received snapshot directories remembered per group (the
+/// lowest indexes are forgotten first).
+pub const VERIFIED_SNAPSHOTS_MAX: usize = 4;
+/// Default session idle time: one hour.
+pub const SESSION_IDLE_MS_DEFAULT: u64 = 60 * 60 * 1000;
+/// Default log size beyond which a group compacts its log into a snapshot.
+pub const MAX_RAFT_STATE_BYTES_DEFAULT: u64 = 64 << 20;
+
+/// Configuration of one node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's id (also its Raft id in every group).
+    pub id: NodeId,
+    /// Every voter of the node's groups, this node included (every group
+    /// has the same members for now).
+    pub voters: Vec<NodeId>,
+    /// The Raft groups this node hosts and the shard each serves. Default:
+    /// [`KV_GROUP`] serving [`KV_SHARD`].
+    pub groups: Vec<GroupSpec>,
+    /// Tick length; consensus timeouts are counted in ticks.
+    pub tick_ms: u64,
+    /// Seed of this node's consensus RNG (mixed with the node id).
+    pub seed: u64,
+    /// Sessions a leader has seen idle this long (on its own monotonic
+    /// clock) are expired, by an entry it proposes every quarter of it.
+    /// Clients must not retry one operation for longer; see
+    /// `ClientConfig::session_idle_ms`.
+    pub session_idle_ms: u64,
+    /// Run engine writes and snapshot file work on tokio's blocking pool
+    /// (RocksDB) rather than on the event loop (the in-memory engine under
+    /// a paused test clock).
+    pub blocking_io: bool,
+    /// Compact a group's log once it holds more entry bytes than this (the
+    /// lab's maxraftstate); `None`: never compact. Default
+    /// [`MAX_RAFT_STATE_BYTES_DEFAULT`].
+    pub max_raft_state_bytes: Option<u64>,
+    /// Directory for exported snapshots and snapshot files received from
+    /// leaders. One per node; keep it inside the node's data directory
+    /// (an interrupted install is finished from it after a crash), e.g.
+    /// `<engine dir>/snapshots`.
+    pub snapshot_dir: PathBuf,
+}
+
+impl NodeConfig {
+    /// Defaults for node `id` of a group of `voters`, keeping snapshot
+    /// files in `snapshot_dir`.
+    pub fn new(id: NodeId, voters: Vec<NodeId>, snapshot_dir: impl Into<PathBuf>) -> NodeConfig {
+        NodeConfig {
+            id,
+            voters,
+            groups: vec![GroupSpec {
+                group: KV_GROUP,
+                shard: KV_SHARD,
+            }],
+            tick_ms: shoal_consensus::config::DEFAULT_TICK_MS,
+            seed: id,
+            session_idle_ms: SESSION_IDLE_MS_DEFAULT,
+            blocking_io: true,
+            max_raft_state_bytes: Some(MAX_RAFT_STATE_BYTES_DEFAULT),
+            snapshot_dir: snapshot_dir.into(),
+        }
+    }
+}
+
+/// One Raft group a node hosts, and the shard its state machine serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupSpec {
+    /// The group.
+    pub group: GroupId,
+    /// The shard whose keys it holds (requests name it).
+    pub shard: ShardId,
+}
+
+/// Why a node could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The consensus core refused its configuration or recovered state, or
+    /// failed on storage.
+    #[error("group {group}: consensus: {source}")]
+    Consensus {
+        /// The group.
+        group: GroupId,
+        /// The error.
+        #[source]
+        source: shoal_consensus::Error,
+    },
+    /// The engine failed.
+    #[error("group {group}: engine: {source}")]
+    Engine {
+        /// The group.
+        group: GroupId,
+        /// The error.
+        #[source]
+        source: EngineError,
+    },
+    /// Snapshot files could not be written or read.
+    #[error("group {group}: snapshot files: {source}")]
+    SnapshotFiles {
+        /// The group.
+        group: GroupId,
+        /// The error.
+        #[source]
+        source: SnapshotFileError,
+    },
+    /// The node's task panicked or was aborted.
+    #[error("node task ended abnormally: {0}")]
+    Task(String),
+}
+
+/// What a node reports about a group (for tests, metrics and tools).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GroupStatus {
+    /// Role in the group.
+    pub role: Option<Role>,
+    /// Current term.
+    pub term: Term,
+    /// Known leader, or 0.
+    pub leader: NodeId,
+    /// Commit index.
+    pub commit: Index,
+    /// Applied index.
+    pub applied: Index,
+    /// Bytes of entries in the stored log (an upper estimate: overwritten
+    /// suffixes are counted until the next compaction): the lab's raft state
+    /// size.
+    pub log_bytes: u64,
+    /// Index of the latest snapshot this node took or installed (0: none).
+    pub snapshot_index: Index,
+    /// Bytes of that snapshot's files (for the lab's snapshot size check).
+    pub snapshot_bytes: u64,
+    /// Snapshots received from a leader and installed since the start.
+    pub snapshots_installed: u64,
+    /// Client sessions this node tracks in the group's shards.
+    pub sessions: u64,
+}
+
+/// A running node. Dropping the handle leaves the node running; call
+/// [`NodeHandle::shutdown`] or [`NodeHandle::crash`].
+#[derive(Debug)]
+pub struct NodeHandle {
+    id: NodeId,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<Result<(), NodeError>>,
+    status: Arc<Mutex<HashMap<GroupId, GroupStatus>>>,
+}
+
+impl NodeHandle {
+    /// The node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The status of `group` as of the last round.
+    pub fn status(&self, group: GroupId) -> GroupStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&group)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Whether the node's task is still running (false after it stopped on
+    /// an error or panicked).
+    pub fn is_running(&self) -> bool {
+        !self.task.is_finished()
+    }
+
+    /// Whether the node leads the KV group (as of the last round).
+    pub fn is_leader(&self) -> bool {
+        self.status(KV_GROUP).role == Some(Role::Leader)
+    }
+
+    /// Stops the node gracefully (see the module docs): every waiting caller
+    /// is answered before this returns.
+    pub async fn shutdown(self) -> Result<(), NodeError> {
+        let _ = self.shutdown.send(true);
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(NodeError::Task(e.to_string())),
+        }
+    }
+
+    /// Kills the node like a process crash: the task is aborted, waiting
+    /// callers are dropped unanswered. Unsynced engine writes survive in the
+    /// engine until the caller simulates the crash there too. Returns the
+    /// error the node had already stopped on, or a panic of its task.
+    pub async fn crash(self) -> Result<(), NodeError> {
+        self.task.abort();
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) if e.is_cancelled() => Ok(()),
+            Err(e) => Err(NodeError::Task(e.to_string())),
+        }
+    }
+}
+
+/// What a task the loop handed work to reports back.
+enum Done {
+    /// A snapshot's files were streamed to `peer` (or not) and, if they
+    /// were, its `Snapshot` message sent.
+    Transferred {
+        group: GroupId,
+        peer: NodeId,
+        delivered: bool,
+    },
+    /// Received snapshot files were verified (or not); `message` is the
+    /// `Snapshot` message that waits for them.
+    Verified {
+        group: GroupId,
+        index: Index,
+        dir: PathBuf,
+        message: Box<Message>,
+        result: Result<(), SnapshotFileError>,
+    },
+    /// An export finished.
+    Exported {
+        group: GroupId,
+        result: Result<SnapshotManifest, SnapshotFileError>,
+    },
+}
+
+/// The node runtime; see the module docs.
+pub struct Node<B: Backend, T: Transport<KvProtocol>> {
+    config: NodeConfig,
+    engine: Engine<B>,
+    transport: T,
+    groups: BTreeMap<GroupId, Group<B>>,
+    shard_groups: BTreeMap<ShardId, GroupId>,
+    next_read_context: u64,
+    last_expiry: Instant,
+    sessions: SessionTracker,
+    status: Arc<Mutex<HashMap<GroupId, GroupStatus>>>,
+    /// Every task the loop started (transfers, verifications, exports).
+    tasks: JoinSet<Done>,
+    /// Running snapshot transfers by (group, follower), to stop them when
+    /// the group's leadership is lost.
+    transfers: HashMap<(GroupId, NodeId), AbortHandle>,
+    /// Received snapshot directories being verified.
+    verifying: HashSet<PathBuf>,
+    /// Received snapshot files not yet moved into their directory, by
+    /// (group, index, sender): (where the transport left it, file name).
+    received: BTreeMap<(GroupId, Index, NodeId), Vec<(PathBuf, String)>>,
+}
+
+fn consensus_err(group: GroupId) -> impl Fn(shoal_consensus::Error) -> NodeError {
+    move |source| NodeError::Consensus { group, source }
+}
+
+fn engine_err(group: GroupId) -> impl Fn(EngineError) -> NodeError {
+    move |source| NodeError::Engine { group, source }
+}
+
+fn files_err(group: GroupId) -> impl Fn(SnapshotFileError) -> NodeError {
+    move |source| NodeError::SnapshotFiles { group, source }
+}
+
+impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
+    /// Builds the node from what `engine` holds and spawns its event loop on
+    /// the current tokio runtime.
+    pub fn start(
+        config: NodeConfig,
+        engine: Engine<B>,
+        transport: T,
+        inbox: Inbox<KvProtocol>,
+    ) -> Result<NodeHandle, NodeError> {
+        let node = Node::open(config, engine, transport)?;
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let status = node.status.clone();
+        let id = node.config.id;
+        node.publish_status();
+        let task = tokio::spawn(async move { node.run(inbox, shutdown_rx).await });
+        Ok(NodeHandle {
+            id,
+            shutdown: shutdown_tx,
+            task,
+            status,
+        })
+    }
+
+    /// Opens one group from what the engine holds (a new group if nothing).
+    /// Runs before the loop starts, so it may block.
+    fn open_group(
+        config: &NodeConfig,
+        engine: &Engine<B>,
+        spec: GroupSpec,
+    ) -> Result<Group<B>, NodeError> {
+        let group_id = spec.group;
+        let err = engine_err(group_id);
+        let state = engine.group_state(group_id).map_err(&err)?;
+        if state.conf_state.voters.is_empty() {
+            // A brand-new group: record its membership so a restart does not
+            // depend on the configuration again.
+            let conf = shoal_consensus::ConfState {
+                voters: config.voters.clone(),
+                learners: Vec::new(),
+            };
+            engine
+                .write_log(LogBatch {
+                    groups: vec![GroupWrite {
+                        group: group_id,
+                        conf_state: Some(conf),
+                        ..Default::default()
+                    }],
+                })
+                .map_err(&err)?;
+        }
+        std::fs::create_dir_all(&config.snapshot_dir).map_err(|source| {
+            files_err(group_id)(SnapshotFileError::Io {
+                path: config.snapshot_dir.clone(),
+                source,
+            })
+        })?;
+        let applied = engine.applied(group_id).map_err(&err)?;
+        let state = engine.group_state(group_id).map_err(&err)?;
+        if applied.index > state.hard_state.commit.max(state.truncated_index) {
+            // A crash between installing a snapshot and persisting the log
+            // reset: finish the reset at the applied (committed) index.
+            tracing::info!(
+                node = config.id,
+                group = group_id,
+                applied = applied.index,
+                "finishing an interrupted snapshot install"
+            );
+            let snapshot = Snapshot {
+                meta: SnapshotMeta {
+                    index: applied.index,
+                    term: applied.term,
+                    conf_state: state.conf_state.clone(),
+                },
+                data: Bytes::new(),
+            };
+            engine
+                .write_log(LogBatch {
+                    groups: vec![GroupWrite {
+                        group: group_id,
+                        snapshot: Some(snapshot),
+                        ..Default::default()
+                    }],
+                })
+                .map_err(&err)?;
+        }
+        let state = engine.group_state(group_id).map_err(&err)?;
+        let mut snapshot_bytes = 0;
+        if let Some(snapshot) = &state.snapshot {
+            // The files of the snapshot to send must exist; if they do not
+            // (an install, or a crash), export afresh at the applied index.
+            let dir = export_dir(&config.snapshot_dir, group_id, snapshot.meta.index);
+            match shoal_engine::snapshot::read_manifest(&dir) {
+                Ok(m) => snapshot_bytes = m.size_bytes(),
+                Err(_) => {
+                    let manifest =
+                        snapshots::export(engine, &config.snapshot_dir, group_id, &[spec.shard])
+                            .map_err(files_err(group_id))?;
+                    record_snapshot(engine, group_id, &manifest, state.conf_state.clone())?;
+                    remove_dirs(
+                        &config.snapshot_dir,
+                        &format!("export-g{group_id}-"),
+                        manifest.applied.index.saturating_sub(1),
+                    );
+                    snapshot_bytes = manifest.size_bytes();
+                }
+            }
+        }
+        let applied = engine.applied(group_id).map_err(&err)?;
+        let snapshot_index = engine
+            .group_state(group_id)
+            .map_err(&err)?
+            .snapshot
+            .map_or(0, |s| s.meta.index);
+        let mut raft_config = Config::new(config.id, config.voters.clone());
+        raft_config.applied = applied.index;
+        raft_config.seed = config.seed ^ config.id.rotate_left(32) ^ group_id.rotate_left(16);
+        let raw = RawNode::new(raft_config, engine.group_storage(group_id))
+            .map_err(consensus_err(group_id))?;
+        Ok(Group::new(
+            group_id,
+            vec![spec.shard],
+            raw,
+            snapshot_index,
+            snapshot_bytes,
+        ))
+    }
+
+    fn open(config: NodeConfig, engine: Engine<B>, transport: T) -> Result<Self, NodeError> {
+        let mut groups = BTreeMap::new();
+        let mut shard_groups = BTreeMap::new();
+        let mut sessions = SessionTracker::default();
+        let now = Instant::now();
+        for spec in &config.groups {
+            let group = Self::open_group(&config, &engine, *spec)?;
+            groups.insert(spec.group, group);
+            shard_groups.insert(spec.shard, spec.group);
+            let known = engine.sessions(spec.shard).map_err(engine_err(spec.group))?;
+            sessions.reload(spec.shard, known, now);
+        }
+        Ok(Node {
+            config,
+            engine,
+            transport,
+            groups,
+            shard_groups,
+            next_read_context: 1,
+            last_expiry: now,
+            sessions,
+            status: Arc::new(Mutex::new(HashMap::new())),
+            tasks: JoinSet::new(),
+            transfers: HashMap::new(),
+            verifying: HashSet::new(),
+            received: BTreeMap::new(),
+        })
+    }
+
+    async fn run(
+        mut self,
+        mut inbox: Inbox<KvProtocol>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), NodeError> {
+        let mut ticker = tokio::time::interval(Duration::from_millis(self.config.tick_ms));
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let result = loop {
+            let event = tokio::select! {
+                biased;
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        break Ok(());
+                    }
+                    Ok(())
+                }
+                _ = ticker.tick() => self.tick(),
+                message = inbox.messages.recv() => match message {
+                    Some((from, m)) => {
+                        self.on_peer_message(from.0, m);
+                        Ok(())
+                    }
+                    None => break Ok(()),
+                },
+                rpc = inbox.rpcs.recv() => match rpc {
+                    Some(rpc) => {
+                        self.on_rpc(rpc);
+                        Ok(())
+                    }
+                    None => break Ok(()),
+                },
+                file = inbox.files.recv() => match file {
+                    Some(file) => {
+                        self.on_file(file);
+                        Ok(())
+                    }
+                    None => break Ok(()),
+                },
+                Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                    match done {
+                        Ok(done) => self.on_done(done).await,
+                        Err(e) if e.is_cancelled() => Ok(()),
+                        Err(e) => Err(NodeError::Task(format!("a node task failed: {e}"))),
+                    }
+                }
+            };
+            if let Err(e) = event {
+                break Err(e);
+            }
+            // Take everything else already queued, so one round serves it all.
+            for _ in 0..EVENTS_PER_ROUND_MAX {
+                if let Ok((from, m)) = inbox.messages.try_recv() {
+                    self.on_peer_message(from.0, m);
+                } else if let Ok(rpc) = inbox.rpcs.try_recv() {
+                    self.on_rpc(rpc);
+                } else {
+                    break;
+                }
+            }
+            if let Err(e) = self.round().await {
+                break Err(e);
+            }
+        };
+        if let Err(e) = &result {
+            tracing::error!(node = self.config.id, error = %e, "node stopped on an error");
+        }
+        self.answer_all(|| KvResponse::ShuttingDown);
+        // Stop what runs on our behalf: async tasks are aborted, blocking
+        // ones (an export) are waited for.
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+        result
+    }
+
+    fn tick(&mut self) -> Result<(), NodeError> {
+        for (gid, group) in &mut self.groups {
+            group.raw.tick().map_err(consensus_err(*gid))?;
+        }
+        let idle = Duration::from_millis(self.config.session_idle_ms);
+        let now = Instant::now();
+        if now.duration_since(self.last_expiry) < (idle / 4).max(Duration::from_millis(1)) {
+            return Ok(());
+        }
+        self.last_expiry = now;
+        // A leader proposes the expiry of sessions it has itself seen idle
+        // for the whole period; its outcome needs no answer.
+        for (&shard, gid) in &self.shard_groups {
+            let Some(group) = self.groups.get_mut(gid) else {
+                continue;
+            };
+            if !group.raw.is_leader() {
+                continue;
+            }
+            let sessions = self.sessions.idle(shard, idle, now);
+            if sessions.is_empty() {
+                continue;
+            }
+            let request = Request {
+                shard,
+                client: 0,
+                seq: 0,
+                command: Command::ExpireSessions { sessions },
+            };
+            group.queued_writes.push((request, Waiter(None)));
+        }
+        Ok(())
+    }
+
+    fn on_peer_message(&mut self, from: NodeId, m: PeerMessage) {
+        let Some(group) = self.groups.get_mut(&m.group) else {
+            tracing::debug!(
+                node = self.config.id,
+                from,
+                group = m.group,
+                "message for a group not hosted here"
+            );
+            return;
+        };
+        if m.message.from != from || m.message.to != self.config.id {
+            tracing::warn!(
+                node = self.config.id,
+                from,
+                "misaddressed peer message dropped"
+            );
+            return;
+        }
+        if let MessageBody::Snapshot { snapshot } = &m.message.body {
+            let index = snapshot.meta.index;
+            if index > group.raw.commit_index() {
+                // Step it only once its files verify, off the loop.
+                let dir = recv_dir(&self.config.snapshot_dir, m.group, index, from);
+                if group.verified.get(&index) != Some(&dir) {
+                    if self.verifying.insert(dir.clone()) {
+                        let gid = m.group;
+                        let message = Box::new(m.message);
+                        let files = self
+                            .received
+                            .remove(&(m.group, index, from))
+                            .unwrap_or_default();
+                        self.run_blocking(move || Done::Verified {
+                            group: gid,
+                            index,
+                            result: snapshots::file_into_place(&files, &dir)
+                                .and_then(|()| snapshots::verify(&dir, gid, index)),
+                            dir,
+                            message,
+                        });
+                    }
+                    return;
+                }
+            }
+        }
+        if let Err(e) = group.raw.step(m.message) {
+            tracing::debug!(node = self.config.id, group = m.group, error = %e, "step failed");
+        }
+    }
+
+    /// Runs blocking work on the blocking pool (or at once without
+    /// [`NodeConfig::blocking_io`]); its result comes back to the loop.
+    fn run_blocking(&mut self, work: impl FnOnce() -> Done + Send + 'static) {
+        if self.config.blocking_io {
+            self.tasks.spawn_blocking(work);
+        } else {
+            let done = work();
+            self.tasks.spawn(async move { done });
+        }
+    }
+
+    async fn on_done(&mut self, done: Done) -> Result<(), NodeError> {
+        match done {
+            Done::Transferred {
+                group,
+                peer,
+                delivered,
+            } => {
+                self.transfers.remove(&(group, peer));
+                if !delivered {
+                    if let Some(g) = self.groups.get_mut(&group) {
+                        g.raw.report_snapshot(peer, false);
+                    }
+                }
+            }
+            Done::Verified {
+                group: gid,
+                index,
+                dir,
+                message,
+                result,
+            } => {
+                self.verifying.remove(&dir);
+                let Some(group) = self.groups.get_mut(&gid) else {
+                    return Ok(());
+                };
+                if let Err(e) = result {
+                    tracing::warn!(
+                        node = self.config.id,
+                        group = gid,
+                        index,
+                        error = %e,
+                        "received snapshot files do not verify; the snapshot message is dropped and the leader will resend"
+                    );
+                    return Ok(());
+                }
+                group.verified.insert(index, dir);
+                while group.verified.len() > VERIFIED_SNAPSHOTS_MAX {
+                    group.verified.pop_first();
+                }
+                if let Err(e) = group.raw.step(*message) {
+                    tracing::debug!(node = self.config.id, group = gid, error = %e, "step failed");
+                }
+            }
+            Done::Exported { group: gid, result } => {
+                let Some(group) = self.groups.get_mut(&gid) else {
+                    return Ok(());
+                };
+                group.exporting = false;
+                let manifest = match result {
+                    Ok(manifest) => manifest,
+                    Err(e) => {
+                        tracing::warn!(node = self.config.id, group = gid, error = %e, "snapshot export failed; it is retried");
+                        return Ok(());
+                    }
+                };
+                let index = manifest.applied.index;
+                if index <= group.snapshot_index {
+                    // An installed snapshot overtook it.
+                    if index < group.snapshot_index {
+                        let _ = std::fs::remove_dir_all(export_dir(
+                            &self.config.snapshot_dir,
+                            gid,
+                            index,
+                        ));
+                    }
+                    return Ok(());
+                }
+                let conf = group.raw.conf_state().clone();
+                let recorded = manifest.clone();
+                self.with_engine(move |engine| record_snapshot(engine, gid, &recorded, conf))
+                    .await?;
+                remove_dirs(
+                    &self.config.snapshot_dir,
+                    &format!("export-g{gid}-"),
+                    index - 1,
+                );
+                let group = self.groups.get_mut(&gid).expect("group exists");
+                group.snapshot_index = index;
+                group.snapshot_bytes = manifest.size_bytes();
+            }
+        }
+        Ok(())
+    }
+
+    fn on_rpc(&mut self, rpc: IncomingRpc<KvProtocol>) {
+        let IncomingRpc {
+            from,
+            request,
+            reply,
+        } = rpc;
+        let request = match request {
+            RpcRequest::Kv(request) => request,
+            RpcRequest::Status => {
+                let _ = reply.send(Response::Status(self.report()));
+                return;
+            }
+            RpcRequest::SetFaultFilter { blocked } => {
+                let _ = reply.send(self.admin(&from, |t| t.set_fault_filter(&blocked)));
+                return;
+            }
+            RpcRequest::ClearFaultFilter => {
+                let _ = reply.send(self.admin(&from, |t| t.clear_fault_filter()));
+                return;
+            }
+        };
+        let reply = Waiter(Some(reply));
+        let Some(gid) = self.shard_groups.get(&request.shard).copied() else {
+            reply.send(KvResponse::WrongShard);
+            return;
+        };
+        let Some(group) = self.groups.get_mut(&gid) else {
+            reply.send(KvResponse::WrongShard);
+            return;
+        };
+        if !group.raw.is_leader() {
+            reply.send(KvResponse::NotLeader {
+                leader_hint: group.raw.leader_id(),
+            });
+            return;
+        }
+        // Limits are decided here, at proposal, by this leader's config;
+        // apply never consults local limits.
+        let engine_request = Request {
+            shard: request.shard,
+            client: request.client,
+            seq: request.seq,
+            command: request
+                .command
+                .to_command(self.engine.config().value_bytes_max),
+        };
+        if let Err(e) = self.engine.validate_request(&engine_request) {
+            reply.send(KvResponse::Refused {
+                reason: e.to_string(),
+            });
+            return;
+        }
+        if request.command.is_read_only() {
+            group.queued_reads.push((request, reply));
+        } else {
+            group.queued_writes.push((engine_request, reply));
+        }
+    }
+
+    /// This node's view of its groups, for [`RpcRequest::Status`].
+    fn report(&self) -> NodeReport {
+        NodeReport {
+            id: self.config.id,
+            pid: std::process::id(),
+            blocked: self.transport.fault_filter(),
+            groups: self
+                .groups
+                .iter()
+                .map(|(gid, g)| GroupReport {
+                    group: *gid,
+                    role: g.raw.role(),
+                    term: g.raw.term(),
+                    leader: g.raw.leader_id(),
+                    commit: g.raw.commit_index(),
+                    applied: g.raw.applied_index(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Runs an admin request for `from`: only the admin client may, and
+    /// only where the transport enables fault injection. A refusal changes
+    /// nothing.
+    fn admin(
+        &self,
+        from: &shoal_net::Peer,
+        work: impl FnOnce(&T) -> Result<(), shoal_net::FaultFilterError>,
+    ) -> Response {
+        if !from.is_admin() {
+            tracing::warn!(
+                node = self.config.id,
+                ?from,
+                "admin request from a non-admin refused"
+            );
+            return Response::Denied(Denied::NotAdmin);
+        }
+        match work(&self.transport) {
+            Ok(()) => Response::AdminDone,
+            Err(shoal_net::FaultFilterError::Disabled) => {
+                Response::Denied(Denied::FaultInjectionDisabled)
+            }
+            Err(_) => Response::Denied(Denied::Unsupported),
+        }
+    }
+
+    /// Proposes queued writes and reads, then runs `Ready` rounds until no
+    /// group has anything more (or [`READY_ROUNDS_MAX`]).
+    async fn round(&mut self) -> Result<(), NodeError> {
+        for group in self.groups.values_mut() {
+            group.propose_queued(&mut self.next_read_context)?;
+        }
+        for _ in 0..READY_ROUNDS_MAX {
+            if !self.groups.values().any(|g| g.raw.has_ready()) {
+                break;
+            }
+            self.ready_round().await?;
+        }
+        let mut deposed = Vec::new();
+        for (gid, group) in &mut self.groups {
+            if group.check_leadership() {
+                deposed.push(*gid);
+            }
+        }
+        for gid in deposed {
+            self.stop_transfers(gid);
+        }
+        self.publish_status();
+        Ok(())
+    }
+
+    /// Stops `group`'s snapshot transfers: a deposed leader sends nothing
+    /// more on behalf of its old term.
+    fn stop_transfers(&mut self, group: GroupId) {
+        self.transfers.retain(|(g, _), handle| {
+            if *g == group {
+                handle.abort();
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    async fn ready_round(&mut self) -> Result<(), NodeError> {
+        let mut readies = Vec::new();
+        for (gid, group) in &mut self.groups {
+            if group.raw.has_ready() {
+                readies.push((*gid, group.raw.ready().map_err(consensus_err(*gid))?));
+            }
+        }
+        // Messages that do not depend on this round's write go out now.
+        for (gid, ready) in &mut readies {
+            for message in std::mem::take(&mut ready.messages) {
+                self.send_message(*gid, message);
+            }
+        }
+        for (gid, ready) in &readies {
+            if let Some(snapshot) = &ready.snapshot {
+                self.install(*gid, snapshot).await?;
+            }
+        }
+        // One synced write for every group.
+        let mut batch = LogBatch::default();
+        for (gid, ready) in &readies {
+            if ready.snapshot.is_some() || !ready.entries.is_empty() || ready.hard_state.is_some() {
+                batch.groups.push(GroupWrite {
+                    group: *gid,
+                    snapshot: ready.snapshot.clone(),
+                    entries: ready.entries.clone(),
+                    hard_state: ready.hard_state,
+                    conf_state: None,
+                });
+            }
+        }
+        if !batch.groups.is_empty() {
+            self.persist(batch).await?;
+        }
+        for (gid, ready) in &mut readies {
+            for message in std::mem::take(&mut ready.persisted_messages) {
+                self.send_message(*gid, message);
+            }
+        }
+        // Apply, answer, serve reads, advance.
+        for (gid, ready) in readies {
+            let apply: Vec<ApplyEntry> = ready
+                .committed_entries
+                .iter()
+                .map(|e| ApplyEntry {
+                    index: e.index,
+                    term: e.term,
+                    requests: decode_entry(gid, e.index, e.kind, &e.data),
+                })
+                .collect();
+            // Applying is unsynced CPU work (memtable inserts and a buffered
+            // WAL append), short next to the synced log write, so it runs
+            // inline: a hop to the blocking pool and back would cost more
+            // than the apply itself.
+            let replies = if apply.is_empty() {
+                Vec::new()
+            } else {
+                self.engine.apply(gid, &apply).map_err(engine_err(gid))?
+            };
+            let now = Instant::now();
+            let group = self
+                .groups
+                .get_mut(&gid)
+                .expect("a group with a Ready exists");
+            for (entry, replies) in apply.iter().zip(replies) {
+                for (request, reply) in entry.requests.iter().zip(&replies) {
+                    track_session(&mut self.sessions, request, reply, now);
+                }
+                group.answer_applied(entry.index, entry.term, replies);
+            }
+            let applied = apply
+                .last()
+                .map(|e| e.index)
+                .unwrap_or_else(|| group.raw.applied_index());
+            for rs in &ready.read_states {
+                if let Some(waiting) = group.reads_unconfirmed.remove(&rs.context) {
+                    group.reads_confirmed.push((rs.index, waiting));
+                }
+            }
+            group.raw.advance(ready).map_err(consensus_err(gid))?;
+            group.serve_reads(&self.engine, applied.max(group.raw.applied_index()));
+            self.maybe_compact(gid)?;
+        }
+        Ok(())
+    }
+
+    /// Persists a round's log write: synced unless only commit indexes
+    /// moved, split if it outgrows the engine's batch limit.
+    async fn persist(&mut self, batch: LogBatch) -> Result<(), NodeError> {
+        let durable: BTreeMap<GroupId, (Term, NodeId)> = self
+            .groups
+            .iter()
+            .map(|(gid, g)| (*gid, g.durable_term_vote))
+            .collect();
+        let sync = persist::must_sync(&batch, &durable);
+        let term_votes: Vec<(GroupId, (Term, NodeId))> = batch
+            .groups
+            .iter()
+            .filter_map(|g| g.hard_state.map(|hs| (g.group, (hs.term, hs.vote))))
+            .collect();
+        let first = batch.groups[0].group;
+        let batches = persist::split_batch(batch, self.engine.config().batch_bytes_max);
+        if sync {
+            self.with_engine(move |engine| {
+                batches
+                    .into_iter()
+                    .try_for_each(|b| engine.write_log(b))
+                    .map_err(engine_err(first))
+            })
+            .await?;
+            for (gid, term_vote) in term_votes {
+                if let Some(g) = self.groups.get_mut(&gid) {
+                    g.durable_term_vote = term_vote;
+                }
+            }
+        } else {
+            batches
+                .into_iter()
+                .try_for_each(|b| self.engine.write_log_unsynced(b))
+                .map_err(engine_err(first))?;
+        }
+        Ok(())
+    }
+
+    /// Sends a consensus message; a `Snapshot` goes after its files (see
+    /// the module docs), from a task stopped if leadership is lost.
+    fn send_message(&mut self, group: GroupId, message: Message) {
+        let to = shoal_net::NodeId(message.to);
+        let MessageBody::Snapshot { snapshot } = &message.body else {
+            self.transport.send(to, PeerMessage { group, message });
+            return;
+        };
+        let index = snapshot.meta.index;
+        let dir = export_dir(&self.config.snapshot_dir, group, index);
+        let transport = self.transport.clone();
+        let peer = message.to;
+        if let Some(previous) = self.transfers.remove(&(group, peer)) {
+            previous.abort();
+        }
+        let handle = self.tasks.spawn(async move {
+            let delivered = snapshots::transfer(&transport, peer, &dir, group, index).await;
+            if delivered {
+                transport.send(to, PeerMessage { group, message });
+            }
+            Done::Transferred {
+                group,
+                peer,
+                delivered,
+            }
+        });
+        self.transfers.insert((group, peer), handle);
+    }
+
+    /// Notes a received snapshot file under its (group, index, sender); it
+    /// is moved into place by the verification of that snapshot, so the
+    /// move and the check run in order and off the loop.
+    fn on_file(&mut self, file: ReceivedFile<SnapshotFileMeta>) {
+        let meta = &file.meta;
+        if !snapshots::file_name_ok(&meta.name) || !self.groups.contains_key(&meta.group) {
+            tracing::warn!(node = self.config.id, from = %file.from, name = %meta.name, "unexpected bulk file dropped");
+            let _ = std::fs::remove_file(&file.path);
+            return;
+        }
+        self.received
+            .entry((meta.group, meta.index, file.from.0))
+            .or_default()
+            .push((file.path, meta.name.clone()));
+    }
+
+    /// Restores the state machine from the verified files of `snapshot`.
+    async fn install(&mut self, gid: GroupId, snapshot: &Snapshot) -> Result<(), NodeError> {
+        let group = self.groups.get_mut(&gid).expect("group exists");
+        let index = snapshot.meta.index;
+        // Consensus restores only a snapshot message it was given, and a
+        // message above the commit index is stepped only once its files
+        // verified, which recorded them at its index.
+        let Some(dir) = group.verified.remove(&index) else {
+            let node = self.config.id;
+            panic!("node {node} group {gid}: restored snapshot {index} has no verified files");
+        };
+        group.verified.retain(|i, _| *i > index);
+        let shards = group.shards.clone();
+        let (manifest, sessions) = self
+            .with_engine(move |engine| {
+                let err = engine_err(gid);
+                let manifest = engine.install_snapshot(&dir).map_err(&err)?;
+                let mut sessions = Vec::new();
+                for shard in shards {
+                    sessions.push((shard, engine.sessions(shard).map_err(&err)?));
+                }
+                Ok((manifest, sessions))
+            })
+            .await?;
+        let now = Instant::now();
+        for (shard, known) in sessions {
+            self.sessions.reload(shard, known, now);
+        }
+        let group = self.groups.get_mut(&gid).expect("group exists");
+        group.snapshot_index = index;
+        group.snapshot_bytes = manifest.size_bytes();
+        group.export_pending = true;
+        group.snapshots_installed += 1;
+        // Received files of this or older snapshots are no longer needed.
+        remove_dirs(&self.config.snapshot_dir, &format!("recv-g{gid}-"), index);
+        self.received.retain(|(g, i, _), files| {
+            let keep = *g != gid || *i > index;
+            if !keep {
+                for (path, _) in files.drain(..) {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            keep
+        });
+        Ok(())
+    }
+
+    /// Starts an export (off the loop) once the log outgrows the limit, or
+    /// after an install left no export to send on.
+    fn maybe_compact(&mut self, gid: GroupId) -> Result<(), NodeError> {
+        let limit = self.config.max_raft_state_bytes.unwrap_or(u64::MAX);
+        let log_bytes = self.engine.log_bytes(gid).map_err(engine_err(gid))?;
+        let group = self.groups.get_mut(&gid).expect("group exists");
+        let due = log_bytes > limit && group.raw.applied_index() > group.snapshot_index;
+        if group.exporting || (!due && !group.export_pending) {
+            return Ok(());
+        }
+        group.exporting = true;
+        group.export_pending = false;
+        let shards = group.shards.clone();
+        let engine = self.engine.clone();
+        let root = self.config.snapshot_dir.clone();
+        self.run_blocking(move || Done::Exported {
+            group: gid,
+            result: snapshots::export(&engine, &root, gid, &shards),
+        });
+        Ok(())
+    }
+
+    /// Runs engine work inline or on the blocking pool ([`NodeConfig::blocking_io`]).
+    async fn with_engine<R: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Engine<B>) -> Result<R, NodeError> + Send + 'static,
+    ) -> Result<R, NodeError> {
+        if self.config.blocking_io {
+            let engine = self.engine.clone();
+            match tokio::task::spawn_blocking(move || work(&engine)).await {
+                Ok(r) => r,
+                Err(e) => Err(NodeError::Task(format!("engine task failed: {e}"))),
+            }
+        } else {
+            work(&self.engine)
+        }
+    }
+
+    fn answer_all(&mut self, response: impl Fn() -> KvResponse) {
+        for group in self.groups.values_mut() {
+            group.fail_waiters(&response);
+        }
+    }
+
+    fn publish_status(&self) {
+        let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        for (gid, g) in &self.groups {
+            status.insert(
+                *gid,
+                GroupStatus {
+                    role: Some(g.raw.role()),
+                    term: g.raw.term(),
+                    leader: g.raw.leader_id(),
+                    commit: g.raw.commit_index(),
+                    applied: g.raw.applied_index(),
+                    log_bytes: self.engine.log_bytes(*gid).unwrap_or(0),
+                    snapshot_index: g.snapshot_index,
+                    snapshot_bytes: g.snapshot_bytes,
+                    snapshots_installed: g.snapshots_installed,
+                    sessions: self.sessions.len() as u64,
+                },
+            );
+        }
+    }
+}
+
+/// Keeps the session tracker in step with an applied request.
+fn track_session(
+    sessions: &mut SessionTracker,
+    request: &Request,
+    reply: &shoal_engine::Reply,
+    now: Instant,
+) {
+    if let Command::ExpireSessions { sessions: expired } = &request.command {
+        for &(client, seq) in expired {
+            sessions.expired(request.shard, client, seq);
+        }
+    } else if updates_session(request, reply) {
+        sessions.observe(request.shard, request.client, request.seq, now);
+    }
+}
+
+/// Records an export as the snapshot `group` sends to followers and
+/// compacts the log through it.
+fn record_snapshot<B: Backend>(
+    engine: &Engine<B>,
+    group: GroupId,
+    manifest: &SnapshotManifest,
+    conf: shoal_consensus::ConfState,
+) -> Result<(), NodeError> {
+    let err = engine_err(group);
+    let snapshot = Snapshot {
+        meta: SnapshotMeta {
+            index: manifest.applied.index,
+            term: manifest.applied.term,
+            conf_state: conf,
+        },
+        data: Bytes::new(),
+    };
+    engine.set_snapshot(group, snapshot).map_err(&err)?;
+    engine
+        .compact_log(group, manifest.applied.index)
+        .map_err(&err)
+}

@@ -1,0 +1,244 @@
+//! Snapshot files on a node: where exports and received files live, and the
+//! blocking or long-running work done with them — exporting a group's
+//! shards, verifying received files, streaming an export to a follower.
+//! The event loop never runs this work itself (with
+//! [`super::NodeConfig::blocking_io`]); it hands it to [`super::tasks`] and
+//! hears back.
+//!
+//! # Layout under the snapshot directory
+//! - `export-g<group>-i<index>/`: this node's latest export of a group, the
+//!   snapshot it sends to followers (older ones are removed).
+//! - `export-g<group>-tmp/`: an export being written (renamed when done).
+//! - `recv-g<group>-i<index>-n<sender>/`: files received from a leader,
+//!   installed once the `Snapshot` message for them verifies.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use shoal_consensus::{Index, NodeId};
+use shoal_engine::snapshot::{read_manifest, verify_files};
+use shoal_engine::{Backend, Engine, EngineError, GroupId, ShardId, SnapshotManifest};
+use shoal_net::Transport;
+
+use crate::protocol::{KvProtocol, SnapshotFileMeta};
+
+/// Why snapshot file work failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapshotFileError {
+    /// A file or directory operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The engine failed to export, or found a file corrupt or missing.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// A received snapshot is not the one its message announces.
+    #[error("snapshot {dir}: manifest is of group {group_found} at index {index_found}, expected group {group} at {index}")]
+    NotAnnounced {
+        /// The received directory.
+        dir: PathBuf,
+        /// Group the message names.
+        group: GroupId,
+        /// Index the message names.
+        index: Index,
+        /// Group the manifest names.
+        group_found: GroupId,
+        /// Index the manifest names.
+        index_found: Index,
+    },
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotFileError + '_ {
+    move |source| SnapshotFileError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The directory of this node's export of `group` at `index`.
+pub fn export_dir(root: &Path, group: GroupId, index: Index) -> PathBuf {
+    root.join(format!("export-g{group}-i{index}"))
+}
+
+/// The directory files of `group`'s snapshot at `index` from `from` go to.
+pub fn recv_dir(root: &Path, group: GroupId, index: Index, from: NodeId) -> PathBuf {
+    root.join(format!("recv-g{group}-i{index}-n{from}"))
+}
+
+/// Removes directories `<prefix><index>...` under `root` with an index at
+/// or below `through` (best effort).
+pub fn remove_dirs(root: &Path, prefix: &str, through: Index) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(prefix) else {
+            continue;
+        };
+        let digits: String = rest
+            .trim_start_matches('i')
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect();
+        if digits.parse::<Index>().is_ok_and(|i| i <= through) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Makes `dir`'s entries (files created, renamed or removed in it) durable.
+pub fn sync_dir(dir: &Path) -> Result<(), SnapshotFileError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error(dir))
+}
+
+/// Exports `group`'s `shards` at the group's applied index into
+/// `export-g<group>-i<index>` (through a staging directory renamed when
+/// complete, both directories synced). Blocking: runs off the event loop.
+/// Returns the manifest; the caller records the snapshot and compacts.
+pub fn export<B: Backend>(
+    engine: &Engine<B>,
+    root: &Path,
+    group: GroupId,
+    shards: &[ShardId],
+) -> Result<SnapshotManifest, SnapshotFileError> {
+    let staging = root.join(format!("export-g{group}-tmp"));
+    let _ = std::fs::remove_dir_all(&staging);
+    let manifest = engine.export_snapshot(group, shards, &staging)?;
+    let dir = export_dir(root, group, manifest.applied.index);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&staging, &dir).map_err(io_error(&staging))?;
+    sync_dir(root)?;
+    Ok(manifest)
+}
+
+/// Whether `dir` holds the complete, intact snapshot of `group` at `index`
+/// (manifest and every file's size and CRC32). Blocking: reads every file.
+pub fn verify(dir: &Path, group: GroupId, index: Index) -> Result<(), SnapshotFileError> {
+    let manifest = read_manifest(dir)?;
+    if manifest.group != group || manifest.applied.index != index {
+        return Err(SnapshotFileError::NotAnnounced {
+            dir: dir.to_path_buf(),
+            group,
+            index,
+            group_found: manifest.group,
+            index_found: manifest.applied.index,
+        });
+    }
+    Ok(verify_files(dir, &manifest)?)
+}
+
+/// Streams every file of the export in `dir` to `to`; true once all
+/// arrived (the receiver verified each chunk and renamed each file).
+pub async fn transfer<T: Transport<KvProtocol>>(
+    transport: &T,
+    to: NodeId,
+    dir: &Path,
+    group: GroupId,
+    index: Index,
+) -> bool {
+    let names = {
+        let dir = dir.to_path_buf();
+        let listed = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<String>> {
+            let mut names = Vec::new();
+            for entry in std::fs::read_dir(&dir)? {
+                let name = entry?.file_name().to_string_lossy().into_owned();
+                if !name.ends_with(".tmp") {
+                    names.push(name);
+                }
+            }
+            names.sort();
+            Ok(names)
+        })
+        .await;
+        match listed {
+            Ok(Ok(names)) => names,
+            _ => return false,
+        }
+    };
+    for name in names {
+        let meta = SnapshotFileMeta {
+            group,
+            index,
+            name: name.clone(),
+        };
+        let sent = transport
+            .send_file(shoal_net::NodeId(to), dir.join(&name), meta)
+            .await;
+        if sent.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Whether a received file's name is a plain file name (no path parts).
+pub fn file_name_ok(name: &str) -> bool {
+    !name.is_empty() && !name.contains(['/', '\\']) && name != "." && name != ".."
+}
+
+/// Moves received files (where the transport left them, file name) into
+/// `dir` and makes that durable: the files' data was synced by the
+/// transport, and the directory entries are synced here, so an install
+/// that a crash interrupts finds its files after the restart.
+pub fn file_into_place(files: &[(PathBuf, String)], dir: &Path) -> Result<(), SnapshotFileError> {
+    std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+    for (from, name) in files {
+        let target = dir.join(name);
+        std::fs::rename(from, &target)
+            .or_else(|_| {
+                std::fs::copy(from, &target)
+                    .and_then(|_| File::open(&target).and_then(|f| f.sync_all()))
+                    .and_then(|()| std::fs::remove_file(from))
+            })
+            .map_err(io_error(&target))?;
+    }
+    sync_dir(dir)?;
+    if let Some(parent) = dir.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Goal: only directories of the prefix at or below the index go.
+    #[test]
+    fn remove_dirs_keeps_newer_and_other_groups() {
+        let root = tempfile::tempdir().unwrap();
+        for name in [
+            "export-g1-i5",
+            "export-g1-i9",
+            "export-g2-i3",
+            "recv-g1-i4-n2",
+        ] {
+            std::fs::create_dir(root.path().join(name)).unwrap();
+        }
+        remove_dirs(root.path(), "export-g1-", 8);
+        remove_dirs(root.path(), "recv-g1-", 4);
+        let mut left: Vec<String> = std::fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, vec!["export-g1-i9", "export-g2-i3"]);
+    }
+
+    #[test]
+    fn file_names_with_path_parts_are_refused() {
+        assert!(file_name_ok("kv-0.sst"));
+        for bad in ["", ".", "..", "a/b", "..\\x", "/etc/passwd"] {
+            assert!(!file_name_ok(bad), "{bad:?}");
+        }
+    }
+}
