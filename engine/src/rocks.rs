@@ -12,7 +12,8 @@
 //!   a WAL incomplete, which is dropped (it was never acknowledged: synced
 //!   writes are whole); a corrupt record anywhere else makes open fail
 //!   instead of silently replaying only the writes before it. The reasons,
-//!   and why this means no WAL recycling, are at [`WAL_RECOVERY_MODE`].
+//!   and why this means no WAL recycling, are on `WAL_RECOVERY_MODE` in
+//!   this module's source.
 //! - **Paranoid checks** on: a corrupt SST or WAL makes open fail loudly
 //!   instead of serving wrong data.
 //! - **Block cache** (LRU, [`EngineConfig::block_cache_bytes`]) shared by all

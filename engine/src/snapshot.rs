@@ -350,14 +350,25 @@ impl<B: Backend> Engine<B> {
         let manifest = read_manifest(dir)?;
         verify_files(dir, &manifest)?;
         // What the marker will name must be durable before it is named:
-        // the files, their names in the directory, the directory's name.
+        // the files, their names in the directory, and the directory's name
+        // in its parent, up to the data directory (at least the parent).
         for f in &manifest.files {
             sync_file(&dir.join(&f.name))?;
         }
         sync_file(&dir.join(MANIFEST_FILE_NAME))?;
         sync_dir(dir)?;
-        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            sync_dir(parent)?;
+        let levels = match self.backend().data_dir() {
+            // The marker names the directory relative to the data directory.
+            Some(_) => Path::new(&marker_dir).components().count(),
+            None => 1,
+        };
+        for ancestor in dir
+            .ancestors()
+            .skip(1)
+            .take(levels)
+            .filter(|p| !p.as_os_str().is_empty())
+        {
+            sync_dir(ancestor)?;
         }
         let mut marker = InstallMarker {
             dir: marker_dir,

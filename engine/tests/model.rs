@@ -20,8 +20,10 @@ const GROUP: u64 = 3;
 
 /// Limits of the KV check: the smallest scan page budget validation allows
 /// for keys of up to 2 bytes and values of up to 8, so pages end on bytes as
-/// well as on count. Appends may grow values past 8 bytes (their limit is in
-/// the command), so some pairs are larger than a page.
+/// well as on count. Apply does not check the configured limits (they are
+/// the proposer's business), so the generated values go past them, up to
+/// 30 bytes, and appends up to the limit in their command: a few pairs fill
+/// a page, and some are larger than one.
 fn kv_config(apply_cache_bytes: u64) -> EngineConfig {
     EngineConfig {
         key_bytes_max: 2,
@@ -221,7 +223,7 @@ fn key_strategy() -> impl Strategy<Value = Bytes> {
 }
 
 fn command_strategy() -> impl Strategy<Value = Command> {
-    let value = proptest::collection::vec(any::<u8>(), 0..6).prop_map(Bytes::from);
+    let value = proptest::collection::vec(any::<u8>(), 0..30).prop_map(Bytes::from);
     prop_oneof![
         key_strategy().prop_map(|key| Command::Get { key }),
         (key_strategy(), value.clone()).prop_map(|(key, value)| Command::Put { key, value }),
@@ -232,7 +234,7 @@ fn command_strategy() -> impl Strategy<Value = Command> {
                 version,
             }
         }),
-        (key_strategy(), value, 0u64..24).prop_map(|(key, value, value_bytes_max)| {
+        (key_strategy(), value, 0u64..100).prop_map(|(key, value, value_bytes_max)| {
             Command::Append {
                 key,
                 value,

@@ -59,14 +59,12 @@ fn page_bytes(page: &ScanPage) -> u64 {
         .sum()
 }
 
+/// One scan call: (start, end, limit) to a page.
+type ScanFn<'a> = dyn FnMut(&[u8], &[u8], u64) -> ScanPage + 'a;
+
 /// Follows the pages of `[start, end)` with `scan`, checking each is
 /// within the bounds; returns the pages.
-fn pages(
-    limit: u64,
-    start: &[u8],
-    end: &[u8],
-    scan: &mut dyn FnMut(&[u8], &[u8], u64) -> ScanPage,
-) -> Vec<ScanPage> {
+fn pages(limit: u64, start: &[u8], end: &[u8], scan: &mut ScanFn<'_>) -> Vec<ScanPage> {
     let mut out: Vec<ScanPage> = Vec::new();
     let mut from = Bytes::copy_from_slice(start);
     loop {
