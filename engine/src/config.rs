@@ -3,8 +3,12 @@
 use crate::error::{EngineError, LimitKind, Result};
 
 /// Limits and tuning of one engine instance. Every limit is enforced before
-/// anything is written: a request that exceeds one gets
-/// [`EngineError::LimitExceeded`] and changes nothing.
+/// anything is written: a log batch or a read that exceeds one gets
+/// [`EngineError::LimitExceeded`] and changes nothing, and so does a request
+/// checked with [`crate::Engine::validate_request`] before it is proposed.
+/// Applying committed entries never consults these limits (replicas may
+/// differ in them; see [`crate::kv`]), except to split its writes and to
+/// bound a scan's page.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineConfig {
     /// Longest user key accepted.
