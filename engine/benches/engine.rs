@@ -87,7 +87,6 @@ fn apply(c: &mut Criterion) {
                         shard: (key % 16) as u32,
                         client: n + 1,
                         seq: index,
-                        time_ms: index,
                         command: Command::Put {
                             key: Bytes::from(format!("key{:08}", key % 100_000)),
                             value: Bytes::from(vec![1u8; 256]),
@@ -123,7 +122,6 @@ fn snapshot(c: &mut Criterion) {
                 shard: 3,
                 client: 0,
                 seq: 0,
-                time_ms: 0,
                 command: Command::Put {
                     key: Bytes::from(format!("key{k:010}")),
                     value: Bytes::from(vec![(*k % 251) as u8; VALUE_BYTES]),
@@ -178,7 +176,7 @@ fn yardsticks(c: &mut Criterion) {
     let mut offset = 0u64;
     group.throughput(Throughput::Elements(1));
     // Overwrite in place: fdatasync flushes data only (the best case; what a
-    // recycled WAL file sees).
+    // recycled WAL file would see; ours are not recycled, see `rocks.rs`).
     group.bench_function("fdatasync_4k_overwrite", |b| {
         b.iter(|| {
             file.write_all_at(&block, offset).unwrap();

@@ -143,4 +143,8 @@ pub trait Backend: View + Send + Sync + std::fmt::Debug + 'static {
     /// Adds the pairs of a file made by [`View::export_range`] to `cf`,
     /// newer than every existing write, atomically. The file is consumed.
     fn ingest(&self, cf: Cf, path: &Path) -> Result<()>;
+    /// The directory the backend keeps its files in (`None`: it has none,
+    /// as in memory). Snapshot installs name their directory relative to
+    /// it, so a data directory moved or restored elsewhere stays whole.
+    fn data_dir(&self) -> Option<&Path>;
 }

@@ -45,6 +45,7 @@ struct Inner<B> {
     groups: RwLock<HashMap<GroupId, GroupLog>>,
     log_writer: Mutex<()>,
     installs_finished_at_open: std::sync::atomic::AtomicU64,
+    installs_discarded_at_open: std::sync::atomic::AtomicU64,
     apply_cache: Mutex<ApplyCache>,
 }
 
@@ -115,6 +116,7 @@ pub type MemStore = Engine<MemBackend>;
 
 impl RocksEngine {
     /// Opens (creating if needed) the engine in directory `path`, finishing
+    /// (or, if its files are gone before it cleared anything, discarding)
     /// any snapshot install a crash interrupted.
     pub fn open(path: impl AsRef<Path>, config: EngineConfig) -> Result<Self> {
         let backend = RocksBackend::open(path.as_ref(), &config)?;
@@ -153,6 +155,7 @@ impl<B: Backend> Engine<B> {
                 groups: RwLock::new(HashMap::new()),
                 log_writer: Mutex::new(()),
                 installs_finished_at_open: Default::default(),
+                installs_discarded_at_open: Default::default(),
                 apply_cache: Mutex::new(ApplyCache::default()),
             }),
         };
@@ -161,11 +164,23 @@ impl<B: Backend> Engine<B> {
     }
 
     fn recover(&self) -> Result<()> {
-        let finished = self.finish_interrupted_installs()?;
+        let (finished, discarded) = self.finish_interrupted_installs()?;
         self.inner
             .installs_finished_at_open
             .fetch_add(finished, std::sync::atomic::Ordering::Relaxed);
+        self.inner
+            .installs_discarded_at_open
+            .fetch_add(discarded, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// How many snapshot installs a crash had interrupted and recovery
+    /// discarded because their files were missing or corrupt before the
+    /// shards were cleared (the old state was kept; see [`crate::snapshot`]).
+    pub fn interrupted_installs_discarded(&self) -> u64 {
+        self.inner
+            .installs_discarded_at_open
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How many snapshot installs a crash had interrupted and recovery

@@ -17,6 +17,9 @@ pub enum LimitKind {
     BatchBytes,
     /// A scan asking for more than [`crate::EngineConfig::scan_limit_max`] pairs.
     ScanLimit,
+    /// A [`crate::Command::ExpireSessions`] naming more than
+    /// [`crate::kv::EXPIRE_SESSIONS_PER_ENTRY_MAX`] sessions.
+    ExpireSessions,
 }
 
 impl std::fmt::Display for LimitKind {
@@ -26,6 +29,7 @@ impl std::fmt::Display for LimitKind {
             LimitKind::ValueBytes => "value size",
             LimitKind::BatchBytes => "batch size",
             LimitKind::ScanLimit => "scan limit",
+            LimitKind::ExpireSessions => "sessions named by one expiry",
         })
     }
 }
@@ -66,6 +70,41 @@ pub enum EngineError {
     /// A configuration value is out of range.
     #[error("invalid engine configuration: {0}")]
     Config(String),
+    /// [`crate::Engine::install_snapshot`] was given a directory outside
+    /// the engine's data directory. The install marker names the directory
+    /// relative to the data directory (so a data directory moved or
+    /// restored elsewhere still finishes an interrupted install), which
+    /// needs it inside. Nothing was written.
+    #[error(
+        "snapshot directory {dir} is not inside the data directory {data_dir}: \
+         keep snapshots to install inside the data directory"
+    )]
+    SnapshotDirOutsideDataDir {
+        /// The snapshot directory given.
+        dir: std::path::PathBuf,
+        /// The engine's data directory.
+        data_dir: std::path::PathBuf,
+    },
+    /// An interrupted snapshot install cannot be finished: the shards'
+    /// ranges were already cleared, and a file still to ingest is missing
+    /// or corrupt. Raised when opening; the engine refuses to open rather
+    /// than serve cleared shards at the old applied index (see
+    /// [`crate::snapshot`] for why the state cannot be rebuilt locally).
+    #[error(
+        "group {group}: an interrupted snapshot install cannot be finished: {file} is \
+         missing or corrupt after the shards were cleared ({source}); the old data is \
+         gone and the new cannot be rebuilt locally: restore the snapshot directory \
+         or rebuild this replica from the cluster"
+    )]
+    SnapshotInstallUnrecoverable {
+        /// The group being installed.
+        group: crate::GroupId,
+        /// The file (or manifest) that failed.
+        file: std::path::PathBuf,
+        /// What was wrong with it.
+        #[source]
+        source: Box<EngineError>,
+    },
 }
 
 impl From<rocksdb::Error> for EngineError {

@@ -5,12 +5,24 @@
 //! A request carries a client id and a sequence number. The `dedup` table
 //! keeps, per (shard, client), the last sequence number applied and its
 //! reply. A request whose sequence number equals the stored one is a retry:
-//! it gets the cached reply and is not applied again. Sessions expire by a
-//! rule carried in the log, never by the local clock: every request carries
-//! the leader's proposal time (`time_ms`), and an
-//! [`Command::ExpireSessions`] entry removes sessions of its shard idle
-//! longer than its `idle_ms` as of its own `time_ms`. Every replica applies
-//! the same entries and so expires the same sessions.
+//! it gets the cached reply and is not applied again. Sessions expire by
+//! what the log names, never by a clock: the leader decides by its own
+//! monotonic clock which sessions are idle and proposes a
+//! [`Command::ExpireSessions`] naming each one with the sequence number it
+//! saw; applying it removes a session only if that is still its sequence
+//! number, so a client active since the decision keeps its session. Every
+//! replica applies the same entries and so expires the same sessions,
+//! whatever its clock says.
+//!
+//! # Apply depends on the log and the state only
+//! Limits from [`EngineConfig`] are decided when a request is proposed
+//! ([`Engine::validate_request`], [`Engine::stamp_request`]), never when it
+//! is applied: replicas may run with different limits, and a committed
+//! `Written` on one must not be `Rejected` on another. The one limit that
+//! depends on the state, the size an `Append` grows a value to, travels in
+//! the log ([`Command::Append::value_bytes_max`]). Apply reads the local
+//! configuration only to split its writes (`batch_bytes_max`), for its
+//! cache, and to bound the page of a `Scan`, whose reply is never stored.
 
 use std::collections::HashMap;
 
@@ -53,20 +65,26 @@ pub enum Command {
         /// Expected current version.
         version: u64,
     },
-    /// Append to a key's value (creating it if absent).
+    /// Append to a key's value (creating it if absent), unless the value
+    /// would grow past `value_bytes_max` (then `Rejected`, nothing written).
     Append {
         /// The key.
         key: Bytes,
         /// Bytes to append.
         value: Bytes,
+        /// Longest value the append may produce, decided by the proposer
+        /// ([`Engine::stamp_request`]) and carried in the log, so every
+        /// replica gives the same outcome whatever its own limits.
+        value_bytes_max: u64,
     },
     /// Remove a key.
     Delete {
         /// The key.
         key: Bytes,
     },
-    /// Read keys in `[start, end)` in order, at most `limit` of them
-    /// (an empty `end` means "to the end of the shard").
+    /// Read keys in `[start, end)` in order, one page of at most `limit`
+    /// pairs and about [`EngineConfig::scan_bytes_max`] bytes (an empty
+    /// `end` means "to the end of the shard"); see [`ScanPage`].
     Scan {
         /// First key.
         start: Bytes,
@@ -75,13 +93,19 @@ pub enum Command {
         /// Most pairs to return.
         limit: u64,
     },
-    /// Remove this shard's sessions last used more than `idle_ms` before
-    /// the entry's `time_ms`.
+    /// Remove the named sessions of this shard, each only if its last
+    /// sequence number is still the one named (a client that sent another
+    /// request since keeps its session). At most
+    /// [`EXPIRE_SESSIONS_PER_ENTRY_MAX`] of them.
     ExpireSessions {
-        /// Idle time after which a session is dropped.
-        idle_ms: u64,
+        /// (client, last sequence number) of each session to remove.
+        sessions: Vec<(ClientId, u64)>,
     },
 }
+
+/// Most sessions one [`Command::ExpireSessions`] may name: bounds the entry
+/// (about 20 bytes each: 80 KiB) and the work of applying it.
+pub const EXPIRE_SESSIONS_PER_ENTRY_MAX: usize = 4096;
 
 impl Command {
     /// True for commands that change nothing (they skip the session table).
@@ -90,7 +114,7 @@ impl Command {
     }
 }
 
-/// A command with its shard, session and the leader's proposal time.
+/// A command with its shard and session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
     /// Shard the command addresses.
@@ -99,8 +123,6 @@ pub struct Request {
     pub client: ClientId,
     /// Per-client sequence number, increasing from 1.
     pub seq: u64,
-    /// Leader's clock when proposed, carried in the log (deterministic).
-    pub time_ms: u64,
     /// What to do.
     pub command: Command,
 }
@@ -139,8 +161,8 @@ pub enum Reply {
         /// Whether there was a key to delete.
         existed: bool,
     },
-    /// `Scan` results in key order.
-    Pairs(Vec<(Bytes, Versioned)>),
+    /// `Scan` results: one page in key order.
+    Pairs(ScanPage),
     /// `ExpireSessions` removed this many sessions.
     SessionsExpired {
         /// Sessions removed.
@@ -156,15 +178,26 @@ pub enum Reply {
     },
 }
 
-/// A session's record in `dedup`.
+/// One page of a scan: pairs in key order, and where the next page starts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScanPage {
+    /// The pairs, in key order: at most the scan's `limit`, and at most
+    /// [`EngineConfig::scan_bytes_max`] key + value bytes unless the page
+    /// is a single pair larger than that.
+    pub pairs: Vec<(Bytes, Versioned)>,
+    /// The first key of the range not returned, to scan on from; `None`
+    /// when the range is exhausted.
+    pub next: Option<Bytes>,
+}
+
+/// A session's record in `dedup`. Nothing else: the per-client state a
+/// server keeps is bounded by it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Session {
     /// Last sequence number applied.
     pub seq: u64,
     /// Its reply, returned again for a retry.
     pub reply: Reply,
-    /// `time_ms` of the last request seen.
-    pub last_seen_ms: u64,
 }
 
 /// The group's position in its log as far as the state machine goes.
@@ -262,34 +295,111 @@ impl Txn<'_> {
         }
         set
     }
-    /// Pairs in `[start, end)` as the batch so far sees them, at most `limit`.
-    fn scan(
-        &self,
-        cf: Cf,
-        start: &[u8],
-        end: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let mut merged = std::collections::BTreeMap::new();
-        let pending: Vec<_> = self
+    /// Fills `page` from the `kv` pairs in `[from, to)` as the batch so
+    /// far sees them: the view's pairs merged with the staged writes, in
+    /// key order, reading only as far as the page takes.
+    fn scan_page(&self, from: &[u8], to: &[u8], page: &mut PageBuilder) -> Result<()> {
+        let mut pending: Vec<(&Vec<u8>, &Option<Vec<u8>>)> = self
             .overlay
             .iter()
-            .filter(|((c, k), _)| *c == cf && k.as_slice() >= start && k.as_slice() < end)
+            .filter(|((cf, k), _)| *cf == Cf::Kv && k.as_slice() >= from && k.as_slice() < to)
+            .map(|((_, k), v)| (k, v))
             .collect();
-        let deleted = pending.iter().filter(|(_, v)| v.is_none()).count();
-        let want = limit.saturating_add(deleted);
-        self.view.scan(cf, start, end, &mut |k, v| {
-            merged.insert(k.to_vec(), v.to_vec());
-            Ok(merged.len() < want)
+        pending.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let mut pending = pending.into_iter().peekable();
+        self.view.scan(Cf::Kv, from, to, &mut |key, value| {
+            // Staged keys before this one come first.
+            while let Some((staged, staged_value)) = pending.next_if(|(k, _)| k.as_slice() < key) {
+                if let Some(v) = staged_value {
+                    if !page.offer(staged, v)? {
+                        return Ok(false);
+                    }
+                }
+            }
+            // A staged write of this very key replaces the view's value.
+            match pending.next_if(|(k, _)| k.as_slice() == key) {
+                Some((_, Some(v))) => page.offer(key, v),
+                Some((_, None)) => Ok(true),
+                None => page.offer(key, value),
+            }
         })?;
-        for ((_, k), v) in pending {
-            match v {
-                Some(v) => merged.insert(k.clone(), v.clone()),
-                None => merged.remove(k),
-            };
+        for (staged, staged_value) in pending {
+            if page.is_full() {
+                break;
+            }
+            if let Some(v) = staged_value {
+                page.offer(staged, v)?;
+            }
         }
-        Ok(merged.into_iter().take(limit).collect())
+        Ok(())
     }
+}
+
+/// Builds one [`ScanPage`] from `kv` pairs offered in key order, holding
+/// only what the page keeps: at most `limit` pairs and, past the first,
+/// at most `bytes_max` key + value bytes.
+struct PageBuilder {
+    shard: ShardId,
+    limit: u64,
+    bytes_max: u64,
+    bytes: u64,
+    page: ScanPage,
+}
+
+impl PageBuilder {
+    fn new(shard: ShardId, limit: u64, bytes_max: u64) -> Self {
+        PageBuilder {
+            shard,
+            limit,
+            bytes_max,
+            bytes: 0,
+            page: ScanPage::default(),
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.page.next.is_some()
+    }
+
+    /// Offers the next pair (a `kv` key and stored value); `false` once the
+    /// page is full, the pair's key then being its continuation.
+    fn offer(&mut self, key: &[u8], stored: &[u8]) -> Result<bool> {
+        let shard = self.shard;
+        let user_key = key.get(4..).ok_or_else(|| {
+            EngineError::Corrupt(format!("a key of {} bytes in shard {shard}", key.len()))
+        })?;
+        // Key and value bytes; the stored value has an 8-byte version first.
+        let size = (user_key.len() + stored.len().saturating_sub(8)) as u64;
+        let fits = (self.page.pairs.len() as u64) < self.limit
+            && (self.page.pairs.is_empty() || self.bytes + size <= self.bytes_max);
+        if !fits {
+            self.page.next = Some(Bytes::copy_from_slice(user_key));
+            return Ok(false);
+        }
+        let versioned = decode_versioned(stored, &|| format!("value of a key in shard {shard}"))?;
+        self.page
+            .pairs
+            .push((Bytes::copy_from_slice(user_key), versioned));
+        self.bytes += size;
+        Ok(true)
+    }
+
+    fn finish(self) -> ScanPage {
+        self.page
+    }
+}
+
+/// The `kv` keys `[from, to)` a scan of `shard` over user keys `[start,
+/// end)` covers (empty `end`: to the end of the shard); `None` if empty.
+fn scan_bounds(shard: ShardId, start: &[u8], end: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+    let (_, shard_end) = shard_range(shard);
+    let from = kv_key(shard, start);
+    let to = if end.is_empty() {
+        shard_end
+    } else {
+        kv_key(shard, end)
+    };
+    (from < to).then_some((from, to))
 }
 
 impl<B: Backend> Engine<B> {
@@ -312,7 +422,7 @@ impl<B: Backend> Engine<B> {
             Command::Get { key } | Command::Delete { key } => key_check(key),
             Command::Put { key, value }
             | Command::PutIfVersion { key, value, .. }
-            | Command::Append { key, value } => {
+            | Command::Append { key, value, .. } => {
                 key_check(key)?;
                 value_check(value)
             }
@@ -321,7 +431,25 @@ impl<B: Backend> Engine<B> {
                 key_check(end)?;
                 EngineConfig::check(LimitKind::ScanLimit, *limit, c.scan_limit_max)
             }
-            Command::ExpireSessions { .. } => Ok(()),
+            Command::ExpireSessions { sessions } => EngineConfig::check(
+                LimitKind::ExpireSessions,
+                sessions.len() as u64,
+                EXPIRE_SESSIONS_PER_ENTRY_MAX as u64,
+            ),
+        }
+    }
+
+    /// Stamps into `request` the limits its proposer decides and the log
+    /// carries, so that every replica applies it with the same outcome: an
+    /// `Append`'s `value_bytes_max` becomes this engine's
+    /// [`EngineConfig::value_bytes_max`]. The leader calls it (after
+    /// [`Self::validate_request`]) on every request it proposes.
+    pub fn stamp_request(&self, request: &mut Request) {
+        if let Command::Append {
+            value_bytes_max, ..
+        } = &mut request.command
+        {
+            *value_bytes_max = self.config().value_bytes_max;
         }
     }
 
@@ -394,9 +522,12 @@ impl<B: Backend> Engine<B> {
     }
 
     fn apply_request(&self, txn: &mut Txn<'_>, request: &Request) -> Result<Reply> {
-        if let Err(e) = self.validate_request(request) {
+        // No limits from the configuration here (see the module docs). A
+        // reserved shard id has no key range: refused the same way on every
+        // replica, since it depends on a constant of the format only.
+        if request.shard > crate::keys::SHARD_ID_MAX {
             return Ok(Reply::Rejected {
-                reason: e.to_string(),
+                reason: format!("shard id {} is reserved", request.shard),
             });
         }
         let shard = request.shard;
@@ -420,7 +551,6 @@ impl<B: Backend> Engine<B> {
             let session = Session {
                 seq: request.seq,
                 reply: reply.clone(),
-                last_seen_ms: request.time_ms,
             };
             txn.put(
                 Cf::Dedup,
@@ -475,17 +605,23 @@ impl<B: Backend> Engine<B> {
                     current: current.version,
                 },
             },
-            Command::Append { key, value } => {
+            Command::Append {
+                key,
+                value,
+                value_bytes_max,
+            } => {
                 let (version, mut bytes) = match read(txn, key)? {
                     Some(v) => (v.version + 1, v.value.to_vec()),
                     None => (1, Vec::new()),
                 };
-                if bytes.len() as u64 + value.len() as u64 > self.config().value_bytes_max {
+                let grown = bytes.len() as u64 + value.len() as u64;
+                // The limit from the log, not this replica's configuration.
+                if grown > *value_bytes_max {
                     return Ok(Reply::Rejected {
                         reason: EngineError::LimitExceeded {
                             kind: LimitKind::ValueBytes,
-                            actual: bytes.len() as u64 + value.len() as u64,
-                            limit: self.config().value_bytes_max,
+                            actual: grown,
+                            limit: *value_bytes_max,
                         }
                         .to_string(),
                     });
@@ -506,24 +642,37 @@ impl<B: Backend> Engine<B> {
                 Reply::Deleted { existed }
             }
             Command::Scan { start, end, limit } => {
-                Reply::Pairs(scan_pairs(shard, start, end, *limit, &|cf, s, e, l| {
-                    txn.scan(cf, s, e, l)
-                })?)
-            }
-            Command::ExpireSessions { idle_ms } => {
-                let (start, end) = shard_range(shard);
-                let cutoff = request.time_ms.saturating_sub(*idle_ms);
-                let mut expired = Vec::new();
-                for (k, v) in txn.scan(Cf::Dedup, &start, &end, usize::MAX)? {
-                    let session: Session =
-                        decode_record(&k, &v, &|| format!("a session in shard {shard}"))?;
-                    if session.last_seen_ms < cutoff {
-                        expired.push(k);
-                    }
+                // Bounded by this replica's limits although it is applied:
+                // a scan is read-only, its reply is never stored (no
+                // session), so another page on another replica changes no
+                // state; only the replica answering the client matters.
+                let config = self.config();
+                let mut page = PageBuilder::new(
+                    shard,
+                    (*limit).min(config.scan_limit_max),
+                    config.scan_bytes_max,
+                );
+                if let Some((from, to)) = scan_bounds(shard, start, end) {
+                    txn.scan_page(&from, &to, &mut page)?;
                 }
-                let count = expired.len() as u64;
-                for k in expired {
-                    txn.delete(Cf::Dedup, k);
+                Reply::Pairs(page.finish())
+            }
+            Command::ExpireSessions { sessions } => {
+                let mut count = 0u64;
+                for &(client, seq) in sessions {
+                    let key = dedup_key(shard, client);
+                    let Some(bytes) = txn.get(Cf::Dedup, &key)? else {
+                        continue;
+                    };
+                    let session: Session = decode_record(&key, &bytes, &|| {
+                        format!("session of client {client} in shard {shard}")
+                    })?;
+                    // Only the session as the leader saw it: a client that
+                    // sent a request since then is active, and keeps it.
+                    if session.seq == seq {
+                        txn.delete(Cf::Dedup, key.to_vec());
+                        count += 1;
+                    }
                 }
                 Reply::SessionsExpired { count }
             }
@@ -555,25 +704,20 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    /// Keys of `shard` in `[start, end)` (empty `end`: no bound), at most
-    /// `limit`.
-    pub fn scan(
-        &self,
-        shard: ShardId,
-        start: &[u8],
-        end: &[u8],
-        limit: u64,
-    ) -> Result<Vec<(Bytes, Versioned)>> {
+    /// One page of the pairs of `shard` in `[start, end)` (empty `end`: no
+    /// bound), in key order: at most `limit` pairs and at most
+    /// [`EngineConfig::scan_bytes_max`] key + value bytes (at least one pair
+    /// if the range has any, and `limit` > 0). [`ScanPage::next`] is where
+    /// the next page starts. Reads only as far as the page takes, so memory
+    /// stays about `scan_bytes_max` however large the range.
+    pub fn scan(&self, shard: ShardId, start: &[u8], end: &[u8], limit: u64) -> Result<ScanPage> {
         EngineConfig::check(LimitKind::ScanLimit, limit, self.config().scan_limit_max)?;
-        let backend = self.backend();
-        scan_pairs(shard, start, end, limit, &|cf, s, e, l| {
-            let mut out = Vec::new();
-            backend.scan(cf, s, e, &mut |k, v| {
-                out.push((k.to_vec(), v.to_vec()));
-                Ok(out.len() < l)
-            })?;
-            Ok(out)
-        })
+        let mut page = PageBuilder::new(shard, limit, self.config().scan_bytes_max);
+        if let Some((from, to)) = scan_bounds(shard, start, end) {
+            self.backend()
+                .scan(Cf::Kv, &from, &to, &mut |k, v| page.offer(k, v))?;
+        }
+        Ok(page.finish())
     }
 
     /// How many client sessions `shard` holds, and their stored bytes (keys
@@ -591,6 +735,33 @@ impl<B: Backend> Engine<B> {
         Ok((count, bytes))
     }
 
+    /// The client id and last sequence number of every session of `shard`,
+    /// in client order: what the leader needs to decide, by its own clock,
+    /// which sessions to expire (loaded when a node starts and after a
+    /// snapshot install).
+    pub fn sessions(&self, shard: ShardId) -> Result<Vec<(ClientId, u64)>> {
+        let (start, end) = shard_range(shard);
+        let mut out = Vec::new();
+        self.backend().scan(Cf::Dedup, &start, &end, &mut |k, v| {
+            let client = k
+                .get(4..)
+                .and_then(|c| <[u8; 8]>::try_from(c).ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| {
+                    EngineError::Corrupt(format!(
+                        "a session key of {} bytes in shard {shard}",
+                        k.len()
+                    ))
+                })?;
+            let session: Session = decode_record(k, v, &|| {
+                format!("session of client {client} in shard {shard}")
+            })?;
+            out.push((client, session.seq));
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
     /// The session of `client` in `shard`, if any.
     pub fn session(&self, shard: ShardId, client: ClientId) -> Result<Option<Session>> {
         let key = dedup_key(shard, client);
@@ -601,32 +772,4 @@ impl<B: Backend> Engine<B> {
             None => Ok(None),
         }
     }
-}
-
-type ScanFn<'a> = dyn Fn(Cf, &[u8], &[u8], usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>> + 'a;
-
-fn scan_pairs(
-    shard: ShardId,
-    start: &[u8],
-    end: &[u8],
-    limit: u64,
-    scan: &ScanFn<'_>,
-) -> Result<Vec<(Bytes, Versioned)>> {
-    let (_, shard_end) = shard_range(shard);
-    let from = kv_key(shard, start);
-    let to = if end.is_empty() {
-        shard_end
-    } else {
-        kv_key(shard, end)
-    };
-    if limit == 0 || from >= to {
-        return Ok(Vec::new());
-    }
-    scan(Cf::Kv, &from, &to, limit as usize)?
-        .into_iter()
-        .map(|(k, v)| {
-            let versioned = decode_versioned(&v, &|| format!("value of a key in shard {shard}"))?;
-            Ok((Bytes::copy_from_slice(&k[4..]), versioned))
-        })
-        .collect()
 }

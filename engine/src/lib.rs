@@ -9,11 +9,15 @@
 //!   simulation.
 //! - [`engine`]: the [`Engine`] handle; [`RocksEngine`] and [`MemStore`].
 //! - [`log`]: the Raft log store — group-committed appends with hard state,
-//!   suffix truncation, prefix compaction, CRC32-checked reads; implements
-//!   the consensus core's [`shoal_consensus::Storage`] per group.
+//!   suffix truncation, prefix compaction, CRC32-checked reads, a running
+//!   log size ([`Engine::log_bytes`]); implements the consensus core's
+//!   [`shoal_consensus::Storage`] per group.
 //! - [`kv`]: the state machine — commands, atomic apply with sessions and the
-//!   applied index, reads and scans.
-//! - [`snapshot`]: shard export to SST files and crash-atomic install.
+//!   applied index, reads, and scans paged by count and bytes
+//!   ([`ScanPage`]). Apply depends only on the log and the state: limits
+//!   are checked when proposing, and session expiry names sessions.
+//! - [`snapshot`]: shard export to SST files and crash-atomic install,
+//!   redo-logged relative to the data directory.
 //! - [`keys`]: key layouts and the checksummed record codec.
 //!
 //! # Durability
@@ -21,7 +25,9 @@
 //! on disk. [`Engine::apply`] is not: the applied state can be rebuilt by
 //! replaying the log from the applied index + 1, and the next synced write
 //! makes it durable anyway (one ordered WAL). Compaction never removes
-//! entries above the applied index.
+//! entries above the applied index. A torn last WAL record (a crash while
+//! writing) is dropped on open; a corrupt record anywhere else makes open
+//! fail ([`rocks`]).
 //!
 //! # Example
 //! ```
@@ -35,7 +41,7 @@
 //! }] }).unwrap();
 //! assert_eq!(engine.last_index(7).unwrap(), 1);
 //!
-//! let put = Request { shard: 0, client: 9, seq: 1, time_ms: 0,
+//! let put = Request { shard: 0, client: 9, seq: 1,
 //!     command: Command::Put { key: "k".into(), value: "v".into() } };
 //! let replies = engine.apply(7, &[ApplyEntry { index: 1, term: 1, requests: vec![put] }]).unwrap();
 //! assert_eq!(replies[0][0], Reply::Written { version: 1 });
@@ -62,6 +68,9 @@ pub use backend::{Backend, Cf};
 pub use config::EngineConfig;
 pub use engine::{Engine, MemStore, RocksEngine};
 pub use error::{EngineError, LimitKind, Result};
-pub use kv::{AppliedState, ApplyEntry, ClientId, Command, Reply, Request, Session, Versioned};
+pub use kv::{
+    AppliedState, ApplyEntry, ClientId, Command, Reply, Request, ScanPage, Session, Versioned,
+    EXPIRE_SESSIONS_PER_ENTRY_MAX,
+};
 pub use log::{GroupState, GroupStorage, GroupWrite, LogBatch};
 pub use snapshot::{SnapshotFile, SnapshotManifest};

@@ -4,7 +4,8 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use shoal_consensus::{
-    ConfState, Entry, EntryKind, HardState, Index, RaftState, Snapshot, Storage, StorageError, Term,
+    ConfState, Entry, EntryKind, HardState, Index, RaftState, Snapshot, Storage, StorageError,
+    Term, ENTRY_OVERHEAD_BYTES,
 };
 
 use crate::backend::{Backend, Cf, View, WriteSet};
@@ -28,6 +29,12 @@ pub struct GroupState {
     /// The latest snapshot this group can send (descriptor; see
     /// [`shoal_consensus::Snapshot`]).
     pub snapshot: Option<Snapshot>,
+    /// Running size of the log: the [`Entry::size_bytes`] of every entry
+    /// appended since the last compaction or snapshot, kept so the node
+    /// can decide to compact without reading the log. An upper estimate:
+    /// a suffix replaced by a conflicting append stays counted until the
+    /// next compaction, which recounts the entries that remain.
+    pub log_bytes: u64,
 }
 
 /// Stored entry layout: `crc32 (4, BE) | term (8, BE) | kind (1) | data`;
@@ -116,6 +123,23 @@ pub(crate) struct GroupLog {
     pub(crate) last_index: Index,
 }
 
+/// [`Entry::size_bytes`] of a stored entry, checked against its CRC32
+/// without copying its data.
+fn stored_entry_size(group: GroupId, key: &[u8], value: &[u8], index: Index) -> Result<u64> {
+    if value.len() < ENTRY_HEADER_BYTES {
+        return Err(EngineError::Corrupt(format!(
+            "raft log entry group {group} index {index}: record is truncated"
+        )));
+    }
+    let (crc, body) = value.split_at(4);
+    if u32::from_be_bytes(crc.try_into().unwrap_or_default()) != checksum(key, body) {
+        return Err(EngineError::Corrupt(format!(
+            "raft log entry group {group} index {index}: checksum mismatch"
+        )));
+    }
+    Ok((value.len() - ENTRY_HEADER_BYTES) as u64 + ENTRY_OVERHEAD_BYTES)
+}
+
 fn decode_entry(group: GroupId, key: &[u8], value: &[u8], index: Index) -> Result<Entry> {
     let corrupt = |what: &str| {
         EngineError::Corrupt(format!(
@@ -201,7 +225,8 @@ impl<B: Backend> Engine<B> {
     /// Removes entries up to and including `through` from `group`'s log,
     /// remembering its term. Only entries already applied to the state
     /// machine may be compacted, so recovery can always replay from the
-    /// applied index.
+    /// applied index. Recounts [`GroupState::log_bytes`] from the entries
+    /// that remain (reading only those, checked against their CRC32s).
     pub fn compact_log(&self, group: GroupId, through: Index) -> Result<()> {
         let _writer = self.log_write_lock();
         let mut log = self.group_log(group)?;
@@ -216,6 +241,29 @@ impl<B: Backend> Engine<B> {
             )));
         }
         let term = self.term(group, through).map_err(storage_to_engine)?;
+        let mut remaining_bytes = 0u64;
+        let mut expected = through + 1;
+        self.backend().scan(
+            Cf::RaftLog,
+            &log_key(group, through + 1),
+            &log_key(group, log.last_index + 1),
+            &mut |k, v| {
+                let index = crate::keys::parse_log_key(k)?.1;
+                if index != expected {
+                    return Err(EngineError::Corrupt(format!(
+                        "group {group}: log has a hole at index {expected}"
+                    )));
+                }
+                remaining_bytes += stored_entry_size(group, k, v, index)?;
+                expected += 1;
+                Ok(true)
+            },
+        )?;
+        if expected != log.last_index + 1 {
+            return Err(EngineError::Corrupt(format!(
+                "group {group}: entry {expected} missing from the log"
+            )));
+        }
         let mut set = WriteSet::new();
         set.delete_range(
             Cf::RaftLog,
@@ -224,6 +272,7 @@ impl<B: Backend> Engine<B> {
         );
         log.state.truncated_index = through;
         log.state.truncated_term = term;
+        log.state.log_bytes = remaining_bytes;
         set.put(
             Cf::RaftState,
             group_key(group).to_vec(),
@@ -250,6 +299,13 @@ impl<B: Backend> Engine<B> {
         self.backend().write(set, true)?;
         self.cache_group(log);
         Ok(())
+    }
+
+    /// Running size of `group`'s log ([`GroupState::log_bytes`]), from the
+    /// cached state: no log read (one state read the first time a group is
+    /// used after opening).
+    pub fn log_bytes(&self, group: GroupId) -> Result<u64> {
+        Ok(self.group_log(group)?.state.log_bytes)
     }
 
     /// The persisted group state (hard state, membership, compaction point).
@@ -379,6 +435,7 @@ fn stage_group_write(set: &mut WriteSet, log: &mut GroupLog, write: GroupWrite) 
         log.state.hard_state.commit = log.state.hard_state.commit.max(meta.index);
         log.last_index = meta.index;
         log.state.snapshot = Some(snapshot);
+        log.state.log_bytes = 0;
         state_changed = true;
     }
     if let Some(first) = write.entries.first() {
@@ -409,7 +466,11 @@ fn stage_group_write(set: &mut WriteSet, log: &mut GroupLog, write: GroupWrite) 
             let key = log_key(group, entry.index);
             set.put(Cf::RaftLog, key.to_vec(), encode_entry(&key, entry));
             log.last_index = entry.index;
+            log.state.log_bytes += entry.size_bytes();
         }
+        // The running size changed: the state record goes in the same
+        // write, so it always matches the entries on disk.
+        state_changed = true;
     }
     if let Some(hs) = write.hard_state {
         log.state.hard_state = hs;

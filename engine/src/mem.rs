@@ -204,4 +204,8 @@ impl Backend for MemBackend {
         drop(st);
         std::fs::remove_file(path).map_err(|e| EngineError::io(path, e))
     }
+
+    fn data_dir(&self) -> Option<&Path> {
+        None
+    }
 }

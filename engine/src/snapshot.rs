@@ -9,19 +9,43 @@
 //! InstallSnapshot and, later, shard migration.
 //!
 //! # Install, and why a crash cannot leave a mix
-//! 1. Verify the manifest and every file's size and CRC32 (streamed, so a
-//!    large shard never sits in memory). A bad file is an error naming it;
-//!    nothing has been written yet.
-//! 2. Write an *install marker* (the manifest and directory) to `meta`,
-//!    synced. From here on the install is a redo log entry.
-//! 3. Range-delete the shards' ranges, then ingest each file (via a hard
-//!    link, so the original survives for a redo). Ingested files get
+//! 1. Check the directory is inside the engine's data directory, verify the
+//!    manifest and every file's size and CRC32 (streamed, so a large shard
+//!    never sits in memory), then fsync the files, the directory and its
+//!    parent: what the redo log below names is on disk before it is named.
+//!    A bad file is an error naming it; nothing has been written yet.
+//! 2. Write an *install marker* to `meta`, synced: the manifest, the
+//!    directory RELATIVE to the data directory (as given for an engine
+//!    without one, in memory), and the phase, `cleared: false`. From here
+//!    on the install is a redo log entry.
+//! 3. Range-delete the shards' ranges in the same synced write that
+//!    rewrites the marker with `cleared: true`.
+//! 4. Ingest each file (via a hard link, so the original survives for a
+//!    redo), recording in the marker how many are in. Ingested files get
 //!    sequence numbers newer than the range delete.
-//! 4. Record the applied state and delete the marker in one synced write.
+//! 5. Record the applied state and delete the marker in one synced write.
 //!
 //! A crash before 2 leaves the old shards untouched. A crash after 2 is
-//! finished when the engine is next opened (steps 3 and 4 are idempotent),
-//! before anything reads it: the new shards. Nobody ever observes a mix.
+//! finished when the engine is next opened, before anything reads it:
+//! the manifest and each file not yet ingested are verified again, then
+//! 3 (if not done), 4 and 5 run (each idempotent): the new shards. Nobody
+//! ever observes a mix.
+//!
+//! If at that point the files are missing or corrupt:
+//! - *not yet cleared*: the install is discarded (marker deleted, a
+//!   warning naming the directory): the old shards and applied index are
+//!   intact and consistent with the log, so the replica is merely behind
+//!   and its leader sends the snapshot again.
+//! - *cleared*: opening fails with
+//!   [`EngineError::SnapshotInstallUnrecoverable`] naming the file. The old
+//!   data is gone, and the new cannot be rebuilt locally: the log before
+//!   the snapshot was compacted away (by the leader, and the group's log
+//!   is reset after the install), so replaying it from the old applied
+//!   index onto cleared shards would make this replica a state no
+//!   committed prefix of the log produces, and it would answer and vote
+//!   on that state as if it held every entry it acknowledged. Restoring
+//!   the directory, or rebuilding the replica from the cluster, is an
+//!   operator's decision.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -86,10 +110,32 @@ impl SnapshotManifest {
     }
 }
 
+/// The redo record of an install in progress (see the module docs).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct InstallMarker {
+    /// The snapshot directory, relative to the data directory (as given
+    /// when the backend has none).
     dir: String,
+    /// What is being installed.
     manifest: SnapshotManifest,
+    /// Whether the shards' ranges have been cleared; written in the same
+    /// synced write as the range delete.
+    cleared: bool,
+    /// How many of `manifest.files`, in order, are ingested.
+    ingested: u64,
+}
+
+/// Where a test stops an install, as a crash there would (the install
+/// marker stays behind, to be finished or discarded when reopening).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstallCrashPoint {
+    /// The marker is written (`cleared: false`); nothing else.
+    AfterMarker,
+    /// The shards' ranges are cleared (`cleared: true`), no file ingested.
+    AfterClear,
+    /// This many files are ingested.
+    AfterIngest(u64),
 }
 
 fn cf_by_name(name: &str) -> Result<Cf> {
@@ -156,26 +202,62 @@ pub fn read_manifest(dir: &Path) -> Result<SnapshotManifest> {
 
 /// Verifies every file a manifest names: present, right size, right CRC32.
 pub fn verify_files(dir: &Path, manifest: &SnapshotManifest) -> Result<()> {
-    for f in &manifest.files {
-        cf_by_name(&f.cf)?;
-        let path = dir.join(&f.name);
-        let (crc, size) = file_checksum(&path)?;
-        if size != f.size_bytes {
-            return Err(EngineError::Corrupt(format!(
-                "snapshot file {}: {size} bytes, manifest says {}",
-                path.display(),
-                f.size_bytes
-            )));
-        }
-        if crc != f.crc32 {
-            return Err(EngineError::Corrupt(format!(
-                "snapshot file {}: checksum mismatch (manifest {:08x}, file {crc:08x})",
-                path.display(),
-                f.crc32
-            )));
-        }
+    manifest.files.iter().try_for_each(|f| verify_file(dir, f))
+}
+
+/// Verifies one file of a snapshot: present, right size, right CRC32.
+fn verify_file(dir: &Path, f: &SnapshotFile) -> Result<()> {
+    cf_by_name(&f.cf)?;
+    let path = dir.join(&f.name);
+    let (crc, size) = file_checksum(&path)?;
+    if size != f.size_bytes {
+        return Err(EngineError::Corrupt(format!(
+            "snapshot file {}: {size} bytes, manifest says {}",
+            path.display(),
+            f.size_bytes
+        )));
+    }
+    if crc != f.crc32 {
+        return Err(EngineError::Corrupt(format!(
+            "snapshot file {}: checksum mismatch (manifest {:08x}, file {crc:08x})",
+            path.display(),
+            f.crc32
+        )));
     }
     Ok(())
+}
+
+/// Checks, before an interrupted install is redone, that its directory
+/// still holds the manifest the marker names and every file not yet
+/// ingested, intact (nothing, once every file is in). On failure: the path
+/// at fault, and why.
+fn verify_for_redo(dir: &Path, marker: &InstallMarker) -> Result<(), (PathBuf, EngineError)> {
+    let done = usize::try_from(marker.ingested).unwrap_or(usize::MAX);
+    if done >= marker.manifest.files.len() {
+        return Ok(());
+    }
+    let manifest_path = dir.join(MANIFEST_FILE_NAME);
+    let manifest = read_manifest(dir).map_err(|e| (manifest_path.clone(), e))?;
+    if manifest != marker.manifest {
+        return Err((
+            manifest_path.clone(),
+            EngineError::Corrupt(format!(
+                "snapshot manifest {}: differs from the one the install began with",
+                manifest_path.display()
+            )),
+        ));
+    }
+    for f in marker.manifest.files.iter().skip(done) {
+        verify_file(dir, f).map_err(|e| (dir.join(&f.name), e))?;
+    }
+    Ok(())
+}
+
+/// fsyncs a file's data (opened read-only: Linux syncs the inode anyway).
+fn sync_file(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|file| file.sync_all())
+        .map_err(|e| EngineError::io(path, e))
 }
 
 impl<B: Backend> Engine<B> {
@@ -224,9 +306,7 @@ impl<B: Backend> Engine<B> {
             let (crc, size) = file_checksum(&path)?;
             f.crc32 = crc;
             f.size_bytes = size;
-            File::open(&path)
-                .and_then(|file| file.sync_all())
-                .map_err(|e| EngineError::io(&path, e))?;
+            sync_file(&path)?;
         }
         let path = dir.join(MANIFEST_FILE_NAME);
         let mut file = File::create(&path).map_err(|e| EngineError::io(&path, e))?;
@@ -239,40 +319,135 @@ impl<B: Backend> Engine<B> {
 
     /// Installs the snapshot in `dir` (made by [`Self::export_snapshot`])
     /// into its group: its shards' data replaces theirs and the group's
-    /// applied state becomes the snapshot's. Verifies every checksum first.
-    /// Consumes `dir` (removed on success). Atomic across crashes.
+    /// applied state becomes the snapshot's. `dir` must be inside the
+    /// engine's data directory ([`EngineError::SnapshotDirOutsideDataDir`]
+    /// otherwise, before anything is written). Verifies every checksum
+    /// first. Consumes `dir` (removed on success). Atomic across crashes;
+    /// see the module docs for what reopening does with an install a crash
+    /// interrupted.
     pub fn install_snapshot(&self, dir: &Path) -> Result<SnapshotManifest> {
+        self.install_snapshot_until(dir, None)
+    }
+
+    /// [`Self::install_snapshot`] stopped at `at` as a crash there would
+    /// stop it, for crash tests: the marker stays, and reopening the engine
+    /// (or [`crate::MemStore::crash_and_recover`]) finishes or discards it.
+    #[doc(hidden)]
+    pub fn install_snapshot_crashing_at(
+        &self,
+        dir: &Path,
+        at: InstallCrashPoint,
+    ) -> Result<SnapshotManifest> {
+        self.install_snapshot_until(dir, Some(at))
+    }
+
+    fn install_snapshot_until(
+        &self,
+        dir: &Path,
+        crash: Option<InstallCrashPoint>,
+    ) -> Result<SnapshotManifest> {
+        let marker_dir = self.marker_dir(dir)?;
         let manifest = read_manifest(dir)?;
         verify_files(dir, &manifest)?;
-        let dir_name = dir
-            .canonicalize()
-            .map_err(|e| EngineError::io(dir, e))?
-            .display()
-            .to_string();
-        let marker = InstallMarker {
-            dir: dir_name,
-            manifest: manifest.clone(),
+        // What the marker will name must be durable before it is named:
+        // the files, their names in the directory, and the directory's name
+        // in its parent, up to the data directory (at least the parent).
+        for f in &manifest.files {
+            sync_file(&dir.join(&f.name))?;
+        }
+        sync_file(&dir.join(MANIFEST_FILE_NAME))?;
+        sync_dir(dir)?;
+        let levels = match self.backend().data_dir() {
+            // The marker names the directory relative to the data directory.
+            Some(_) => Path::new(&marker_dir).components().count(),
+            None => 1,
         };
-        let key = meta_install_key(manifest.group);
+        for ancestor in dir
+            .ancestors()
+            .skip(1)
+            .take(levels)
+            .filter(|p| !p.as_os_str().is_empty())
+        {
+            sync_dir(ancestor)?;
+        }
+        let mut marker = InstallMarker {
+            dir: marker_dir,
+            manifest: manifest.clone(),
+            cleared: false,
+            ingested: 0,
+        };
         let mut set = WriteSet::new();
-        set.put(Cf::Meta, key.to_vec(), encode_record(&key, &marker));
+        put_marker(&mut set, &marker);
         self.backend().write(set, true)?;
-        self.redo_install(&marker)?;
+        if crash == Some(InstallCrashPoint::AfterMarker) {
+            return Ok(manifest);
+        }
+        self.redo_install(&mut marker, dir, crash)?;
         Ok(manifest)
     }
 
-    fn redo_install(&self, marker: &InstallMarker) -> Result<()> {
-        let manifest = &marker.manifest;
-        let dir = PathBuf::from(&marker.dir);
-        self.apply_cache().clear();
-        let mut clear = WriteSet::new();
-        for &shard in &manifest.shards {
-            for (cf, (start, end)) in shard_ranges(shard) {
-                clear.delete_range(cf, start, end);
+    /// How the install marker names `dir`: relative to the data directory,
+    /// which must contain it (as given when the backend has none).
+    fn marker_dir(&self, dir: &Path) -> Result<String> {
+        let stored = match self.backend().data_dir() {
+            None => dir.to_path_buf(),
+            Some(data_dir) => {
+                let outside = || EngineError::SnapshotDirOutsideDataDir {
+                    dir: dir.to_path_buf(),
+                    data_dir: data_dir.to_path_buf(),
+                };
+                let data = data_dir
+                    .canonicalize()
+                    .map_err(|e| EngineError::io(data_dir, e))?;
+                let full = dir.canonicalize().map_err(|e| EngineError::io(dir, e))?;
+                match full.strip_prefix(&data) {
+                    Ok(relative) if !relative.as_os_str().is_empty() => relative.to_path_buf(),
+                    _ => return Err(outside()),
+                }
             }
+        };
+        stored.to_str().map(str::to_string).ok_or_else(|| {
+            EngineError::Invalid(format!(
+                "snapshot directory {} is not valid UTF-8",
+                stored.display()
+            ))
+        })
+    }
+
+    /// The directory an install marker names.
+    fn marker_path(&self, marker: &InstallMarker) -> PathBuf {
+        match self.backend().data_dir() {
+            Some(data_dir) => data_dir.join(&marker.dir),
+            None => PathBuf::from(&marker.dir),
         }
-        self.backend().write(clear, true)?;
-        for f in &manifest.files {
+    }
+
+    /// Runs an install from where `marker` says it is (steps 3 to 5 of the
+    /// module docs), keeping the marker up to date.
+    fn redo_install(
+        &self,
+        marker: &mut InstallMarker,
+        dir: &Path,
+        crash: Option<InstallCrashPoint>,
+    ) -> Result<()> {
+        self.apply_cache().clear();
+        if !marker.cleared {
+            marker.cleared = true;
+            let mut clear = WriteSet::new();
+            for &shard in &marker.manifest.shards {
+                for (cf, (start, end)) in shard_ranges(shard) {
+                    clear.delete_range(cf, start, end);
+                }
+            }
+            put_marker(&mut clear, marker);
+            self.backend().write(clear, true)?;
+        }
+        if crash == Some(InstallCrashPoint::AfterClear) {
+            return Ok(());
+        }
+        let files = marker.manifest.files.clone();
+        let done = usize::try_from(marker.ingested).unwrap_or(usize::MAX);
+        for f in files.iter().skip(done) {
             let source = dir.join(&f.name);
             let link = dir.join(format!("{}.ingest", f.name));
             match std::fs::remove_file(&link) {
@@ -282,7 +457,17 @@ impl<B: Backend> Engine<B> {
             }
             std::fs::hard_link(&source, &link).map_err(|e| EngineError::io(&source, e))?;
             self.backend().ingest(cf_by_name(&f.cf)?, &link)?;
+            // A crash before this write ingests the file again on redo:
+            // the same pairs, still newer than the range delete.
+            marker.ingested += 1;
+            let mut progress = WriteSet::new();
+            put_marker(&mut progress, marker);
+            self.backend().write(progress, true)?;
+            if crash == Some(InstallCrashPoint::AfterIngest(marker.ingested)) {
+                return Ok(());
+            }
         }
+        let manifest = &marker.manifest;
         let mut finish = WriteSet::new();
         let applied_key = meta_applied_key(manifest.group);
         finish.put(
@@ -293,15 +478,21 @@ impl<B: Backend> Engine<B> {
         finish.delete(Cf::Meta, meta_install_key(manifest.group).to_vec());
         self.backend().write(finish, true)?;
         self.forget_group(manifest.group);
-        if let Err(e) = std::fs::remove_dir_all(&dir) {
-            tracing::warn!(dir = %dir.display(), error = %e, "could not remove an installed snapshot directory");
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "could not remove an installed snapshot directory")
+            }
         }
         Ok(())
     }
 
-    /// Finishes installs that a crash interrupted (run when opening);
-    /// returns how many there were.
-    pub(crate) fn finish_interrupted_installs(&self) -> Result<u64> {
+    /// Finishes, or discards, installs that a crash interrupted (run when
+    /// opening); returns how many were finished and how many discarded.
+    /// Fails with [`EngineError::SnapshotInstallUnrecoverable`] if one can
+    /// be neither (see the module docs).
+    pub(crate) fn finish_interrupted_installs(&self) -> Result<(u64, u64)> {
         let (start, end) = meta_install_range();
         let mut markers = Vec::new();
         self.backend().scan(Cf::Meta, &start, &end, &mut |k, v| {
@@ -310,10 +501,45 @@ impl<B: Backend> Engine<B> {
             })?);
             Ok(true)
         })?;
-        for marker in &markers {
-            tracing::info!(group = marker.manifest.group, dir = %marker.dir, "finishing an interrupted snapshot install");
-            self.redo_install(marker)?;
+        let (mut finished, mut discarded) = (0, 0);
+        for mut marker in markers {
+            let group = marker.manifest.group;
+            let dir = self.marker_path(&marker);
+            match verify_for_redo(&dir, &marker) {
+                Ok(()) => {
+                    tracing::info!(group, dir = %dir.display(), "finishing an interrupted snapshot install");
+                    self.redo_install(&mut marker, &dir, None)?;
+                    finished += 1;
+                }
+                Err((file, problem)) if !marker.cleared => {
+                    tracing::warn!(
+                        group,
+                        dir = %dir.display(),
+                        file = %file.display(),
+                        error = %problem,
+                        "discarding an interrupted snapshot install: its files are missing or \
+                         corrupt, and its shards were not yet cleared, so they keep their old \
+                         data and applied index; the leader will send the snapshot again"
+                    );
+                    let mut set = WriteSet::new();
+                    set.delete(Cf::Meta, meta_install_key(group).to_vec());
+                    self.backend().write(set, true)?;
+                    discarded += 1;
+                }
+                Err((file, problem)) => {
+                    return Err(EngineError::SnapshotInstallUnrecoverable {
+                        group,
+                        file,
+                        source: Box::new(problem),
+                    })
+                }
+            }
         }
-        Ok(markers.len() as u64)
+        Ok((finished, discarded))
     }
+}
+
+fn put_marker(set: &mut WriteSet, marker: &InstallMarker) {
+    let key = meta_install_key(marker.manifest.group);
+    set.put(Cf::Meta, key.to_vec(), encode_record(&key, marker));
 }

@@ -17,7 +17,6 @@ fn put(index: u64, client: u64, seq: u64, value: &str) -> ApplyEntry {
             shard: SHARD,
             client,
             seq,
-            time_ms: 0,
             command: Command::Put {
                 key: Bytes::from_static(b"k"),
                 value: Bytes::from(value.to_string()),
@@ -54,7 +53,8 @@ fn snapshot_install_replaces_cached_state() {
         .unwrap();
     }
     assert_eq!(written(a.apply(GROUP, &[put(6, 9, 1, "a")]).unwrap()), 1);
-    let export = dir.path().join("export");
+    // Inside b's data directory, where installs must come from.
+    let export = dir.path().join("b").join("export");
     a.export_snapshot(GROUP, &[SHARD], &export).unwrap();
     b.install_snapshot(&export).unwrap();
     // The next write sees a's state: version 2, and client 7's session is gone
@@ -108,6 +108,7 @@ fn tiny_and_disabled_caches_give_the_same_results() {
                 0 => Command::Append {
                     key,
                     value: Bytes::from(format!("{i};")),
+                    value_bytes_max: 64,
                 },
                 1 => Command::Put {
                     key,
@@ -124,7 +125,6 @@ fn tiny_and_disabled_caches_give_the_same_results() {
                 shard: SHARD,
                 client: i % 3 + 1,
                 seq: i,
-                time_ms: 0,
                 command,
             };
             replies.push(

@@ -1,8 +1,10 @@
 //! Goal: the engine's log store and KV state machine behave exactly like
 //! simple models (a `Vec` of entries, a `BTreeMap` of keys with a session
 //! table), and the RocksDB engine and the in-memory `MemStore` give the same
-//! result for the same operations. Property-based (proptest); a failure
-//! prints the minimal operation sequence.
+//! result for the same operations. Scans are paged by count and bytes, with
+//! a budget small enough that appends (whose limit comes from the log, not
+//! the configuration) make values cross it. Property-based (proptest); a
+//! failure prints the minimal operation sequence.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -10,18 +12,35 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use shoal_consensus::{Entry, HardState, StorageError};
 use shoal_engine::{
-    ApplyEntry, Command, EngineConfig, GroupWrite, LogBatch, MemStore, Reply, Request, RocksEngine,
-    Versioned,
+    ApplyEntry, Backend, Command, Engine, EngineConfig, GroupWrite, LogBatch, MemStore, Reply,
+    Request, RocksEngine, ScanPage, Versioned,
 };
 
 const GROUP: u64 = 3;
+
+/// Limits of the KV check: the smallest scan page budget validation allows
+/// for keys of up to 2 bytes and values of up to 8, so pages end on bytes as
+/// well as on count. Apply does not check the configured limits (they are
+/// the proposer's business), so the generated values go past them, up to
+/// 30 bytes, and appends up to the limit in their command: a few pairs fill
+/// a page, and some are larger than one.
+fn kv_config(apply_cache_bytes: u64) -> EngineConfig {
+    EngineConfig {
+        key_bytes_max: 2,
+        value_bytes_max: 8,
+        scan_bytes_max: SCAN_BYTES_MAX,
+        apply_cache_bytes,
+        ..EngineConfig::default()
+    }
+}
+const SCAN_BYTES_MAX: u64 = 2 + 8 + 64;
 
 // ---------- KV model ----------
 
 #[derive(Default)]
 struct KvModel {
     kv: BTreeMap<(u32, Vec<u8>), Versioned>,
-    sessions: HashMap<(u32, u64), (u64, Reply, u64)>,
+    sessions: HashMap<(u32, u64), (u64, Reply)>,
 }
 
 impl KvModel {
@@ -29,7 +48,7 @@ impl KvModel {
         let tracked =
             r.client != 0 && !matches!(r.command, Command::Get { .. } | Command::Scan { .. });
         if tracked {
-            if let Some((seq, reply, _)) = self.sessions.get(&(r.shard, r.client)) {
+            if let Some((seq, reply)) = self.sessions.get(&(r.shard, r.client)) {
                 if r.seq == *seq {
                     return reply.clone();
                 }
@@ -41,7 +60,7 @@ impl KvModel {
         let reply = self.execute(r);
         if tracked {
             self.sessions
-                .insert((r.shard, r.client), (r.seq, reply.clone(), r.time_ms));
+                .insert((r.shard, r.client), (r.seq, reply.clone()));
         }
         reply
     }
@@ -94,11 +113,23 @@ impl KvModel {
                 }
                 Some(v) => Reply::VersionMismatch { current: v.version },
             },
-            Command::Append { key, value } => {
+            Command::Append {
+                key,
+                value,
+                value_bytes_max,
+            } => {
                 let (version, mut bytes) = self
                     .kv
                     .get(&(s, key.to_vec()))
                     .map_or((1, Vec::new()), |v| (v.version + 1, v.value.to_vec()));
+                let grown = (bytes.len() + value.len()) as u64;
+                if grown > *value_bytes_max {
+                    return Reply::Rejected {
+                        reason: format!(
+                            "value size {grown} exceeds the limit of {value_bytes_max}"
+                        ),
+                    };
+                }
                 bytes.extend_from_slice(value);
                 self.kv.insert(
                     (s, key.to_vec()),
@@ -112,28 +143,74 @@ impl KvModel {
             Command::Delete { key } => Reply::Deleted {
                 existed: self.kv.remove(&(s, key.to_vec())).is_some(),
             },
-            Command::Scan { start, end, limit } => Reply::Pairs(self.scan(s, start, end, *limit)),
-            Command::ExpireSessions { idle_ms } => {
-                let cutoff = r.time_ms.saturating_sub(*idle_ms);
-                let before = self.sessions.len();
-                self.sessions
-                    .retain(|(shard, _), (_, _, seen)| *shard != s || *seen >= cutoff);
-                Reply::SessionsExpired {
-                    count: (before - self.sessions.len()) as u64,
+            Command::Scan { start, end, limit } => Reply::Pairs(self.page(s, start, end, *limit)),
+            Command::ExpireSessions { sessions } => {
+                let mut count = 0;
+                for (client, seq) in sessions {
+                    if self
+                        .sessions
+                        .get(&(s, *client))
+                        .is_some_and(|(last, _)| last == seq)
+                    {
+                        self.sessions.remove(&(s, *client));
+                        count += 1;
+                    }
                 }
+                Reply::SessionsExpired { count }
             }
         }
     }
 
-    fn scan(&self, s: u32, start: &[u8], end: &[u8], limit: u64) -> Vec<(Bytes, Versioned)> {
+    /// Every pair of shard `s` in `[start, end)` (empty `end`: no bound).
+    fn range(&self, s: u32, start: &[u8], end: &[u8]) -> Vec<(Bytes, Versioned)> {
         self.kv
             .iter()
             .filter(|((shard, k), _)| {
                 *shard == s && k.as_slice() >= start && (end.is_empty() || k.as_slice() < end)
             })
-            .take(limit as usize)
             .map(|((_, k), v)| (Bytes::from(k.clone()), v.clone()))
             .collect()
+    }
+
+    /// The page a scan returns: pairs while under `limit` and, past the
+    /// first, within [`SCAN_BYTES_MAX`] key + value bytes; `next` the first
+    /// pair left out.
+    fn page(&self, s: u32, start: &[u8], end: &[u8], limit: u64) -> ScanPage {
+        let mut page = ScanPage::default();
+        let mut bytes = 0;
+        for (k, v) in self.range(s, start, end) {
+            let size = (k.len() + v.value.len()) as u64;
+            let fits = (page.pairs.len() as u64) < limit
+                && (page.pairs.is_empty() || bytes + size <= SCAN_BYTES_MAX);
+            if !fits {
+                page.next = Some(k);
+                break;
+            }
+            bytes += size;
+            page.pairs.push((k, v));
+        }
+        page
+    }
+}
+
+/// Follows a shard's scan pages from the start, checking each against the
+/// model's; returns their concatenation.
+fn scan_all<B: Backend>(
+    engine: &Engine<B>,
+    model: &KvModel,
+    shard: u32,
+    limit: u64,
+) -> Result<Vec<(Bytes, Versioned)>, TestCaseError> {
+    let mut all = Vec::new();
+    let mut start = Bytes::new();
+    loop {
+        let page = engine.scan(shard, &start, b"", limit).unwrap();
+        prop_assert_eq!(&page, &model.page(shard, &start, b"", limit));
+        all.extend(page.pairs);
+        match page.next {
+            Some(next) => start = next,
+            None => return Ok(all),
+        }
     }
 }
 
@@ -146,7 +223,7 @@ fn key_strategy() -> impl Strategy<Value = Bytes> {
 }
 
 fn command_strategy() -> impl Strategy<Value = Command> {
-    let value = proptest::collection::vec(any::<u8>(), 0..6).prop_map(Bytes::from);
+    let value = proptest::collection::vec(any::<u8>(), 0..30).prop_map(Bytes::from);
     prop_oneof![
         key_strategy().prop_map(|key| Command::Get { key }),
         (key_strategy(), value.clone()).prop_map(|(key, value)| Command::Put { key, value }),
@@ -157,39 +234,41 @@ fn command_strategy() -> impl Strategy<Value = Command> {
                 version,
             }
         }),
-        (key_strategy(), value).prop_map(|(key, value)| Command::Append { key, value }),
+        (key_strategy(), value, 0u64..100).prop_map(|(key, value, value_bytes_max)| {
+            Command::Append {
+                key,
+                value,
+                value_bytes_max,
+            }
+        }),
         key_strategy().prop_map(|key| Command::Delete { key }),
         (key_strategy(), key_strategy(), 0u64..5).prop_map(|(start, end, limit)| Command::Scan {
             start,
             end,
             limit
         }),
-        (0u64..50).prop_map(|idle_ms| Command::ExpireSessions { idle_ms }),
+        proptest::collection::vec((0u64..3, 0u64..6), 0..4)
+            .prop_map(|sessions| Command::ExpireSessions { sessions }),
     ]
 }
 
 fn request_strategy() -> impl Strategy<Value = Request> {
-    (0u32..3, 0u64..3, 0u64..6, 0u64..100, command_strategy()).prop_map(
-        |(shard, client, seq, time_ms, command)| Request {
+    (0u32..3, 0u64..3, 0u64..6, command_strategy()).prop_map(|(shard, client, seq, command)| {
+        Request {
             shard,
             client,
             seq,
-            time_ms,
             command,
-        },
-    )
+        }
+    })
 }
 
 fn kv_check(entries: Vec<Vec<Request>>) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
-    let rocks = RocksEngine::open(dir.path(), EngineConfig::default()).unwrap();
+    let rocks = RocksEngine::open(dir.path(), kv_config(1024 * 1024)).unwrap();
     // A tiny apply cache on one side: evicted all the time, it must not
     // change a single reply.
-    let mem = MemStore::new_in_memory(EngineConfig {
-        apply_cache_bytes: 300,
-        ..EngineConfig::default()
-    })
-    .unwrap();
+    let mem = MemStore::new_in_memory(kv_config(300)).unwrap();
     let mut model = KvModel::default();
     // Apply in chunks of up to 3 entries, so one atomic write carries several
     // entries and later commands must see earlier ones in the same batch.
@@ -214,25 +293,33 @@ fn kv_check(entries: Vec<Vec<Request>>) -> Result<(), TestCaseError> {
         prop_assert_eq!(&mem.apply(GROUP, &batch).unwrap(), &want);
     }
     for shard in 0..3 {
-        let want = model.scan(shard, b"", b"", 1000);
-        prop_assert_eq!(&rocks.scan(shard, b"", b"", 1000).unwrap(), &want);
-        prop_assert_eq!(&mem.scan(shard, b"", b"", 1000).unwrap(), &want);
+        let want = model.range(shard, b"", b"");
+        for limit in [1, 2, 1000] {
+            prop_assert_eq!(&scan_all(&rocks, &model, shard, limit)?, &want);
+            prop_assert_eq!(&scan_all(&mem, &model, shard, limit)?, &want);
+        }
         for client in 0..3 {
-            let want = model
-                .sessions
-                .get(&(shard, client))
-                .map(|(s, r, t)| (*s, r.clone(), *t));
+            let want = model.sessions.get(&(shard, client)).cloned();
             let got = rocks
                 .session(shard, client)
                 .unwrap()
-                .map(|s| (s.seq, s.reply, s.last_seen_ms));
+                .map(|s| (s.seq, s.reply));
             prop_assert_eq!(&got, &want);
             let got = mem
                 .session(shard, client)
                 .unwrap()
-                .map(|s| (s.seq, s.reply, s.last_seen_ms));
+                .map(|s| (s.seq, s.reply));
             prop_assert_eq!(&got, &want);
         }
+        let mut want: Vec<(u64, u64)> = model
+            .sessions
+            .iter()
+            .filter(|((s, _), _)| *s == shard)
+            .map(|((_, client), (seq, _))| (*client, *seq))
+            .collect();
+        want.sort_unstable();
+        prop_assert_eq!(&rocks.sessions(shard).unwrap(), &want);
+        prop_assert_eq!(&mem.sessions(shard).unwrap(), &want);
     }
     prop_assert_eq!(rocks.applied(GROUP).unwrap().index, index);
     Ok(())
@@ -274,6 +361,9 @@ struct LogModel {
     entries: Vec<Entry>,
     truncated: (u64, u64),
     applied: u64,
+    /// The engine's running log size: every appended entry counts (a
+    /// replaced suffix too) until a compaction recounts what remains.
+    log_bytes: u64,
 }
 
 impl LogModel {
@@ -315,6 +405,7 @@ fn log_check(ops: Vec<LogOp>) -> Result<(), TestCaseError> {
         entries: Vec::new(),
         truncated: (0, 0),
         applied: 0,
+        log_bytes: 0,
     };
     for op in ops {
         let r = rocks.as_ref().unwrap();
@@ -347,6 +438,7 @@ fn log_check(ops: Vec<LogOp>) -> Result<(), TestCaseError> {
                 r.write_log(batch.clone()).unwrap();
                 mem.write_log(batch).unwrap();
                 model.entries.retain(|e| e.index < start);
+                model.log_bytes += entries.iter().map(Entry::size_bytes).sum::<u64>();
                 model.entries.extend(entries);
             }
             LogOp::Compact { keep } => {
@@ -374,6 +466,7 @@ fn log_check(ops: Vec<LogOp>) -> Result<(), TestCaseError> {
                     mem.compact_log(GROUP, through).unwrap();
                     model.entries.retain(|e| e.index > through);
                     model.truncated = (through, term);
+                    model.log_bytes = model.entries.iter().map(Entry::size_bytes).sum();
                 }
             }
             LogOp::Read { lo, len, max_bytes } => {
@@ -409,6 +502,8 @@ fn log_check(ops: Vec<LogOp>) -> Result<(), TestCaseError> {
         prop_assert_eq!(r.first_index(GROUP).unwrap(), model.first());
         prop_assert_eq!(mem.last_index(GROUP).unwrap(), model.last());
         prop_assert_eq!(mem.first_index(GROUP).unwrap(), model.first());
+        prop_assert_eq!(r.log_bytes(GROUP).unwrap(), model.log_bytes);
+        prop_assert_eq!(mem.log_bytes(GROUP).unwrap(), model.log_bytes);
     }
     Ok(())
 }

@@ -19,7 +19,6 @@ fn put(shard: u32, client: u64, seq: u64, key: &str, value: &str) -> Request {
         shard,
         client,
         seq,
-        time_ms: seq,
         command: Command::Put {
             key: Bytes::from(key.to_string()),
             value: Bytes::from(value.to_string()),
@@ -59,7 +58,8 @@ fn roundtrip<B: Backend>(make: &dyn Fn(&Path) -> Engine<B>) {
     let b = make(&tmp.path().join("b"));
     fill(&a, 1, 50, "A");
     fill(&b, 1, 10, "B");
-    let export = tmp.path().join("export");
+    // Inside b's data directory (RocksDB), where installs must come from.
+    let export = tmp.path().join("b").join("export");
     let manifest = a.export_snapshot(1, &[1], &export).unwrap();
     assert_eq!(manifest.applied.index, 50);
     assert!(manifest
@@ -132,7 +132,7 @@ fn corrupt_snapshot_file_is_rejected_and_changes_nothing() {
     fill(&b, 1, 10, "B");
     let before = b.scan(1, b"", b"", 1000).unwrap();
 
-    let export = tmp.path().join("export");
+    let export = tmp.path().join("b").join("export");
     a.export_snapshot(1, &[1], &export).unwrap();
     flip_byte(&export.join("kv-1.sst"), 100);
     let err = b.install_snapshot(&export).unwrap_err();
@@ -145,7 +145,7 @@ fn corrupt_snapshot_file_is_rejected_and_changes_nothing() {
     assert_eq!(b.scan(1, b"", b"", 1000).unwrap(), before);
     assert_eq!(b.applied(1).unwrap().index, 10);
 
-    let export2 = tmp.path().join("export2");
+    let export2 = tmp.path().join("b").join("export2");
     a.export_snapshot(1, &[1], &export2).unwrap();
     flip_byte(&export2.join("MANIFEST"), 3);
     let msg = b.install_snapshot(&export2).unwrap_err().to_string();
@@ -210,7 +210,6 @@ fn limits_refuse_and_write_nothing() {
         shard: 0,
         client: 1,
         seq: 1,
-        time_ms: 0,
         command: Command::Put {
             key: Bytes::from(vec![b'k'; 17]),
             value: Bytes::new(),
@@ -227,8 +226,7 @@ fn limits_refuse_and_write_nothing() {
     let big_value = Request {
         shard: 0,
         client: 1,
-        seq: 1,
-        time_ms: 0,
+        seq: 2,
         command: Command::Put {
             key: Bytes::from("k"),
             value: Bytes::from(vec![0; 65]),
@@ -241,8 +239,10 @@ fn limits_refuse_and_write_nothing() {
             ..
         })
     ));
-    // A committed entry carrying an oversized request is answered Rejected
-    // (deterministically on every replica) and writes nothing, not even a session.
+    // Limits are decided when proposing, not when applying: a committed
+    // entry is applied whatever this replica's limits (its proposer's
+    // were met), so replicas with other limits cannot diverge
+    // (`apply_replicas.rs` holds them equal).
     let replies = engine
         .apply(
             1,
@@ -253,21 +253,26 @@ fn limits_refuse_and_write_nothing() {
             }],
         )
         .unwrap();
-    assert!(replies[0]
-        .iter()
-        .all(|r| matches!(r, Reply::Rejected { .. })));
-    assert!(engine.scan(0, b"", b"", 10).unwrap().is_empty());
-    assert!(engine.session(0, 1).unwrap().is_none());
-    // Appends growing a value past the limit are rejected too.
-    let append = |seq| Request {
-        shard: 0,
-        client: 0,
-        seq,
-        time_ms: 0,
-        command: Command::Append {
-            key: Bytes::from("a"),
-            value: Bytes::from(vec![1; 40]),
-        },
+    assert_eq!(
+        replies[0],
+        vec![Reply::Written { version: 1 }, Reply::Written { version: 1 }]
+    );
+    assert_eq!(engine.scan(0, b"", b"", 10).unwrap().pairs.len(), 2);
+    // Appends growing a value past the limit the proposer stamped into the
+    // command are rejected, on every replica alike.
+    let append = |seq| {
+        let mut request = Request {
+            shard: 0,
+            client: 0,
+            seq,
+            command: Command::Append {
+                key: Bytes::from("a"),
+                value: Bytes::from(vec![1; 40]),
+                value_bytes_max: 0,
+            },
+        };
+        engine.stamp_request(&mut request);
+        request
     };
     let replies = engine
         .apply(
@@ -411,10 +416,10 @@ fn catch_up<B: Backend>(engine: &Engine<B>) {
         shard: 0,
         client: 0,
         seq: i,
-        time_ms: 0,
         command: Command::Append {
             key: Bytes::from("k"),
             value: Bytes::from(vec![b'a'; 5]),
+            value_bytes_max: 1000,
         },
     };
     let entries: Vec<ApplyEntry> = (1..=200)
@@ -446,7 +451,7 @@ fn catch_up<B: Backend>(engine: &Engine<B>) {
             term: 2
         }
     );
-    assert_eq!(engine.scan(0, b"p", b"q", 100).unwrap().len(), 50);
+    assert_eq!(engine.scan(0, b"p", b"q", 100).unwrap().pairs.len(), 50);
     // Out-of-order or repeated indexes are refused before anything is written.
     let bad = vec![
         ApplyEntry {
