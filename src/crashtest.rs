@@ -359,9 +359,12 @@ pub fn run_installer(dir: &Path, rounds: Option<u64>) -> Result<()> {
         }
     }
     let engine = RocksEngine::open(dir.join("db"), EngineConfig::default())?;
-    // Staging copies a killed installer left half-made are garbage now
-    // (an interrupted install was finished, and its directory removed, by open).
-    for entry in std::fs::read_dir(dir)? {
+    // Staging copies live inside the engine's directory (an install must
+    // name a directory there). Those a killed installer left half-made are
+    // garbage now (an interrupted install was finished, and its directory
+    // removed, by open).
+    let staging_root = dir.join("db");
+    for entry in std::fs::read_dir(&staging_root)? {
         let path = entry?.path();
         if path
             .file_name()
@@ -377,7 +380,7 @@ pub fn run_installer(dir: &Path, rounds: Option<u64>) -> Result<()> {
             return Ok(());
         }
         let which = n % 2;
-        let staging = dir.join(format!("staging-{n}"));
+        let staging = staging_root.join(format!("staging-{n}"));
         std::fs::create_dir_all(&staging)?;
         for file in std::fs::read_dir(export_dir(dir, which))? {
             let file = file?;

@@ -54,8 +54,8 @@ const DB_NODE_ID: u64 = 1;
 pub const OPEN_LEADER_WAIT_MS_MAX: u64 = 10_000;
 
 /// Settings of a [`Db`]; [`DbOptions::default`] is what [`Db::open`] uses.
+/// Build one with `DbOptions { field: value, ..Default::default() }`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct DbOptions {
     /// Compact the log once it holds more than this many bytes of entries.
     pub max_raft_state_bytes: u64,

@@ -277,6 +277,7 @@ async fn test_mem_put_many_clients_reliable() {
     let kv_bytes = |e: &shoal_engine::MemStore| -> u64 {
         e.scan(0, b"", b"", 1000)
             .expect("scan")
+            .pairs
             .iter()
             .map(|(k, v)| (k.len() + v.value.len() + 8) as u64)
             .sum()
