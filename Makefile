@@ -3,7 +3,7 @@
 
 CARGO := scripts/cargo.sh
 
-.PHONY: all setup build demo demo-engine test test-long bench clippy fmt clean
+.PHONY: all setup build demo demo-engine lint test test-long bench clippy fmt clean
 
 all: build
 
@@ -21,9 +21,15 @@ demo: setup
 demo-engine: setup
 	$(CARGO) run --release --bin shoal -- demo --engine --dir ./demo-data
 
-## test: every test of every crate (what CI runs); benchmarks are compiled,
-## not run (`make bench` runs them).
-test: setup
+## lint: what reviews would otherwise catch: formatting (rustfmt) and every
+## clippy and compiler warning, as errors.
+lint: setup
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## test: the lint checks, then every test of every crate (what CI runs);
+## benchmarks are compiled, not run (`make bench` runs them).
+test: setup lint
 	$(CARGO) test --workspace --tests
 	$(CARGO) test --workspace --doc
 	$(CARGO) test --workspace --benches --no-run
@@ -36,7 +42,7 @@ bench: setup
 	$(CARGO) bench --workspace
 
 clippy: setup
-	$(CARGO) clippy --workspace --all-targets
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 fmt:
 	cargo fmt --all

@@ -2,7 +2,8 @@
 # Installs what building Shoal needs beyond Rust and gcc, if it is missing:
 # clang + libclang-dev (bindgen for the rocksdb crate loads libclang at build
 # time), g++ (RocksDB is C++) and ccache (so the RocksDB C++ build is compiled
-# once per machine, not once per target dir).
+# once per machine, not once per target dir); and the rustup components
+# clippy and rustfmt (`make test` checks formatting and lints).
 #
 # What is installed is asked of the package manager, never guessed from file
 # globs: a Debian machine often has `libclang-cpp14` (the C++ interface
@@ -54,6 +55,20 @@ missing_packages() {
     echo "${missing[*]}"
 }
 
+# The rustup components `make test` needs that are not installed, space-
+# separated. Without rustup (a distribution's Rust) nothing can be added
+# this way; `cargo clippy` / `cargo fmt` then report what is missing.
+missing_rust_components() {
+    local installed missing=() component
+    command -v rustup >/dev/null 2>&1 || return 0
+    installed=$(rustup component list --installed 2>/dev/null) || return 0
+    for component in clippy rustfmt; do
+        # Installed components are listed as <name>-<target triple>.
+        grep -q "^${component}-" <<<"$installed" || missing+=("$component")
+    done
+    echo "${missing[*]}"
+}
+
 install_packages() {
     echo "setup: installing $*" >&2
     if [ "$(id -u)" = 0 ]; then
@@ -71,6 +86,13 @@ install_packages() {
 }
 
 main() {
+    local components
+    components=$(missing_rust_components)
+    if [ -n "$components" ]; then
+        echo "setup: adding rustup components $components" >&2
+        # shellcheck disable=SC2086 # word splitting is the point
+        rustup component add $components
+    fi
     if ! command -v dpkg-query >/dev/null 2>&1; then
         echo "setup: not a Debian/Ubuntu machine; install clang, libclang (dev), g++ and ccache" >&2
         echo "setup: with your package manager (or set LIBCLANG_PATH), then run make again." >&2

@@ -434,19 +434,15 @@ impl EtcdConn {
 
     /// `KV.Put(key, value)`.
     pub async fn put(&self, key: Bytes, value: Bytes) -> Result<()> {
-        let mut message = BytesMut::with_capacity(key.len() + value.len() + 8);
-        protobuf_bytes(&mut message, 1, &key);
-        protobuf_bytes(&mut message, 2, &value);
+        let message = encode_put_request(&key, &value);
         self.call("/etcdserverpb.KV/Put", &message).await.map(drop)
     }
 
     /// `KV.Range(key)`, linearizable (etcd's default); returns the count of keys found.
     pub async fn get(&self, key: Bytes) -> Result<u64> {
-        let mut message = BytesMut::with_capacity(key.len() + 4);
-        protobuf_bytes(&mut message, 1, &key);
+        let message = encode_range_request(&key);
         let reply = self.call("/etcdserverpb.KV/Range", &message).await?;
-        // RangeResponse: header = 1, kvs = 2, more = 3, count = 4.
-        protobuf_varint_field(&reply, 4).map(|count| count.unwrap_or(0))
+        range_response_count(&reply)
     }
 
     async fn call(&self, path: &str, message: &[u8]) -> Result<Bytes> {
@@ -503,6 +499,39 @@ impl EtcdConn {
     }
 }
 
+// The few fields of etcd's KV messages (api/etcdserverpb/rpc.proto) the
+// client writes or reads; the test checks them against protoc's bytes.
+/// `PutRequest.key`.
+const PUT_REQUEST_KEY_FIELD: u64 = 1;
+/// `PutRequest.value`.
+const PUT_REQUEST_VALUE_FIELD: u64 = 2;
+/// `RangeRequest.key`.
+const RANGE_REQUEST_KEY_FIELD: u64 = 1;
+/// `RangeResponse.count` (`header` = 1, `kvs` = 2, `more` = 3 are skipped).
+const RANGE_RESPONSE_COUNT_FIELD: u64 = 4;
+
+/// An etcd `PutRequest { key, value }`, encoded as protoc would.
+fn encode_put_request(key: &[u8], value: &[u8]) -> BytesMut {
+    let mut message = BytesMut::with_capacity(key.len() + value.len() + 8);
+    protobuf_bytes(&mut message, PUT_REQUEST_KEY_FIELD, key);
+    protobuf_bytes(&mut message, PUT_REQUEST_VALUE_FIELD, value);
+    message
+}
+
+/// An etcd `RangeRequest { key }` (one key; linearizable, etcd's default),
+/// encoded as protoc would.
+fn encode_range_request(key: &[u8]) -> BytesMut {
+    let mut message = BytesMut::with_capacity(key.len() + 4);
+    protobuf_bytes(&mut message, RANGE_REQUEST_KEY_FIELD, key);
+    message
+}
+
+/// The `count` of an etcd `RangeResponse` (0 when absent: proto3 leaves
+/// zero out).
+fn range_response_count(reply: &[u8]) -> Result<u64> {
+    protobuf_varint_field(reply, RANGE_RESPONSE_COUNT_FIELD).map(|count| count.unwrap_or(0))
+}
+
 fn protobuf_varint(buf: &mut BytesMut, mut v: u64) {
     while v >= 0x80 {
         buf.put_u8((v as u8) | 0x80);
@@ -511,8 +540,12 @@ fn protobuf_varint(buf: &mut BytesMut, mut v: u64) {
     buf.put_u8(v as u8);
 }
 
-/// Appends a length-delimited field (wire type 2).
+/// Appends a length-delimited field (wire type 2); an empty one is left out,
+/// as proto3 encoders do (the reader sees the default, empty, either way).
 fn protobuf_bytes(buf: &mut BytesMut, field: u64, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
     protobuf_varint(buf, field << 3 | 2);
     protobuf_varint(buf, data.len() as u64);
     buf.put_slice(data);
@@ -923,6 +956,59 @@ mod tests {
         assert_eq!(protobuf_varint_field(&m, 4).unwrap(), Some(300));
         assert_eq!(protobuf_varint_field(&m, 3).unwrap(), None);
         assert!(protobuf_varint_field(&m[..m.len() - 1], 4).is_err());
+    }
+
+    // etcd's own encoding of the messages the client writes and reads:
+    // made by protoc from etcd's field definitions, by
+    // `scripts/etcd-golden.sh` (see there). A wrong field number, wire type
+    // or length encoding in the codec makes these differ.
+    /// `PutRequest { key: "key-42" value: "v" * 130 }`
+    const PUT_REQUEST: &str = "0a066b65792d343212820176767676767676767676767676767676767676767676767676767676767676767676767676767676767676767676767676767676767676767676767676767676767676767676767676767676767676767676767676767676767676767676767676767676767676767676767676767676767676767676767676767676767676767676";
+    /// `PutRequest { key: "key-42" }`
+    const PUT_REQUEST_EMPTY_VALUE: &str = "0a066b65792d3432";
+    /// `RangeRequest { key: "key-42" }`
+    const RANGE_REQUEST: &str = "0a066b65792d3432";
+    /// `RangeResponse { header { cluster_id: 14841639068965178418 member_id: 10276657743932975437 revision: 42 raft_term: 3 } kvs { key: "key-42" create_revision: 5 mod_revision: 42 version: 7 value: "hello" lease: 7587868562287261001 } count: 1 }`
+    const RANGE_RESPONSE_ONE: &str = "0a1a08b298eaf1948386fccd0110cdd2918bd2b881cf8e01182a2003121f0a066b65792d34321005182a20072a0568656c6c6f30c9eaf18b95c8e1a6692001";
+    /// `RangeResponse { header { cluster_id: 14841639068965178418 member_id: 10276657743932975437 revision: 42 raft_term: 3 } kvs { key: "key-42" create_revision: 5 mod_revision: 42 version: 7 value: "hello" lease: 7587868562287261001 } kvs { key: "key-43" create_revision: 6 mod_revision: 6 version: 1 value: "" } more: true count: 300 }`
+    const RANGE_RESPONSE_MANY: &str = "0a1a08b298eaf1948386fccd0110cdd2918bd2b881cf8e01182a2003121f0a066b65792d34321005182a20072a0568656c6c6f30c9eaf18b95c8e1a669120e0a066b65792d3433100618062001180120ac02";
+    /// `RangeResponse { header { cluster_id: 14841639068965178418 member_id: 10276657743932975437 revision: 42 raft_term: 3 } }`
+    const RANGE_RESPONSE_NONE: &str = "0a1a08b298eaf1948386fccd0110cdd2918bd2b881cf8e01182a2003";
+
+    fn hex(text: &str) -> Vec<u8> {
+        (0..text.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex"))
+            .collect()
+    }
+
+    #[test]
+    fn requests_are_encoded_as_etcds_protoc_encodes_them() {
+        let value = vec![b'v'; 130];
+        assert_eq!(
+            encode_put_request(b"key-42", &value)[..],
+            hex(PUT_REQUEST)[..]
+        );
+        assert_eq!(
+            encode_put_request(b"key-42", b"")[..],
+            hex(PUT_REQUEST_EMPTY_VALUE)[..]
+        );
+        assert_eq!(encode_range_request(b"key-42")[..], hex(RANGE_REQUEST)[..]);
+    }
+
+    #[test]
+    fn range_responses_from_etcds_encoding_are_read() {
+        // Header, key-values (with 10-byte varints) and `more` are skipped;
+        // `count` is read, also when it takes two bytes.
+        assert_eq!(range_response_count(&hex(RANGE_RESPONSE_ONE)).unwrap(), 1);
+        assert_eq!(
+            range_response_count(&hex(RANGE_RESPONSE_MANY)).unwrap(),
+            300
+        );
+        assert_eq!(range_response_count(&hex(RANGE_RESPONSE_NONE)).unwrap(), 0);
+        let truncated = hex(RANGE_RESPONSE_MANY);
+        assert!(range_response_count(&truncated[..truncated.len() - 1]).is_err());
+        assert!(range_response_count(&truncated[..20]).is_err());
     }
 
     #[test]

@@ -330,7 +330,19 @@ fn client_reaches_a_restarted_node_at_once() {
                 "round {round}: the restarted node is still unreachable"
             );
         };
-        assert_eq!(Some(pid), cluster.status(1).map(|s| s.pid).or(Some(pid)));
+        // The answer must come from the restarted process: the pid in the
+        // status file that process writes (`status` keeps only a file
+        // whose pid is that of the child we started).
+        let status = shoal::local_cluster::wait_for(
+            &format!("round {round}: node 1's status file from its new process"),
+            WAIT,
+            || cluster.status(1),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            pid, status.pid,
+            "round {round}: the status RPC was answered by another process than the restarted one"
+        );
         eprintln!(
             "round {round}: reached the restarted node after {:?}",
             restarted.elapsed()

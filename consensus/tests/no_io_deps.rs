@@ -66,11 +66,27 @@ fn source_uses_no_clock_thread_or_global_rng() {
     assert!(checked >= 5);
 }
 
+/// True when running under CI (`CI=true`, as `.ci/run` is started): checks
+/// that cannot run there must fail rather than skip.
+fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+}
+
+/// Skips (prints why) outside CI; fails under CI, where a skipped check
+/// would be a check that silently never runs.
+fn cannot_check(reason: &str) {
+    assert!(
+        !under_ci(),
+        "the transitive dependency check could not run under CI: {reason}"
+    );
+    eprintln!("SKIPPED dependency_tree_has_no_io_crates: {reason} (this fails under CI=true)");
+}
+
 #[test]
 fn dependency_tree_has_no_io_crates() {
-    // `cargo tree` sees transitive dependencies too; skip quietly if cargo
-    // is unavailable (the Cargo.toml check above still runs).
-    let Ok(out) = std::process::Command::new(env!("CARGO"))
+    // `cargo tree` sees transitive dependencies too. Offline: the lock file
+    // and the registry cache of any build of this workspace are enough.
+    let out = match std::process::Command::new(env!("CARGO"))
         .args([
             "tree",
             "-p",
@@ -83,17 +99,32 @@ fn dependency_tree_has_no_io_crates() {
         ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
-    else {
-        return;
+    {
+        Ok(out) => out,
+        Err(e) => return cannot_check(&format!("cannot run {}: {e}", env!("CARGO"))),
     };
     if !out.status.success() {
-        return;
+        return cannot_check(&format!(
+            "`cargo tree --offline` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
     let tree = String::from_utf8_lossy(&out.stdout);
+    let mut crates = 0;
     for line in tree.lines() {
         let name = line.split(' ').next().unwrap_or("");
         for bad in FORBIDDEN_DEPS {
             assert_ne!(name, *bad, "consensus transitively depends on {bad}");
         }
+        crates += 1;
     }
+    // An empty listing would pass the loop above without checking anything.
+    assert!(
+        tree.lines()
+            .next()
+            .is_some_and(|l| l.starts_with("shoal-consensus ")),
+        "`cargo tree` listed no shoal-consensus:\n{tree}"
+    );
+    assert!(crates > 1, "`cargo tree` listed no dependencies:\n{tree}");
 }

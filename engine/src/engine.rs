@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Cf};
 use crate::config::EngineConfig;
 use crate::error::Result;
 use crate::log::{load_group, GroupLog, LogBounds};
@@ -61,6 +61,12 @@ pub(crate) struct ApplyCache {
     entries: HashMap<(crate::backend::Cf, Vec<u8>), Option<Vec<u8>>>,
     bytes: u64,
 }
+
+/// An exclusive scan end above every key of every column family
+/// (`crate::keys`): each key starts with a shard id below `u32::MAX`, a tag
+/// byte below 0xFF, or a group id followed by at most a log index, and only
+/// `raft_log`'s key of group `u64::MAX`, index `u64::MAX` is not below this.
+const ALL_KEYS_END: [u8; 17] = [0xFF; 17];
 
 /// Bookkeeping bytes counted per cache entry on top of key and value.
 const APPLY_CACHE_ENTRY_OVERHEAD_BYTES: u64 = 64;
@@ -195,6 +201,26 @@ impl<B: Backend> Engine<B> {
     /// otherwise durable only with the next synced log write).
     pub fn sync(&self) -> Result<()> {
         self.inner.backend.sync()
+    }
+
+    /// Bytes of every key and value stored in every column family, read in
+    /// one point-in-time view: all the state the node retains (Raft log and
+    /// state, data, sessions, metadata), as a memory bound in a test would
+    /// measure it. The backend's own overhead (RocksDB's files and
+    /// memtables, the in-memory backend's undo log) is not counted. Reads
+    /// everything: for tests and diagnostics, not for a hot path.
+    pub fn stored_bytes(&self) -> Result<u64> {
+        let mut bytes = 0u64;
+        self.inner.backend.with_view(&mut |view| {
+            for cf in Cf::ALL {
+                view.scan(cf, &[], &ALL_KEYS_END, &mut |key, value| {
+                    bytes += (key.len() + value.len()) as u64;
+                    Ok(true)
+                })?;
+            }
+            Ok(())
+        })?;
+        Ok(bytes)
     }
 
     /// The limits in force.

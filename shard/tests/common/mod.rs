@@ -19,7 +19,7 @@ use shoal_engine::{EngineConfig, MemStore};
 use shoal_net::mem::{MemClient, MemConfig, MemNetwork};
 use shoal_net::NodeId;
 use shoal_shard::client::{Client, ClientConfig, ClientError};
-use shoal_shard::linearizability::{HistoryRecorder, Input, Output};
+use shoal_shard::linearizability::{CheckOutcome, HistoryRecorder, Input, Output};
 use shoal_shard::node::{
     GroupSpec, Node, NodeConfig, NodeHandle, KV_GROUP, SESSION_IDLE_MS_DEFAULT,
 };
@@ -28,7 +28,11 @@ use tokio::time::Instant;
 
 /// The lab's election timeout bound used in its sleeps.
 pub const ELECTION_TIMEOUT: Duration = Duration::from_secs(1);
-/// Step budget per key for the linearizability checker.
+/// Step budget per key for the linearizability checker. Running out fails
+/// the test ([`Cluster::check_linearizable`]). The lab suites' histories
+/// need far less: at most 17,598 steps in one check over four runs of
+/// kvraft and one each of kvsrv, stale_reads and groups (884 checks, up to
+/// 88 unknown outcomes in one history), so the budget leaves 100x room.
 pub const CHECK_STEPS_PER_KEY: u64 = 2_000_000;
 
 /// The test's seed: `SHOAL_SEED` if set, else derived from the clock.
@@ -332,14 +336,34 @@ impl Cluster {
         }
     }
 
-    /// Checks the recorded history; panics with the explanation on a violation.
+    /// Checks the recorded history: panics with the explanation on a
+    /// violation, and also when the checker runs out of its step budget
+    /// before a verdict, because a check that decided nothing is not a
+    /// pass. Tests keep their histories within reach of a verdict: keys
+    /// spread the operations (the search is per key) and unknown outcomes
+    /// stay rare (each widens the search on its key).
     pub fn check_linearizable(&self) {
+        let history = self.recorder.history();
         let outcome = self.recorder.check(CHECK_STEPS_PER_KEY);
-        assert!(
-            !outcome.is_violation(),
-            "seed {}: history is not linearizable: {outcome}",
-            self.seed
-        );
+        match &outcome {
+            CheckOutcome::Linearizable { .. } => eprintln!(
+                "seed {}: {} operations ({} unknown): {outcome}",
+                self.seed,
+                history.len(),
+                history.iter().filter(|op| op.is_unknown()).count()
+            ),
+            CheckOutcome::NotLinearizable { .. } => {
+                panic!("seed {}: history is not linearizable: {outcome}", self.seed)
+            }
+            CheckOutcome::BudgetExhausted { .. } => panic!(
+                "seed {}: the linearizability check reached no verdict ({outcome}) on a \
+                 history of {} operations ({} unknown): the test's history is too big for \
+                 CHECK_STEPS_PER_KEY; spread it over more keys or make it shorter",
+                self.seed,
+                history.len(),
+                history.iter().filter(|op| op.is_unknown()).count()
+            ),
+        }
     }
 
     /// Random halves for a partition: (majority, minority) of node indexes.
