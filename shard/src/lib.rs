@@ -10,6 +10,10 @@
 //! - [`client`]: the async KV [`client::Client`] (leader cache, retries with
 //!   capped backoff within a deadline, exactly-once sessions) and its
 //!   blocking wrapper.
+//! - [`controller`]: the pure core of sharding — the key → shard hash,
+//!   [`controller::ShardConfig`] (number, shard → group, group → members)
+//!   and the deterministic, even, minimal-movement `join` / `leave` /
+//!   `move_shard` / `rebalance` that produce the next config.
 //! - [`linearizability`]: a Wing & Gong / porcupine-style checker for KV
 //!   histories, used by the tests.
 //!
@@ -44,6 +48,7 @@
 //! ```
 
 pub mod client;
+pub mod controller;
 pub mod linearizability;
 pub mod node;
 pub mod protocol;

@@ -1,0 +1,42 @@
+//! The pure core of sharding: what a shard configuration is and how it
+//! changes. No I/O, no clock, no randomness: the controller group stores
+//! these configs (a current and a next one, written with versioned puts and
+//! fenced by [`ShardConfig::num`]), replica groups compare `num`s to reject
+//! stale moves, and routing clients map keys to shards and shards to
+//! groups, all through these types and functions.
+//!
+//! - [`config`]: the key → shard hash ([`shard_of`]), the default and
+//!   maximum shard counts, [`ShardConfig`] with its queries and
+//!   [`ShardConfig::validate`].
+//! - [`rebalance`](mod@rebalance): [`join`], [`leave`], [`move_shard`] and [`rebalance()`],
+//!   each returning the next config (`num + 1`), by a deterministic, even,
+//!   minimal-movement rule; [`moves`] lists what changes between two
+//!   configs.
+//!
+//! # Example
+//! ```
+//! use std::collections::BTreeMap;
+//! use shoal_shard::controller::{join, leave, moves, ShardConfig};
+//!
+//! let initial = ShardConfig::initial(12).unwrap();
+//! let one = join(&initial, BTreeMap::from([(1, vec![1, 2, 3])])).unwrap();
+//! assert_eq!((one.num, one.shards_of(1).len()), (1, 12));
+//! let two = join(&one, BTreeMap::from([(2, vec![4, 5, 6])])).unwrap();
+//! assert_eq!(moves(&one, &two).len(), 6); // half the shards, all to group 2
+//! let back = leave(&two, &[1]).unwrap();
+//! assert_eq!(back.shards_of(2).len(), 12);
+//! let shard = back.shard_of_key(b"user:42");
+//! assert_eq!(back.group_of(shard), Some(2));
+//! ```
+
+pub mod config;
+pub mod rebalance;
+
+#[cfg(test)]
+mod tests;
+
+pub use config::{
+    shard_of, ConfigError, ShardConfig, GROUPS_MAX, GROUP_MEMBERS_MAX, GROUP_UNASSIGNED,
+    SHARDS_DEFAULT, SHARDS_MAX,
+};
+pub use rebalance::{join, leave, move_shard, moves, rebalance, RebalanceError, ShardMove};
