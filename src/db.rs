@@ -228,8 +228,11 @@ impl Db {
             net_config.files_dir = dir.join("net-files");
             let net = MemNetwork::<KvProtocol>::new(net_config);
             let (transport, inbox) = net.add_node(NodeId(DB_NODE_ID));
-            let mut config =
-                NodeConfig::new(DB_NODE_ID, vec![DB_NODE_ID], dir.join("db").join("snapshots"));
+            let mut config = NodeConfig::new(
+                DB_NODE_ID,
+                vec![DB_NODE_ID],
+                dir.join("db").join("snapshots"),
+            );
             config.blocking_io = true;
             config.max_raft_state_bytes = Some(options.max_raft_state_bytes);
             let node = Node::start(config, engine, transport, inbox)?;

@@ -113,7 +113,6 @@ fn log_is_compacted_and_stays_bounded_across_reopen() {
     let dir = tempfile::tempdir().expect("tempdir");
     let options = shoal::DbOptions {
         max_raft_state_bytes: THRESHOLD_BYTES,
-        ..Default::default()
     };
     let value = vec![b'x'; VALUE_BYTES];
     for round in 0..2 {
@@ -147,7 +146,10 @@ fn log_is_compacted_and_stays_bounded_across_reopen() {
         stored <= 3 * THRESHOLD_BYTES,
         "the raft log holds {stored} bytes after {written} bytes of writes (threshold {THRESHOLD_BYTES})"
     );
-    assert!(first > 1, "the log was never compacted (first index {first})");
+    assert!(
+        first > 1,
+        "the log was never compacted (first index {first})"
+    );
     assert!(
         engine.log_bytes(group).expect("log bytes") >= stored,
         "the running log size must not undercount what is stored"

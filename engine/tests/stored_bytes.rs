@@ -19,7 +19,6 @@ fn put_at_the_end(index: u64) -> ApplyEntry {
             shard: SHARD_ID_MAX,
             client: 0,
             seq: 0,
-            time_ms: 0,
             command: Command::Put {
                 key: Bytes::from(vec![0xFF; 64]),
                 value: Bytes::from(vec![b'v'; VALUE_BYTES]),

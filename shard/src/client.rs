@@ -320,7 +320,11 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
         let mut pairs = Vec::new();
         while (pairs.len() as u64) < limit {
             let page = self
-                .scan_page(start, end.clone(), (limit - pairs.len() as u64).min(SCAN_PAGE_PAIRS_MAX))
+                .scan_page(
+                    start,
+                    end.clone(),
+                    (limit - pairs.len() as u64).min(SCAN_PAGE_PAIRS_MAX),
+                )
                 .await?;
             pairs.extend(page.pairs);
             match page.next {

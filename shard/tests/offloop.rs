@@ -59,10 +59,16 @@ async fn large_snapshot_export_causes_no_leader_change() {
     let start = tokio::time::Instant::now();
     let (term, leader) = loop {
         let s = statuses(&nodes);
-        if s[0].leader != 0 && s.iter().all(|x| x.leader == s[0].leader && x.term == s[0].term) {
+        if s[0].leader != 0
+            && s.iter()
+                .all(|x| x.leader == s[0].leader && x.term == s[0].term)
+        {
             break (s[0].term, s[0].leader);
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "no stable leader: {s:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no stable leader: {s:?}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
 
@@ -82,10 +88,16 @@ async fn large_snapshot_export_causes_no_leader_change() {
         if s.iter().all(|x| x.snapshot_index > 0) {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "no snapshot on every node: {s:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no snapshot on every node: {s:?}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    client.put("after", "export").await.expect("put after the export");
+    client
+        .put("after", "export")
+        .await
+        .expect("put after the export");
 
     let s = statuses(&nodes);
     for (i, x) in s.iter().enumerate() {

@@ -198,7 +198,11 @@ async fn retry_within_the_session_gets_the_cached_answer() {
             Duration::from_millis(rng.random_range(SESSION_IDLE_MS / 4..SESSION_IDLE_MS * 3 / 8))
         };
         let (outcome, took) = put_with_lost_reply(seed, &c, &client, &armed, &name, cut_for).await;
-        let expected = if short { Ok(1) } else { Err(ClientError::Maybe) };
+        let expected = if short {
+            Ok(1)
+        } else {
+            Err(ClientError::Maybe)
+        };
         assert_eq!(
             outcome, expected,
             "seed {seed}: a retry within the session ({took:?})"
@@ -234,11 +238,9 @@ async fn expiry_waits_for_a_full_period_watched_by_the_leader() {
         assert_eq!(client.put("k", "v").await, Ok(1), "seed {seed}");
         let t0 = Instant::now();
         let has_session = |c: &Cluster| {
-            c.engines.iter().any(|e| {
-                e.session(0, client.id())
-                    .expect("session lookup")
-                    .is_some()
-            })
+            c.engines
+                .iter()
+                .any(|e| e.session(0, client.id()).expect("session lookup").is_some())
         };
         sleep(idle * 9 / 10).await;
         assert!(has_session(&c), "seed {seed}: expired before its time");
@@ -268,8 +270,9 @@ async fn a_mismatch_on_the_only_send_is_never_maybe() {
     for seed in seeds("a_mismatch_on_the_only_send_is_never_maybe") {
         let (mut c, client, armed, name) = setup(seed, SESSION_IDLE_MS).await;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let cut_for =
-            Duration::from_millis(rng.random_range(SESSION_IDLE_MS * 3 / 10..SESSION_IDLE_MS * 4 / 10));
+        let cut_for = Duration::from_millis(
+            rng.random_range(SESSION_IDLE_MS * 3 / 10..SESSION_IDLE_MS * 4 / 10),
+        );
         armed.store(true, Ordering::SeqCst);
         let slow = tokio::spawn({
             let client = client.clone();

@@ -113,8 +113,8 @@ use shoal_consensus::{
     Config, Index, Message, MessageBody, NodeId, RawNode, Role, Snapshot, SnapshotMeta, Term,
 };
 use shoal_engine::{
-    ApplyEntry, Backend, Command, Engine, EngineError, GroupId, GroupWrite, LogBatch,
-    Request, ShardId, SnapshotManifest,
+    ApplyEntry, Backend, Command, Engine, EngineError, GroupId, GroupWrite, LogBatch, Request,
+    ShardId, SnapshotManifest,
 };
 use shoal_net::{Inbox, IncomingRpc, ReceivedFile, Transport};
 use tokio::sync::watch;
@@ -533,7 +533,9 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             let group = Self::open_group(&config, &engine, *spec)?;
             groups.insert(spec.group, group);
             shard_groups.insert(spec.shard, spec.group);
-            let known = engine.sessions(spec.shard).map_err(engine_err(spec.group))?;
+            let known = engine
+                .sessions(spec.shard)
+                .map_err(engine_err(spec.group))?;
             sessions.reload(spec.shard, known, now);
         }
         Ok(Node {

@@ -178,7 +178,10 @@ mod tests {
         assert!(must_sync(&write(Some(hs(4, 2, 9)), vec![]), &durable));
         assert!(must_sync(&write(Some(hs(3, 1, 9)), vec![]), &durable));
         assert!(must_sync(&write(None, vec![entry(1)]), &durable));
-        assert!(must_sync(&write(Some(hs(3, 2, 9)), vec![]), &BTreeMap::new()));
+        assert!(must_sync(
+            &write(Some(hs(3, 2, 9)), vec![]),
+            &BTreeMap::new()
+        ));
         let mut conf = write(None, vec![]);
         conf.groups[0].conf_state = Some(Default::default());
         assert!(must_sync(&conf, &durable));

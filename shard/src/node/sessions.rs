@@ -46,7 +46,11 @@ impl SessionTracker {
     /// Forgets a session an applied `ExpireSessions` removed (only if it is
     /// still at `seq`: otherwise it was used since and was kept).
     pub fn expired(&mut self, shard: ShardId, client: ClientId, seq: u64) {
-        if self.seen.get(&(shard, client)).is_some_and(|(s, _)| *s == seq) {
+        if self
+            .seen
+            .get(&(shard, client))
+            .is_some_and(|(s, _)| *s == seq)
+        {
             self.seen.remove(&(shard, client));
         }
     }

@@ -307,7 +307,8 @@ impl Cluster {
         c.session_idle_ms = self.session_idle_ms;
         // The lab's clerks retry forever; a generous deadline stands in,
         // within the longest a session allows (half its idle time).
-        c.op_deadline = Duration::from_secs(600).min(Duration::from_millis(self.session_idle_ms / 2));
+        c.op_deadline =
+            Duration::from_secs(600).min(Duration::from_millis(self.session_idle_ms / 2));
         c
     }
 
