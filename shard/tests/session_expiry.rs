@@ -110,7 +110,9 @@ async fn setup(
         armed: armed.clone(),
     };
     let client = Client::new(caller, c.ids(), config);
-    // Elect a leader and give the client a session that is in use.
+    // Elect a leader first (retries through an election would last long
+    // enough for the client to say Maybe), then give the client a session.
+    c.wait_for_leader(Duration::from_secs(10)).await;
     assert_eq!(client.put("warm", "up").await, Ok(1), "seed {seed}");
     (c, client, armed, name)
 }
@@ -235,6 +237,7 @@ async fn expiry_waits_for_a_full_period_watched_by_the_leader() {
         let mut c = Cluster::with_session_idle_ms(3, seed, SESSION_IDLE_MS);
         let client = c.client();
         let idle = Duration::from_millis(SESSION_IDLE_MS);
+        c.wait_for_leader(Duration::from_secs(10)).await;
         assert_eq!(client.put("k", "v").await, Ok(1), "seed {seed}");
         let t0 = Instant::now();
         let has_session = |c: &Cluster| {

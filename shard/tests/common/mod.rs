@@ -270,6 +270,22 @@ impl Cluster {
         }
     }
 
+    /// Waits (virtual time) until some node leads; panics after `bound`.
+    pub async fn wait_for_leader(&self, bound: Duration) -> usize {
+        let start = Instant::now();
+        loop {
+            if let Some(i) = self.leader() {
+                return i;
+            }
+            assert!(
+                start.elapsed() < bound,
+                "seed {}: no leader within {bound:?}",
+                self.seed
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// The index of a node that believes it leads, if any.
     pub fn leader(&self) -> Option<usize> {
         (0..self.n).find(|&i| self.nodes[i].as_ref().is_some_and(|h| h.is_leader()))
