@@ -19,7 +19,7 @@ fn start(net: &MemNetwork<KvProtocol>, root: &std::path::Path, i: u64) -> NodeHa
     let (transport, inbox) = net.add_node(NodeId(i));
     let dir = root.join(format!("db-{i}"));
     let mut config = NodeConfig::new(i, vec![1, 2, 3], dir.join("snapshots"));
-    config.max_raft_state_bytes = Some(4096);
+    config.max_raft_state_bytes = Some(2048);
     Node::start(config, engine, transport, inbox).expect("node starts")
 }
 
@@ -95,7 +95,12 @@ fn rocks_cluster_end_to_end() {
             .status(KV_GROUP)
             .snapshots_installed
             >= 1,
-        "node 3 caught up without a snapshot"
+        "node 3 caught up without a snapshot: {:?}",
+        nodes
+            .iter()
+            .flatten()
+            .map(|h| h.status(KV_GROUP))
+            .collect::<Vec<_>>()
     );
 
     let pairs = client.scan("k", "k050", 1000).expect("scan");
