@@ -18,8 +18,9 @@ use shoal_shard::client::{Client, ClientConfig};
 use shoal_shard::node::{GroupStatus, Node, NodeConfig, NodeHandle, KV_GROUP};
 use shoal_shard::protocol::KvProtocol;
 
-/// Tick length: the election timeout is 10 to 20 ticks (100-200 ms).
-const TICK_MS: u64 = 10;
+/// Tick length: the election timeout is 10 to 20 ticks (200-400 ms), long
+/// enough that a slow fsync does not look like a stall.
+const TICK_MS: u64 = 20;
 /// Values written, each incompressible.
 const VALUES: usize = 64;
 const VALUE_BYTES: usize = 1 << 20;

@@ -344,6 +344,7 @@ enum Done {
     Transferred {
         group: GroupId,
         peer: NodeId,
+        transfer: u64,
         delivered: bool,
     },
     /// Received snapshot files were verified (or not); `message` is the
@@ -375,9 +376,11 @@ pub struct Node<B: Backend, T: Transport<KvProtocol>> {
     status: Arc<Mutex<HashMap<GroupId, GroupStatus>>>,
     /// Every task the loop started (transfers, verifications, exports).
     tasks: JoinSet<Done>,
-    /// Running snapshot transfers by (group, follower), to stop them when
-    /// the group's leadership is lost.
-    transfers: HashMap<(GroupId, NodeId), AbortHandle>,
+    /// Running snapshot transfers by (group, follower): the transfer's
+    /// number and its task, to stop it when the group's leadership is lost.
+    transfers: HashMap<(GroupId, NodeId), (u64, AbortHandle)>,
+    /// Number of the next snapshot transfer.
+    next_transfer: u64,
     /// Received snapshot directories being verified.
     verifying: HashSet<PathBuf>,
     /// Received snapshot files not yet moved into their directory, by
@@ -550,6 +553,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             status: Arc::new(Mutex::new(HashMap::new())),
             tasks: JoinSet::new(),
             transfers: HashMap::new(),
+            next_transfer: 1,
             verifying: HashSet::new(),
             received: BTreeMap::new(),
         })
@@ -728,9 +732,16 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             Done::Transferred {
                 group,
                 peer,
+                transfer,
                 delivered,
             } => {
-                self.transfers.remove(&(group, peer));
+                if self
+                    .transfers
+                    .get(&(group, peer))
+                    .is_some_and(|(t, _)| *t == transfer)
+                {
+                    self.transfers.remove(&(group, peer));
+                }
                 if !delivered {
                     if let Some(g) = self.groups.get_mut(&group) {
                         g.raw.report_snapshot(peer, false);
@@ -940,7 +951,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
     /// Stops `group`'s snapshot transfers: a deposed leader sends nothing
     /// more on behalf of its old term.
     fn stop_transfers(&mut self, group: GroupId) {
-        self.transfers.retain(|(g, _), handle| {
+        self.transfers.retain(|(g, _), (_, handle)| {
             if *g == group {
                 handle.abort();
                 false
@@ -1086,9 +1097,11 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         let dir = export_dir(&self.config.snapshot_dir, group, index);
         let transport = self.transport.clone();
         let peer = message.to;
-        if let Some(previous) = self.transfers.remove(&(group, peer)) {
+        if let Some((_, previous)) = self.transfers.remove(&(group, peer)) {
             previous.abort();
         }
+        let transfer = self.next_transfer;
+        self.next_transfer += 1;
         let handle = self.tasks.spawn(async move {
             let delivered = snapshots::transfer(&transport, peer, &dir, group, index).await;
             if delivered {
@@ -1097,10 +1110,11 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             Done::Transferred {
                 group,
                 peer,
+                transfer,
                 delivered,
             }
         });
-        self.transfers.insert((group, peer), handle);
+        self.transfers.insert((group, peer), (transfer, handle));
     }
 
     /// Notes a received snapshot file under its (group, index, sender); it
