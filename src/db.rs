@@ -16,10 +16,11 @@
 //! # Log compaction
 //! Every write goes to the Raft log and then to the key/value tables, so
 //! the log is compacted: once it holds more than
-//! [`DbOptions::max_raft_state_bytes`] (default 64 MiB) a snapshot of the
-//! tables is exported off the write path and the log is cut through it.
-//! The log's size is a running count kept by the engine, so opening never
-//! reads the whole log.
+//! [`DbOptions::max_raft_state_bytes`] (default 64 MiB) it is cut through
+//! the applied index. A group of one has nobody to send a snapshot to, so
+//! nothing is exported: the tables already hold everything the cut entries
+//! did. The log's size is a running count kept by the engine, so opening
+//! never reads the whole log.
 //!
 //! # Layout of the directory
 //! `db/` (RocksDB), `db/snapshots/` (log-compaction exports; inside the

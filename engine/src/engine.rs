@@ -114,6 +114,12 @@ impl ApplyCache {
     }
 }
 
+/// The on-disk format this build reads and writes, recorded in `meta` when
+/// a data directory is created and checked on every open. 1: the first
+/// format (no marker); 2: sessions without times, appends carrying their
+/// size limit, the running log size in the raft state.
+pub const FORMAT_VERSION: u32 = 2;
+
 /// The engine on RocksDB: what a node runs.
 pub type RocksEngine = Engine<RocksBackend>;
 /// The engine on in-memory maps, with crash simulation: what simulation
@@ -170,6 +176,7 @@ impl<B: Backend> Engine<B> {
     }
 
     fn recover(&self) -> Result<()> {
+        self.check_format()?;
         let (finished, discarded) = self.finish_interrupted_installs()?;
         self.inner
             .installs_finished_at_open
@@ -177,6 +184,47 @@ impl<B: Backend> Engine<B> {
         self.inner
             .installs_discarded_at_open
             .fetch_add(discarded, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Refuses a data directory in another on-disk format, and marks a new
+    /// one with [`FORMAT_VERSION`]. A directory with data but no marker was
+    /// written by a build before markers existed.
+    fn check_format(&self) -> Result<()> {
+        use crate::backend::{Cf, WriteSet};
+        let key = crate::keys::meta_format_key();
+        let found = match self.inner.backend.get(Cf::Meta, &key)? {
+            Some(bytes) => {
+                crate::keys::decode_record::<u32>(&key, &bytes, &|| "format marker".into())?
+            }
+            None => {
+                let mut empty = true;
+                for cf in [Cf::RaftState, Cf::Meta, Cf::Kv] {
+                    self.inner.backend.scan(cf, &[], &[0xff; 16], &mut |_, _| {
+                        empty = false;
+                        Ok(false)
+                    })?;
+                }
+                if !empty {
+                    0
+                } else {
+                    let mut set = WriteSet::new();
+                    set.put(
+                        Cf::Meta,
+                        key.to_vec(),
+                        crate::keys::encode_record(&key, &FORMAT_VERSION),
+                    );
+                    self.inner.backend.write(set, true)?;
+                    FORMAT_VERSION
+                }
+            }
+        };
+        if found != FORMAT_VERSION {
+            return Err(crate::error::EngineError::Format {
+                found,
+                expected: FORMAT_VERSION,
+            });
+        }
         Ok(())
     }
 

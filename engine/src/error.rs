@@ -70,6 +70,19 @@ pub enum EngineError {
     /// A configuration value is out of range.
     #[error("invalid engine configuration: {0}")]
     Config(String),
+    /// The data directory was written in an on-disk format this build does
+    /// not read (`found` 0: an older build that wrote no format marker).
+    /// Nothing was changed.
+    #[error(
+        "the data directory is in on-disk format {found}, this build reads format {expected} \
+         (0: written by a build before format markers); use a matching build"
+    )]
+    Format {
+        /// The format the directory holds.
+        found: u32,
+        /// The format this build reads and writes.
+        expected: u32,
+    },
     /// [`crate::Engine::install_snapshot`] was given a directory outside
     /// the engine's data directory. The install marker names the directory
     /// relative to the data directory (so a data directory moved or

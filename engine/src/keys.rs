@@ -73,6 +73,12 @@ pub fn dedup_key(shard: ShardId, client: u64) -> [u8; 12] {
 const META_APPLIED: u8 = b'a';
 const META_INSTALL: u8 = b'i';
 const META_SHARD: u8 = b's';
+const META_FORMAT: u8 = b'f';
+
+/// Key of the on-disk format marker in `meta`.
+pub fn meta_format_key() -> [u8; 1] {
+    [META_FORMAT]
+}
 
 /// Key of `group`'s applied state in `meta`.
 pub fn meta_applied_key(group: GroupId) -> [u8; 9] {

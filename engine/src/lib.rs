@@ -66,7 +66,7 @@ pub type ShardId = u32;
 
 pub use backend::{Backend, Cf};
 pub use config::EngineConfig;
-pub use engine::{Engine, MemStore, RocksEngine};
+pub use engine::{Engine, MemStore, RocksEngine, FORMAT_VERSION};
 pub use error::{EngineError, LimitKind, Result};
 pub use kv::{
     AppliedState, ApplyEntry, ClientId, Command, Reply, Request, ScanPage, Session, Versioned,

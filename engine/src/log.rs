@@ -202,11 +202,19 @@ impl<B: Backend> Engine<B> {
     }
 
     fn write_log_with(&self, batch: LogBatch, sync: bool) -> Result<()> {
-        EngineConfig::check(
-            LimitKind::BatchBytes,
-            batch.size_bytes(),
-            self.config().batch_bytes_max,
-        )?;
+        // A batch of one entry is always taken, whatever its size: its size
+        // was bounded by the limits of the leader that proposed it, and a
+        // replica with a smaller limit must still persist what the group
+        // committed (refusing would stop it for good). Larger batches are
+        // split by the caller to fit.
+        let entries: usize = batch.groups.iter().map(|g| g.entries.len()).sum();
+        if entries > 1 {
+            EngineConfig::check(
+                LimitKind::BatchBytes,
+                batch.size_bytes(),
+                self.config().batch_bytes_max,
+            )?;
+        }
         let _writer = self.log_write_lock();
         let mut set = WriteSet::new();
         let mut updated = Vec::with_capacity(batch.groups.len());

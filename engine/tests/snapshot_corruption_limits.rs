@@ -317,6 +317,24 @@ fn limits_refuse_and_write_nothing() {
         "{err}"
     );
     assert_eq!(engine.last_index(1).unwrap(), 0);
+    // One entry over the limit is taken: a leader with larger limits
+    // proposed it, and this replica must persist what the group commits.
+    let size = engine.config().batch_bytes_max as usize + 1;
+    engine
+        .write_log(LogBatch {
+            groups: vec![GroupWrite {
+                group: 1,
+                entries: vec![Entry {
+                    term: 1,
+                    index: 1,
+                    data: Bytes::from(vec![0; size]),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        })
+        .expect("a single oversized entry is persisted");
+    assert_eq!(engine.last_index(1).unwrap(), 1);
     // Bad configurations are refused with the field named.
     let err = EngineConfig {
         batch_bytes_max: 10,

@@ -378,6 +378,7 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
             Attempted::Reply(_, sends) if !read_only && self.outlasted_session(sends) => {
                 Err(ClientError::Maybe)
             }
+            Attempted::Reply(Reply::Rejected { reason }, _) => Err(ClientError::Refused(reason)),
             Attempted::Reply(reply, _) => Ok(reply),
             Attempted::Failed(ClientError::Timeout) if !read_only => Err(ClientError::Maybe),
             Attempted::Failed(e) => Err(e),
@@ -427,9 +428,8 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
                     },
                 });
             let next = match result {
-                Ok(KvResponse::Done(Reply::Rejected { reason })) => {
-                    return Attempted::Failed(ClientError::Refused(reason))
-                }
+                // A rejection is a reply like any other: the caller first
+                // checks whether retries outlasted the session.
                 Ok(KvResponse::Done(reply)) => return Attempted::Reply(reply, sends),
                 Ok(KvResponse::WrongShard) => {
                     return Attempted::Failed(ClientError::Refused("wrong shard".into()))

@@ -53,6 +53,8 @@ pub(super) struct Group<B: Backend> {
     pub(super) reads_confirmed: Vec<(Index, Waiting)>,
     /// The leader term the waiters above belong to.
     leader_term: Option<Term>,
+    /// The term this node led in as of the last round (waiters or not).
+    led_term: Option<Term>,
     /// Index of the latest snapshot taken or installed (0: none).
     pub(super) snapshot_index: Index,
     /// Bytes of its files.
@@ -92,6 +94,7 @@ impl<B: Backend> Group<B> {
             reads_unconfirmed: BTreeMap::new(),
             reads_confirmed: Vec::new(),
             leader_term: None,
+            led_term: None,
             snapshot_index,
             snapshot_bytes,
             verified: BTreeMap::new(),
@@ -231,6 +234,15 @@ impl<B: Backend> Group<B> {
                 });
             }
         }
+    }
+
+    /// Whether this node stopped leading (or led in another term) since
+    /// the last call; the node then stops the group's snapshot transfers.
+    pub(super) fn leadership_ended(&mut self) -> bool {
+        let now = self.raw.is_leader().then(|| self.raw.term());
+        let ended = self.led_term.is_some() && self.led_term != now;
+        self.led_term = now;
+        ended
     }
 
     /// Answers every waiter `NotLeader` once this node is no longer the

@@ -103,7 +103,7 @@ pub mod persist;
 pub mod sessions;
 pub mod snapshots;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -144,6 +144,8 @@ pub const READY_ROUNDS_MAX: usize = 16;
 pub const VERIFIED_SNAPSHOTS_MAX: usize = 4;
 /// Default session idle time: one hour.
 pub const SESSION_IDLE_MS_DEFAULT: u64 = 60 * 60 * 1000;
+/// Ticks between sweeps of received snapshot files no longer needed.
+pub const PRUNE_EVERY_TICKS: u64 = 100;
 /// Default log size beyond which a group compacts its log into a snapshot.
 pub const MAX_RAFT_STATE_BYTES_DEFAULT: u64 = 64 << 20;
 
@@ -337,6 +339,13 @@ impl NodeHandle {
     }
 }
 
+/// A running snapshot transfer.
+struct Transfer {
+    number: u64,
+    index: Index,
+    task: AbortHandle,
+}
+
 /// What a task the loop handed work to reports back.
 enum Done {
     /// A snapshot's files were streamed to `peer` (or not) and, if they
@@ -361,6 +370,8 @@ enum Done {
         group: GroupId,
         result: Result<SnapshotManifest, SnapshotFileError>,
     },
+    /// Files no longer needed were removed.
+    Pruned,
 }
 
 /// The node runtime; see the module docs.
@@ -377,10 +388,13 @@ pub struct Node<B: Backend, T: Transport<KvProtocol>> {
     /// Every task the loop started (transfers, verifications, exports).
     tasks: JoinSet<Done>,
     /// Running snapshot transfers by (group, follower): the transfer's
-    /// number and its task, to stop it when the group's leadership is lost.
-    transfers: HashMap<(GroupId, NodeId), (u64, AbortHandle)>,
+    /// number, the export it streams (kept until it ends) and its task, to
+    /// stop it when the group's leadership is lost.
+    transfers: HashMap<(GroupId, NodeId), Transfer>,
     /// Number of the next snapshot transfer.
     next_transfer: u64,
+    /// Ticks since the start.
+    ticks: u64,
     /// Received snapshot directories being verified.
     verifying: HashSet<PathBuf>,
     /// Received snapshot files not yet moved into their directory, by
@@ -456,6 +470,13 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 source,
             })
         })?;
+        // Files received before a restart are not remembered as verified:
+        // a leader sends them again if still needed.
+        remove_dirs(
+            &config.snapshot_dir,
+            &format!("recv-g{group_id}-"),
+            Index::MAX,
+        );
         let applied = engine.applied(group_id).map_err(&err)?;
         let state = engine.group_state(group_id).map_err(&err)?;
         if applied.index > state.hard_state.commit.max(state.truncated_index) {
@@ -554,6 +575,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             tasks: JoinSet::new(),
             transfers: HashMap::new(),
             next_transfer: 1,
+            ticks: 0,
             verifying: HashSet::new(),
             received: BTreeMap::new(),
         })
@@ -575,6 +597,20 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                     }
                     Ok(())
                 }
+                // Finished tasks and files first: under steady load a
+                // message or RPC is nearly always waiting, and these must
+                // not wait behind them (a file is also queued before the
+                // message that announces it).
+                Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                    self.on_joined(joined).await
+                }
+                file = inbox.files.recv() => match file {
+                    Some(file) => {
+                        self.on_file(file);
+                        Ok(())
+                    }
+                    None => break Ok(()),
+                },
                 _ = ticker.tick() => self.tick(),
                 message = inbox.messages.recv() => match message {
                     Some((from, m)) => {
@@ -590,33 +626,12 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                     }
                     None => break Ok(()),
                 },
-                file = inbox.files.recv() => match file {
-                    Some(file) => {
-                        self.on_file(file);
-                        Ok(())
-                    }
-                    None => break Ok(()),
-                },
-                Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
-                    match done {
-                        Ok(done) => self.on_done(done).await,
-                        Err(e) if e.is_cancelled() => Ok(()),
-                        Err(e) => Err(NodeError::Task(format!("a node task failed: {e}"))),
-                    }
-                }
             };
             if let Err(e) = event {
                 break Err(e);
             }
-            // Take everything else already queued, so one round serves it all.
-            for _ in 0..EVENTS_PER_ROUND_MAX {
-                if let Ok((from, m)) = inbox.messages.try_recv() {
-                    self.on_peer_message(from.0, m);
-                } else if let Ok(rpc) = inbox.rpcs.try_recv() {
-                    self.on_rpc(rpc);
-                } else {
-                    break;
-                }
+            if let Err(e) = self.drain(&mut inbox).await {
+                break Err(e);
             }
             if let Err(e) = self.round().await {
                 break Err(e);
@@ -633,9 +648,47 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         result
     }
 
+    /// Takes everything else already queued, so one round serves it all:
+    /// finished tasks, then (files before each message, as a file is queued
+    /// before the message announcing it) messages and RPCs, at most
+    /// [`EVENTS_PER_ROUND_MAX`].
+    async fn drain(&mut self, inbox: &mut Inbox<KvProtocol>) -> Result<(), NodeError> {
+        while let Some(joined) = self.tasks.try_join_next() {
+            self.on_joined(joined).await?;
+        }
+        for _ in 0..EVENTS_PER_ROUND_MAX {
+            while let Ok(file) = inbox.files.try_recv() {
+                self.on_file(file);
+            }
+            if let Ok((from, m)) = inbox.messages.try_recv() {
+                self.on_peer_message(from.0, m);
+            } else if let Ok(rpc) = inbox.rpcs.try_recv() {
+                self.on_rpc(rpc);
+            } else {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_joined(
+        &mut self,
+        joined: Result<Done, tokio::task::JoinError>,
+    ) -> Result<(), NodeError> {
+        match joined {
+            Ok(done) => self.on_done(done).await,
+            Err(e) if e.is_cancelled() => Ok(()),
+            Err(e) => Err(NodeError::Task(format!("a node task failed: {e}"))),
+        }
+    }
+
     fn tick(&mut self) -> Result<(), NodeError> {
         for (gid, group) in &mut self.groups {
             group.raw.tick().map_err(consensus_err(*gid))?;
+        }
+        self.ticks += 1;
+        if self.ticks % PRUNE_EVERY_TICKS == 0 {
+            self.prune_received();
         }
         let idle = Duration::from_millis(self.config.session_idle_ms);
         let now = Instant::now();
@@ -668,7 +721,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
     }
 
     fn on_peer_message(&mut self, from: NodeId, m: PeerMessage) {
-        let Some(group) = self.groups.get_mut(&m.group) else {
+        let Some(group) = self.groups.get(&m.group) else {
             tracing::debug!(
                 node = self.config.id,
                 from,
@@ -686,31 +739,43 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             return;
         }
         if let MessageBody::Snapshot { snapshot } = &m.message.body {
-            let index = snapshot.meta.index;
+            let (index, term) = (snapshot.meta.index, snapshot.meta.term);
             if index > group.raw.commit_index() {
                 // Step it only once its files verify, off the loop.
-                let dir = recv_dir(&self.config.snapshot_dir, m.group, index, from);
-                if group.verified.get(&index) != Some(&dir) {
-                    if self.verifying.insert(dir.clone()) {
-                        let gid = m.group;
-                        let message = Box::new(m.message);
-                        let files = self
-                            .received
-                            .remove(&(m.group, index, from))
-                            .unwrap_or_default();
-                        self.run_blocking(move || Done::Verified {
-                            group: gid,
-                            index,
-                            result: snapshots::file_into_place(&files, &dir)
-                                .and_then(|()| snapshots::verify(&dir, gid, index)),
-                            dir,
-                            message,
-                        });
-                    }
+                let gid = m.group;
+                let dir = recv_dir(&self.config.snapshot_dir, gid, index, from);
+                let verified = group.verified.get(&index) == Some(&dir);
+                let files = self
+                    .received
+                    .remove(&(gid, index, from))
+                    .unwrap_or_default();
+                if verified {
+                    // Verified before: files sent again are copies.
+                    self.prune(move || {
+                        for (path, _) in files {
+                            let _ = std::fs::remove_file(path);
+                        }
+                    });
+                } else if self.verifying.insert(dir.clone()) {
+                    let message = Box::new(m.message);
+                    self.run_blocking(move || Done::Verified {
+                        group: gid,
+                        index,
+                        result: snapshots::file_into_place(&files, &dir)
+                            .and_then(|()| snapshots::verify(&dir, gid, index, term)),
+                        dir,
+                        message,
+                    });
+                    return;
+                } else {
+                    // This directory is being verified: these files wait
+                    // for the message that follows them.
+                    self.received.insert((gid, index, from), files);
                     return;
                 }
             }
         }
+        let group = self.groups.get_mut(&m.group).expect("checked above");
         if let Err(e) = group.raw.step(m.message) {
             tracing::debug!(node = self.config.id, group = m.group, error = %e, "step failed");
         }
@@ -727,6 +792,71 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         }
     }
 
+    /// Removes files off the loop (a large snapshot takes a while to
+    /// delete).
+    fn prune(&mut self, work: impl FnOnce() + Send + 'static) {
+        self.run_blocking(move || {
+            work();
+            Done::Pruned
+        });
+    }
+
+    /// Removes `group`'s exports other than the current one and those that
+    /// running transfers still stream.
+    fn prune_exports(&mut self, group: GroupId) {
+        let Some(g) = self.groups.get(&group) else {
+            return;
+        };
+        let mut keep: BTreeSet<Index> = self
+            .transfers
+            .iter()
+            .filter(|((tg, _), _)| *tg == group)
+            .map(|(_, t)| t.index)
+            .collect();
+        keep.insert(g.snapshot_index);
+        let root = self.config.snapshot_dir.clone();
+        self.prune(move || {
+            snapshots::remove_dirs_except(&root, &format!("export-g{group}-"), Index::MAX, &keep);
+        });
+    }
+
+    /// Drops received snapshot files that consensus can no longer restore
+    /// (their index is below the commit index), in memory and on disk.
+    fn prune_received(&mut self) {
+        let commits: Vec<(GroupId, Index)> = self
+            .groups
+            .iter()
+            .map(|(gid, g)| (*gid, g.raw.commit_index()))
+            .collect();
+        for (gid, commit) in commits {
+            if commit > 0 {
+                self.prune_received_through(gid, commit - 1);
+            }
+        }
+    }
+
+    /// Drops `group`'s received snapshot files at or below `index`.
+    fn prune_received_through(&mut self, group: GroupId, index: Index) {
+        let mut files = Vec::new();
+        self.received.retain(|(g, i, _), received| {
+            let keep = *g != group || *i > index;
+            if !keep {
+                files.append(received);
+            }
+            keep
+        });
+        if let Some(g) = self.groups.get_mut(&group) {
+            g.verified.retain(|i, _| *i > index);
+        }
+        let root = self.config.snapshot_dir.clone();
+        self.prune(move || {
+            for (path, _) in files {
+                let _ = std::fs::remove_file(path);
+            }
+            remove_dirs(&root, &format!("recv-g{group}-"), index);
+        });
+    }
+
     async fn on_done(&mut self, done: Done) -> Result<(), NodeError> {
         match done {
             Done::Transferred {
@@ -735,19 +865,23 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 transfer,
                 delivered,
             } => {
-                if self
+                // A transfer that was replaced or stopped meanwhile says
+                // nothing about the current one.
+                let current = self
                     .transfers
                     .get(&(group, peer))
-                    .is_some_and(|(t, _)| *t == transfer)
-                {
+                    .is_some_and(|t| t.number == transfer);
+                if current {
                     self.transfers.remove(&(group, peer));
-                }
-                if !delivered {
-                    if let Some(g) = self.groups.get_mut(&group) {
-                        g.raw.report_snapshot(peer, false);
+                    if !delivered {
+                        if let Some(g) = self.groups.get_mut(&group) {
+                            g.raw.report_snapshot(peer, false);
+                        }
                     }
+                    self.prune_exports(group);
                 }
             }
+            Done::Pruned => {}
             Done::Verified {
                 group: gid,
                 index,
@@ -786,33 +920,24 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                     Ok(manifest) => manifest,
                     Err(e) => {
                         tracing::warn!(node = self.config.id, group = gid, error = %e, "snapshot export failed; it is retried");
+                        group.export_pending = true;
                         return Ok(());
                     }
                 };
                 let index = manifest.applied.index;
-                if index <= group.snapshot_index {
-                    // An installed snapshot overtook it.
-                    if index < group.snapshot_index {
-                        let _ = std::fs::remove_dir_all(export_dir(
-                            &self.config.snapshot_dir,
-                            gid,
-                            index,
-                        ));
-                    }
-                    return Ok(());
+                if index > group.snapshot_index {
+                    let conf = group.raw.conf_state().clone();
+                    let recorded = manifest.clone();
+                    self.with_engine(move |engine| record_snapshot(engine, gid, &recorded, conf))
+                        .await?;
+                    let group = self.groups.get_mut(&gid).expect("group exists");
+                    group.snapshot_index = index;
+                    group.snapshot_bytes = manifest.size_bytes();
                 }
-                let conf = group.raw.conf_state().clone();
-                let recorded = manifest.clone();
-                self.with_engine(move |engine| record_snapshot(engine, gid, &recorded, conf))
-                    .await?;
-                remove_dirs(
-                    &self.config.snapshot_dir,
-                    &format!("export-g{gid}-"),
-                    index - 1,
-                );
-                let group = self.groups.get_mut(&gid).expect("group exists");
-                group.snapshot_index = index;
-                group.snapshot_bytes = manifest.size_bytes();
+                // Otherwise an installed snapshot overtook it. Either way,
+                // older exports go, and a pending one may start.
+                self.prune_exports(gid);
+                self.maybe_compact(gid)?;
             }
         }
         Ok(())
@@ -853,6 +978,12 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 leader_hint: group.raw.leader_id(),
             });
             return;
+        }
+        // A scan asks for at most this node's page size, whatever the
+        // client wants (it follows the continuation for more).
+        let mut request = request;
+        if let crate::protocol::ClientCommand::Scan { limit, .. } = &mut request.command {
+            *limit = (*limit).min(self.engine.config().scan_limit_max);
         }
         // Limits are decided here, at proposal, by this leader's config;
         // apply never consults local limits.
@@ -937,7 +1068,8 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         }
         let mut deposed = Vec::new();
         for (gid, group) in &mut self.groups {
-            if group.check_leadership() {
+            let waiters_failed = group.check_leadership();
+            if group.leadership_ended() || waiters_failed {
                 deposed.push(*gid);
             }
         }
@@ -951,14 +1083,15 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
     /// Stops `group`'s snapshot transfers: a deposed leader sends nothing
     /// more on behalf of its old term.
     fn stop_transfers(&mut self, group: GroupId) {
-        self.transfers.retain(|(g, _), (_, handle)| {
+        self.transfers.retain(|(g, _), transfer| {
             if *g == group {
-                handle.abort();
+                transfer.task.abort();
                 false
             } else {
                 true
             }
         });
+        self.prune_exports(group);
     }
 
     async fn ready_round(&mut self) -> Result<(), NodeError> {
@@ -1097,8 +1230,8 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         let dir = export_dir(&self.config.snapshot_dir, group, index);
         let transport = self.transport.clone();
         let peer = message.to;
-        if let Some((_, previous)) = self.transfers.remove(&(group, peer)) {
-            previous.abort();
+        if let Some(previous) = self.transfers.remove(&(group, peer)) {
+            previous.task.abort();
         }
         let transfer = self.next_transfer;
         self.next_transfer += 1;
@@ -1114,7 +1247,14 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 delivered,
             }
         });
-        self.transfers.insert((group, peer), (transfer, handle));
+        self.transfers.insert(
+            (group, peer),
+            Transfer {
+                number: transfer,
+                index,
+                task: handle,
+            },
+        );
     }
 
     /// Notes a received snapshot file under its (group, index, sender); it
@@ -1125,6 +1265,15 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         if !snapshots::file_name_ok(&meta.name) || !self.groups.contains_key(&meta.group) {
             tracing::warn!(node = self.config.id, from = %file.from, name = %meta.name, "unexpected bulk file dropped");
             let _ = std::fs::remove_file(&file.path);
+            return;
+        }
+        let commit = self.groups[&meta.group].raw.commit_index();
+        if meta.index <= commit {
+            // Consensus would not restore it: the log already reaches past.
+            let path = file.path;
+            self.prune(move || {
+                let _ = std::fs::remove_file(path);
+            });
             return;
         }
         self.received
@@ -1167,16 +1316,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         group.export_pending = true;
         group.snapshots_installed += 1;
         // Received files of this or older snapshots are no longer needed.
-        remove_dirs(&self.config.snapshot_dir, &format!("recv-g{gid}-"), index);
-        self.received.retain(|(g, i, _), files| {
-            let keep = *g != gid || *i > index;
-            if !keep {
-                for (path, _) in files.drain(..) {
-                    let _ = std::fs::remove_file(path);
-                }
-            }
-            keep
-        });
+        self.prune_received_through(gid, index);
         Ok(())
     }
 
@@ -1189,6 +1329,20 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         let due = log_bytes > limit && group.raw.applied_index() > group.snapshot_index;
         if group.exporting || (!due && !group.export_pending) {
             return Ok(());
+        }
+        let conf = group.raw.conf_state();
+        if conf.voters == [self.config.id] && conf.learners.is_empty() {
+            // A group of one (an embedded `Db`) never sends a snapshot:
+            // cutting the log through the applied index is enough. The
+            // applies before it are durable whenever the cut is (one
+            // ordered write-ahead log). A member added later needs an
+            // export first.
+            group.export_pending = false;
+            let applied = group.raw.applied_index();
+            return self
+                .engine
+                .compact_log(gid, applied)
+                .map_err(engine_err(gid));
         }
         group.exporting = true;
         group.export_pending = false;

@@ -16,6 +16,12 @@
 //! session is ever expired before some node watched it idle for the full
 //! period on a clock that never jumps, whatever the wall clocks say, and a
 //! session used after the decision survives it. Apply uses no time at all.
+//!
+//! What remains assumed: a client's request is proposed within the session
+//! idle time of being sent (a copy held up in a queue longer than that, and
+//! proposed after its session expired, would run again). Clients keep their
+//! operation deadline at most half the idle time (one hour by default), and
+//! every queue on the way is bounded, so nothing waits nearly that long.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;

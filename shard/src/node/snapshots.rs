@@ -12,6 +12,7 @@
 //! - `recv-g<group>-i<index>-n<sender>/`: files received from a leader,
 //!   installed once the `Snapshot` message for them verifies.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -39,7 +40,7 @@ pub enum SnapshotFileError {
     #[error(transparent)]
     Engine(#[from] EngineError),
     /// A received snapshot is not the one its message announces.
-    #[error("snapshot {dir}: manifest is of group {group_found} at index {index_found}, expected group {group} at {index}")]
+    #[error("snapshot {dir}: manifest is of group {group_found} at index {index_found}, expected group {group} at {index} (or another term)")]
     NotAnnounced {
         /// The received directory.
         dir: PathBuf,
@@ -74,6 +75,11 @@ pub fn recv_dir(root: &Path, group: GroupId, index: Index, from: NodeId) -> Path
 /// Removes directories `<prefix><index>...` under `root` with an index at
 /// or below `through` (best effort).
 pub fn remove_dirs(root: &Path, prefix: &str, through: Index) {
+    remove_dirs_except(root, prefix, through, &BTreeSet::new());
+}
+
+/// [`remove_dirs`], keeping the directories whose index is in `keep`.
+pub fn remove_dirs_except(root: &Path, prefix: &str, through: Index, keep: &BTreeSet<Index>) {
     let Ok(entries) = std::fs::read_dir(root) else {
         return;
     };
@@ -87,7 +93,10 @@ pub fn remove_dirs(root: &Path, prefix: &str, through: Index) {
             .chars()
             .take_while(|c| c.is_ascii_digit())
             .collect();
-        if digits.parse::<Index>().is_ok_and(|i| i <= through) {
+        if digits
+            .parse::<Index>()
+            .is_ok_and(|i| i <= through && !keep.contains(&i))
+        {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
@@ -121,10 +130,16 @@ pub fn export<B: Backend>(
 }
 
 /// Whether `dir` holds the complete, intact snapshot of `group` at `index`
-/// (manifest and every file's size and CRC32). Blocking: reads every file.
-pub fn verify(dir: &Path, group: GroupId, index: Index) -> Result<(), SnapshotFileError> {
+/// and `term` (manifest and every file's size and CRC32). Blocking: reads
+/// every file.
+pub fn verify(
+    dir: &Path,
+    group: GroupId,
+    index: Index,
+    term: shoal_consensus::Term,
+) -> Result<(), SnapshotFileError> {
     let manifest = read_manifest(dir)?;
-    if manifest.group != group || manifest.applied.index != index {
+    if manifest.group != group || manifest.applied.index != index || manifest.applied.term != term {
         return Err(SnapshotFileError::NotAnnounced {
             dir: dir.to_path_buf(),
             group,
@@ -221,14 +236,14 @@ mod tests {
         ] {
             std::fs::create_dir(root.path().join(name)).unwrap();
         }
-        remove_dirs(root.path(), "export-g1-", 8);
+        remove_dirs_except(root.path(), "export-g1-", 8, &BTreeSet::from([5]));
         remove_dirs(root.path(), "recv-g1-", 4);
         let mut left: Vec<String> = std::fs::read_dir(root.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         left.sort();
-        assert_eq!(left, vec!["export-g1-i9", "export-g2-i3"]);
+        assert_eq!(left, vec!["export-g1-i5", "export-g1-i9", "export-g2-i3"]);
     }
 
     #[test]
