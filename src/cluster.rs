@@ -291,6 +291,10 @@ pub enum ConnectError {
     /// No member was given.
     #[error("no cluster member given")]
     NoMembers,
+    /// The client options cannot be used (e.g. a deadline longer than half
+    /// the session idle time).
+    #[error("client options: {0}")]
+    Options(#[from] shoal_shard::client::ClientConfigError),
 }
 
 /// A client of a Shoal cluster over QUIC with mutual TLS: linearizable
@@ -333,7 +337,7 @@ impl Client {
         config.rpc_deadline = options.rpc_deadline;
         let servers = members.iter().map(|&(id, _)| NodeId(id)).collect();
         Ok(Client {
-            inner: shoal_shard::Client::new(quic.clone(), servers, config),
+            inner: shoal_shard::Client::try_new(quic.clone(), servers, config)?,
             quic,
         })
     }
