@@ -14,6 +14,10 @@
 //!   [`controller::ShardConfig`] (number, shard → group, group → members)
 //!   and the deterministic, even, minimal-movement `join` / `leave` /
 //!   `move_shard` / `rebalance` that produce the next config.
+//! - [`mapreduce`]: the pure core of MapReduce over stored keys (issue 12):
+//!   the app trait and built-in apps, planning (shard-aligned splits, the
+//!   partition hash, validation), the coordinator's task table as a state
+//!   machine driven by explicit time, and the worker's map/reduce steps.
 //! - [`linearizability`]: a Wing & Gong / porcupine-style checker for KV
 //!   histories, used by the tests.
 //!
@@ -50,6 +54,7 @@
 pub mod client;
 pub mod controller;
 pub mod linearizability;
+pub mod mapreduce;
 pub mod node;
 pub mod protocol;
 
