@@ -25,6 +25,8 @@ use shoal_net::{NodeId, RpcCaller};
 use shoal_shard::protocol::{ClientCommand, KvRequest, KvResponse, Response};
 use tokio::time::{sleep, timeout, Instant};
 
+/// How long a test waits for a leader.
+const LEADER_WAIT: Duration = Duration::from_secs(60);
 /// How long `check_counter` waits for every server to apply.
 const CHECK_COUNTER_WAIT: Duration = Duration::from_secs(30);
 
@@ -67,15 +69,6 @@ async fn check_counter(cluster: &Cluster, n: u64) {
     }
 }
 
-async fn wait_leader(cluster: &Cluster) -> usize {
-    loop {
-        if let Some(l) = cluster.leader() {
-            return l;
-        }
-        sleep(Duration::from_millis(50)).await;
-    }
-}
-
 // Goal: ten sequential increments each return the next count, and every
 // server applies all ten.
 #[tokio::test(start_paused = true)]
@@ -109,7 +102,7 @@ async fn test_concurrent_4a() {
 async fn test_leader_failure_4a() {
     let cluster = Cluster::new(3, true, seed("TestLeaderFailure4A"));
     assert_eq!(one_inc(&cluster).await, 1);
-    let leader = wait_leader(&cluster).await;
+    let leader = cluster.wait_for_leader(LEADER_WAIT).await;
     cluster.net.disconnect(cluster.id(leader));
     assert_eq!(one_inc(&cluster).await, 2);
     cluster.net.connect(cluster.id(leader));
@@ -123,7 +116,7 @@ async fn test_leader_failure_4a() {
 async fn test_leader_partition_4a() {
     let cluster = Cluster::new(3, true, seed("TestLeaderPartition4A"));
     assert_eq!(one_inc(&cluster).await, 1);
-    let leader = wait_leader(&cluster).await;
+    let leader = cluster.wait_for_leader(LEADER_WAIT).await;
     let old = cluster.id(leader);
     let others: Vec<NodeId> = cluster.ids().into_iter().filter(|id| *id != old).collect();
     cluster.net.partition(&[&[old], &others]);
@@ -239,7 +232,7 @@ async fn null_submissions_then_shutdown(
 /// [`null_submissions_then_shutdown`] to the leader; whatever succeeded
 /// was applied as a write.
 async fn submit_then_shutdown(cluster: &mut Cluster) {
-    let leader = wait_leader(cluster).await;
+    let leader = cluster.wait_for_leader(LEADER_WAIT).await;
     let to = cluster.id(leader);
     for r in null_submissions_then_shutdown(cluster, to, "nuller").await {
         if let Ok(KvResponse::Done(reply)) = &r {
@@ -263,7 +256,7 @@ async fn test_shutdown_4a() {
 
     cluster.start_all();
     assert_eq!(one_inc(&cluster).await, 2);
-    let leader = wait_leader(&cluster).await;
+    let leader = cluster.wait_for_leader(LEADER_WAIT).await;
     let to = cluster.id(leader);
     let others: Vec<NodeId> = cluster.ids().into_iter().filter(|id| *id != to).collect();
     cluster.net.partition(&[&[to], &others]);

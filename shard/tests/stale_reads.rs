@@ -143,22 +143,6 @@ async fn must_put(seed: u64, clerk: &Clerk, key: &str, value: &str, version: u64
     );
 }
 
-/// Waits until some node believes it leads; returns its index.
-async fn wait_for_leader(c: &Cluster) -> usize {
-    let start = Instant::now();
-    loop {
-        if let Some(l) = c.leader() {
-            return l;
-        }
-        assert!(
-            start.elapsed() < WRITE_DEADLINE,
-            "seed {}: no leader",
-            c.seed
-        );
-        sleep(Duration::from_millis(10)).await;
-    }
-}
-
 async fn isolated_leader_case(n: usize, seed: u64, window: &mut u64) {
     let mut c = Cluster::new(n, true, seed);
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5EED);
@@ -167,7 +151,7 @@ async fn isolated_leader_case(n: usize, seed: u64, window: &mut u64) {
     // Let heartbeats spread the commit, then some random time in the
     // heartbeat cycle so the partition lands at different phases.
     sleep(Duration::from_millis(rng.random_range(0..300))).await;
-    let old = wait_for_leader(&c).await;
+    let old = c.wait_for_leader(WRITE_DEADLINE).await;
     let old_id = c.id(old);
     let majority: Vec<NodeId> = c.ids().into_iter().filter(|&id| id != old_id).collect();
     c.net.partition(&[&[old_id], &majority]);
@@ -282,7 +266,7 @@ async fn leader_changes_case(seed: u64) -> ReadTrace {
         ));
     }
     for _ in 0..4 {
-        let l = wait_for_leader(&c).await;
+        let l = c.wait_for_leader(WRITE_DEADLINE).await;
         let lid = c.id(l);
         let rest: Vec<NodeId> = c.ids().into_iter().filter(|&id| id != lid).collect();
         c.net.partition(&[&[lid], &rest]);
@@ -342,7 +326,7 @@ async fn rejoining_follower_case(seed: u64) {
     let mut c = Cluster::new(n, true, seed);
     let (writer, writer_name) = pinned_clerk(&c, None, WRITE_DEADLINE);
     must_put(seed, &writer, "k", "v0", 0).await;
-    let leader = wait_for_leader(&c).await;
+    let leader = c.wait_for_leader(WRITE_DEADLINE).await;
     let follower = (leader + 1 + (seed as usize % (n - 1))) % n;
     let (fid, lid) = (c.id(follower), c.id(leader));
     let others: Vec<NodeId> = c.ids().into_iter().filter(|&id| id != fid).collect();
