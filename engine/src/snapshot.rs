@@ -176,7 +176,8 @@ pub fn file_checksum(path: &Path) -> Result<(u32, u64)> {
     Ok((hasher.finalize(), size))
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
+/// Makes `dir`'s entries (files created, renamed or removed in it) durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| EngineError::io(dir, e))

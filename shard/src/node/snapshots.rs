@@ -17,7 +17,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use shoal_consensus::{Index, NodeId};
-use shoal_engine::snapshot::{read_manifest, verify_files};
+use shoal_engine::snapshot::{read_manifest, sync_dir, verify_files};
 use shoal_engine::{Backend, Engine, EngineError, GroupId, ShardId, SnapshotManifest};
 use shoal_net::Transport;
 
@@ -100,13 +100,6 @@ pub fn remove_dirs_except(root: &Path, prefix: &str, through: Index, keep: &BTre
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
-}
-
-/// Makes `dir`'s entries (files created, renamed or removed in it) durable.
-pub fn sync_dir(dir: &Path) -> Result<(), SnapshotFileError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_error(dir))
 }
 
 /// Exports `group`'s `shards` at the group's applied index into
