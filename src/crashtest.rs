@@ -264,7 +264,7 @@ fn compare_state<B1: shoal_engine::Backend, B2: shoal_engine::Backend>(
         }
         for client in 0..=CLIENTS {
             ensure!(
-                a.session(shard, client)? == b.session(shard, client)?,
+                a.session(GROUP, shard, client)? == b.session(GROUP, shard, client)?,
                 "shard {shard}: session of client {client} differs from the replay"
             );
         }
@@ -281,7 +281,7 @@ fn scan_all<B: shoal_engine::Backend>(
     let mut pairs = Vec::new();
     let mut start = Bytes::new();
     loop {
-        let page = engine.scan(shard, &start, b"", limit)?;
+        let page = engine.scan(GROUP, shard, &start, b"", limit)?;
         pairs.extend(page.pairs);
         match page.next {
             Some(next) => start = next,
@@ -354,7 +354,7 @@ pub fn run_installer(dir: &Path, rounds: Option<u64>) -> Result<()> {
             template_engine(&source, which)?;
             let staging = dir.join(format!("export-{which}.tmp"));
             let _ = std::fs::remove_dir_all(&staging);
-            source.export_snapshot(GROUP, &[INSTALL_SHARD], &staging)?;
+            source.export_snapshot(GROUP, &staging)?;
             std::fs::rename(&staging, &export)?;
         }
     }

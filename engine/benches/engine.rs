@@ -144,12 +144,28 @@ fn snapshot(c: &mut Criterion) {
     group.sample_size(10);
     group.throughput(Throughput::Bytes(SHARD_BYTES));
     let mut n = 0;
+    // Installs name directories inside the target's data directory.
+    let staging = dir.path().join("target");
     group.bench_function("export_install_100MB", |b| {
         b.iter(|| {
             n += 1;
-            let export = dir.path().join(format!("export-{n}"));
-            source.export_snapshot(1, &[3], &export).unwrap();
+            let export = staging.join(format!("export-{n}"));
+            source.export_snapshot(1, &export).unwrap();
             target.install_snapshot(&export).unwrap();
+        })
+    });
+    // A shard move: export renamed into group 2's keys, ingest at an entry.
+    group.bench_function("move_shard_export_ingest_100MB", |b| {
+        b.iter(|| {
+            n += 1;
+            let export = staging.join(format!("move-{n}"));
+            source.export_shard(1, 3, 2, &export).unwrap();
+            let at = shoal_engine::AppliedState { index: n, term: 1 };
+            let record = shoal_engine::ShardRecord {
+                num: n,
+                status: shoal_engine::ShardStatus::Serving,
+            };
+            target.install_shard(2, at, 3, record, &export).unwrap();
         })
     });
     group.finish();

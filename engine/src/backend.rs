@@ -25,11 +25,11 @@ pub enum Cf {
     RaftLog,
     /// Per-group Raft state: hard state, membership, compaction point.
     RaftState,
-    /// User data: shard (u32 BE) + user key.
+    /// User data: group (u64 BE) + shard (u32 BE) + user key.
     Kv,
-    /// Client sessions: shard (u32 BE) + client id (u64 BE).
+    /// Client sessions: group (u64 BE) + shard (u32 BE) + client id (u64 BE).
     Dedup,
-    /// Applied index per group, shard state.
+    /// Applied index per group, shard ownership records, install markers.
     Meta,
 }
 
@@ -121,12 +121,15 @@ pub trait View {
     fn last_in(&self, cf: Cf, start: &[u8], end: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>>;
     /// Writes the pairs in `[start, end)` to a new file at `path` in the
     /// backend's ingestible format; `None` (and no file) when the range is
-    /// empty.
+    /// empty. With `prefix`, each key's first `prefix.len()` bytes are
+    /// replaced by it (a shard moving to another group's key range); order
+    /// is kept because every key of the range shares those bytes.
     fn export_range(
         &self,
         cf: Cf,
         start: &[u8],
         end: &[u8],
+        prefix: Option<&[u8]>,
         path: &Path,
     ) -> Result<Option<ExportedFile>>;
 }

@@ -63,9 +63,10 @@ pub(crate) struct ApplyCache {
 }
 
 /// An exclusive scan end above every key of every column family
-/// (`crate::keys`): each key starts with a shard id below `u32::MAX`, a tag
-/// byte below 0xFF, or a group id followed by at most a log index, and only
-/// `raft_log`'s key of group `u64::MAX`, index `u64::MAX` is not below this.
+/// (`crate::keys`): each key starts with a tag byte below 0xFF, a group id
+/// followed by a shard id below `u32::MAX` (`kv`, `dedup`), or a group id
+/// followed by at most a log index, and only `raft_log`'s key of group
+/// `u64::MAX`, index `u64::MAX` is not below this.
 const ALL_KEYS_END: [u8; 17] = [0xFF; 17];
 
 /// Bookkeeping bytes counted per cache entry on top of key and value.
@@ -117,8 +118,9 @@ impl ApplyCache {
 /// The on-disk format this build reads and writes, recorded in `meta` when
 /// a data directory is created and checked on every open. 1: the first
 /// format (no marker); 2: sessions without times, appends carrying their
-/// size limit, the running log size in the raft state.
-pub const FORMAT_VERSION: u32 = 2;
+/// size limit, the running log size in the raft state; 3: `kv` and `dedup`
+/// keys start with the group, shard ownership records.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// The engine on RocksDB: what a node runs.
 pub type RocksEngine = Engine<RocksBackend>;

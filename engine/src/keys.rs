@@ -1,7 +1,8 @@
 //! Key layouts of the column families, and the checksummed record codec.
 //!
 //! Every integer is big-endian so that byte order is numeric order: a group's
-//! log is one contiguous range, and so is a shard's data in `kv` and `dedup`.
+//! log is one contiguous range, and so is a group's (and each of its shards')
+//! data in `kv` and `dedup`.
 
 use serde::{de::DeserializeOwned, Serialize};
 use shoal_consensus::Index;
@@ -42,31 +43,65 @@ fn check_shard(shard: ShardId) {
     assert!(shard <= SHARD_ID_MAX, "shard id {shard} is reserved");
 }
 
-/// Key of `user_key` of `shard` in `kv`.
-pub fn kv_key(shard: ShardId, user_key: &[u8]) -> Vec<u8> {
+/// Bytes before a user key in `kv` (and before the client id in `dedup`):
+/// the group, then the shard.
+pub const SHARD_PREFIX_BYTES: usize = 12;
+
+/// The `kv`/`dedup` key prefix of `shard` of `group`.
+pub fn shard_prefix(group: GroupId, shard: ShardId) -> [u8; SHARD_PREFIX_BYTES] {
     check_shard(shard);
-    let mut k = Vec::with_capacity(4 + user_key.len());
-    k.extend_from_slice(&shard.to_be_bytes());
+    let mut k = [0u8; SHARD_PREFIX_BYTES];
+    k[..8].copy_from_slice(&group.to_be_bytes());
+    k[8..].copy_from_slice(&shard.to_be_bytes());
+    k
+}
+
+/// Key of `user_key` of `shard` of `group` in `kv`. Each group keeps its
+/// own copy of a shard (a node may host the source and the destination of
+/// a shard move), so the group comes first.
+pub fn kv_key(group: GroupId, shard: ShardId, user_key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(SHARD_PREFIX_BYTES + user_key.len());
+    k.extend_from_slice(&shard_prefix(group, shard));
     k.extend_from_slice(user_key);
     k
 }
 
-/// `[start, end)` covering every key of `shard` (in `kv` and in `dedup`).
-pub fn shard_range(shard: ShardId) -> (Vec<u8>, Vec<u8>) {
-    check_shard(shard);
-    (
-        shard.to_be_bytes().to_vec(),
-        (shard + 1).to_be_bytes().to_vec(),
-    )
+/// `[start, end)` covering every key of `shard` of `group` (in `kv` and in
+/// `dedup`).
+pub fn shard_range(group: GroupId, shard: ShardId) -> (Vec<u8>, Vec<u8>) {
+    let start = shard_prefix(group, shard);
+    let mut end = start;
+    // `shard` is at most SHARD_ID_MAX, so `shard + 1` fits.
+    end[8..].copy_from_slice(&(shard + 1).to_be_bytes());
+    (start.to_vec(), end.to_vec())
 }
 
-/// Key of a client's session of `shard` in `dedup`.
-pub fn dedup_key(shard: ShardId, client: u64) -> [u8; 12] {
-    check_shard(shard);
-    let mut k = [0u8; 12];
-    k[..4].copy_from_slice(&shard.to_be_bytes());
-    k[4..].copy_from_slice(&client.to_be_bytes());
+/// `[start, end)` covering every shard of `group` (in `kv` and in `dedup`).
+pub fn group_range(group: GroupId) -> (Vec<u8>, Vec<u8>) {
+    let start = group.to_be_bytes().to_vec();
+    let end = match group.checked_add(1) {
+        Some(next) => next.to_be_bytes().to_vec(),
+        None => vec![0xff; 9],
+    };
+    (start, end)
+}
+
+/// Key of a client's session of `shard` of `group` in `dedup`.
+pub fn dedup_key(group: GroupId, shard: ShardId, client: u64) -> [u8; SHARD_PREFIX_BYTES + 8] {
+    let mut k = [0u8; SHARD_PREFIX_BYTES + 8];
+    k[..SHARD_PREFIX_BYTES].copy_from_slice(&shard_prefix(group, shard));
+    k[SHARD_PREFIX_BYTES..].copy_from_slice(&client.to_be_bytes());
     k
+}
+
+/// What the checksum of the session record at `dedup` key `key` covers
+/// besides the record ([`encode_record`]'s context): the key less the
+/// group, that is the shard and the client. A record under another shard
+/// or client is caught; the group is left out so that a shard moving to
+/// another group (`Engine::export_shard`) is its records copied as they
+/// are under keys renamed into the target group.
+pub fn session_context(key: &[u8]) -> &[u8] {
+    key.get(8..).unwrap_or(key)
 }
 
 /// Tags of the `meta` column family's keys.
@@ -99,14 +134,21 @@ pub fn meta_install_range() -> (Vec<u8>, Vec<u8>) {
     (vec![META_INSTALL], vec![META_INSTALL + 1])
 }
 
-/// `[start, end)` of `shard`'s records in `meta` (shard state, config).
-pub fn meta_shard_range(shard: ShardId) -> (Vec<u8>, Vec<u8>) {
-    check_shard(shard);
-    let mut start = vec![META_SHARD];
-    start.extend_from_slice(&shard.to_be_bytes());
-    let mut end = vec![META_SHARD];
-    end.extend_from_slice(&(shard + 1).to_be_bytes());
-    (start, end)
+/// Key of the ownership record of `shard` of `group` in `meta`.
+pub fn meta_shard_key(group: GroupId, shard: ShardId) -> Vec<u8> {
+    let mut k = vec![META_SHARD];
+    k.extend_from_slice(&shard_prefix(group, shard));
+    k
+}
+
+/// `[start, end)` of every shard ownership record of `group` in `meta`.
+pub fn meta_shard_group_range(group: GroupId) -> (Vec<u8>, Vec<u8>) {
+    let (start, end) = group_range(group);
+    let tagged = |mut k: Vec<u8>| {
+        k.insert(0, META_SHARD);
+        k
+    };
+    (tagged(start), tagged(end))
 }
 
 /// Encodes `value` as `crc32 (4 bytes BE) | postcard`, the checksum also

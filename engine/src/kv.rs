@@ -34,7 +34,10 @@ use crate::backend::{Backend, Cf, View, WriteSet};
 use crate::config::EngineConfig;
 use crate::engine::{ApplyCache, Engine};
 use crate::error::{EngineError, LimitKind, Result};
-use crate::keys::{decode_record, dedup_key, encode_record, kv_key, meta_applied_key, shard_range};
+use crate::keys::{
+    decode_record, dedup_key, encode_record, kv_key, meta_applied_key, session_context,
+    shard_range, SHARD_PREFIX_BYTES,
+};
 use crate::{GroupId, ShardId};
 
 /// A client id; `0` means "no session" (the request is not deduplicated).
@@ -365,7 +368,7 @@ impl PageBuilder {
     /// page is full, the pair's key then being its continuation.
     fn offer(&mut self, key: &[u8], stored: &[u8]) -> Result<bool> {
         let shard = self.shard;
-        let user_key = key.get(4..).ok_or_else(|| {
+        let user_key = key.get(SHARD_PREFIX_BYTES..).ok_or_else(|| {
             EngineError::Corrupt(format!("a key of {} bytes in shard {shard}", key.len()))
         })?;
         // Key and value bytes; the stored value has an 8-byte version first.
@@ -391,13 +394,18 @@ impl PageBuilder {
 
 /// The `kv` keys `[from, to)` a scan of `shard` over user keys `[start,
 /// end)` covers (empty `end`: to the end of the shard); `None` if empty.
-fn scan_bounds(shard: ShardId, start: &[u8], end: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
-    let (_, shard_end) = shard_range(shard);
-    let from = kv_key(shard, start);
+fn scan_bounds(
+    group: GroupId,
+    shard: ShardId,
+    start: &[u8],
+    end: &[u8],
+) -> Option<(Vec<u8>, Vec<u8>)> {
+    let (_, shard_end) = shard_range(group, shard);
+    let from = kv_key(group, shard, start);
     let to = if end.is_empty() {
         shard_end
     } else {
-        kv_key(shard, end)
+        kv_key(group, shard, end)
     };
     (from < to).then_some((from, to))
 }
@@ -494,7 +502,7 @@ impl<B: Backend> Engine<B> {
                 for entry in rest {
                     let mut out = Vec::with_capacity(entry.requests.len());
                     for request in &entry.requests {
-                        out.push(self.apply_request(&mut txn, request)?);
+                        out.push(self.apply_request(&mut txn, group, request)?);
                     }
                     replies.push(out);
                     applied = AppliedState {
@@ -521,7 +529,7 @@ impl<B: Backend> Engine<B> {
         Ok(replies)
     }
 
-    fn apply_request(&self, txn: &mut Txn<'_>, request: &Request) -> Result<Reply> {
+    fn apply_request(&self, txn: &mut Txn<'_>, group: GroupId, request: &Request) -> Result<Reply> {
         // No limits from the configuration here (see the module docs). A
         // reserved shard id has no key range: refused the same way on every
         // replica, since it depends on a constant of the format only.
@@ -531,13 +539,14 @@ impl<B: Backend> Engine<B> {
             });
         }
         let shard = request.shard;
-        let session_key = dedup_key(shard, request.client);
+        let session_key = dedup_key(group, shard, request.client);
         let tracked = request.client != 0 && !request.command.is_read_only();
         if tracked {
             if let Some(bytes) = txn.get(Cf::Dedup, &session_key)? {
-                let session: Session = decode_record(&session_key, &bytes, &|| {
-                    format!("session of client {} in shard {shard}", request.client)
-                })?;
+                let session: Session =
+                    decode_record(session_context(&session_key), &bytes, &|| {
+                        format!("session of client {} in shard {shard}", request.client)
+                    })?;
                 if request.seq == session.seq {
                     return Ok(session.reply);
                 }
@@ -546,7 +555,7 @@ impl<B: Backend> Engine<B> {
                 }
             }
         }
-        let reply = self.execute(txn, request)?;
+        let reply = self.execute(txn, group, request)?;
         if tracked {
             let session = Session {
                 seq: request.seq,
@@ -555,16 +564,16 @@ impl<B: Backend> Engine<B> {
             txn.put(
                 Cf::Dedup,
                 session_key.to_vec(),
-                encode_record(&session_key, &session),
+                encode_record(session_context(&session_key), &session),
             );
         }
         Ok(reply)
     }
 
-    fn execute(&self, txn: &mut Txn<'_>, request: &Request) -> Result<Reply> {
+    fn execute(&self, txn: &mut Txn<'_>, group: GroupId, request: &Request) -> Result<Reply> {
         let shard = request.shard;
         let read = |txn: &mut Txn<'_>, key: &[u8]| -> Result<Option<Versioned>> {
-            match txn.get(Cf::Kv, &kv_key(shard, key))? {
+            match txn.get(Cf::Kv, &kv_key(group, shard, key))? {
                 Some(b) => Ok(Some(decode_versioned(&b, &|| {
                     format!("value of a key in shard {shard}")
                 })?)),
@@ -578,7 +587,11 @@ impl<B: Backend> Engine<B> {
             },
             Command::Put { key, value } => {
                 let version = read(txn, key)?.map_or(1, |v| v.version + 1);
-                txn.put(Cf::Kv, kv_key(shard, key), encode_versioned(version, value));
+                txn.put(
+                    Cf::Kv,
+                    kv_key(group, shard, key),
+                    encode_versioned(version, value),
+                );
                 Reply::Written { version }
             }
             Command::PutIfVersion {
@@ -587,14 +600,18 @@ impl<B: Backend> Engine<B> {
                 version,
             } => match (read(txn, key)?, *version) {
                 (None, 0) => {
-                    txn.put(Cf::Kv, kv_key(shard, key), encode_versioned(1, value));
+                    txn.put(
+                        Cf::Kv,
+                        kv_key(group, shard, key),
+                        encode_versioned(1, value),
+                    );
                     Reply::Written { version: 1 }
                 }
                 (None, _) => Reply::NoKey,
                 (Some(current), expected) if current.version == expected => {
                     txn.put(
                         Cf::Kv,
-                        kv_key(shard, key),
+                        kv_key(group, shard, key),
                         encode_versioned(expected + 1, value),
                     );
                     Reply::Written {
@@ -629,7 +646,7 @@ impl<B: Backend> Engine<B> {
                 bytes.extend_from_slice(value);
                 txn.put(
                     Cf::Kv,
-                    kv_key(shard, key),
+                    kv_key(group, shard, key),
                     encode_versioned(version, &bytes),
                 );
                 Reply::Written { version }
@@ -637,7 +654,7 @@ impl<B: Backend> Engine<B> {
             Command::Delete { key } => {
                 let existed = read(txn, key)?.is_some();
                 if existed {
-                    txn.delete(Cf::Kv, kv_key(shard, key));
+                    txn.delete(Cf::Kv, kv_key(group, shard, key));
                 }
                 Reply::Deleted { existed }
             }
@@ -652,7 +669,7 @@ impl<B: Backend> Engine<B> {
                     (*limit).min(config.scan_limit_max),
                     config.scan_bytes_max,
                 );
-                if let Some((from, to)) = scan_bounds(shard, start, end) {
+                if let Some((from, to)) = scan_bounds(group, shard, start, end) {
                     txn.scan_page(&from, &to, &mut page)?;
                 }
                 Reply::Pairs(page.finish())
@@ -660,11 +677,11 @@ impl<B: Backend> Engine<B> {
             Command::ExpireSessions { sessions } => {
                 let mut count = 0u64;
                 for &(client, seq) in sessions {
-                    let key = dedup_key(shard, client);
+                    let key = dedup_key(group, shard, client);
                     let Some(bytes) = txn.get(Cf::Dedup, &key)? else {
                         continue;
                     };
-                    let session: Session = decode_record(&key, &bytes, &|| {
+                    let session: Session = decode_record(session_context(&key), &bytes, &|| {
                         format!("session of client {client} in shard {shard}")
                     })?;
                     // Only the session as the leader saw it: a client that
@@ -690,13 +707,13 @@ impl<B: Backend> Engine<B> {
 
     /// Reads a key of the local state machine (linearizable only when the
     /// caller established a read index first).
-    pub fn get(&self, shard: ShardId, key: &[u8]) -> Result<Option<Versioned>> {
+    pub fn get(&self, group: GroupId, shard: ShardId, key: &[u8]) -> Result<Option<Versioned>> {
         EngineConfig::check(
             LimitKind::KeyBytes,
             key.len() as u64,
             self.config().key_bytes_max,
         )?;
-        match self.backend().get(Cf::Kv, &kv_key(shard, key))? {
+        match self.backend().get(Cf::Kv, &kv_key(group, shard, key))? {
             Some(b) => Ok(Some(decode_versioned(&b, &|| {
                 format!("value of a key in shard {shard}")
             })?)),
@@ -710,10 +727,17 @@ impl<B: Backend> Engine<B> {
     /// if the range has any, and `limit` > 0). [`ScanPage::next`] is where
     /// the next page starts. Reads only as far as the page takes, so memory
     /// stays about `scan_bytes_max` however large the range.
-    pub fn scan(&self, shard: ShardId, start: &[u8], end: &[u8], limit: u64) -> Result<ScanPage> {
+    pub fn scan(
+        &self,
+        group: GroupId,
+        shard: ShardId,
+        start: &[u8],
+        end: &[u8],
+        limit: u64,
+    ) -> Result<ScanPage> {
         EngineConfig::check(LimitKind::ScanLimit, limit, self.config().scan_limit_max)?;
         let mut page = PageBuilder::new(shard, limit, self.config().scan_bytes_max);
-        if let Some((from, to)) = scan_bounds(shard, start, end) {
+        if let Some((from, to)) = scan_bounds(group, shard, start, end) {
             self.backend()
                 .scan(Cf::Kv, &from, &to, &mut |k, v| page.offer(k, v))?;
         }
@@ -722,8 +746,8 @@ impl<B: Backend> Engine<B> {
 
     /// How many client sessions `shard` holds, and their stored bytes (keys
     /// and records): the per-client state the server keeps.
-    pub fn session_footprint(&self, shard: ShardId) -> Result<(u64, u64)> {
-        let (start, end) = shard_range(shard);
+    pub fn session_footprint(&self, group: GroupId, shard: ShardId) -> Result<(u64, u64)> {
+        let (start, end) = shard_range(group, shard);
         let (mut count, mut bytes) = (0u64, 0u64);
         self.backend().with_view(&mut |view| {
             view.scan(Cf::Dedup, &start, &end, &mut |k, v| {
@@ -739,12 +763,12 @@ impl<B: Backend> Engine<B> {
     /// in client order: what the leader needs to decide, by its own clock,
     /// which sessions to expire (loaded when a node starts and after a
     /// snapshot install).
-    pub fn sessions(&self, shard: ShardId) -> Result<Vec<(ClientId, u64)>> {
-        let (start, end) = shard_range(shard);
+    pub fn sessions(&self, group: GroupId, shard: ShardId) -> Result<Vec<(ClientId, u64)>> {
+        let (start, end) = shard_range(group, shard);
         let mut out = Vec::new();
         self.backend().scan(Cf::Dedup, &start, &end, &mut |k, v| {
             let client = k
-                .get(4..)
+                .get(SHARD_PREFIX_BYTES..)
                 .and_then(|c| <[u8; 8]>::try_from(c).ok())
                 .map(u64::from_be_bytes)
                 .ok_or_else(|| {
@@ -753,7 +777,7 @@ impl<B: Backend> Engine<B> {
                         k.len()
                     ))
                 })?;
-            let session: Session = decode_record(k, v, &|| {
+            let session: Session = decode_record(session_context(k), v, &|| {
                 format!("session of client {client} in shard {shard}")
             })?;
             out.push((client, session.seq));
@@ -763,10 +787,15 @@ impl<B: Backend> Engine<B> {
     }
 
     /// The session of `client` in `shard`, if any.
-    pub fn session(&self, shard: ShardId, client: ClientId) -> Result<Option<Session>> {
-        let key = dedup_key(shard, client);
+    pub fn session(
+        &self,
+        group: GroupId,
+        shard: ShardId,
+        client: ClientId,
+    ) -> Result<Option<Session>> {
+        let key = dedup_key(group, shard, client);
         match self.backend().get(Cf::Dedup, &key)? {
-            Some(b) => Ok(Some(decode_record(&key, &b, &|| {
+            Some(b) => Ok(Some(decode_record(session_context(&key), &b, &|| {
                 format!("session of client {client} in shard {shard}")
             })?)),
             None => Ok(None),

@@ -1,6 +1,6 @@
 //! Shoal's storage engine: one RocksDB per node holding the Raft log of every
-//! group on the node, the KV state machine of every shard, client sessions,
-//! and SST snapshots of shards.
+//! group on the node, the KV state machine of every group's shards, client
+//! sessions, and SST snapshots of groups and shards.
 //!
 //! # Layout
 //! - [`backend`]: the narrow key/value seam ([`Backend`]) everything else is
@@ -16,8 +16,11 @@
 //!   applied index, reads, and scans paged by count and bytes
 //!   ([`ScanPage`]). Apply depends only on the log and the state: limits
 //!   are checked when proposing, and session expiry names sessions.
-//! - [`snapshot`]: shard export to SST files and crash-atomic install,
-//!   redo-logged relative to the data directory.
+//! - [`snapshot`]: export to SST files (a whole group, or one shard renamed
+//!   for another group) and crash-atomic install, redo-logged relative to
+//!   the data directory.
+//! - [`shards`]: each group's shard ownership records, changed atomically
+//!   with the applied index.
 //! - [`keys`]: key layouts and the checksummed record codec.
 //!
 //! # Durability
@@ -45,7 +48,7 @@
 //!     command: Command::Put { key: "k".into(), value: "v".into() } };
 //! let replies = engine.apply(7, &[ApplyEntry { index: 1, term: 1, requests: vec![put] }]).unwrap();
 //! assert_eq!(replies[0][0], Reply::Written { version: 1 });
-//! assert_eq!(engine.get(0, b"k").unwrap().unwrap().value, "v");
+//! assert_eq!(engine.get(7, 0, b"k").unwrap().unwrap().value, "v");
 //! ```
 
 pub mod backend;
@@ -57,11 +60,13 @@ pub mod kv;
 pub mod log;
 pub mod mem;
 pub mod rocks;
+pub mod shards;
 pub mod snapshot;
 
 /// Identifies a Raft group on a node.
 pub type GroupId = u64;
-/// Identifies a shard (a contiguous key range in `kv` and `dedup`).
+/// Identifies a shard (in each group holding it, a contiguous key range in
+/// `kv` and `dedup`).
 pub type ShardId = u32;
 
 pub use backend::{Backend, Cf};
@@ -73,4 +78,5 @@ pub use kv::{
     EXPIRE_SESSIONS_PER_ENTRY_MAX,
 };
 pub use log::{GroupState, GroupStorage, GroupWrite, LogBatch};
-pub use snapshot::{SnapshotFile, SnapshotManifest};
+pub use shards::{ShardRecord, ShardStatus};
+pub use snapshot::{SnapshotFile, SnapshotManifest, SnapshotScope};

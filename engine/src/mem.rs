@@ -118,11 +118,20 @@ impl View for MemView<'_> {
         cf: Cf,
         start: &[u8],
         end: &[u8],
+        prefix: Option<&[u8]>,
         path: &Path,
     ) -> Result<Option<ExportedFile>> {
+        let rename = |k: &Vec<u8>| match prefix {
+            Some(p) => {
+                let mut out = p.to_vec();
+                out.extend_from_slice(k.get(p.len()..).unwrap_or_default());
+                out
+            }
+            None => k.clone(),
+        };
         let pairs: Vec<(Vec<u8>, Vec<u8>)> = match self.0.maps.get(&cf) {
             Some(m) => range(m, start, end)
-                .map(|(k, v)| (k.clone(), v.clone()))
+                .map(|(k, v)| (rename(k), v.clone()))
                 .collect(),
             None => Vec::new(),
         };
@@ -153,9 +162,10 @@ impl View for MemBackend {
         cf: Cf,
         start: &[u8],
         end: &[u8],
+        prefix: Option<&[u8]>,
         path: &Path,
     ) -> Result<Option<ExportedFile>> {
-        MemView(&self.lock()).export_range(cf, start, end, path)
+        MemView(&self.lock()).export_range(cf, start, end, prefix, path)
     }
 }
 

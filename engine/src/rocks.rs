@@ -195,9 +195,11 @@ impl View for RocksView<'_> {
         cf: Cf,
         start: &[u8],
         end: &[u8],
+        prefix: Option<&[u8]>,
         path: &Path,
     ) -> Result<Option<ExportedFile>> {
         let b = self.backend;
+        let mut renamed = Vec::new();
         let mut writer = SstFileWriter::create(&b.sst_options);
         let mut entries = 0u64;
         let mut opened = false;
@@ -209,7 +211,17 @@ impl View for RocksView<'_> {
                 writer.open(path)?;
                 opened = true;
             }
-            writer.put(it.key().unwrap_or_default(), it.value().unwrap_or_default())?;
+            let key = it.key().unwrap_or_default();
+            let key = match prefix {
+                Some(p) => {
+                    renamed.clear();
+                    renamed.extend_from_slice(p);
+                    renamed.extend_from_slice(key.get(p.len()..).unwrap_or_default());
+                    &renamed[..]
+                }
+                None => key,
+            };
+            writer.put(key, it.value().unwrap_or_default())?;
             entries += 1;
             it.next();
         }
@@ -243,9 +255,10 @@ impl View for RocksBackend {
         cf: Cf,
         start: &[u8],
         end: &[u8],
+        prefix: Option<&[u8]>,
         path: &Path,
     ) -> Result<Option<ExportedFile>> {
-        self.view().export_range(cf, start, end, path)
+        self.view().export_range(cf, start, end, prefix, path)
     }
 }
 

@@ -31,12 +31,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use shoal_engine::kv::ScanPage;
-use shoal_engine::{ClientId, Reply, ShardId, Versioned};
+use shoal_engine::{ClientId, GroupId, Reply, ShardId, Versioned};
 use shoal_net::{NodeId, RpcCaller, RpcError};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::node::{KV_SHARD, SESSION_IDLE_MS_DEFAULT};
+use crate::node::{KV_GROUP, KV_SHARD, SESSION_IDLE_MS_DEFAULT};
 use crate::protocol::{
     ClientCommand, Denied, KvProtocol, KvRequest, KvResponse, NodeReport, Request, Response,
 };
@@ -60,8 +60,10 @@ pub struct ClientConfig {
     pub backoff_max: Duration,
     /// The nodes' session idle time (`NodeConfig::session_idle_ms`).
     pub session_idle_ms: u64,
-    /// The shard this client addresses (routing by key arrives with the
+    /// The group this client addresses (routing by key arrives with the
     /// shard controller).
+    pub group: GroupId,
+    /// The shard this client addresses.
     pub shard: ShardId,
 }
 
@@ -124,6 +126,7 @@ impl ClientConfig {
             backoff_min: Duration::from_millis(10),
             backoff_max: Duration::from_millis(500),
             session_idle_ms: SESSION_IDLE_MS_DEFAULT,
+            group: KV_GROUP,
             shard: KV_SHARD,
         }
     }
@@ -153,9 +156,13 @@ pub enum ClientError {
     /// unknown; a write that runs out of time is [`ClientError::Maybe`]).
     #[error("deadline exceeded")]
     Timeout,
-    /// A node refused the request (limits, unknown shard).
+    /// A node refused the request (limits, unknown group).
     #[error("refused: {0}")]
     Refused(String),
+    /// The group does not serve the shard (any more): the configuration
+    /// changed; a routing client asks the controller again.
+    #[error("the group does not serve this shard")]
+    WrongGroup,
 }
 
 /// The async KV client. Cheap to clone (clones share the session, and
@@ -367,6 +374,7 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
             state.seq
         };
         let request = KvRequest {
+            group: self.config.group,
             shard: self.config.shard,
             client: self.config.client_id,
             seq,
@@ -431,8 +439,17 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
                 // A rejection is a reply like any other: the caller first
                 // checks whether retries outlasted the session.
                 Ok(KvResponse::Done(reply)) => return Attempted::Reply(reply, sends),
-                Ok(KvResponse::WrongShard) => {
-                    return Attempted::Failed(ClientError::Refused("wrong shard".into()))
+                Ok(KvResponse::WrongGroup) => return Attempted::Failed(ClientError::WrongGroup),
+                Ok(KvResponse::UnknownGroup) => {
+                    return Attempted::Failed(ClientError::Refused(format!(
+                        "node {} does not host group {}",
+                        server.0, request.group
+                    )))
+                }
+                Ok(KvResponse::Shard(reply)) => {
+                    return Attempted::Failed(ClientError::Refused(format!(
+                        "unexpected shard step reply {reply:?}"
+                    )))
                 }
                 Ok(KvResponse::Refused { reason }) => {
                     return Attempted::Failed(ClientError::Refused(reason))

@@ -11,6 +11,9 @@
 //!     operations, never the node's internal log commands.
 //!   - [`Request::Status`]: any authenticated client may ask a node for its
 //!     view of every group it hosts ([`Response::Status`]).
+//!   - [`Request::Shard`]: an admin request carrying one step of a shard
+//!     move ([`ShardCommand`]) to a group's leader, answered
+//!     [`KvResponse::Shard`] once applied.
 //!   - [`Request::SetFaultFilter`] / [`Request::ClearFaultFilter`]: admin
 //!     requests that cut (or restore) a node's traffic with some peers, for
 //!     partition tests. A node accepts them only from the admin client
@@ -20,7 +23,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use shoal_consensus::{Index, Message, NodeId, Role, Term};
-use shoal_engine::{ClientId, Command, GroupId, Reply, ShardId};
+use shoal_engine::{ClientId, Command, GroupId, Reply, ShardId, SnapshotManifest};
 use shoal_net::Protocol;
 
 /// The protocol bundle of the KV service.
@@ -44,7 +47,8 @@ pub struct PeerMessage {
 }
 
 /// Metadata of a bulk file: one file of a snapshot export on its way to a
-/// follower (see `node`'s module docs on InstallSnapshot).
+/// follower (see `node`'s module docs on InstallSnapshot), or of a shard
+/// export on its way to the shard's new group (`node::moves`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotFileMeta {
     /// Group whose snapshot the file belongs to.
@@ -53,11 +57,17 @@ pub struct SnapshotFileMeta {
     pub index: u64,
     /// File name inside the snapshot directory.
     pub name: String,
+    /// For a shard move's file instead: the shard and the config number
+    /// moving it (`group` is then the destination, `index` unused).
+    pub shard: Option<(ShardId, u64)>,
 }
 
 /// A client operation sent to a node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvRequest {
+    /// The replica group the client believes serves the shard (a node may
+    /// host several groups).
+    pub group: GroupId,
     /// Shard the command addresses.
     pub shard: ShardId,
     /// Session owner; 0 means no session (writes are then at-least-once).
@@ -164,8 +174,14 @@ pub enum KvResponse {
         /// The leader this node knows of, or 0.
         leader_hint: NodeId,
     },
-    /// The node does not host the request's shard.
-    WrongShard,
+    /// The group does not serve the request's shard (it never did, it
+    /// handed it to another group, or it is handing it over now): ask the
+    /// shard controller for the current configuration and retry there.
+    WrongGroup,
+    /// The node does not host the request's group.
+    UnknownGroup,
+    /// The outcome of a shard move step ([`Request::Shard`]).
+    Shard(ShardReply),
     /// The node is shutting down; the write may or may not have been
     /// committed (a retry with the same sequence number is safe).
     ShuttingDown,
@@ -195,6 +211,104 @@ pub enum Request {
     /// Admin: restore all traffic. Needs the admin client and fault
     /// injection enabled.
     ClearFaultFilter,
+    /// Admin: a step of a shard move, for the group's leader to propose.
+    /// Needs the admin client (the shard controller runs as it).
+    Shard(ShardRequest),
+}
+
+/// A step of a shard move (the lab's Freeze → Install → Delete), addressed
+/// to one group and fenced by the config number it belongs to: a group
+/// that has seen a higher number for the shard answers
+/// [`ShardReply::Stale`], and repeating a step is harmless.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardRequest {
+    /// The group that carries it out.
+    pub group: GroupId,
+    /// The step.
+    pub command: ShardCommand,
+}
+
+/// What a group does with a shard; each is one log entry of the group and
+/// applied by every replica alike (see `node::moves`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShardCommand {
+    /// Start serving `shards`, which have never held data (the first
+    /// config that assigns them).
+    Create {
+        /// The shards.
+        shards: Vec<ShardId>,
+        /// The config that assigns them.
+        num: u64,
+    },
+    /// Stop serving `shard` and ship its data (kv and sessions, at one
+    /// point in time, as SST files) to every node of the destination group.
+    /// Answered [`ShardReply::Frozen`] once every destination node holds
+    /// the files.
+    Freeze {
+        /// The shard.
+        shard: ShardId,
+        /// The config that moves it.
+        num: u64,
+        /// The destination group.
+        to_group: GroupId,
+        /// Its members, each of which gets the files.
+        to_nodes: Vec<NodeId>,
+    },
+    /// Serve `shard` from the files a freeze shipped here (`manifest` names
+    /// and checksums them): every replica ingests them when it applies the
+    /// entry.
+    Install {
+        /// The shard.
+        shard: ShardId,
+        /// The config that moves it.
+        num: u64,
+        /// What the source's freeze answered.
+        manifest: SnapshotManifest,
+    },
+    /// Drop a frozen shard's data and sessions (it is served elsewhere).
+    Delete {
+        /// The shard.
+        shard: ShardId,
+        /// The config that moved it.
+        num: u64,
+    },
+}
+
+impl ShardCommand {
+    /// The config number the step belongs to.
+    pub fn num(&self) -> u64 {
+        match self {
+            ShardCommand::Create { num, .. }
+            | ShardCommand::Freeze { num, .. }
+            | ShardCommand::Install { num, .. }
+            | ShardCommand::Delete { num, .. } => *num,
+        }
+    }
+}
+
+/// How a group answered a [`ShardRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShardReply {
+    /// Done (or done before: a repeated step).
+    Done,
+    /// The shard is frozen and its files are on every destination node.
+    Frozen {
+        /// The files, for the destination's install.
+        manifest: SnapshotManifest,
+    },
+    /// The group has seen config `num`, newer than the step's: a newer
+    /// controller took over, and this step changed nothing.
+    Stale {
+        /// The newest config number the group has seen for the shard.
+        num: u64,
+    },
+    /// The step contradicts the shard's state here (e.g. deleting a shard
+    /// that is being served, installing one whose files are missing);
+    /// nothing changed.
+    Refused {
+        /// Why.
+        reason: String,
+    },
 }
 
 impl From<KvRequest> for Request {
@@ -270,6 +384,7 @@ mod tests {
     /// existed: the engine's log command, session expiry included.
     #[derive(Serialize)]
     struct LogCommandRequest {
+        group: GroupId,
         shard: ShardId,
         client: ClientId,
         seq: u64,
@@ -282,6 +397,7 @@ mod tests {
     #[test]
     fn session_expiry_cannot_be_sent_by_a_client() {
         let attack = LogCommandRequest {
+            group: 1,
             shard: 0,
             client: 0,
             seq: 0,
@@ -290,6 +406,7 @@ mod tests {
             },
         };
         let bytes = postcard::to_allocvec(&Request::Kv(KvRequest {
+            group: 1,
             shard: 0,
             client: 0,
             seq: 0,

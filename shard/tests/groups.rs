@@ -42,8 +42,14 @@ async fn put_loop(clerk: Clerk, key: String, done: Arc<AtomicBool>, seed: u64) -
 async fn two_groups_on_one_node_set() {
     let seed = seed("two_groups_on_one_node_set");
     let groups = vec![
-        GroupSpec { group: 1, shard: 0 },
-        GroupSpec { group: 2, shard: 1 },
+        GroupSpec {
+            group: 1,
+            static_shards: vec![0],
+        },
+        GroupSpec {
+            group: 2,
+            static_shards: vec![1],
+        },
     ];
     let mut cluster = Cluster::with_groups(3, false, seed, Some(2000), groups);
     let mut totals = [(0u64, 0u64); 2];

@@ -244,6 +244,7 @@ async fn put_without_session<C: RpcCaller<shoal_shard::protocol::KvProtocol>>(
     version: u64,
 ) -> Reply {
     let request = Request::Kv(KvRequest {
+        group: shoal_shard::node::KV_GROUP,
         shard: 0,
         client: 0,
         seq: 0,
@@ -286,7 +287,7 @@ async fn test_mem_put_many_clients_reliable() {
     // Elect the node (a session client: its session is the baseline).
     assert_eq!(cluster.clerk().put("warm-up", "x", 0).await, Ok(1));
     let engine = &cluster.engines[0];
-    let (sessions_before, _) = engine.session_footprint(0).expect("sessions");
+    let (sessions_before, _) = engine.session_footprint(shoal_shard::node::KV_GROUP, 0).expect("sessions");
     let retained_bytes =
         || -> u64 { engine.stored_bytes().expect("stored bytes") + cluster.max_snapshot_bytes() };
     let retained_before = retained_bytes();
@@ -314,7 +315,7 @@ async fn test_mem_put_many_clients_reliable() {
             Reply::Written { version: i + 1 }
         );
     }
-    let (sessions, _) = engine.session_footprint(0).expect("sessions");
+    let (sessions, _) = engine.session_footprint(shoal_shard::node::KV_GROUP, 0).expect("sessions");
     assert_eq!(
         sessions, sessions_before,
         "a session-less client left a session"

@@ -53,7 +53,7 @@ async fn check_counter(cluster: &Cluster, n: u64) {
     for (i, engine) in cluster.engines.iter().enumerate() {
         loop {
             let value = engine
-                .get(0, b"counter")
+                .get(shoal_shard::node::KV_GROUP, 0, b"counter")
                 .expect("get")
                 .map_or(0, |v| v.version);
             if value == n {
@@ -125,6 +125,7 @@ async fn test_leader_partition_4a() {
             let caller = cluster.net.add_client("minority");
             tokio::spawn(async move {
                 let request = KvRequest {
+        group: shoal_shard::node::KV_GROUP,
                     shard: 0,
                     client: 0,
                     seq: 0,
@@ -158,7 +159,7 @@ async fn test_leader_partition_4a() {
     }
     check_counter(&cluster, 2).await;
     assert_eq!(
-        cluster.engines[leader].get(0, b"dec").expect("get"),
+        cluster.engines[leader].get(shoal_shard::node::KV_GROUP, 0, b"dec").expect("get"),
         None,
         "seed {}: a Dec applied",
         cluster.seed
@@ -201,6 +202,7 @@ async fn null_submissions_then_shutdown(
             let caller = cluster.net.add_client(client);
             tokio::spawn(async move {
                 let request = KvRequest {
+        group: shoal_shard::node::KV_GROUP,
                     shard: 0,
                     client: 0,
                     seq: 0,

@@ -45,7 +45,7 @@ fn export_at(index: u64, dir: &Path) {
         .collect();
     engine.apply(KV_GROUP, &entries).expect("apply");
     engine
-        .export_snapshot(KV_GROUP, &[KV_SHARD], dir)
+        .export_snapshot(KV_GROUP, dir)
         .expect("export");
 }
 
@@ -62,6 +62,7 @@ async fn send_files(sender: &MemNode<KvProtocol>, dir: &Path, index: u64) {
             group: KV_GROUP,
             index,
             name: name.clone(),
+            shard: None,
         };
         sender
             .send_file(NodeId(3), dir.join(&name), meta)
@@ -127,9 +128,9 @@ async fn an_ignored_stale_snapshot_does_not_displace_the_restored_one() {
         (5, 10, 1),
         "{status:?}"
     );
-    assert!(engine.get(KV_SHARD, b"k10").expect("get").is_some());
+    assert!(engine.get(KV_GROUP, KV_SHARD, b"k10").expect("get").is_some());
     assert!(
-        engine.get(KV_SHARD, b"k11").expect("get").is_none(),
+        engine.get(KV_GROUP, KV_SHARD, b"k11").expect("get").is_none(),
         "the stale snapshot's data was installed"
     );
     node.shutdown().await.expect("clean shutdown");

@@ -7,12 +7,17 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 use shoal_consensus::{Index, NodeId, RawNode, Term};
-use shoal_engine::{Backend, Command, Engine, GroupId, GroupStorage, Reply, Request, ShardId};
+use shoal_engine::{
+    Backend, Command, Engine, GroupId, GroupStorage, Reply, Request, ShardId, ShardRecord,
+    ShardStatus,
+};
 use shoal_net::Responder;
 
+use super::moves::{Entry, RECORD_NONE};
 use super::persist::{entry_chunks, request_bytes};
+use super::sessions::SessionTracker;
 use super::NodeError;
-use crate::protocol::{KvRequest, KvResponse, Response};
+use crate::protocol::{KvRequest, KvResponse, Response, ShardCommand};
 
 /// Whoever waits for a request's answer: a client RPC, or nobody (the
 /// leader's own session-expiry proposals).
@@ -38,11 +43,18 @@ type Waiting = Vec<(KvRequest, Waiter)>;
 /// One Raft group on this node.
 pub(super) struct Group<B: Backend> {
     pub(super) id: GroupId,
-    /// Shards whose data the group's state machine holds.
-    pub(super) shards: Vec<ShardId>,
+    /// Shards the group serves from its creation, without a config.
+    pub(super) static_shards: Vec<ShardId>,
+    /// The group's shard records (as of its applied index): which shards
+    /// it serves, holds frozen, or gave away, by config number.
+    pub(super) records: BTreeMap<ShardId, ShardRecord>,
+    /// Sessions of the group's shards, as this node watches them.
+    pub(super) sessions: SessionTracker,
     pub(super) raw: RawNode<GroupStorage<B>>,
     /// Writes received this turn, proposed at the start of the round.
     pub(super) queued_writes: Vec<(Request, Waiter)>,
+    /// Shard move steps received this turn, one entry each.
+    pub(super) queued_shard: Vec<(ShardCommand, Waiter)>,
     /// Reads received this turn, sent as one ReadIndex at the round start.
     pub(super) queued_reads: Waiting,
     /// Proposals by log index.
@@ -78,7 +90,8 @@ pub(super) struct Group<B: Backend> {
 impl<B: Backend> Group<B> {
     pub(super) fn new(
         id: GroupId,
-        shards: Vec<ShardId>,
+        static_shards: Vec<ShardId>,
+        records: BTreeMap<ShardId, ShardRecord>,
         raw: RawNode<GroupStorage<B>>,
         snapshot_index: Index,
         snapshot_bytes: u64,
@@ -86,9 +99,12 @@ impl<B: Backend> Group<B> {
         Group {
             durable_term_vote: (raw.term(), raw.vote()),
             id,
-            shards,
+            static_shards,
+            records,
+            sessions: SessionTracker::default(),
             raw,
             queued_writes: Vec::new(),
+            queued_shard: Vec::new(),
             queued_reads: Vec::new(),
             proposals: BTreeMap::new(),
             reads_unconfirmed: BTreeMap::new(),
@@ -104,7 +120,41 @@ impl<B: Backend> Group<B> {
         }
     }
 
+    /// The group's record of `shard` ([`RECORD_NONE`] if it has none).
+    pub(super) fn record_of(&self, shard: ShardId) -> ShardRecord {
+        self.records.get(&shard).copied().unwrap_or(RECORD_NONE)
+    }
+
+    /// Whether the group serves `shard`'s requests (as of its applied index).
+    pub(super) fn serves(&self, shard: ShardId) -> bool {
+        self.static_shards.contains(&shard)
+            || self.record_of(shard).status == ShardStatus::Serving
+    }
+
+    /// Every shard the group serves.
+    pub(super) fn served_shards(&self) -> Vec<ShardId> {
+        let mut shards: Vec<ShardId> = self
+            .records
+            .iter()
+            .filter(|(_, r)| r.status == ShardStatus::Serving)
+            .map(|(s, _)| *s)
+            .chain(self.static_shards.iter().copied())
+            .collect();
+        shards.sort_unstable();
+        shards.dedup();
+        shards
+    }
+
     pub(super) fn propose_queued(&mut self, next_context: &mut u64) -> Result<(), NodeError> {
+        for (command, waiter) in std::mem::take(&mut self.queued_shard) {
+            if self.raw.is_leader() {
+                self.propose(Entry::Shard(command), vec![waiter]);
+            } else {
+                waiter.send(KvResponse::NotLeader {
+                    leader_hint: self.raw.leader_id(),
+                });
+            }
+        }
         if !self.queued_writes.is_empty() {
             let queued = std::mem::take(&mut self.queued_writes);
             if !self.raw.is_leader() {
@@ -118,7 +168,7 @@ impl<B: Backend> Group<B> {
                 for count in entry_chunks(&sizes) {
                     let (requests, responders): (Vec<Request>, Vec<Waiter>) =
                         queued.by_ref().take(count).unzip();
-                    self.propose(requests, responders);
+                    self.propose(Entry::Requests(requests), responders);
                 }
             }
         }
@@ -148,8 +198,8 @@ impl<B: Backend> Group<B> {
         Ok(())
     }
 
-    fn propose(&mut self, requests: Vec<Request>, responders: Vec<Waiter>) {
-        let data = postcard::to_allocvec(&requests).expect("requests always encode");
+    fn propose(&mut self, entry: Entry, responders: Vec<Waiter>) {
+        let data = postcard::to_allocvec(&entry).expect("entries always encode");
         match self.raw.propose(Bytes::from(data)) {
             Ok(index) => {
                 self.leader_term.get_or_insert(self.raw.term());
@@ -175,9 +225,10 @@ impl<B: Backend> Group<B> {
         }
     }
 
-    pub(super) fn answer_applied(&mut self, index: Index, term: Term, replies: Vec<Reply>) {
-        // Proposals at lower indexes were overwritten by another leader's
-        // entries; they were answered when leadership was lost, but be sure.
+    /// The callers waiting on the entry at (`index`, `term`), if this node
+    /// proposed it; callers of a lost proposal at that index (another
+    /// term) or below are answered `NotLeader`.
+    pub(super) fn take_waiters(&mut self, index: Index, term: Term) -> Option<Vec<Waiter>> {
         while let Some((&first, _)) = self.proposals.first_key_value() {
             if first >= index {
                 break;
@@ -188,18 +239,32 @@ impl<B: Backend> Group<B> {
                 r.send(KvResponse::NotLeader { leader_hint: hint });
             }
         }
-        let Some(p) = self.proposals.remove(&index) else {
-            return;
-        };
-        if p.term != term || p.responders.len() != replies.len() {
+        let p = self.proposals.remove(&index)?;
+        if p.term != term {
             let hint = self.raw.leader_id();
             for r in p.responders {
                 r.send(KvResponse::NotLeader { leader_hint: hint });
             }
+            return None;
+        }
+        Some(p.responders)
+    }
+
+    /// Answers the callers of the entry at (`index`, `term`), one reply
+    /// per request in order.
+    pub(super) fn answer_applied(&mut self, index: Index, term: Term, replies: Vec<KvResponse>) {
+        let Some(responders) = self.take_waiters(index, term) else {
+            return;
+        };
+        if responders.len() != replies.len() {
+            let hint = self.raw.leader_id();
+            for r in responders {
+                r.send(KvResponse::NotLeader { leader_hint: hint });
+            }
             return;
         }
-        for (r, reply) in p.responders.into_iter().zip(replies) {
-            r.send(KvResponse::Done(reply));
+        for (r, reply) in responders.into_iter().zip(replies) {
+            r.send(reply);
         }
     }
 
@@ -213,16 +278,21 @@ impl<B: Backend> Group<B> {
         self.reads_confirmed = waiting;
         for (_, reads) in ready {
             for (request, responder) in reads {
+                if !self.serves(request.shard) {
+                    // Frozen or handed over at or before the read index.
+                    responder.send(KvResponse::WrongGroup);
+                    continue;
+                }
                 let reply = match &request.command {
                     crate::protocol::ClientCommand::Get { key } => {
-                        match engine.get(request.shard, key) {
+                        match engine.get(self.id, request.shard, key) {
                             Ok(Some(v)) => Ok(Reply::Value(v)),
                             Ok(None) => Ok(Reply::NotFound),
                             Err(e) => Err(e),
                         }
                     }
                     crate::protocol::ClientCommand::Scan { start, end, limit } => engine
-                        .scan(request.shard, start, end, *limit)
+                        .scan(self.id, request.shard, start, end, *limit)
                         .map(Reply::Pairs),
                     _ => unreachable!("only reads are queued as reads"),
                 };
@@ -276,6 +346,9 @@ impl<B: Backend> Group<B> {
         for (_, r) in self.queued_reads.drain(..) {
             r.send(response());
         }
+        for (_, r) in self.queued_shard.drain(..) {
+            r.send(response());
+        }
         for (_, p) in std::mem::take(&mut self.proposals) {
             for r in p.responders {
                 r.send(response());
@@ -295,18 +368,18 @@ impl<B: Backend> Group<B> {
     }
 }
 
-/// Decodes an entry's requests; empty for no-ops and config entries.
+/// Decodes an entry; no-ops and config entries are empty requests.
 pub(super) fn decode_entry(
     group: GroupId,
     index: Index,
     kind: shoal_consensus::EntryKind,
     data: &Bytes,
-) -> Vec<Request> {
+) -> Entry {
     if kind != shoal_consensus::EntryKind::Normal || data.is_empty() {
-        return Vec::new();
+        return Entry::Requests(Vec::new());
     }
-    match postcard::from_bytes::<Vec<Request>>(data) {
-        Ok(requests) => requests,
+    match postcard::from_bytes::<Entry>(data) {
+        Ok(entry) => entry,
         // Entries are written only by this runtime and checksummed by the
         // engine: an undecodable one is a bug, and applying around it would
         // make replicas diverge.

@@ -99,6 +99,7 @@
 //! definition).
 
 pub mod group;
+pub mod moves;
 pub mod persist;
 pub mod sessions;
 pub mod snapshots;
@@ -113,8 +114,8 @@ use shoal_consensus::{
     Config, Index, Message, MessageBody, NodeId, RawNode, Role, Snapshot, SnapshotMeta, Term,
 };
 use shoal_engine::{
-    ApplyEntry, Backend, Command, Engine, EngineError, GroupId, GroupWrite, LogBatch, Request,
-    ShardId, SnapshotManifest,
+    AppliedState, ApplyEntry, Backend, Command, Engine, EngineError, GroupId, GroupWrite,
+    LogBatch, Request, ShardId, ShardRecord, ShardStatus, SnapshotManifest,
 };
 use shoal_net::{Inbox, IncomingRpc, ReceivedFile, Transport};
 use tokio::sync::watch;
@@ -122,11 +123,12 @@ use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use self::group::{decode_entry, updates_session, Group, Waiter};
+use self::moves::{Effect, Entry};
 use self::sessions::SessionTracker;
 use self::snapshots::{export_dir, recv_dir, remove_dirs, SnapshotFileError};
 use crate::protocol::{
     Denied, GroupReport, KvProtocol, KvResponse, NodeReport, PeerMessage, Request as RpcRequest,
-    Response, SnapshotFileMeta,
+    Response, ShardCommand, ShardReply, SnapshotFileMeta,
 };
 
 pub use self::persist::{ENTRY_BYTES_MAX, ENTRY_REQUESTS_MAX};
@@ -157,8 +159,8 @@ pub struct NodeConfig {
     /// Every voter of the node's groups, this node included (every group
     /// has the same members for now).
     pub voters: Vec<NodeId>,
-    /// The Raft groups this node hosts and the shard each serves. Default:
-    /// [`KV_GROUP`] serving [`KV_SHARD`].
+    /// The Raft groups this node hosts. Default: [`KV_GROUP`] serving
+    /// [`KV_SHARD`] without a shard controller.
     pub groups: Vec<GroupSpec>,
     /// Tick length; consensus timeouts are counted in ticks.
     pub tick_ms: u64,
@@ -193,7 +195,7 @@ impl NodeConfig {
             voters,
             groups: vec![GroupSpec {
                 group: KV_GROUP,
-                shard: KV_SHARD,
+                static_shards: vec![KV_SHARD],
             }],
             tick_ms: shoal_consensus::config::DEFAULT_TICK_MS,
             seed: id,
@@ -205,13 +207,17 @@ impl NodeConfig {
     }
 }
 
-/// One Raft group a node hosts, and the shard its state machine serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One Raft group a node hosts.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupSpec {
     /// The group.
     pub group: GroupId,
-    /// The shard whose keys it holds (requests name it).
-    pub shard: ShardId,
+    /// Shards the group serves from its creation, without a shard
+    /// controller (an embedded `Db`, a single-group cluster, the
+    /// controller's own group). A group of a sharded cluster lists none:
+    /// it serves the shards its `Create` and `Install` entries gave it
+    /// (see [`moves`]).
+    pub static_shards: Vec<ShardId>,
 }
 
 /// Why a node could not start or had to stop.
@@ -372,6 +378,15 @@ enum Done {
     },
     /// Files no longer needed were removed.
     Pruned,
+    /// A frozen shard was exported and shipped to its new group (or not).
+    Shipped {
+        group: GroupId,
+        shard: ShardId,
+        waiters: Vec<Waiter>,
+        result: Result<SnapshotManifest, SnapshotFileError>,
+    },
+    /// Shipped shard files were moved into their incoming directory.
+    Placed,
 }
 
 /// The node runtime; see the module docs.
@@ -380,10 +395,8 @@ pub struct Node<B: Backend, T: Transport<KvProtocol>> {
     engine: Engine<B>,
     transport: T,
     groups: BTreeMap<GroupId, Group<B>>,
-    shard_groups: BTreeMap<ShardId, GroupId>,
     next_read_context: u64,
     last_expiry: Instant,
-    sessions: SessionTracker,
     status: Arc<Mutex<HashMap<GroupId, GroupStatus>>>,
     /// Every task the loop started (transfers, verifications, exports).
     tasks: JoinSet<Done>,
@@ -442,7 +455,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
     fn open_group(
         config: &NodeConfig,
         engine: &Engine<B>,
-        spec: GroupSpec,
+        spec: &GroupSpec,
     ) -> Result<Group<B>, NodeError> {
         let group_id = spec.group;
         let err = engine_err(group_id);
@@ -516,7 +529,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 Ok(m) => snapshot_bytes = m.size_bytes(),
                 Err(_) => {
                     let manifest =
-                        snapshots::export(engine, &config.snapshot_dir, group_id, &[spec.shard])
+                        snapshots::export(engine, &config.snapshot_dir, group_id)
                             .map_err(files_err(group_id))?;
                     record_snapshot(engine, group_id, &manifest, state.conf_state.clone())?;
                     remove_dirs(
@@ -539,38 +552,37 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         raft_config.seed = config.seed ^ config.id.rotate_left(32) ^ group_id.rotate_left(16);
         let raw = RawNode::new(raft_config, engine.group_storage(group_id))
             .map_err(consensus_err(group_id))?;
-        Ok(Group::new(
+        let records = engine.shard_records(group_id).map_err(&err)?;
+        let mut group = Group::new(
             group_id,
-            vec![spec.shard],
+            spec.static_shards.clone(),
+            records,
             raw,
             snapshot_index,
             snapshot_bytes,
-        ))
+        );
+        let now = Instant::now();
+        for shard in group.served_shards() {
+            let known = engine.sessions(group_id, shard).map_err(&err)?;
+            group.sessions.reload(shard, known, now);
+        }
+        Ok(group)
     }
 
     fn open(config: NodeConfig, engine: Engine<B>, transport: T) -> Result<Self, NodeError> {
         let mut groups = BTreeMap::new();
-        let mut shard_groups = BTreeMap::new();
-        let mut sessions = SessionTracker::default();
         let now = Instant::now();
         for spec in &config.groups {
-            let group = Self::open_group(&config, &engine, *spec)?;
+            let group = Self::open_group(&config, &engine, spec)?;
             groups.insert(spec.group, group);
-            shard_groups.insert(spec.shard, spec.group);
-            let known = engine
-                .sessions(spec.shard)
-                .map_err(engine_err(spec.group))?;
-            sessions.reload(spec.shard, known, now);
         }
         Ok(Node {
             config,
             engine,
             transport,
             groups,
-            shard_groups,
             next_read_context: 1,
             last_expiry: now,
-            sessions,
             status: Arc::new(Mutex::new(HashMap::new())),
             tasks: JoinSet::new(),
             transfers: HashMap::new(),
@@ -698,24 +710,23 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         self.last_expiry = now;
         // A leader proposes the expiry of sessions it has itself seen idle
         // for the whole period; its outcome needs no answer.
-        for (&shard, gid) in &self.shard_groups {
-            let Some(group) = self.groups.get_mut(gid) else {
-                continue;
-            };
+        for group in self.groups.values_mut() {
             if !group.raw.is_leader() {
                 continue;
             }
-            let sessions = self.sessions.idle(shard, idle, now);
-            if sessions.is_empty() {
-                continue;
+            for shard in group.served_shards() {
+                let sessions = group.sessions.idle(shard, idle, now);
+                if sessions.is_empty() {
+                    continue;
+                }
+                let request = Request {
+                    shard,
+                    client: 0,
+                    seq: 0,
+                    command: Command::ExpireSessions { sessions },
+                };
+                group.queued_writes.push((request, Waiter(None)));
             }
-            let request = Request {
-                shard,
-                client: 0,
-                seq: 0,
-                command: Command::ExpireSessions { sessions },
-            };
-            group.queued_writes.push((request, Waiter(None)));
         }
         Ok(())
     }
@@ -881,7 +892,26 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                     self.prune_exports(group);
                 }
             }
-            Done::Pruned => {}
+            Done::Pruned | Done::Placed => {}
+            Done::Shipped {
+                group,
+                shard,
+                waiters,
+                result,
+            } => {
+                let response = match result {
+                    Ok(manifest) => KvResponse::Shard(ShardReply::Frozen { manifest }),
+                    Err(e) => {
+                        // Transient (a destination node down): the
+                        // controller retries the freeze, which ships again.
+                        tracing::warn!(node = self.config.id, group, shard, error = %e, "shipping a frozen shard failed");
+                        KvResponse::Busy
+                    }
+                };
+                for w in waiters {
+                    w.send(response.clone());
+                }
+            }
             Done::Verified {
                 group: gid,
                 index,
@@ -963,20 +993,41 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 let _ = reply.send(self.admin(&from, |t| t.clear_fault_filter()));
                 return;
             }
+            RpcRequest::Shard(request) => {
+                if !from.is_admin() {
+                    tracing::warn!(node = self.config.id, ?from, "shard move step from a non-admin refused");
+                    let _ = reply.send(Response::Denied(Denied::NotAdmin));
+                    return;
+                }
+                let reply = Waiter(Some(reply));
+                let Some(group) = self.groups.get_mut(&request.group) else {
+                    reply.send(KvResponse::UnknownGroup);
+                    return;
+                };
+                if !group.raw.is_leader() {
+                    reply.send(KvResponse::NotLeader {
+                        leader_hint: group.raw.leader_id(),
+                    });
+                    return;
+                }
+                group.queued_shard.push((request.command, reply));
+                return;
+            }
         };
         let reply = Waiter(Some(reply));
-        let Some(gid) = self.shard_groups.get(&request.shard).copied() else {
-            reply.send(KvResponse::WrongShard);
-            return;
-        };
-        let Some(group) = self.groups.get_mut(&gid) else {
-            reply.send(KvResponse::WrongShard);
+        let Some(group) = self.groups.get_mut(&request.group) else {
+            reply.send(KvResponse::UnknownGroup);
             return;
         };
         if !group.raw.is_leader() {
             reply.send(KvResponse::NotLeader {
                 leader_hint: group.raw.leader_id(),
             });
+            return;
+        }
+        if !group.serves(request.shard) {
+            // Checked again when applied (or read), in log order.
+            reply.send(KvResponse::WrongGroup);
             return;
         }
         // A scan asks for at most this node's page size, whatever the
@@ -1135,36 +1186,18 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         }
         // Apply, answer, serve reads, advance.
         for (gid, ready) in readies {
-            let apply: Vec<ApplyEntry> = ready
-                .committed_entries
-                .iter()
-                .map(|e| ApplyEntry {
-                    index: e.index,
-                    term: e.term,
-                    requests: decode_entry(gid, e.index, e.kind, &e.data),
-                })
-                .collect();
             // Applying is unsynced CPU work (memtable inserts and a buffered
             // WAL append), short next to the synced log write, so it runs
             // inline: a hop to the blocking pool and back would cost more
-            // than the apply itself.
-            let replies = if apply.is_empty() {
-                Vec::new()
-            } else {
-                self.engine.apply(gid, &apply).map_err(engine_err(gid))?
-            };
-            let now = Instant::now();
+            // than the apply itself. (Ingesting a moved shard's files is
+            // the exception; see `apply_shard`.)
+            self.apply_committed(gid, &ready.committed_entries).await?;
             let group = self
                 .groups
                 .get_mut(&gid)
                 .expect("a group with a Ready exists");
-            for (entry, replies) in apply.iter().zip(replies) {
-                for (request, reply) in entry.requests.iter().zip(&replies) {
-                    track_session(&mut self.sessions, request, reply, now);
-                }
-                group.answer_applied(entry.index, entry.term, replies);
-            }
-            let applied = apply
+            let applied = ready
+                .committed_entries
                 .last()
                 .map(|e| e.index)
                 .unwrap_or_else(|| group.raw.applied_index());
@@ -1178,6 +1211,242 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             self.maybe_compact(gid)?;
         }
         Ok(())
+    }
+
+    /// Applies committed entries of `gid` in log order: runs of request
+    /// entries through one [`Engine::apply`] each, a request on a shard the
+    /// group does not serve (as of the entries before it) answered
+    /// `WrongGroup` without applying, and each shard step on its own.
+    async fn apply_committed(
+        &mut self,
+        gid: GroupId,
+        entries: &[shoal_consensus::Entry],
+    ) -> Result<(), NodeError> {
+        let mut run = Vec::new();
+        let mut kept = Vec::new();
+        for e in entries {
+            match decode_entry(gid, e.index, e.kind, &e.data) {
+                Entry::Requests(requests) => {
+                    let group = &self.groups[&gid];
+                    let served: Vec<bool> = requests.iter().map(|r| group.serves(r.shard)).collect();
+                    let requests = requests
+                        .into_iter()
+                        .zip(&served)
+                        .filter(|(_, s)| **s)
+                        .map(|(r, _)| r)
+                        .collect();
+                    run.push(ApplyEntry {
+                        index: e.index,
+                        term: e.term,
+                        requests,
+                    });
+                    kept.push(served);
+                }
+                Entry::Shard(command) => {
+                    self.apply_run(gid, std::mem::take(&mut run), std::mem::take(&mut kept))?;
+                    self.apply_shard(gid, e.index, e.term, command).await?;
+                }
+            }
+        }
+        self.apply_run(gid, run, kept)
+    }
+
+    /// Applies request entries and answers their callers; `served[i][j]`
+    /// says whether entry i's request j is in `run` (else it is answered
+    /// `WrongGroup`).
+    fn apply_run(
+        &mut self,
+        gid: GroupId,
+        run: Vec<ApplyEntry>,
+        served: Vec<Vec<bool>>,
+    ) -> Result<(), NodeError> {
+        if run.is_empty() {
+            return Ok(());
+        }
+        let replies = self.engine.apply(gid, &run).map_err(engine_err(gid))?;
+        let now = Instant::now();
+        let group = self.groups.get_mut(&gid).expect("group exists");
+        for ((entry, replies), served) in run.iter().zip(replies).zip(served) {
+            for (request, reply) in entry.requests.iter().zip(&replies) {
+                track_session(&mut group.sessions, request, reply, now);
+            }
+            let mut replies = replies.into_iter();
+            let answers = served
+                .into_iter()
+                .map(|s| match s.then(|| replies.next()).flatten() {
+                    Some(reply) => KvResponse::Done(reply),
+                    None => KvResponse::WrongGroup,
+                })
+                .collect();
+            group.answer_applied(entry.index, entry.term, answers);
+        }
+        Ok(())
+    }
+
+    /// Applies one shard move step (see [`moves`]): decides its effect from
+    /// the group's records, stores it with the applied index, and answers
+    /// its caller (a freeze that took effect once its files are shipped).
+    async fn apply_shard(
+        &mut self,
+        gid: GroupId,
+        index: Index,
+        term: Term,
+        command: ShardCommand,
+    ) -> Result<(), NodeError> {
+        let at = AppliedState { index, term };
+        let decision = {
+            let group = &self.groups[&gid];
+            moves::decide(gid, &command, |s| group.record_of(s))
+        };
+        let err = engine_err(gid);
+        let mut changed: Vec<(ShardId, ShardRecord)> = Vec::new();
+        match decision.effect {
+            Effect::None => {
+                self.engine
+                    .apply(
+                        gid,
+                        &[ApplyEntry {
+                            index,
+                            term,
+                            requests: Vec::new(),
+                        }],
+                    )
+                    .map_err(&err)?;
+            }
+            Effect::Record {
+                shard,
+                record,
+                clear,
+            } => {
+                self.engine
+                    .apply_shard_changes(gid, at, &[(shard, record, clear)])
+                    .map_err(&err)?;
+                changed.push((shard, record));
+            }
+            Effect::Create { shards, record } => {
+                let changes: Vec<_> = shards.iter().map(|&s| (s, record, true)).collect();
+                self.engine
+                    .apply_shard_changes(gid, at, &changes)
+                    .map_err(&err)?;
+                changed.extend(shards.into_iter().map(|s| (s, record)));
+            }
+            Effect::Ingest { shard, record } => {
+                let ShardCommand::Install { num, manifest, .. } = &command else {
+                    unreachable!("only an install ingests")
+                };
+                let dir = moves::incoming_dir(&self.config.snapshot_dir, gid, shard, *num);
+                let expected = manifest.clone();
+                self.with_engine(move |engine| {
+                    let shipped = shoal_engine::snapshot::read_manifest(&dir)
+                        .map_err(|e| files_err(gid)(e.into()))?;
+                    if shipped != expected {
+                        return Err(files_err(gid)(SnapshotFileError::NotShipped { dir }));
+                    }
+                    engine
+                        .install_shard(gid, at, shard, record, &dir)
+                        .map_err(engine_err(gid))
+                        .map(|_| ())
+                })
+                .await?;
+                changed.push((shard, record));
+            }
+        }
+        let now = Instant::now();
+        for (shard, record) in changed {
+            let known = if record.status == ShardStatus::Serving {
+                self.engine.sessions(gid, shard).map_err(&err)?
+            } else {
+                Vec::new()
+            };
+            let group = self.groups.get_mut(&gid).expect("group exists");
+            group.records.insert(shard, record);
+            group.sessions.reload(shard, known, now);
+        }
+        let group = self.groups.get_mut(&gid).expect("group exists");
+        let Some(waiters) = group.take_waiters(index, term) else {
+            return Ok(());
+        };
+        if let (
+            ShardCommand::Freeze {
+                shard,
+                num,
+                to_group,
+                to_nodes,
+            },
+            ShardReply::Done,
+        ) = (&command, &decision.reply)
+        {
+            let frozen = ShardRecord {
+                num: *num,
+                status: ShardStatus::Frozen,
+            };
+            if group.record_of(*shard) == frozen {
+                self.ship(gid, *shard, *num, *to_group, to_nodes.clone(), waiters);
+                return Ok(());
+            }
+        }
+        for w in waiters {
+            w.send(KvResponse::Shard(decision.reply.clone()));
+        }
+        Ok(())
+    }
+
+    /// Exports a frozen shard for its new group and ships the files to
+    /// every node of it, in a task; the freeze's callers are answered when
+    /// it is done ([`Done::Shipped`]).
+    fn ship(
+        &mut self,
+        gid: GroupId,
+        shard: ShardId,
+        num: u64,
+        to_group: GroupId,
+        to_nodes: Vec<NodeId>,
+        waiters: Vec<Waiter>,
+    ) {
+        let engine = self.engine.clone();
+        let transport = self.transport.clone();
+        let root = self.config.snapshot_dir.clone();
+        let me = self.config.id;
+        let blocking = self.config.blocking_io;
+        self.tasks.spawn(async move {
+            let dir = moves::outgoing_dir(&root, gid, shard, num);
+            let export_dir = dir.clone();
+            let export = move || -> Result<SnapshotManifest, SnapshotFileError> {
+                let _ = std::fs::remove_dir_all(&export_dir);
+                Ok(engine.export_shard(gid, shard, to_group, &export_dir)?)
+            };
+            let exported = if blocking {
+                match tokio::task::spawn_blocking(export).await {
+                    Ok(r) => r,
+                    Err(e) => Err(SnapshotFileError::Ship {
+                        node: me,
+                        file: String::new(),
+                        reason: format!("export task failed: {e}"),
+                    }),
+                }
+            } else {
+                export()
+            };
+            let result = match exported {
+                Ok(manifest) => snapshots::ship(
+                    &transport,
+                    me,
+                    &root,
+                    &dir,
+                    (to_group, shard, num),
+                    &to_nodes,
+                )
+                .await
+                .map(|()| manifest),
+                Err(e) => Err(e),
+            };
+            Done::Shipped {
+                group: gid,
+                shard,
+                waiters,
+                result,
+            }
+        });
     }
 
     /// Persists a round's log write: synced unless only commit indexes
@@ -1262,6 +1531,25 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
     /// move and the check run in order and off the loop.
     fn on_file(&mut self, file: ReceivedFile<SnapshotFileMeta>) {
         let meta = &file.meta;
+        if let Some((shard, num)) = meta.shard {
+            // A moving shard's file for a group hosted here: into its
+            // incoming directory (off the loop), where the install finds it.
+            if !snapshots::file_name_ok(&meta.name) || !self.groups.contains_key(&meta.group) {
+                tracing::warn!(node = self.config.id, from = %file.from, name = %meta.name, group = meta.group, "unexpected shard file dropped");
+                let _ = std::fs::remove_file(&file.path);
+                return;
+            }
+            let dir = moves::incoming_dir(&self.config.snapshot_dir, meta.group, shard, num);
+            let files = vec![(file.path, meta.name.clone())];
+            let node = self.config.id;
+            self.run_blocking(move || {
+                if let Err(e) = snapshots::file_into_place(&files, &dir) {
+                    tracing::warn!(node, error = %e, "could not store a shipped shard file");
+                }
+                Done::Placed
+            });
+            return;
+        }
         if !snapshots::file_name_ok(&meta.name) || !self.groups.contains_key(&meta.group) {
             tracing::warn!(node = self.config.id, from = %file.from, name = %meta.name, "unexpected bulk file dropped");
             let _ = std::fs::remove_file(&file.path);
@@ -1294,23 +1582,31 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             panic!("node {node} group {gid}: restored snapshot {index} has no verified files");
         };
         group.verified.retain(|i, _| *i > index);
-        let shards = group.shards.clone();
-        let (manifest, sessions) = self
+        let static_shards = group.static_shards.clone();
+        let (manifest, records, sessions) = self
             .with_engine(move |engine| {
                 let err = engine_err(gid);
                 let manifest = engine.install_snapshot(&dir).map_err(&err)?;
+                let records = engine.shard_records(gid).map_err(&err)?;
                 let mut sessions = Vec::new();
-                for shard in shards {
-                    sessions.push((shard, engine.sessions(shard).map_err(&err)?));
+                for (shard, record) in &records {
+                    if record.status == ShardStatus::Serving {
+                        sessions.push((*shard, engine.sessions(gid, *shard).map_err(&err)?));
+                    }
                 }
-                Ok((manifest, sessions))
+                for &shard in &static_shards {
+                    sessions.push((shard, engine.sessions(gid, shard).map_err(&err)?));
+                }
+                Ok((manifest, records, sessions))
             })
             .await?;
         let now = Instant::now();
-        for (shard, known) in sessions {
-            self.sessions.reload(shard, known, now);
-        }
         let group = self.groups.get_mut(&gid).expect("group exists");
+        group.records = records;
+        group.sessions = SessionTracker::default();
+        for (shard, known) in sessions {
+            group.sessions.reload(shard, known, now);
+        }
         group.snapshot_index = index;
         group.snapshot_bytes = manifest.size_bytes();
         group.export_pending = true;
@@ -1346,12 +1642,11 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         }
         group.exporting = true;
         group.export_pending = false;
-        let shards = group.shards.clone();
         let engine = self.engine.clone();
         let root = self.config.snapshot_dir.clone();
         self.run_blocking(move || Done::Exported {
             group: gid,
-            result: snapshots::export(&engine, &root, gid, &shards),
+            result: snapshots::export(&engine, &root, gid),
         });
         Ok(())
     }
@@ -1393,7 +1688,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                     snapshot_index: g.snapshot_index,
                     snapshot_bytes: g.snapshot_bytes,
                     snapshots_installed: g.snapshots_installed,
-                    sessions: self.sessions.len() as u64,
+                    sessions: g.sessions.len() as u64,
                 },
             );
         }

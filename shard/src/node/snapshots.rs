@@ -53,6 +53,22 @@ pub enum SnapshotFileError {
         /// Index the manifest names.
         index_found: Index,
     },
+    /// A shard's file could not be shipped to a node of its new group.
+    #[error("shipping {file} to node {node}: {reason}")]
+    Ship {
+        /// The node.
+        node: NodeId,
+        /// The file.
+        file: String,
+        /// The transport's error.
+        reason: String,
+    },
+    /// Shipped shard files are not the export the install names.
+    #[error("{dir}: the shipped files are not the export the install entry names")]
+    NotShipped {
+        /// The incoming directory.
+        dir: PathBuf,
+    },
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotFileError + '_ {
@@ -110,11 +126,10 @@ pub fn export<B: Backend>(
     engine: &Engine<B>,
     root: &Path,
     group: GroupId,
-    shards: &[ShardId],
 ) -> Result<SnapshotManifest, SnapshotFileError> {
     let staging = root.join(format!("export-g{group}-tmp"));
     let _ = std::fs::remove_dir_all(&staging);
-    let manifest = engine.export_snapshot(group, shards, &staging)?;
+    let manifest = engine.export_snapshot(group, &staging)?;
     let dir = export_dir(root, group, manifest.applied.index);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&staging, &dir).map_err(io_error(&staging))?;
@@ -174,6 +189,7 @@ pub async fn transfer<T: Transport<KvProtocol>>(
             group,
             index,
             name: name.clone(),
+            shard: None,
         };
         let sent = transport
             .send_file(shoal_net::NodeId(to), dir.join(&name), meta)
@@ -183,6 +199,74 @@ pub async fn transfer<T: Transport<KvProtocol>>(
         }
     }
     true
+}
+
+/// Ships the shard export in `dir` (made for `group`'s `shard` at config
+/// `num`) to every node of `to_nodes`: over the net's bulk streams to
+/// peers, by copying into [`super::moves::incoming_dir`] for `me`. Each
+/// file resolves only once its receiver verified and stored it. The first
+/// failure is the error.
+pub async fn ship<T: Transport<KvProtocol>>(
+    transport: &T,
+    me: NodeId,
+    root: &Path,
+    dir: &Path,
+    (group, shard, num): (GroupId, ShardId, u64),
+    to_nodes: &[NodeId],
+) -> Result<(), SnapshotFileError> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_error(dir))? {
+        let name = entry
+            .map_err(io_error(dir))?
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
+        names.push(name);
+    }
+    names.sort();
+    for &to in to_nodes {
+        if to == me {
+            let files: Vec<(PathBuf, String)> = names
+                .iter()
+                .map(|n| (dir.join(n), n.clone()))
+                .collect();
+            copy_into(&files, &super::moves::incoming_dir(root, group, shard, num))?;
+            continue;
+        }
+        for name in &names {
+            let meta = SnapshotFileMeta {
+                group,
+                index: 0,
+                name: name.clone(),
+                shard: Some((shard, num)),
+            };
+            transport
+                .send_file(shoal_net::NodeId(to), dir.join(name), meta)
+                .await
+                .map_err(|e| SnapshotFileError::Ship {
+                    node: to,
+                    file: name.clone(),
+                    reason: e.to_string(),
+                })?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies files into `dir` (kept where they are), durably.
+fn copy_into(files: &[(PathBuf, String)], dir: &Path) -> Result<(), SnapshotFileError> {
+    std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+    for (from, name) in files {
+        let target = dir.join(name);
+        std::fs::copy(from, &target)
+            .and_then(|_| File::open(&target).and_then(|f| f.sync_all()))
+            .map_err(io_error(&target))?;
+    }
+    sync_dir(dir)?;
+    if let Some(parent) = dir.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(())
 }
 
 /// Whether a received file's name is a plain file name (no path parts).

@@ -123,7 +123,7 @@ impl Cluster {
     ) -> Cluster {
         let groups = vec![GroupSpec {
             group: KV_GROUP,
-            shard: 0,
+            static_shards: vec![0],
         }];
         Cluster::with_groups(n, reliable, seed, max_raft_state, groups)
     }
@@ -149,7 +149,7 @@ impl Cluster {
     pub fn with_session_idle_ms(n: usize, seed: u64, session_idle_ms: u64) -> Cluster {
         let groups = vec![GroupSpec {
             group: KV_GROUP,
-            shard: 0,
+            static_shards: vec![0],
         }];
         Cluster::build(n, true, seed, None, groups, session_idle_ms)
     }
@@ -343,6 +343,11 @@ impl Cluster {
     pub fn clerk_for_shard(&self, shard: u32) -> Clerk {
         let mut config = self.client_config();
         config.shard = shard;
+        config.group = self
+            .groups
+            .iter()
+            .find(|g| g.static_shards.contains(&shard))
+            .map_or(KV_GROUP, |g| g.group);
         let name = format!("client-{}", config.client_id);
         let client = Client::new(self.net.add_client(&name), self.ids(), config);
         Clerk {

@@ -1,0 +1,126 @@
+//! Shard ownership: which shards a group's state machine serves, by config
+//! number, and the storage side of a shard moving between groups.
+//!
+//! A group keeps one [`ShardRecord`] per shard it has ever been told about,
+//! in `meta`, in its own key range (so a Raft snapshot of the group carries
+//! them). The rules that change records (the lab's Freeze → Install →
+//! Delete, fenced by config number) are the shard layer's; this module only
+//! stores their outcome atomically with the applied index:
+//! [`Engine::apply_shard_change`] for a new record (optionally dropping the
+//! shard's data and sessions), and [`Engine::install_shard`] (in
+//! [`crate::snapshot`]) for a record that comes with files.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Backend, Cf, WriteSet};
+use crate::engine::Engine;
+use crate::error::{EngineError, Result};
+use crate::keys::{
+    decode_record, encode_record, meta_applied_key, meta_shard_group_range, meta_shard_key,
+    shard_range, SHARD_PREFIX_BYTES,
+};
+use crate::kv::AppliedState;
+use crate::{GroupId, ShardId};
+
+/// Where a shard stands in a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShardStatus {
+    /// The group serves the shard's reads and writes.
+    Serving,
+    /// The group holds the shard's data but refuses its requests: it is
+    /// being handed to another group.
+    Frozen,
+    /// The group holds nothing of the shard.
+    Absent,
+}
+
+/// A group's record of one shard: its status as of config `num`, the
+/// highest config number the group has seen for the shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardRecord {
+    /// Highest config number seen for the shard.
+    pub num: u64,
+    /// What the group does with it.
+    pub status: ShardStatus,
+}
+
+impl<B: Backend> Engine<B> {
+    /// Every shard record of `group`, by shard.
+    pub fn shard_records(&self, group: GroupId) -> Result<BTreeMap<ShardId, ShardRecord>> {
+        let (start, end) = meta_shard_group_range(group);
+        let mut out = BTreeMap::new();
+        self.backend().scan(Cf::Meta, &start, &end, &mut |k, v| {
+            let shard = k
+                .get(1 + 8..1 + SHARD_PREFIX_BYTES)
+                .and_then(|s| <[u8; 4]>::try_from(s).ok())
+                .map(u32::from_be_bytes)
+                .ok_or_else(|| {
+                    EngineError::Corrupt(format!(
+                        "a shard record key of {} bytes in group {group}",
+                        k.len()
+                    ))
+                })?;
+            let record: ShardRecord = decode_record(k, v, &|| {
+                format!("record of shard {shard} in group {group}")
+            })?;
+            out.insert(shard, record);
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
+    /// Applies committed entry `at` of `group` whose effect is that
+    /// `shard`'s record becomes `record`, removing the shard's data and
+    /// sessions too if `clear` (a shard handed over). One write, with the
+    /// applied state; `at` must be above the applied index. Not synced,
+    /// like every apply.
+    pub fn apply_shard_change(
+        &self,
+        group: GroupId,
+        at: AppliedState,
+        shard: ShardId,
+        record: ShardRecord,
+        clear: bool,
+    ) -> Result<()> {
+        self.apply_shard_changes(group, at, &[(shard, record, clear)])
+    }
+
+    /// [`Self::apply_shard_change`] for several shards in one entry: each
+    /// (shard, record, clear) in one write with the applied state.
+    pub fn apply_shard_changes(
+        &self,
+        group: GroupId,
+        at: AppliedState,
+        changes: &[(ShardId, ShardRecord, bool)],
+    ) -> Result<()> {
+        let applied = self.applied(group)?;
+        if at.index <= applied.index {
+            return Err(EngineError::Invalid(format!(
+                "group {group}: entry {} applied again (applied index {})",
+                at.index, applied.index
+            )));
+        }
+        let mut set = WriteSet::new();
+        for &(shard, record, clear) in changes {
+            if clear {
+                let (start, end) = shard_range(group, shard);
+                set.delete_range(Cf::Kv, start.clone(), end.clone());
+                set.delete_range(Cf::Dedup, start, end);
+            }
+            let key = meta_shard_key(group, shard);
+            set.put(Cf::Meta, key.clone(), encode_record(&key, &record));
+        }
+        let applied_key = meta_applied_key(group);
+        set.put(
+            Cf::Meta,
+            applied_key.to_vec(),
+            encode_record(&applied_key, &at),
+        );
+        let mut cache = self.apply_cache();
+        // The cache may hold the cleared keys.
+        cache.clear();
+        self.backend().write(set, false)
+    }
+}

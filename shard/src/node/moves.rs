@@ -1,0 +1,427 @@
+//! Shard moves on a replica group: what each step does to a shard's record,
+//! decided by a pure function every replica runs alike on the committed
+//! entry, and where a moving shard's files live on a node.
+//!
+//! A move of shard `s` from group A to group B for config `n` is three
+//! entries (the lab's Freeze → Install → Delete), each fenced by `n`:
+//! 1. A applies `Freeze { s, n }`: it stops serving `s` (reads and writes
+//!    get `WrongGroup` from then on, in log order). A's leader then exports
+//!    `s` (kv and sessions at one point in time, renamed into B's key range)
+//!    and streams the files to every node of B, which keep them under
+//!    [`incoming_dir`]; only then is the freeze answered.
+//! 2. B applies `Install { s, n, manifest }`: each replica ingests the
+//!    files (crash-atomic, with the applied index and the new record) and
+//!    serves `s`. The sessions moved with the data, so a write retried
+//!    across the move is still applied once.
+//! 3. A applies `Delete { s, n }`: it drops `s`'s data.
+//!
+//! Every group keeps, per shard, the highest config number it has seen:
+//! a step of an older config is answered `Stale` and changes nothing, and a
+//! step repeated with the same number is a success that changes nothing.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use shoal_engine::{GroupId, Request, ShardId, ShardRecord, ShardStatus};
+
+use crate::protocol::{ShardCommand, ShardReply};
+
+/// What one log entry of a group holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Entry {
+    /// Client requests (and the leader's session expiries), applied in order.
+    Requests(Vec<Request>),
+    /// A shard move step.
+    Shard(ShardCommand),
+}
+
+/// What applying a shard step does to the shard's storage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Nothing (a repeat, a stale or refused step).
+    None,
+    /// The shard's record becomes `record`; with `clear`, its data and
+    /// sessions are dropped too (they start empty, or were handed over).
+    Record {
+        /// One shard's new record.
+        shard: ShardId,
+        /// The record.
+        record: ShardRecord,
+        /// Drop the shard's data and sessions.
+        clear: bool,
+    },
+    /// Several shards become served and empty (a `Create`).
+    Create {
+        /// The shards.
+        shards: Vec<ShardId>,
+        /// Their record.
+        record: ShardRecord,
+    },
+    /// The shard's data becomes the shipped files', its record `record`.
+    Ingest {
+        /// The shard.
+        shard: ShardId,
+        /// The record.
+        record: ShardRecord,
+    },
+}
+
+/// The outcome of one shard step: the effect on storage and the reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// What to store.
+    pub effect: Effect,
+    /// What the step's caller is told (a `Freeze` that took effect is
+    /// answered later, once its files are shipped).
+    pub reply: ShardReply,
+}
+
+/// The record a group has for a shard it was never told about.
+pub const RECORD_NONE: ShardRecord = ShardRecord {
+    num: 0,
+    status: ShardStatus::Absent,
+};
+
+/// Decides what `command` does in `group` given the group's records
+/// (`record_of` returns [`RECORD_NONE`] for an unknown shard). A pure
+/// function of the entry and the state: every replica decides alike.
+pub fn decide(
+    group: GroupId,
+    command: &ShardCommand,
+    record_of: impl Fn(ShardId) -> ShardRecord,
+) -> Decision {
+    let done = |effect| Decision {
+        effect,
+        reply: ShardReply::Done,
+    };
+    let stale = |num| Decision {
+        effect: Effect::None,
+        reply: ShardReply::Stale { num },
+    };
+    let refused = |reason: String| Decision {
+        effect: Effect::None,
+        reply: ShardReply::Refused { reason },
+    };
+    let num = command.num();
+    match command {
+        ShardCommand::Create { shards, .. } => {
+            let mut created = Vec::new();
+            for &shard in shards {
+                let r = record_of(shard);
+                if r.num > num {
+                    return stale(r.num);
+                }
+                match r.status {
+                    ShardStatus::Serving if r.num == num => {}
+                    ShardStatus::Absent if r.num < num => created.push(shard),
+                    ShardStatus::Absent if r.num == num => {
+                        return refused(format!(
+                            "shard {shard} was handed over at config {num}; it cannot be created"
+                        ))
+                    }
+                    _ => {
+                        return refused(format!(
+                            "shard {shard} holds data here ({:?} at config {}); only a shard that never did can be created",
+                            r.status, r.num
+                        ))
+                    }
+                }
+            }
+            if created.is_empty() {
+                return done(Effect::None);
+            }
+            done(Effect::Create {
+                shards: created,
+                record: ShardRecord {
+                    num,
+                    status: ShardStatus::Serving,
+                },
+            })
+        }
+        ShardCommand::Freeze { shard, .. } => {
+            let r = record_of(*shard);
+            if r.num > num {
+                return stale(r.num);
+            }
+            let frozen = ShardRecord {
+                num,
+                status: ShardStatus::Frozen,
+            };
+            match r.status {
+                ShardStatus::Serving => done(Effect::Record {
+                    shard: *shard,
+                    record: frozen,
+                    clear: false,
+                }),
+                ShardStatus::Frozen if r.num == num => done(Effect::None),
+                // Frozen by an older config whose move a new controller
+                // now redoes as part of this one.
+                ShardStatus::Frozen => done(Effect::Record {
+                    shard: *shard,
+                    record: frozen,
+                    clear: false,
+                }),
+                // Already handed over and deleted for this config: the
+                // destination installed it before the delete.
+                ShardStatus::Absent if r.num == num => done(Effect::None),
+                ShardStatus::Absent => refused(format!(
+                    "shard {shard} is not held by this group (config {})",
+                    r.num
+                )),
+            }
+        }
+        ShardCommand::Install { shard, manifest, .. } => {
+            let r = record_of(*shard);
+            if r.num > num {
+                return stale(r.num);
+            }
+            match r.status {
+                ShardStatus::Serving if r.num == num => done(Effect::None),
+                ShardStatus::Serving => refused(format!(
+                    "shard {shard} is served here already (config {})",
+                    r.num
+                )),
+                _ if manifest.scope
+                    != (shoal_engine::SnapshotScope::Shard {
+                        shard: *shard,
+                        target: group,
+                    }) =>
+                {
+                    refused(format!("the manifest is not an export of shard {shard}"))
+                }
+                _ => done(Effect::Ingest {
+                    shard: *shard,
+                    record: ShardRecord {
+                        num,
+                        status: ShardStatus::Serving,
+                    },
+                }),
+            }
+        }
+        ShardCommand::Delete { shard, .. } => {
+            let r = record_of(*shard);
+            if r.num > num {
+                return stale(r.num);
+            }
+            match r.status {
+                ShardStatus::Frozen => done(Effect::Record {
+                    shard: *shard,
+                    record: ShardRecord {
+                        num,
+                        status: ShardStatus::Absent,
+                    },
+                    clear: true,
+                }),
+                ShardStatus::Absent => done(Effect::None),
+                ShardStatus::Serving => refused(format!(
+                    "shard {shard} is served here (config {}); only a frozen shard can be deleted",
+                    r.num
+                )),
+            }
+        }
+    }
+}
+
+/// Where a node keeps the files of `shard` shipped to `group` for config
+/// `num` until the install applies.
+pub fn incoming_dir(root: &Path, group: GroupId, shard: ShardId, num: u64) -> PathBuf {
+    root.join(format!("move-in-g{group}-s{shard}-n{num}"))
+}
+
+/// Where a source leader exports `shard` of `group` for config `num`.
+pub fn outgoing_dir(root: &Path, group: GroupId, shard: ShardId, num: u64) -> PathBuf {
+    root.join(format!("move-out-g{group}-s{shard}-n{num}"))
+}
+
+/// Whether a received move file is addressed to a group this node hosts:
+/// parses (group, shard, num) back out of an incoming directory name.
+pub fn parse_incoming(name: &str) -> Option<(GroupId, ShardId, u64)> {
+    let rest = name.strip_prefix("move-in-g")?;
+    let (group, rest) = rest.split_once("-s")?;
+    let (shard, num) = rest.split_once("-n")?;
+    Some((group.parse().ok()?, shard.parse().ok()?, num.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_engine::{AppliedState, SnapshotManifest, SnapshotScope};
+    use ShardStatus::*;
+
+    fn rec(num: u64, status: ShardStatus) -> ShardRecord {
+        ShardRecord { num, status }
+    }
+
+    fn manifest(shard: ShardId, target: GroupId) -> SnapshotManifest {
+        SnapshotManifest {
+            format_version: shoal_engine::snapshot::SNAPSHOT_FORMAT_VERSION,
+            group: 1,
+            applied: AppliedState::default(),
+            scope: SnapshotScope::Shard { shard, target },
+            files: Vec::new(),
+        }
+    }
+
+    fn freeze(num: u64) -> ShardCommand {
+        ShardCommand::Freeze {
+            shard: 3,
+            num,
+            to_group: 2,
+            to_nodes: vec![4],
+        }
+    }
+
+    fn install(num: u64) -> ShardCommand {
+        ShardCommand::Install {
+            shard: 3,
+            num,
+            manifest: manifest(3, 2),
+        }
+    }
+
+    fn delete(num: u64) -> ShardCommand {
+        ShardCommand::Delete { shard: 3, num }
+    }
+
+    #[test]
+    fn a_full_move_changes_each_record_once() {
+        // Source: Serving@1 → Frozen@2 → Absent@2.
+        let d = decide(2, &freeze(2), |_| rec(1, Serving));
+        assert_eq!(
+            d.effect,
+            Effect::Record {
+                shard: 3,
+                record: rec(2, Frozen),
+                clear: false
+            }
+        );
+        let d = decide(2, &delete(2), |_| rec(2, Frozen));
+        assert_eq!(
+            d.effect,
+            Effect::Record {
+                shard: 3,
+                record: rec(2, Absent),
+                clear: true
+            }
+        );
+        // Destination: never had it → Serving@2 from the files.
+        let d = decide(2, &install(2), |_| RECORD_NONE);
+        assert_eq!(
+            d.effect,
+            Effect::Ingest {
+                shard: 3,
+                record: rec(2, Serving)
+            }
+        );
+        assert_eq!(d.reply, ShardReply::Done);
+    }
+
+    #[test]
+    fn repeats_change_nothing_and_succeed() {
+        for (command, state) in [
+            (freeze(2), rec(2, Frozen)),
+            (freeze(2), rec(2, Absent)),
+            (install(2), rec(2, Serving)),
+            (delete(2), rec(2, Absent)),
+            (
+                ShardCommand::Create {
+                    shards: vec![3],
+                    num: 1,
+                },
+                rec(1, Serving),
+            ),
+        ] {
+            let d = decide(2, &command, |_| state);
+            assert_eq!(d.effect, Effect::None, "{command:?} on {state:?}");
+            assert_eq!(d.reply, ShardReply::Done, "{command:?} on {state:?}");
+        }
+    }
+
+    #[test]
+    fn older_configs_are_stale_whatever_the_state() {
+        for status in [Serving, Frozen, Absent] {
+            for command in [
+                freeze(4),
+                install(4),
+                delete(4),
+                ShardCommand::Create {
+                    shards: vec![3],
+                    num: 4,
+                },
+            ] {
+                let d = decide(2, &command, |_| rec(5, status));
+                assert_eq!(d.effect, Effect::None);
+                assert_eq!(d.reply, ShardReply::Stale { num: 5 });
+            }
+        }
+    }
+
+    #[test]
+    fn contradictions_are_refused_and_change_nothing() {
+        for (command, state) in [
+            // Deleting a served shard would lose it.
+            (delete(3), rec(2, Serving)),
+            // Installing over a served shard would make two servers.
+            (install(3), rec(2, Serving)),
+            // Freezing a shard this group never held.
+            (freeze(3), rec(2, Absent)),
+            // Creating (empty) a shard that holds data.
+            (
+                ShardCommand::Create {
+                    shards: vec![3],
+                    num: 3,
+                },
+                rec(2, Frozen),
+            ),
+        ] {
+            let d = decide(2, &command, |_| state);
+            assert_eq!(d.effect, Effect::None, "{command:?} on {state:?}");
+            assert!(
+                matches!(d.reply, ShardReply::Refused { .. }),
+                "{command:?} on {state:?}: {:?}",
+                d.reply
+            );
+        }
+        // A manifest exported for another shard or group.
+        for wrong in [manifest(4, 2), manifest(3, 9)] {
+            let command = ShardCommand::Install {
+                shard: 3,
+                num: 2,
+                manifest: wrong,
+            };
+            let d = decide(2, &command, |_| RECORD_NONE);
+            assert!(matches!(d.reply, ShardReply::Refused { .. }));
+        }
+        // ... or applied by another group than the one it was made for.
+        let d = decide(5, &install(2), |_| RECORD_NONE);
+        assert!(matches!(d.reply, ShardReply::Refused { .. }));
+    }
+
+    #[test]
+    fn create_makes_only_new_shards() {
+        let d = decide(
+            2,
+            &ShardCommand::Create {
+                shards: vec![1, 2, 3],
+                num: 1,
+            },
+            |s| if s == 2 { rec(1, Serving) } else { RECORD_NONE },
+        );
+        assert_eq!(
+            d.effect,
+            Effect::Create {
+                shards: vec![1, 3],
+                record: rec(1, Serving)
+            }
+        );
+    }
+
+    #[test]
+    fn incoming_dir_names_parse_back() {
+        let dir = incoming_dir(Path::new("/x"), 7, 12, 40);
+        let name = dir.file_name().unwrap().to_str().unwrap();
+        assert_eq!(parse_incoming(name), Some((7, 12, 40)));
+        assert_eq!(parse_incoming("move-in-g7-s12"), None);
+        assert_eq!(parse_incoming("recv-g1-i2-n3"), None);
+    }
+}
