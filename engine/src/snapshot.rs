@@ -1,12 +1,34 @@
-//! Shard snapshots as SST files: export at one point in time, install
+//! Snapshots as SST files: export at one point in time, install
 //! atomically.
 //!
+//! # Scopes
+//! A snapshot covers a [`SnapshotScope`], named in its manifest:
+//! - [`SnapshotScope::Group`] ([`Engine::export_snapshot`], a Raft
+//!   snapshot): the whole state machine of one group, that is its `kv` and
+//!   `dedup` ranges (every shard's data and sessions) and its shard
+//!   ownership records in `meta`. Installing it
+//!   ([`Engine::install_snapshot`]) into the same group (on another node)
+//!   replaces all of that, shards the snapshot holds nothing of included,
+//!   and sets the group's applied state to the snapshot's. Other groups on
+//!   the node are not touched.
+//! - [`SnapshotScope::Shard`] ([`Engine::export_shard`], a shard moving
+//!   between groups): one shard's `kv` and `dedup` ranges of the exporting
+//!   group, each key's group and shard prefix rewritten to the target
+//!   group's (the `prefix` of [`View::export_range`]), so the files hold
+//!   keys of the target's range. Installing it ([`Engine::install_shard`])
+//!   into that target replaces that one shard's data and sessions, sets its
+//!   ownership record and the applied state to the caller's (the target's
+//!   committed entry that installs it), and leaves the target's other
+//!   shards alone. Files exported for another group or shard are refused
+//!   before anything is written.
+//!
 //! # Export
-//! Inside one point-in-time view: the group's applied state, then for each
-//! shard its `kv`, `dedup` and `meta` ranges, each into its own file
-//! (RocksDB's SstFileWriter), then a `MANIFEST` naming every file with its
-//! size and CRC32, itself checksummed. The same export carries Raft
-//! InstallSnapshot and, later, shard migration.
+//! Inside one point-in-time view: the exporting group's applied state,
+//! then each range of the scope into its own file (RocksDB's
+//! SstFileWriter): `kv.sst`, `dedup.sst` and, for a group, `meta.sst` with
+//! its shard records (an empty range has no file); then a `MANIFEST`
+//! naming the scope and every file with its size and CRC32, itself
+//! checksummed.
 //!
 //! # Install, and why a crash cannot leave a mix
 //! 1. Check the directory is inside the engine's data directory, verify the
@@ -14,28 +36,32 @@
 //!    never sits in memory), then fsync the files, the directory and its
 //!    parent: what the redo log below names is on disk before it is named.
 //!    A bad file is an error naming it; nothing has been written yet.
-//! 2. Write an *install marker* to `meta`, synced: the manifest, the
-//!    directory RELATIVE to the data directory (as given for an engine
-//!    without one, in memory), and the phase, `cleared: false`. From here
-//!    on the install is a redo log entry.
-//! 3. Range-delete the shards' ranges in the same synced write that
-//!    rewrites the marker with `cleared: true`.
+//! 2. Write an *install marker* to `meta`, synced: the group, the applied
+//!    state it ends at (and for a shard install, the shard's record), the
+//!    manifest, the directory RELATIVE to the data directory (as given for
+//!    an engine without one, in memory), and the phase, `cleared: false`.
+//!    From here on the install is a redo log entry.
+//! 3. Range-delete the scope's ranges in the group's key space (the whole
+//!    group's, or the one shard's) in the same synced write that rewrites
+//!    the marker with `cleared: true`.
 //! 4. Ingest each file (via a hard link, so the original survives for a
 //!    redo), recording in the marker how many are in. Ingested files get
 //!    sequence numbers newer than the range delete.
-//! 5. Record the applied state and delete the marker in one synced write.
+//! 5. Record the applied state (and the shard's record) and delete the
+//!    marker in one synced write.
 //!
-//! A crash before 2 leaves the old shards untouched. A crash after 2 is
+//! A crash before 2 leaves the old state untouched. A crash after 2 is
 //! finished when the engine is next opened, before anything reads it:
 //! the manifest and each file not yet ingested are verified again, then
-//! 3 (if not done), 4 and 5 run (each idempotent): the new shards. Nobody
+//! 3 (if not done), 4 and 5 run (each idempotent): the new state. Nobody
 //! ever observes a mix.
 //!
 //! If at that point the files are missing or corrupt:
 //! - *not yet cleared*: the install is discarded (marker deleted, a
-//!   warning naming the directory): the old shards and applied index are
-//!   intact and consistent with the log, so the replica is merely behind
-//!   and its leader sends the snapshot again.
+//!   warning naming the directory): the old data, records and applied
+//!   index are intact and consistent with the log, so the replica is
+//!   merely behind (its leader sends the snapshot again; a shard install's
+//!   entry is not applied yet, and is applied again).
 //! - *cleared*: opening fails with
 //!   [`EngineError::SnapshotInstallUnrecoverable`] naming the file. The old
 //!   data is gone, and the new cannot be rebuilt locally: the log before
@@ -57,10 +83,11 @@ use crate::backend::{Backend, Cf, View, WriteSet};
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
 use crate::keys::{
-    decode_record, encode_record, meta_applied_key, meta_install_key, meta_install_range,
-    meta_shard_range, shard_range,
+    decode_record, encode_record, group_range, meta_applied_key, meta_install_key,
+    meta_install_range, meta_shard_group_range, meta_shard_key, shard_prefix, shard_range,
 };
 use crate::kv::AppliedState;
+use crate::shards::ShardRecord;
 use crate::{GroupId, ShardId};
 
 /// Name of the manifest file inside a snapshot directory.
@@ -78,8 +105,6 @@ pub struct SnapshotFile {
     pub name: String,
     /// Column family it is ingested into.
     pub cf: String,
-    /// Shard whose range it holds.
-    pub shard: ShardId,
     /// Key/value pairs in it.
     pub entries: u64,
     /// Size in bytes.
@@ -95,10 +120,10 @@ pub struct SnapshotManifest {
     pub format_version: u32,
     /// Group that exported it.
     pub group: GroupId,
-    /// Applied index and term the data is at.
+    /// Applied index and term of the exporting group the data is at.
     pub applied: AppliedState,
-    /// Shards it covers (empty ones included: installing clears them).
-    pub shards: Vec<ShardId>,
+    /// What it covers.
+    pub scope: SnapshotScope,
     /// Files, in ingestion order.
     pub files: Vec<SnapshotFile>,
 }
@@ -110,9 +135,33 @@ impl SnapshotManifest {
     }
 }
 
+/// What a snapshot covers, and so what installing it replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotScope {
+    /// Everything of the group's state machine: every shard's data and
+    /// sessions and the shard ownership records (a Raft snapshot). An
+    /// install replaces all of it, shards the snapshot lacks included.
+    Group,
+    /// One shard's data and sessions, its keys already renamed into
+    /// `target`'s key range (a shard moving between groups). An install
+    /// into `target` replaces that shard only.
+    Shard {
+        /// The shard.
+        shard: ShardId,
+        /// The group the files are for.
+        target: GroupId,
+    },
+}
+
 /// The redo record of an install in progress (see the module docs).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct InstallMarker {
+    /// The group installed into.
+    group: GroupId,
+    /// The applied state the group has once the install is done.
+    applied: AppliedState,
+    /// For a shard install: the shard's ownership record afterwards.
+    record: Option<(ShardId, ShardRecord)>,
     /// The snapshot directory, relative to the data directory (as given
     /// when the backend has none).
     dir: String,
@@ -150,13 +199,19 @@ fn cf_by_name(name: &str) -> Result<Cf> {
 /// A column family and a `[start, end)` key range in it.
 type CfRange = (Cf, (Vec<u8>, Vec<u8>));
 
-/// Every range a shard owns.
-fn shard_ranges(shard: ShardId) -> [CfRange; 3] {
-    [
-        (Cf::Kv, shard_range(shard)),
-        (Cf::Dedup, shard_range(shard)),
-        (Cf::Meta, meta_shard_range(shard)),
-    ]
+/// Every range a scope covers in `group`'s key space.
+fn scope_ranges(group: GroupId, scope: SnapshotScope) -> Vec<CfRange> {
+    match scope {
+        SnapshotScope::Group => vec![
+            (Cf::Kv, group_range(group)),
+            (Cf::Dedup, group_range(group)),
+            (Cf::Meta, meta_shard_group_range(group)),
+        ],
+        SnapshotScope::Shard { shard, .. } => vec![
+            (Cf::Kv, shard_range(group, shard)),
+            (Cf::Dedup, shard_range(group, shard)),
+        ],
+    }
 }
 
 /// CRC32 and size of a file, read in bounded chunks.
@@ -262,12 +317,30 @@ fn sync_file(path: &Path) -> Result<()> {
 }
 
 impl<B: Backend> Engine<B> {
-    /// Exports `shards` of `group` into the empty or new directory `dir`, at
+    /// Exports every shard of `group` (a Raft snapshot; see
+    /// [`SnapshotScope::Group`]) into the empty or new directory `dir`, at
     /// one point in time. Returns the manifest (also written to `dir`).
-    pub fn export_snapshot(
+    pub fn export_snapshot(&self, group: GroupId, dir: &Path) -> Result<SnapshotManifest> {
+        self.export_scope(group, SnapshotScope::Group, dir)
+    }
+
+    /// Exports `shard` of `group`, renamed into `target`'s key range, for
+    /// `target` to install ([`Self::install_shard`]): its data and sessions
+    /// at one point in time, into the empty or new directory `dir`.
+    pub fn export_shard(
         &self,
         group: GroupId,
-        shards: &[ShardId],
+        shard: ShardId,
+        target: GroupId,
+        dir: &Path,
+    ) -> Result<SnapshotManifest> {
+        self.export_scope(group, SnapshotScope::Shard { shard, target }, dir)
+    }
+
+    fn export_scope(
+        &self,
+        group: GroupId,
+        scope: SnapshotScope,
         dir: &Path,
     ) -> Result<SnapshotManifest> {
         std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
@@ -275,8 +348,12 @@ impl<B: Backend> Engine<B> {
             format_version: SNAPSHOT_FORMAT_VERSION,
             group,
             applied: AppliedState::default(),
-            shards: shards.to_vec(),
+            scope,
             files: Vec::new(),
+        };
+        let prefix = match scope {
+            SnapshotScope::Group => None,
+            SnapshotScope::Shard { shard, target } => Some(shard_prefix(target, shard)),
         };
         self.backend().with_view(&mut |view: &dyn View| {
             let key = meta_applied_key(group);
@@ -284,20 +361,19 @@ impl<B: Backend> Engine<B> {
                 manifest.applied =
                     decode_record(&key, &b, &|| format!("applied index of group {group}"))?;
             }
-            for &shard in shards {
-                for (cf, (start, end)) in shard_ranges(shard) {
-                    let name = format!("{}-{shard}.sst", cf.name());
-                    let path = dir.join(&name);
-                    if let Some(file) = view.export_range(cf, &start, &end, &path)? {
-                        manifest.files.push(SnapshotFile {
-                            name,
-                            cf: cf.name().to_string(),
-                            shard,
-                            entries: file.entries,
-                            size_bytes: file.size_bytes,
-                            crc32: 0,
-                        });
-                    }
+            for (cf, (start, end)) in scope_ranges(group, scope) {
+                let name = format!("{}.sst", cf.name());
+                let path = dir.join(&name);
+                // Only kv and dedup keys start with the shard prefix.
+                let rename = prefix.as_ref().map(|p| &p[..]).filter(|_| cf != Cf::Meta);
+                if let Some(file) = view.export_range(cf, &start, &end, rename, &path)? {
+                    manifest.files.push(SnapshotFile {
+                        name,
+                        cf: cf.name().to_string(),
+                        entries: file.entries,
+                        size_bytes: file.size_bytes,
+                        crc32: 0,
+                    });
                 }
             }
             Ok(())
@@ -330,6 +406,80 @@ impl<B: Backend> Engine<B> {
         self.install_snapshot_until(dir, None)
     }
 
+    /// Installs the shard export in `dir` (made by [`Self::export_shard`]
+    /// for this group) into `group` as the effect of its committed entry
+    /// `at`: the shard's data and sessions are replaced by the files', its
+    /// ownership record becomes `record`, and the applied state becomes
+    /// `at`, all crash-atomic like [`Self::install_snapshot`] (the same redo
+    /// marker). `at` must be above the applied index. Consumes `dir`.
+    pub fn install_shard(
+        &self,
+        group: GroupId,
+        at: AppliedState,
+        shard: ShardId,
+        record: ShardRecord,
+        dir: &Path,
+    ) -> Result<SnapshotManifest> {
+        self.install_shard_until(group, at, shard, record, dir, None)
+    }
+
+    /// [`Self::install_shard`] stopped at `crash` as a crash there would
+    /// stop it, for crash tests: the marker stays, and reopening the engine
+    /// (or [`crate::MemStore::crash_and_recover`]) finishes or discards it.
+    #[doc(hidden)]
+    pub fn install_shard_crashing_at(
+        &self,
+        group: GroupId,
+        at: AppliedState,
+        shard: ShardId,
+        record: ShardRecord,
+        dir: &Path,
+        crash: InstallCrashPoint,
+    ) -> Result<SnapshotManifest> {
+        self.install_shard_until(group, at, shard, record, dir, Some(crash))
+    }
+
+    fn install_shard_until(
+        &self,
+        group: GroupId,
+        at: AppliedState,
+        shard: ShardId,
+        record: ShardRecord,
+        dir: &Path,
+        crash: Option<InstallCrashPoint>,
+    ) -> Result<SnapshotManifest> {
+        // A directory outside the data directory is refused before anything
+        // in it is read.
+        self.marker_dir(dir)?;
+        let manifest = read_manifest(dir)?;
+        if manifest.scope
+            != (SnapshotScope::Shard {
+                shard,
+                target: group,
+            })
+        {
+            return Err(EngineError::Invalid(format!(
+                "{}: holds {:?} exported by group {}, not shard {shard} for group {group}",
+                dir.display(),
+                manifest.scope,
+                manifest.group
+            )));
+        }
+        self.check_above_applied(group, at)?;
+        self.install_until(dir, manifest, group, at, Some((shard, record)), crash)
+    }
+
+    fn check_above_applied(&self, group: GroupId, at: AppliedState) -> Result<()> {
+        let applied = self.applied(group)?;
+        if at.index <= applied.index {
+            return Err(EngineError::Invalid(format!(
+                "group {group}: entry {} applied again (applied index {})",
+                at.index, applied.index
+            )));
+        }
+        Ok(())
+    }
+
     /// [`Self::install_snapshot`] stopped at `at` as a crash there would
     /// stop it, for crash tests: the marker stays, and reopening the engine
     /// (or [`crate::MemStore::crash_and_recover`]) finishes or discards it.
@@ -347,8 +497,31 @@ impl<B: Backend> Engine<B> {
         dir: &Path,
         crash: Option<InstallCrashPoint>,
     ) -> Result<SnapshotManifest> {
-        let marker_dir = self.marker_dir(dir)?;
+        // A directory outside the data directory is refused before anything
+        // in it is read.
+        self.marker_dir(dir)?;
         let manifest = read_manifest(dir)?;
+        if manifest.scope != SnapshotScope::Group {
+            return Err(EngineError::Invalid(format!(
+                "{}: a shard export ({:?}) is not a group snapshot",
+                dir.display(),
+                manifest.scope
+            )));
+        }
+        let (group, applied) = (manifest.group, manifest.applied);
+        self.install_until(dir, manifest, group, applied, None, crash)
+    }
+
+    fn install_until(
+        &self,
+        dir: &Path,
+        manifest: SnapshotManifest,
+        group: GroupId,
+        applied: AppliedState,
+        record: Option<(ShardId, ShardRecord)>,
+        crash: Option<InstallCrashPoint>,
+    ) -> Result<SnapshotManifest> {
+        let marker_dir = self.marker_dir(dir)?;
         verify_files(dir, &manifest)?;
         // What the marker will name must be durable before it is named:
         // the files, their names in the directory, and the directory's name
@@ -372,6 +545,9 @@ impl<B: Backend> Engine<B> {
             sync_dir(ancestor)?;
         }
         let mut marker = InstallMarker {
+            group,
+            applied,
+            record,
             dir: marker_dir,
             manifest: manifest.clone(),
             cleared: false,
@@ -435,10 +611,8 @@ impl<B: Backend> Engine<B> {
         if !marker.cleared {
             marker.cleared = true;
             let mut clear = WriteSet::new();
-            for &shard in &marker.manifest.shards {
-                for (cf, (start, end)) in shard_ranges(shard) {
-                    clear.delete_range(cf, start, end);
-                }
+            for (cf, (start, end)) in scope_ranges(marker.group, marker.manifest.scope) {
+                clear.delete_range(cf, start, end);
             }
             put_marker(&mut clear, marker);
             self.backend().write(clear, true)?;
@@ -468,17 +642,21 @@ impl<B: Backend> Engine<B> {
                 return Ok(());
             }
         }
-        let manifest = &marker.manifest;
+        let group = marker.group;
         let mut finish = WriteSet::new();
-        let applied_key = meta_applied_key(manifest.group);
+        let applied_key = meta_applied_key(group);
         finish.put(
             Cf::Meta,
             applied_key.to_vec(),
-            encode_record(&applied_key, &manifest.applied),
+            encode_record(&applied_key, &marker.applied),
         );
-        finish.delete(Cf::Meta, meta_install_key(manifest.group).to_vec());
+        if let Some((shard, record)) = &marker.record {
+            let key = meta_shard_key(group, *shard);
+            finish.put(Cf::Meta, key.clone(), encode_record(&key, record));
+        }
+        finish.delete(Cf::Meta, meta_install_key(group).to_vec());
         self.backend().write(finish, true)?;
-        self.forget_group(manifest.group);
+        self.forget_group(group);
         match std::fs::remove_dir_all(dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -504,7 +682,7 @@ impl<B: Backend> Engine<B> {
         })?;
         let (mut finished, mut discarded) = (0, 0);
         for mut marker in markers {
-            let group = marker.manifest.group;
+            let group = marker.group;
             let dir = self.marker_path(&marker);
             match verify_for_redo(&dir, &marker) {
                 Ok(()) => {
@@ -541,6 +719,6 @@ impl<B: Backend> Engine<B> {
 }
 
 fn put_marker(set: &mut WriteSet, marker: &InstallMarker) {
-    let key = meta_install_key(marker.manifest.group);
+    let key = meta_install_key(marker.group);
     set.put(Cf::Meta, key.to_vec(), encode_record(&key, marker));
 }

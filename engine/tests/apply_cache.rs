@@ -55,7 +55,7 @@ fn snapshot_install_replaces_cached_state() {
     assert_eq!(written(a.apply(GROUP, &[put(6, 9, 1, "a")]).unwrap()), 1);
     // Inside b's data directory, where installs must come from.
     let export = dir.path().join("b").join("export");
-    a.export_snapshot(GROUP, &[SHARD], &export).unwrap();
+    a.export_snapshot(GROUP, &export).unwrap();
     b.install_snapshot(&export).unwrap();
     // The next write sees a's state: version 2, and client 7's session is gone
     // (its seq 4 is new, not a duplicate of anything).
@@ -63,7 +63,7 @@ fn snapshot_install_replaces_cached_state() {
     // Client 9's session came with the snapshot: its seq 1 is a duplicate.
     assert_eq!(written(b.apply(GROUP, &[put(8, 9, 1, "a")]).unwrap()), 1);
     assert_eq!(
-        b.get(SHARD, b"k").unwrap().unwrap().value,
+        b.get(GROUP, SHARD, b"k").unwrap().unwrap().value,
         Bytes::from_static(b"b2")
     );
 }
@@ -88,7 +88,7 @@ fn crash_drops_cached_unsynced_applies() {
         written(mem.apply(GROUP, &[put(2, 7, 2, "two")]).unwrap()),
         2
     );
-    assert_eq!(mem.get(SHARD, b"k").unwrap().unwrap().version, 2);
+    assert_eq!(mem.get(GROUP, SHARD, b"k").unwrap().unwrap().version, 2);
 }
 
 #[test]
@@ -139,7 +139,7 @@ fn tiny_and_disabled_caches_give_the_same_results() {
                 .unwrap(),
             );
         }
-        results.push((replies, mem.scan(SHARD, b"", b"", 100).unwrap()));
+        results.push((replies, mem.scan(GROUP, SHARD, b"", b"", 100).unwrap()));
     }
     for r in &results[1..] {
         assert_eq!(r, &results[0]);

@@ -179,7 +179,7 @@ fn replicas_with_other_limits_apply_identically() {
     );
     assert_eq!(
         small_rocks
-            .get(SHARD, b"grown")
+            .get(GROUP, SHARD, b"grown")
             .unwrap()
             .unwrap()
             .value
@@ -216,7 +216,7 @@ fn expiry_removes_only_sessions_idle_since_the_decision() {
     ]);
     // The leader loads the sessions and decides, by its clock, that all
     // three are idle.
-    let decided = engine.sessions(SHARD).unwrap();
+    let decided = engine.sessions(GROUP, SHARD).unwrap();
     assert_eq!(decided, vec![(1, 5), (2, 7), (3, 1)]);
     // Before the expiry commits, client 2 sends another request.
     apply(vec![request(2, 8, put("b", 1))]);
@@ -228,7 +228,7 @@ fn expiry_removes_only_sessions_idle_since_the_decision() {
         },
     )]);
     assert_eq!(replies, vec![Reply::SessionsExpired { count: 2 }]);
-    assert_eq!(engine.sessions(SHARD).unwrap(), vec![(2, 8)]);
+    assert_eq!(engine.sessions(GROUP, SHARD).unwrap(), vec![(2, 8)]);
     // Expiring again (a duplicate entry, a stale decision) changes nothing.
     let replies = apply(vec![request(
         0,
@@ -241,7 +241,9 @@ fn expiry_removes_only_sessions_idle_since_the_decision() {
         apply(vec![request(1, 5, put("a", 1))]),
         vec![Reply::Written { version: 2 }]
     );
-    assert!(engine.sessions(SHARD + 1).unwrap().is_empty());
+    assert!(engine.sessions(GROUP, SHARD + 1).unwrap().is_empty());
+    // The same shard of another group is another session table.
+    assert!(engine.sessions(GROUP + 1, SHARD).unwrap().is_empty());
 }
 
 #[test]
@@ -290,8 +292,9 @@ fn session_records_stay_small() {
             }],
         )
         .unwrap();
-    let (count, bytes) = engine.session_footprint(SHARD).unwrap();
+    let (count, bytes) = engine.session_footprint(GROUP, SHARD).unwrap();
     assert_eq!(count, 100);
-    // 12-byte key, 4-byte CRC, seq (5-byte varint), Written { version }.
-    assert!(bytes / count <= 24, "{} bytes per session", bytes / count);
+    // 20-byte key (group, shard, client), 4-byte CRC, seq (5-byte varint),
+    // Written { version }.
+    assert!(bytes / count <= 32, "{} bytes per session", bytes / count);
 }

@@ -5,9 +5,9 @@
 //! - the marker names the directory relative to the data directory, so a
 //!   data directory moved (or restored) elsewhere still finishes the
 //!   install; an install from outside the data directory is refused;
-//! - files missing or corrupt before the shards were cleared: the install
-//!   is discarded, the old data and applied index kept (the leader will
-//!   send the snapshot again);
+//! - files missing or corrupt before the group's shards were cleared: the
+//!   install is discarded, the old data and applied index kept (the leader
+//!   will send the snapshot again);
 //! - missing or corrupt after they were cleared: opening fails with a typed
 //!   error naming the file, rather than serving cleared shards. Files
 //!   already ingested are not needed any more.
@@ -27,8 +27,10 @@ use shoal_engine::{
 
 const GROUP: u64 = 1;
 const SHARD: u32 = 1;
-/// A shard the snapshot does not cover.
+/// Another shard of the group: the snapshot replaces it too.
 const OTHER_SHARD: u32 = 2;
+/// A group the snapshot does not cover, holding the same shard ids.
+const OTHER_GROUP: u64 = 2;
 
 fn put(shard: u32, client: u64, key: &str, value: &str) -> Request {
     Request {
@@ -42,8 +44,13 @@ fn put(shard: u32, client: u64, key: &str, value: &str) -> Request {
     }
 }
 
-/// Applies keys tagged `tag` at `index` to both shards.
+/// Applies keys tagged `tag` at `index` to both shards of `GROUP`.
 fn fill<B: Backend>(engine: &Engine<B>, index: u64, tag: &str) {
+    fill_group(engine, GROUP, index, tag);
+}
+
+/// Applies keys tagged `tag` at `index` to both shards of `group`.
+fn fill_group<B: Backend>(engine: &Engine<B>, group: u64, index: u64, tag: &str) {
     let mut requests: Vec<Request> = (0..50)
         .flat_map(|k| {
             [SHARD, OTHER_SHARD].map(|s| put(s, 0, &format!("k{k:02}"), &format!("{tag}-{k}")))
@@ -52,7 +59,7 @@ fn fill<B: Backend>(engine: &Engine<B>, index: u64, tag: &str) {
     requests.push(put(SHARD, 7, &format!("only-{tag}"), tag));
     engine
         .apply(
-            GROUP,
+            group,
             &[ApplyEntry {
                 index,
                 term: 1,
@@ -63,45 +70,64 @@ fn fill<B: Backend>(engine: &Engine<B>, index: u64, tag: &str) {
     engine.sync().unwrap();
 }
 
-fn shard_state<B: Backend>(engine: &Engine<B>, shard: u32) -> Vec<(Bytes, Versioned)> {
-    let page = engine.scan(shard, b"", b"", 1000).unwrap();
+fn shard_state<B: Backend>(engine: &Engine<B>, group: u64, shard: u32) -> Vec<(Bytes, Versioned)> {
+    let page = engine.scan(group, shard, b"", b"", 1000).unwrap();
     assert!(page.next.is_none());
     page.pairs
 }
 
-/// The data and state the test compares before and after.
-struct Expect {
-    new_shard: Vec<(Bytes, Versioned)>,
-    old_shard: Vec<(Bytes, Versioned)>,
-    old_other: Vec<(Bytes, Versioned)>,
+/// The pairs of both shards of a group.
+type GroupPairs = [Vec<(Bytes, Versioned)>; 2];
+
+fn group_state<B: Backend>(engine: &Engine<B>, group: u64) -> GroupPairs {
+    [SHARD, OTHER_SHARD].map(|s| shard_state(engine, group, s))
 }
 
-/// `source`, at applied index 50, exports shard 1 into `snapshot` (inside
-/// the target's data directory); the target holds other data at applied
-/// index 10.
+/// The data and state the test compares before and after.
+struct Expect {
+    new: GroupPairs,
+    old: GroupPairs,
+    /// The target's `OTHER_GROUP`, which no install touches.
+    other_group: GroupPairs,
+}
+
+/// `source`, at applied index 50, exports `GROUP` into `snapshot` (inside
+/// the target's data directory); the target holds other data in `GROUP` at
+/// applied index 10, and in `OTHER_GROUP` at 20.
 fn prepare<B: Backend>(source: &Engine<B>, target: &Engine<B>, snapshot: &Path) -> Expect {
     fill(source, 50, "new");
     fill(target, 10, "old");
-    let manifest = source.export_snapshot(GROUP, &[SHARD], snapshot).unwrap();
-    assert!(manifest.files.len() >= 2, "kv and dedup files");
+    fill_group(target, OTHER_GROUP, 20, "other");
+    let manifest = source.export_snapshot(GROUP, snapshot).unwrap();
+    let names: Vec<&str> = manifest.files.iter().map(|f| f.name.as_str()).collect();
+    // No shard records in the source: no meta file.
+    assert_eq!(names, ["kv.sst", "dedup.sst"]);
     Expect {
-        new_shard: shard_state(source, SHARD),
-        old_shard: shard_state(target, SHARD),
-        old_other: shard_state(target, OTHER_SHARD),
+        new: group_state(source, GROUP),
+        old: group_state(target, GROUP),
+        other_group: group_state(target, OTHER_GROUP),
     }
 }
 
+fn assert_other_group_untouched<B: Backend>(engine: &Engine<B>, expect: &Expect) {
+    assert_eq!(group_state(engine, OTHER_GROUP), expect.other_group);
+    assert_eq!(engine.applied(OTHER_GROUP).unwrap().index, 20);
+    assert_eq!(engine.sessions(OTHER_GROUP, SHARD).unwrap(), vec![(7, 1)]);
+}
+
 fn assert_new<B: Backend>(engine: &Engine<B>, expect: &Expect) {
-    assert_eq!(shard_state(engine, SHARD), expect.new_shard);
-    assert_eq!(shard_state(engine, OTHER_SHARD), expect.old_other);
+    assert_eq!(group_state(engine, GROUP), expect.new);
     assert_eq!(engine.applied(GROUP).unwrap().index, 50);
-    assert_eq!(engine.sessions(SHARD).unwrap(), vec![(7, 1)]);
+    assert_eq!(engine.sessions(GROUP, SHARD).unwrap(), vec![(7, 1)]);
+    assert!(engine.get(GROUP, SHARD, b"only-old").unwrap().is_none());
+    assert_other_group_untouched(engine, expect);
 }
 
 fn assert_old<B: Backend>(engine: &Engine<B>, expect: &Expect) {
-    assert_eq!(shard_state(engine, SHARD), expect.old_shard);
-    assert_eq!(shard_state(engine, OTHER_SHARD), expect.old_other);
+    assert_eq!(group_state(engine, GROUP), expect.old);
     assert_eq!(engine.applied(GROUP).unwrap().index, 10);
+    assert!(engine.get(GROUP, SHARD, b"only-old").unwrap().is_some());
+    assert_other_group_untouched(engine, expect);
 }
 
 fn flip_byte(path: &Path) {
@@ -184,7 +210,7 @@ fn install_whose_files_vanished_before_the_clear_is_discarded() {
         ("directory deleted", |dir| {
             std::fs::remove_dir_all(dir).unwrap()
         }),
-        ("file corrupt", |dir| flip_byte(&dir.join("kv-1.sst"))),
+        ("file corrupt", |dir| flip_byte(&dir.join("kv.sst"))),
         ("manifest deleted", |dir| {
             std::fs::remove_file(dir.join(MANIFEST_FILE_NAME)).unwrap()
         }),
@@ -216,9 +242,9 @@ fn install_whose_files_vanished_before_the_clear_is_discarded() {
 #[test]
 fn install_whose_files_broke_after_the_clear_fails_open_naming_the_file() {
     for (at, file, delete) in [
-        (InstallCrashPoint::AfterClear, "kv-1.sst", false),
-        (InstallCrashPoint::AfterIngest(1), "dedup-1.sst", false),
-        (InstallCrashPoint::AfterIngest(1), "dedup-1.sst", true),
+        (InstallCrashPoint::AfterClear, "kv.sst", false),
+        (InstallCrashPoint::AfterIngest(1), "dedup.sst", false),
+        (InstallCrashPoint::AfterIngest(1), "dedup.sst", true),
     ] {
         let rocks = Rocks::new();
         let (engine, _) = rocks.prepare();
@@ -270,7 +296,7 @@ fn install_whose_files_broke_after_the_clear_fails_open_naming_the_file() {
         .install_snapshot_crashing_at(&rocks.snapshot_dir(), InstallCrashPoint::AfterIngest(1))
         .unwrap();
     drop(engine);
-    std::fs::remove_file(rocks.snapshot_dir().join("kv-1.sst")).unwrap();
+    std::fs::remove_file(rocks.snapshot_dir().join("kv.sst")).unwrap();
     let engine = rocks.open().unwrap();
     assert_eq!(engine.interrupted_installs_finished(), 1);
     assert_new(&engine, &expect);

@@ -204,7 +204,7 @@ fn scan_all<B: Backend>(
     let mut all = Vec::new();
     let mut start = Bytes::new();
     loop {
-        let page = engine.scan(shard, &start, b"", limit).unwrap();
+        let page = engine.scan(GROUP, shard, &start, b"", limit).unwrap();
         prop_assert_eq!(&page, &model.page(shard, &start, b"", limit));
         all.extend(page.pairs);
         match page.next {
@@ -301,12 +301,12 @@ fn kv_check(entries: Vec<Vec<Request>>) -> Result<(), TestCaseError> {
         for client in 0..3 {
             let want = model.sessions.get(&(shard, client)).cloned();
             let got = rocks
-                .session(shard, client)
+                .session(GROUP, shard, client)
                 .unwrap()
                 .map(|s| (s.seq, s.reply));
             prop_assert_eq!(&got, &want);
             let got = mem
-                .session(shard, client)
+                .session(GROUP, shard, client)
                 .unwrap()
                 .map(|s| (s.seq, s.reply));
             prop_assert_eq!(&got, &want);
@@ -318,8 +318,8 @@ fn kv_check(entries: Vec<Vec<Request>>) -> Result<(), TestCaseError> {
             .map(|((_, client), (seq, _))| (*client, *seq))
             .collect();
         want.sort_unstable();
-        prop_assert_eq!(&rocks.sessions(shard).unwrap(), &want);
-        prop_assert_eq!(&mem.sessions(shard).unwrap(), &want);
+        prop_assert_eq!(&rocks.sessions(GROUP, shard).unwrap(), &want);
+        prop_assert_eq!(&mem.sessions(GROUP, shard).unwrap(), &want);
     }
     prop_assert_eq!(rocks.applied(GROUP).unwrap().index, index);
     Ok(())

@@ -108,7 +108,7 @@ fn both_paths<B: Backend>(
     limit: u64,
 ) -> [Vec<ScanPage>; 2] {
     let direct = pages(limit, start, end, &mut |s, e, l| {
-        engine.scan(SHARD, s, e, l).unwrap()
+        engine.scan(GROUP, SHARD, s, e, l).unwrap()
     });
     let applied = pages(limit, start, end, &mut |s, e, l| {
         *index += 1;
@@ -192,19 +192,19 @@ fn count_limit_ends_a_page_and_names_the_next_key() {
             .map(|k| put(k, 1))
             .collect(),
     );
-    let page = engine.scan(SHARD, b"", b"", 3).unwrap();
+    let page = engine.scan(GROUP, SHARD, b"", b"", 3).unwrap();
     let keys: Vec<_> = page.pairs.iter().map(|(k, _)| k.clone()).collect();
     assert_eq!(keys, ["a", "b", "c"]);
     assert_eq!(page.next.as_deref(), Some(&b"d"[..]));
     // A range holding exactly `limit` pairs is exhausted: no continuation.
-    let page = engine.scan(SHARD, b"e", b"", 3).unwrap();
+    let page = engine.scan(GROUP, SHARD, b"e", b"", 3).unwrap();
     assert_eq!(page.pairs.len(), 3);
     assert_eq!(page.next, None);
-    let page = engine.scan(SHARD, b"b", b"d", 3).unwrap();
+    let page = engine.scan(GROUP, SHARD, b"b", b"d", 3).unwrap();
     assert_eq!(page.pairs.len(), 2);
     assert_eq!(page.next, None);
     // Limit 0 returns nothing but still says where the range goes on.
-    let page = engine.scan(SHARD, b"c", b"", 0).unwrap();
+    let page = engine.scan(GROUP, SHARD, b"c", b"", 0).unwrap();
     assert!(page.pairs.is_empty());
     assert_eq!(page.next.as_deref(), Some(&b"c"[..]));
     for [direct, applied] in [

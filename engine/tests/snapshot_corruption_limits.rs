@@ -1,4 +1,4 @@
-//! Goal: snapshots move a shard's data, sessions and applied index between
+//! Goal: snapshots move a group's data, sessions and applied index between
 //! engines exactly; corrupt entries, snapshot files and manifests are
 //! reported with a clear error naming what is corrupt and change nothing;
 //! requests over a limit are refused with a typed error and write nothing.
@@ -11,7 +11,7 @@ use shoal_engine::backend::{View, WriteSet};
 use shoal_engine::keys::log_key;
 use shoal_engine::{
     ApplyEntry, Backend, Cf, Command, Engine, EngineConfig, EngineError, GroupWrite, LimitKind,
-    LogBatch, MemStore, Reply, Request, RocksEngine,
+    LogBatch, MemStore, Reply, Request, RocksEngine, ScanPage, SnapshotScope,
 };
 
 fn put(shard: u32, client: u64, seq: u64, key: &str, value: &str) -> Request {
@@ -52,40 +52,56 @@ fn fill<B: Backend>(engine: &Engine<B>, group: u64, index: u64, tag: &str) {
         .unwrap();
 }
 
+fn shard_pairs<B: Backend>(engine: &Engine<B>, group: u64, shard: u32) -> ScanPage {
+    let page = engine.scan(group, shard, b"", b"", 1000).unwrap();
+    assert!(page.next.is_none());
+    page
+}
+
 fn roundtrip<B: Backend>(make: &dyn Fn(&Path) -> Engine<B>) {
     let tmp = tempfile::tempdir().unwrap();
     let a = make(&tmp.path().join("a"));
     let b = make(&tmp.path().join("b"));
     fill(&a, 1, 50, "A");
     fill(&b, 1, 10, "B");
+    // Another group on b holding the same shard ids: not the snapshot's.
+    fill(&b, 2, 30, "C");
+    let other_group = [shard_pairs(&b, 2, 1), shard_pairs(&b, 2, 2)];
+    let other_session = b.session(2, 1, 7).unwrap();
+    assert!(other_session.is_some());
     // Inside b's data directory (RocksDB), where installs must come from.
     let export = tmp.path().join("b").join("export");
-    let manifest = a.export_snapshot(1, &[1], &export).unwrap();
+    let manifest = a.export_snapshot(1, &export).unwrap();
     assert_eq!(manifest.applied.index, 50);
-    assert!(manifest
-        .files
-        .iter()
-        .any(|f| f.cf == "kv" && f.entries == 201));
+    assert_eq!(manifest.scope, SnapshotScope::Group);
+    assert!(
+        manifest
+            .files
+            .iter()
+            .any(|f| f.name == "kv.sst" && f.cf == "kv" && f.entries == 402),
+        "one kv file with both shards: {manifest:?}"
+    );
     b.install_snapshot(&export).unwrap();
     assert!(!export.exists(), "install consumes the snapshot directory");
+    for shard in 1..=2 {
+        assert_eq!(shard_pairs(&b, 1, shard), shard_pairs(&a, 1, shard));
+        assert!(
+            b.get(1, shard, b"only-B").unwrap().is_none(),
+            "keys absent from the snapshot are removed"
+        );
+        assert_eq!(
+            b.session(1, shard, 7).unwrap(),
+            a.session(1, shard, 7).unwrap(),
+            "sessions travel with the snapshot"
+        );
+    }
     assert_eq!(
-        b.scan(1, b"", b"", 1000).unwrap(),
-        a.scan(1, b"", b"", 1000).unwrap()
+        [shard_pairs(&b, 2, 1), shard_pairs(&b, 2, 2)],
+        other_group,
+        "other groups are untouched"
     );
-    assert!(
-        b.get(1, b"only-B").unwrap().is_none(),
-        "keys absent from the snapshot are removed"
-    );
-    assert_eq!(
-        b.get(2, b"only-B").unwrap().unwrap().value,
-        "B",
-        "other shards are untouched"
-    );
-    assert_eq!(
-        b.session(1, 7).unwrap(),
-        a.session(1, 7).unwrap(),
-        "sessions travel with the shard"
-    );
+    assert_eq!(b.session(2, 1, 7).unwrap(), other_session);
+    assert_eq!(b.applied(2).unwrap().index, 30);
     assert_eq!(b.applied(1).unwrap().index, 50);
     // A retry of the request the session remembers is answered from it.
     let replies = b
@@ -100,7 +116,7 @@ fn roundtrip<B: Backend>(make: &dyn Fn(&Path) -> Engine<B>) {
         .unwrap();
     assert_eq!(replies[0][0], Reply::Written { version: 1 });
     assert_eq!(
-        b.get(1, b"only-A").unwrap().unwrap().value,
+        b.get(1, 1, b"only-A").unwrap().unwrap().value,
         "A",
         "the retry was not applied again"
     );
@@ -130,27 +146,29 @@ fn corrupt_snapshot_file_is_rejected_and_changes_nothing() {
     let b = RocksEngine::open(tmp.path().join("b"), EngineConfig::default()).unwrap();
     fill(&a, 1, 50, "A");
     fill(&b, 1, 10, "B");
-    let before = b.scan(1, b"", b"", 1000).unwrap();
+    let before = [shard_pairs(&b, 1, 1), shard_pairs(&b, 1, 2)];
+    let after = |b: &RocksEngine| [shard_pairs(b, 1, 1), shard_pairs(b, 1, 2)];
 
     let export = tmp.path().join("b").join("export");
-    a.export_snapshot(1, &[1], &export).unwrap();
-    flip_byte(&export.join("kv-1.sst"), 100);
+    a.export_snapshot(1, &export).unwrap();
+    flip_byte(&export.join("kv.sst"), 100);
     let err = b.install_snapshot(&export).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, EngineError::Corrupt(_)), "{msg}");
     assert!(
-        msg.contains("kv-1.sst") && msg.contains("checksum"),
+        msg.contains("kv.sst") && msg.contains("checksum"),
         "error names the file: {msg}"
     );
-    assert_eq!(b.scan(1, b"", b"", 1000).unwrap(), before);
+    assert_eq!(after(&b), before);
     assert_eq!(b.applied(1).unwrap().index, 10);
 
     let export2 = tmp.path().join("b").join("export2");
-    a.export_snapshot(1, &[1], &export2).unwrap();
+    a.export_snapshot(1, &export2).unwrap();
     flip_byte(&export2.join("MANIFEST"), 3);
     let msg = b.install_snapshot(&export2).unwrap_err().to_string();
     assert!(msg.contains("MANIFEST"), "error names the manifest: {msg}");
-    assert_eq!(b.scan(1, b"", b"", 1000).unwrap(), before);
+    assert_eq!(after(&b), before);
+    assert_eq!(b.applied(1).unwrap().index, 10);
 }
 
 #[test]
@@ -257,7 +275,7 @@ fn limits_refuse_and_write_nothing() {
         replies[0],
         vec![Reply::Written { version: 1 }, Reply::Written { version: 1 }]
     );
-    assert_eq!(engine.scan(0, b"", b"", 10).unwrap().pairs.len(), 2);
+    assert_eq!(engine.scan(1, 0, b"", b"", 10).unwrap().pairs.len(), 2);
     // Appends growing a value past the limit the proposer stamped into the
     // command are rejected, on every replica alike.
     let append = |seq| {
@@ -286,7 +304,7 @@ fn limits_refuse_and_write_nothing() {
         .unwrap();
     assert_eq!(replies[0][0], Reply::Written { version: 1 });
     assert!(matches!(replies[0][1], Reply::Rejected { .. }));
-    assert_eq!(engine.get(0, b"a").unwrap().unwrap().value.len(), 40);
+    assert_eq!(engine.get(1, 0, b"a").unwrap().unwrap().value.len(), 40);
     // An oversized log batch is refused whole.
     let entries: Vec<Entry> = (1..=20)
         .map(|i| Entry {
@@ -383,7 +401,7 @@ fn memstore_crash_loses_only_unsynced_writes() {
         0,
         "the unsynced apply is lost, to be replayed"
     );
-    assert!(engine.get(0, b"k").unwrap().is_none());
+    assert!(engine.get(1, 0, b"k").unwrap().is_none());
     engine
         .apply(
             1,
@@ -449,7 +467,7 @@ fn catch_up<B: Backend>(engine: &Engine<B>) {
         .collect();
     let replies = engine.apply(1, &entries).unwrap();
     assert_eq!(replies.len(), 200);
-    assert_eq!(engine.get(0, b"k").unwrap().unwrap().value.len(), 1000);
+    assert_eq!(engine.get(1, 0, b"k").unwrap().unwrap().value.len(), 1000);
     // 50 distinct 900-byte values: ~45 KB, more than ten times the limit.
     let puts: Vec<ApplyEntry> = (201..=250)
         .map(|i| ApplyEntry {
@@ -469,7 +487,7 @@ fn catch_up<B: Backend>(engine: &Engine<B>) {
             term: 2
         }
     );
-    assert_eq!(engine.scan(0, b"p", b"q", 100).unwrap().pairs.len(), 50);
+    assert_eq!(engine.scan(1, 0, b"p", b"q", 100).unwrap().pairs.len(), 50);
     // Out-of-order or repeated indexes are refused before anything is written.
     let bad = vec![
         ApplyEntry {
@@ -484,5 +502,5 @@ fn catch_up<B: Backend>(engine: &Engine<B>) {
         },
     ];
     assert!(engine.apply(1, &bad).is_err());
-    assert!(engine.get(0, b"z").unwrap().is_none());
+    assert!(engine.get(1, 0, b"z").unwrap().is_none());
 }

@@ -6,11 +6,13 @@ use bytes::Bytes;
 use shoal_engine::keys::SHARD_ID_MAX;
 use shoal_engine::{ApplyEntry, Command, EngineConfig, MemStore, Request, RocksEngine};
 
-const GROUP: u64 = 1;
+/// The last group: its last shard's keys are at the end of the key space.
+const GROUP: u64 = u64::MAX;
 const VALUE_BYTES: usize = 1000;
 
 /// Entry `index`: a session-less put of a 1000-byte value to the last key
-/// of the last shard (all 0xFF: the end of the key space).
+/// of the last shard of the last group (all 0xFF but the shard id: the end
+/// of the key space).
 fn put_at_the_end(index: u64) -> ApplyEntry {
     ApplyEntry {
         index,
@@ -37,10 +39,10 @@ fn stored_bytes_counts_data_at_the_end_of_the_key_space() {
     mem.apply(GROUP, &[put_at_the_end(1)]).unwrap();
     rocks.apply(GROUP, &[put_at_the_end(1)]).unwrap();
     let mem_after = mem.stored_bytes().unwrap();
-    // The value and its key (4-byte shard prefix, 64-byte user key), plus
-    // the applied index in `meta`.
+    // The value and its key (12-byte group and shard prefix, 64-byte user
+    // key), plus the applied index in `meta`.
     assert!(
-        mem_after >= mem_empty + (VALUE_BYTES + 4 + 64) as u64,
+        mem_after >= mem_empty + (VALUE_BYTES + 12 + 64) as u64,
         "{mem_empty} -> {mem_after} bytes"
     );
     assert_eq!(mem_after, rocks.stored_bytes().unwrap());

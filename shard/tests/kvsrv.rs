@@ -287,7 +287,9 @@ async fn test_mem_put_many_clients_reliable() {
     // Elect the node (a session client: its session is the baseline).
     assert_eq!(cluster.clerk().put("warm-up", "x", 0).await, Ok(1));
     let engine = &cluster.engines[0];
-    let (sessions_before, _) = engine.session_footprint(shoal_shard::node::KV_GROUP, 0).expect("sessions");
+    let (sessions_before, _) = engine
+        .session_footprint(shoal_shard::node::KV_GROUP, 0)
+        .expect("sessions");
     let retained_bytes =
         || -> u64 { engine.stored_bytes().expect("stored bytes") + cluster.max_snapshot_bytes() };
     let retained_before = retained_bytes();
@@ -315,7 +317,9 @@ async fn test_mem_put_many_clients_reliable() {
             Reply::Written { version: i + 1 }
         );
     }
-    let (sessions, _) = engine.session_footprint(shoal_shard::node::KV_GROUP, 0).expect("sessions");
+    let (sessions, _) = engine
+        .session_footprint(shoal_shard::node::KV_GROUP, 0)
+        .expect("sessions");
     assert_eq!(
         sessions, sessions_before,
         "a session-less client left a session"

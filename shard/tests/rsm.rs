@@ -125,7 +125,7 @@ async fn test_leader_partition_4a() {
             let caller = cluster.net.add_client("minority");
             tokio::spawn(async move {
                 let request = KvRequest {
-        group: shoal_shard::node::KV_GROUP,
+                    group: shoal_shard::node::KV_GROUP,
                     shard: 0,
                     client: 0,
                     seq: 0,
@@ -159,7 +159,9 @@ async fn test_leader_partition_4a() {
     }
     check_counter(&cluster, 2).await;
     assert_eq!(
-        cluster.engines[leader].get(shoal_shard::node::KV_GROUP, 0, b"dec").expect("get"),
+        cluster.engines[leader]
+            .get(shoal_shard::node::KV_GROUP, 0, b"dec")
+            .expect("get"),
         None,
         "seed {}: a Dec applied",
         cluster.seed
@@ -202,7 +204,7 @@ async fn null_submissions_then_shutdown(
             let caller = cluster.net.add_client(client);
             tokio::spawn(async move {
                 let request = KvRequest {
-        group: shoal_shard::node::KV_GROUP,
+                    group: shoal_shard::node::KV_GROUP,
                     shard: 0,
                     client: 0,
                     seq: 0,

@@ -241,9 +241,11 @@ async fn expiry_waits_for_a_full_period_watched_by_the_leader() {
         assert_eq!(client.put("k", "v").await, Ok(1), "seed {seed}");
         let t0 = Instant::now();
         let has_session = |c: &Cluster| {
-            c.engines
-                .iter()
-                .any(|e| e.session(shoal_shard::node::KV_GROUP, 0, client.id()).expect("session lookup").is_some())
+            c.engines.iter().any(|e| {
+                e.session(shoal_shard::node::KV_GROUP, 0, client.id())
+                    .expect("session lookup")
+                    .is_some()
+            })
         };
         sleep(idle * 9 / 10).await;
         assert!(has_session(&c), "seed {seed}: expired before its time");

@@ -44,9 +44,7 @@ fn export_at(index: u64, dir: &Path) {
         })
         .collect();
     engine.apply(KV_GROUP, &entries).expect("apply");
-    engine
-        .export_snapshot(KV_GROUP, dir)
-        .expect("export");
+    engine.export_snapshot(KV_GROUP, dir).expect("export");
 }
 
 /// Streams the export in `dir` from `sender` to node 3 as the files of
@@ -128,9 +126,15 @@ async fn an_ignored_stale_snapshot_does_not_displace_the_restored_one() {
         (5, 10, 1),
         "{status:?}"
     );
-    assert!(engine.get(KV_GROUP, KV_SHARD, b"k10").expect("get").is_some());
+    assert!(engine
+        .get(KV_GROUP, KV_SHARD, b"k10")
+        .expect("get")
+        .is_some());
     assert!(
-        engine.get(KV_GROUP, KV_SHARD, b"k11").expect("get").is_none(),
+        engine
+            .get(KV_GROUP, KV_SHARD, b"k11")
+            .expect("get")
+            .is_none(),
         "the stale snapshot's data was installed"
     );
     node.shutdown().await.expect("clean shutdown");

@@ -127,8 +127,7 @@ impl<B: Backend> Group<B> {
 
     /// Whether the group serves `shard`'s requests (as of its applied index).
     pub(super) fn serves(&self, shard: ShardId) -> bool {
-        self.static_shards.contains(&shard)
-            || self.record_of(shard).status == ShardStatus::Serving
+        self.static_shards.contains(&shard) || self.record_of(shard).status == ShardStatus::Serving
     }
 
     /// Every shard the group serves.

@@ -114,8 +114,8 @@ use shoal_consensus::{
     Config, Index, Message, MessageBody, NodeId, RawNode, Role, Snapshot, SnapshotMeta, Term,
 };
 use shoal_engine::{
-    AppliedState, ApplyEntry, Backend, Command, Engine, EngineError, GroupId, GroupWrite,
-    LogBatch, Request, ShardId, ShardRecord, ShardStatus, SnapshotManifest,
+    AppliedState, ApplyEntry, Backend, Command, Engine, EngineError, GroupId, GroupWrite, LogBatch,
+    Request, ShardId, ShardRecord, ShardStatus, SnapshotManifest,
 };
 use shoal_net::{Inbox, IncomingRpc, ReceivedFile, Transport};
 use tokio::sync::watch;
@@ -528,9 +528,8 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             match shoal_engine::snapshot::read_manifest(&dir) {
                 Ok(m) => snapshot_bytes = m.size_bytes(),
                 Err(_) => {
-                    let manifest =
-                        snapshots::export(engine, &config.snapshot_dir, group_id)
-                            .map_err(files_err(group_id))?;
+                    let manifest = snapshots::export(engine, &config.snapshot_dir, group_id)
+                        .map_err(files_err(group_id))?;
                     record_snapshot(engine, group_id, &manifest, state.conf_state.clone())?;
                     remove_dirs(
                         &config.snapshot_dir,
@@ -995,7 +994,11 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             }
             RpcRequest::Shard(request) => {
                 if !from.is_admin() {
-                    tracing::warn!(node = self.config.id, ?from, "shard move step from a non-admin refused");
+                    tracing::warn!(
+                        node = self.config.id,
+                        ?from,
+                        "shard move step from a non-admin refused"
+                    );
                     let _ = reply.send(Response::Denied(Denied::NotAdmin));
                     return;
                 }
@@ -1228,7 +1231,8 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             match decode_entry(gid, e.index, e.kind, &e.data) {
                 Entry::Requests(requests) => {
                     let group = &self.groups[&gid];
-                    let served: Vec<bool> = requests.iter().map(|r| group.serves(r.shard)).collect();
+                    let served: Vec<bool> =
+                        requests.iter().map(|r| group.serves(r.shard)).collect();
                     let requests = requests
                         .into_iter()
                         .zip(&served)

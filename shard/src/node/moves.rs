@@ -170,7 +170,9 @@ pub fn decide(
                 )),
             }
         }
-        ShardCommand::Install { shard, manifest, .. } => {
+        ShardCommand::Install {
+            shard, manifest, ..
+        } => {
             let r = record_of(*shard);
             if r.num > num {
                 return stale(r.num);

@@ -226,10 +226,8 @@ pub async fn ship<T: Transport<KvProtocol>>(
     names.sort();
     for &to in to_nodes {
         if to == me {
-            let files: Vec<(PathBuf, String)> = names
-                .iter()
-                .map(|n| (dir.join(n), n.clone()))
-                .collect();
+            let files: Vec<(PathBuf, String)> =
+                names.iter().map(|n| (dir.join(n), n.clone())).collect();
             copy_into(&files, &super::moves::incoming_dir(root, group, shard, num))?;
             continue;
         }
