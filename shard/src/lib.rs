@@ -10,10 +10,12 @@
 //! - [`client`]: the async KV [`client::Client`] (leader cache, retries with
 //!   capped backoff within a deadline, exactly-once sessions) and its
 //!   blocking wrapper.
-//! - [`controller`]: the pure core of sharding — the key → shard hash,
-//!   [`controller::ShardConfig`] (number, shard → group, group → members)
-//!   and the deterministic, even, minimal-movement `join` / `leave` /
-//!   `move_shard` / `rebalance` that produce the next config.
+//! - [`controller`]: sharding — the key → shard hash,
+//!   [`controller::ShardConfig`] (number, shard → group, group → members),
+//!   the deterministic, even, minimal-movement `join` / `leave` /
+//!   `move_shard` / `rebalance` that produce the next config, and the
+//!   [`controller::Controller`] runtime that installs each config on the
+//!   groups (generic over its store and mover seams).
 //! - [`mapreduce`]: the pure core of MapReduce over stored keys (issue 12):
 //!   the app trait and built-in apps, planning (shard-aligned splits, the
 //!   partition hash, validation), the coordinator's task table as a state

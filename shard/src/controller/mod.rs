@@ -1,9 +1,13 @@
-//! The pure core of sharding: what a shard configuration is and how it
-//! changes. No I/O, no clock, no randomness: the controller group stores
-//! these configs (a current and a next one, written with versioned puts and
-//! fenced by [`ShardConfig::num`]), replica groups compare `num`s to reject
-//! stale moves, and routing clients map keys to shards and shards to
-//! groups, all through these types and functions.
+//! Sharding: what a shard configuration is, how it changes, and the
+//! controller that installs each change on the replica groups.
+//!
+//! The core is pure (no I/O, no clock, no randomness): the controller group
+//! stores these configs (a current and a next one, written with versioned
+//! puts and fenced by [`ShardConfig::num`]), replica groups compare `num`s
+//! to reject stale moves, and routing clients map keys to shards and shards
+//! to groups, all through these types and functions. The runtime,
+//! [`ctrler`], is generic over its two seams, so the same code runs on the
+//! cluster and on in-memory models.
 //!
 //! - [`config`]: the key → shard hash ([`shard_of`]), the default and
 //!   maximum shard counts, [`ShardConfig`] with its queries and
@@ -12,6 +16,13 @@
 //!   each returning the next config (`num + 1`), by a deterministic, even,
 //!   minimal-movement rule; [`moves`] lists what changes between two
 //!   configs.
+//! - [`ctrler`]: the [`Controller`] runtime (lab 5's `shardctrler`):
+//!   [`Controller::init_config`], [`Controller::query`],
+//!   [`Controller::change_config_to`] (claim NEXT, Freeze / Install /
+//!   Delete or Create per moved shard, publish CURRENT) and
+//!   [`Controller::init_controller`] (finish a pending change), over a
+//!   [`ConfigStore`] (the controller group) and a [`ShardMover`] (the
+//!   replica groups), safe against crashed and stale controllers.
 //!
 //! # Example
 //! ```
@@ -30,6 +41,7 @@
 //! ```
 
 pub mod config;
+pub mod ctrler;
 pub mod rebalance;
 
 #[cfg(test)]
@@ -38,5 +50,12 @@ mod tests;
 pub use config::{
     shard_of, ConfigError, ShardConfig, GROUPS_MAX, GROUP_MEMBERS_MAX, GROUP_UNASSIGNED,
     SHARDS_DEFAULT, SHARDS_MAX,
+};
+pub use ctrler::{
+    decode_config, encode_config, BoxError, ChangeError, ChangeOutcome, ConfigKey, ConfigStore,
+    Controller, ControllerConfig, ControllerConfigError, DecodeError, FreezeOutcome, GroupRef,
+    InitError, InitOutcome, MoveError, PutOutcome, QueryError, RecoverError, RecoverOutcome,
+    ShardMover, Step, StepOutcome, StoreError, TransitionError, CONFIG_FORMAT_V1,
+    CONFIG_RECORD_BYTES_MAX, CURRENT_CONFIG_KEY, MOVES_CONCURRENT_MAX, NEXT_CONFIG_KEY,
 };
 pub use rebalance::{join, leave, move_shard, moves, rebalance, RebalanceError, ShardMove};
