@@ -25,6 +25,7 @@
 //! request may have reached a node is [`ClientError::Maybe`] for writes and
 //! [`ClientError::Timeout`] for reads.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,7 +37,10 @@ use shoal_net::{NodeId, RpcCaller, RpcError};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::node::{KV_GROUP, KV_SHARD, SESSION_IDLE_MS_DEFAULT};
+use crate::controller::{decode_config, ShardConfig, CURRENT_CONFIG_KEY};
+use crate::node::{
+    CONTROLLER_GROUP, CONTROLLER_SHARD, KV_GROUP, KV_SHARD, SESSION_IDLE_MS_DEFAULT,
+};
 use crate::protocol::{
     ClientCommand, Denied, KvProtocol, KvRequest, KvResponse, NodeReport, Request, Response,
 };
@@ -170,19 +174,48 @@ pub enum ClientError {
 #[derive(Clone)]
 pub struct Client<C: RpcCaller<KvProtocol>> {
     caller: C,
-    servers: Arc<Vec<NodeId>>,
     config: Arc<ClientConfig>,
     state: Arc<Mutex<State>>,
+    route: Route<C>,
+}
+
+/// Where a client sends its requests.
+#[derive(Clone)]
+enum Route<C: RpcCaller<KvProtocol>> {
+    /// One group (`ClientConfig::group`, `shard`) on fixed servers: a
+    /// deployment without a shard controller.
+    Fixed(Target),
+    /// By key: the shard of the key, the group the controller's current
+    /// configuration gives it, that group's members.
+    Sharded(Arc<Routes<C>>),
+}
+
+/// A group's servers and the presumed leader among them.
+#[derive(Clone)]
+struct Target {
+    group: GroupId,
+    servers: Arc<Vec<NodeId>>,
     /// Index into `servers` of the presumed leader.
     leader: Arc<AtomicU64>,
 }
 
+/// A sharded client's view of the cluster: the controller group's client,
+/// the configuration last read from it, and each group's presumed leader.
+struct Routes<C: RpcCaller<KvProtocol>> {
+    controller: Client<C>,
+    config: std::sync::Mutex<Option<Arc<ShardConfig>>>,
+    targets: std::sync::Mutex<HashMap<GroupId, Target>>,
+}
+
 impl<C: RpcCaller<KvProtocol>> std::fmt::Debug for Client<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client")
-            .field("client_id", &self.config.client_id)
-            .field("servers", &self.servers)
-            .finish()
+        let mut d = f.debug_struct("Client");
+        d.field("client_id", &self.config.client_id);
+        match &self.route {
+            Route::Fixed(t) => d.field("servers", &t.servers),
+            Route::Sharded(_) => d.field("route", &"sharded"),
+        };
+        d.finish()
     }
 }
 
@@ -195,7 +228,15 @@ struct State {
 enum Attempted {
     Reply(Reply, Sends),
     Failed(ClientError),
+    /// No server of the group answered in [`GROUP_ROUNDS_MAX`] rounds (a
+    /// sharded client then reads the configuration again: the shard may
+    /// have moved off a group that is down).
+    Unanswered,
 }
+
+/// Rounds over a group's servers a sharded client makes without an answer
+/// before it reads the configuration again.
+pub const GROUP_ROUNDS_MAX: u64 = 3;
 
 /// How a request that got a reply was sent.
 #[derive(Debug, Clone, Copy)]
@@ -232,11 +273,129 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
         config.validate()?;
         Ok(Client {
             caller,
-            servers: Arc::new(servers),
+            route: Route::Fixed(Target {
+                group: config.group,
+                servers: Arc::new(servers),
+                leader: Arc::new(AtomicU64::new(0)),
+            }),
             config: Arc::new(config),
             state: Arc::new(Mutex::new(State::default())),
-            leader: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// A client of a sharded cluster: each key goes to the group that
+    /// serves its shard in the configuration the controller group (on
+    /// `controller_servers`) publishes. The configuration is cached and
+    /// read again whenever a group answers that it does not serve a shard;
+    /// a request is retried (same session sequence number, so a write still
+    /// applies once, even across a shard move) until `op_deadline`.
+    /// `config.group` and `config.shard` are not used.
+    ///
+    /// # Panics
+    /// If `controller_servers` is empty.
+    pub fn sharded(
+        caller: C,
+        controller_servers: Vec<NodeId>,
+        config: ClientConfig,
+    ) -> Result<Client<C>, ClientConfigError> {
+        let mut controller_config = config.clone();
+        controller_config.group = CONTROLLER_GROUP;
+        controller_config.shard = CONTROLLER_SHARD;
+        let controller = Client::try_new(caller.clone(), controller_servers, controller_config)?;
+        Ok(Client {
+            caller,
+            route: Route::Sharded(Arc::new(Routes {
+                controller,
+                config: std::sync::Mutex::new(None),
+                targets: std::sync::Mutex::new(HashMap::new()),
+            })),
+            config: Arc::new(config),
+            state: Arc::new(Mutex::new(State::default())),
+        })
+    }
+
+    /// The shard configuration a sharded client routes by (read from the
+    /// controller group if none is cached, or if `refresh`).
+    ///
+    /// # Errors
+    /// [`ClientError::Refused`] for a client of fixed servers or a stored
+    /// configuration that does not decode; the controller client's errors.
+    pub async fn shard_config(&self, refresh: bool) -> Result<Arc<ShardConfig>, ClientError> {
+        let Route::Sharded(routes) = &self.route else {
+            return Err(ClientError::Refused(
+                "a client of fixed servers has no shard configuration".into(),
+            ));
+        };
+        if !refresh {
+            if let Some(config) = routes
+                .config
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+            {
+                return Ok(config);
+            }
+        }
+        // Boxed: the controller's client is a client too (of fixed
+        // servers, so this never recurses further).
+        let stored = Box::pin(
+            routes
+                .controller
+                .get(Bytes::from_static(CURRENT_CONFIG_KEY)),
+        )
+        .await?;
+        let config =
+            Arc::new(decode_config(&stored.value).map_err(|e| {
+                ClientError::Refused(format!("the stored shard configuration: {e}"))
+            })?);
+        let mut cached = routes.config.lock().unwrap_or_else(|p| p.into_inner());
+        // Never go back to an older configuration read concurrently.
+        if cached.as_ref().is_none_or(|c| c.num <= config.num) {
+            *cached = Some(config.clone());
+        }
+        Ok(cached.clone().unwrap_or(config))
+    }
+
+    /// Where a request on `shard` goes: the fixed target, or the group the
+    /// configuration gives the shard (`None` while no group serves it).
+    async fn target(&self, shard: ShardId, refresh: bool) -> Result<Option<Target>, ClientError> {
+        let routes = match &self.route {
+            Route::Fixed(target) => return Ok(Some(target.clone())),
+            Route::Sharded(routes) => routes,
+        };
+        let config = self.shard_config(refresh).await?;
+        let Some(group) = config.group_of(shard) else {
+            return Ok(None);
+        };
+        let Some(members) = config.members(group) else {
+            return Ok(None);
+        };
+        let mut targets = routes.targets.lock().unwrap_or_else(|p| p.into_inner());
+        let target = targets
+            .entry(group)
+            .and_modify(|t| {
+                if t.servers.iter().map(|n| n.0).ne(members.iter().copied()) {
+                    *t = Target {
+                        group,
+                        servers: Arc::new(members.iter().copied().map(NodeId).collect()),
+                        leader: Arc::new(AtomicU64::new(0)),
+                    };
+                }
+            })
+            .or_insert_with(|| Target {
+                group,
+                servers: Arc::new(members.iter().copied().map(NodeId).collect()),
+                leader: Arc::new(AtomicU64::new(0)),
+            });
+        Ok(Some(target.clone()))
+    }
+
+    /// The shard a request is routed by: the key's, or the fixed one.
+    async fn shard_of(&self, key: &[u8]) -> Result<ShardId, ClientError> {
+        match &self.route {
+            Route::Fixed(_) => Ok(self.config.shard),
+            Route::Sharded(_) => Ok(self.shard_config(false).await?.shard_of_key(key)),
+        }
     }
 
     /// This client's session id.
@@ -351,20 +510,40 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
         end: impl Into<Bytes>,
         limit: u64,
     ) -> Result<ScanPage, ClientError> {
-        match self
-            .run(ClientCommand::Scan {
-                start: start.into(),
-                end: end.into(),
-                limit,
-            })
-            .await?
-        {
-            Reply::Pairs(page) => Ok(page),
-            other => Err(unexpected(other)),
+        let command = ClientCommand::Scan {
+            start: start.into(),
+            end: end.into(),
+            limit,
+        };
+        if let Route::Fixed(_) = &self.route {
+            return match self.run(command).await? {
+                Reply::Pairs(page) => Ok(page),
+                other => Err(unexpected(other)),
+            };
         }
+        // Keys are spread over the shards by hash: a page in key order is
+        // the merge of one page from every shard.
+        let shards = self.shard_config(false).await?.shard_count();
+        let mut pages = Vec::with_capacity(shards as usize);
+        for shard in 0..shards {
+            match self.run_on(Some(shard), command.clone()).await? {
+                Reply::Pairs(page) => pages.push(page),
+                other => return Err(unexpected(other)),
+            }
+        }
+        Ok(merge_pages(pages, limit))
     }
 
     async fn run(&self, command: ClientCommand) -> Result<Reply, ClientError> {
+        self.run_on(None, command).await
+    }
+
+    /// Runs `command` on `shard`, or on its key's shard.
+    async fn run_on(
+        &self,
+        shard: Option<ShardId>,
+        command: ClientCommand,
+    ) -> Result<Reply, ClientError> {
         let mut state = self.state.lock().await;
         let read_only = command.is_read_only();
         let seq = if read_only {
@@ -373,14 +552,68 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
             state.seq += 1;
             state.seq
         };
-        let request = KvRequest {
-            group: self.config.group,
-            shard: self.config.shard,
-            client: self.config.client_id,
-            seq,
-            command,
+        let deadline = Instant::now() + self.config.op_deadline;
+        let mut sends = Sends {
+            count: 0,
+            first: Instant::now(),
         };
-        match self.attempt_until_deadline(request).await {
+        let shard = match shard {
+            Some(shard) => shard,
+            None => match &command {
+                ClientCommand::Get { key }
+                | ClientCommand::Put { key, .. }
+                | ClientCommand::PutIfVersion { key, .. }
+                | ClientCommand::Append { key, .. }
+                | ClientCommand::Delete { key } => self.shard_of(key).await?,
+                ClientCommand::Scan { .. } => self.config.shard,
+            },
+        };
+        let mut refresh = false;
+        let mut pause = self.config.backoff_min;
+        let attempted = loop {
+            if Instant::now() >= deadline {
+                break Attempted::Failed(ClientError::Timeout);
+            }
+            let target = match self.target(shard, refresh).await {
+                Ok(Some(target)) => target,
+                // No group serves the shard yet (a config being changed).
+                Ok(None) => {
+                    refresh = true;
+                    tokio::time::sleep(pause.min(deadline - Instant::now())).await;
+                    pause = (pause * 2).min(self.config.backoff_max);
+                    continue;
+                }
+                Err(ClientError::Timeout) => break Attempted::Failed(ClientError::Timeout),
+                Err(e) => break Attempted::Failed(e),
+            };
+            let request = KvRequest {
+                group: target.group,
+                shard,
+                client: self.config.client_id,
+                seq,
+                command: command.clone(),
+            };
+            match self
+                .attempt_until_deadline(request, &target, deadline, &mut sends)
+                .await
+            {
+                // The configuration moved on: read it again and retry
+                // there, with the same sequence number.
+                Attempted::Unanswered => refresh = true,
+                Attempted::Failed(ClientError::WrongGroup)
+                    if matches!(self.route, Route::Sharded(_)) =>
+                {
+                    refresh = true;
+                    tokio::time::sleep(
+                        pause.min(deadline.saturating_duration_since(Instant::now())),
+                    )
+                    .await;
+                    pause = (pause * 2).min(self.config.backoff_max);
+                }
+                other => break other,
+            }
+        };
+        match attempted {
             // Retries that outlasted a quarter of a session may have met a
             // re-execution of an earlier send (see the module docs).
             Attempted::Reply(_, sends) if !read_only && self.outlasted_session(sends) => {
@@ -388,7 +621,10 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
             }
             Attempted::Reply(Reply::Rejected { reason }, _) => Err(ClientError::Refused(reason)),
             Attempted::Reply(reply, _) => Ok(reply),
-            Attempted::Failed(ClientError::Timeout) if !read_only => Err(ClientError::Maybe),
+            Attempted::Failed(ClientError::Timeout) | Attempted::Unanswered if !read_only => {
+                Err(ClientError::Maybe)
+            }
+            Attempted::Unanswered => Err(ClientError::Timeout),
             Attempted::Failed(e) => Err(e),
         }
     }
@@ -404,22 +640,28 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
     /// with capped exponential backoff after each full round, until an
     /// answer or the deadline. A timeout is reported as `Timeout`; the
     /// caller turns it into `Maybe` for writes.
-    async fn attempt_until_deadline(&self, request: KvRequest) -> Attempted {
-        let deadline = Instant::now() + self.config.op_deadline;
-        let n = self.servers.len() as u64;
+    async fn attempt_until_deadline(
+        &self,
+        request: KvRequest,
+        target: &Target,
+        deadline: Instant,
+        sends: &mut Sends,
+    ) -> Attempted {
+        let n = target.servers.len() as u64;
         let mut backoff = self.config.backoff_min;
         let mut tried_in_round = 0u64;
-        let mut sends = Sends {
-            count: 0,
-            first: Instant::now(),
+        let mut rounds = 0u64;
+        let rounds_max = match self.route {
+            Route::Fixed(_) => u64::MAX,
+            Route::Sharded(_) => GROUP_ROUNDS_MAX,
         };
         loop {
             let now = Instant::now();
             if now >= deadline {
                 return Attempted::Failed(ClientError::Timeout);
             }
-            let index = self.leader.load(Ordering::Relaxed) % n;
-            let server = self.servers[index as usize];
+            let index = target.leader.load(Ordering::Relaxed) % n;
+            let server = target.servers[index as usize];
             let rpc_deadline = self.config.rpc_deadline.min(deadline - now);
             if sends.count == 0 {
                 sends.first = now;
@@ -438,7 +680,7 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
             let next = match result {
                 // A rejection is a reply like any other: the caller first
                 // checks whether retries outlasted the session.
-                Ok(KvResponse::Done(reply)) => return Attempted::Reply(reply, sends),
+                Ok(KvResponse::Done(reply)) => return Attempted::Reply(reply, *sends),
                 Ok(KvResponse::WrongGroup) => return Attempted::Failed(ClientError::WrongGroup),
                 Ok(KvResponse::UnknownGroup) => {
                     return Attempted::Failed(ClientError::Refused(format!(
@@ -454,7 +696,7 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
                 Ok(KvResponse::Refused { reason }) => {
                     return Attempted::Failed(ClientError::Refused(reason))
                 }
-                Ok(KvResponse::NotLeader { leader_hint }) => self
+                Ok(KvResponse::NotLeader { leader_hint }) => target
                     .servers
                     .iter()
                     .position(|s| s.0 == leader_hint && leader_hint != 0 && s.0 != server.0),
@@ -464,19 +706,23 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
             };
             match next {
                 Some(hinted) => {
-                    self.leader.store(hinted as u64, Ordering::Relaxed);
+                    target.leader.store(hinted as u64, Ordering::Relaxed);
                     tried_in_round += 1;
                 }
                 None => {
-                    self.leader.store((index + 1) % n, Ordering::Relaxed);
+                    target.leader.store((index + 1) % n, Ordering::Relaxed);
                     tried_in_round += 1;
                 }
             }
             if tried_in_round >= n {
                 tried_in_round = 0;
+                rounds += 1;
                 let pause = backoff.min(deadline.saturating_duration_since(Instant::now()));
                 tokio::time::sleep(pause).await;
                 backoff = (backoff * 2).min(self.config.backoff_max);
+                if rounds >= rounds_max {
+                    return Attempted::Unanswered;
+                }
             }
         }
     }
@@ -552,6 +798,30 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
             other => Err(AdminError::Unexpected(format!("{other:?}"))),
         }
     }
+}
+
+/// The first `limit` pairs, in key order, of pages from disjoint shards
+/// over the same range, and where to continue: every pair not returned
+/// (cut from a merged page, or still behind a shard's own continuation)
+/// is at or after it.
+fn merge_pages(pages: Vec<ScanPage>, limit: u64) -> ScanPage {
+    // A shard's unread keys start at its continuation, so the merge is
+    // complete only below the smallest one.
+    let horizon = pages.iter().filter_map(|p| p.next.clone()).min();
+    let mut pairs: Vec<(Bytes, Versioned)> = pages
+        .into_iter()
+        .flat_map(|p| p.pairs)
+        .filter(|(k, _)| horizon.as_ref().is_none_or(|h| k < h))
+        .collect();
+    pairs.sort_by(|a, b| a.0.cmp(&b.0));
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let next = if pairs.len() > limit {
+        Some(pairs[limit].0.clone())
+    } else {
+        horizon
+    };
+    pairs.truncate(limit);
+    ScanPage { pairs, next }
 }
 
 fn unexpected(reply: Reply) -> ClientError {

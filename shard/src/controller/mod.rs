@@ -43,6 +43,7 @@
 pub mod config;
 pub mod ctrler;
 pub mod rebalance;
+pub mod remote;
 
 #[cfg(test)]
 mod tests;
@@ -59,3 +60,4 @@ pub use ctrler::{
     CONFIG_RECORD_BYTES_MAX, CURRENT_CONFIG_KEY, MOVES_CONCURRENT_MAX, NEXT_CONFIG_KEY,
 };
 pub use rebalance::{join, leave, move_shard, moves, rebalance, RebalanceError, ShardMove};
+pub use remote::{GroupStore, RpcMover, StepError};

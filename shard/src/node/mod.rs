@@ -137,6 +137,11 @@ pub use self::persist::{ENTRY_BYTES_MAX, ENTRY_REQUESTS_MAX};
 pub const KV_GROUP: GroupId = 1;
 /// The shard group [`KV_GROUP`] serves.
 pub const KV_SHARD: ShardId = 0;
+/// The group of the shard controller: it stores the shard configurations
+/// (the lab's group 0) and is never a replica group of a configuration.
+pub const CONTROLLER_GROUP: GroupId = 0;
+/// The shard the controller group serves (statically).
+pub const CONTROLLER_SHARD: ShardId = 0;
 /// Most events (messages plus RPCs) drained before a round runs.
 pub const EVENTS_PER_ROUND_MAX: usize = 1024;
 /// Most `Ready` rounds run back to back before the loop looks at events again.
@@ -700,6 +705,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         self.ticks += 1;
         if self.ticks % PRUNE_EVERY_TICKS == 0 {
             self.prune_received();
+            self.prune_moves();
         }
         let idle = Duration::from_millis(self.config.session_idle_ms);
         let now = Instant::now();
@@ -843,6 +849,34 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 self.prune_received_through(gid, commit - 1);
             }
         }
+    }
+
+    /// Removes move directories no longer needed ([`moves::move_dir_done`]),
+    /// judged by the records as of now, off the loop.
+    fn prune_moves(&mut self) {
+        let records: HashMap<GroupId, BTreeMap<ShardId, ShardRecord>> = self
+            .groups
+            .iter()
+            .map(|(gid, g)| (*gid, g.records.clone()))
+            .collect();
+        let root = self.config.snapshot_dir.clone();
+        self.prune(move || {
+            let Ok(entries) = std::fs::read_dir(&root) else {
+                return;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some((side, group, shard, num)) = moves::parse_move_dir(&name) else {
+                    continue;
+                };
+                let record = records
+                    .get(&group)
+                    .map(|r| r.get(&shard).copied().unwrap_or(moves::RECORD_NONE));
+                if moves::move_dir_done(side, num, record) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        });
     }
 
     /// Drops `group`'s received snapshot files at or below `index`.
@@ -1012,6 +1046,36 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                         leader_hint: group.raw.leader_id(),
                     });
                     return;
+                }
+                if let ShardCommand::Install {
+                    shard,
+                    num,
+                    manifest,
+                } = &request.command
+                {
+                    // Propose an install only with its files here (the
+                    // freeze shipped them to every node of the group), so
+                    // no replica applies one it cannot carry out. Reads
+                    // only the small manifest; the files are verified when
+                    // ingested.
+                    let dir =
+                        moves::incoming_dir(&self.config.snapshot_dir, request.group, *shard, *num);
+                    let installed = group.record_of(*shard)
+                        == ShardRecord {
+                            num: *num,
+                            status: ShardStatus::Serving,
+                        };
+                    let shipped =
+                        shoal_engine::snapshot::read_manifest(&dir).is_ok_and(|m| &m == manifest);
+                    if !installed && !shipped {
+                        reply.send(KvResponse::Shard(ShardReply::Refused {
+                            reason: format!(
+                                "the files of shard {shard} for config {num} are not on node {}",
+                                self.config.id
+                            ),
+                        }));
+                        return;
+                    }
                 }
                 group.queued_shard.push((request.command, reply));
                 return;

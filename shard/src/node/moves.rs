@@ -235,13 +235,47 @@ pub fn outgoing_dir(root: &Path, group: GroupId, shard: ShardId, num: u64) -> Pa
     root.join(format!("move-out-g{group}-s{shard}-n{num}"))
 }
 
-/// Whether a received move file is addressed to a group this node hosts:
-/// parses (group, shard, num) back out of an incoming directory name.
-pub fn parse_incoming(name: &str) -> Option<(GroupId, ShardId, u64)> {
-    let rest = name.strip_prefix("move-in-g")?;
+/// Which side of a move a directory is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoveDir {
+    /// Files shipped here, waiting for the install ([`incoming_dir`]).
+    Incoming,
+    /// This node's export for a destination ([`outgoing_dir`]).
+    Outgoing,
+}
+
+/// Parses (side, group, shard, num) back out of a move directory's name.
+pub fn parse_move_dir(name: &str) -> Option<(MoveDir, GroupId, ShardId, u64)> {
+    let (side, rest) = if let Some(rest) = name.strip_prefix("move-in-g") {
+        (MoveDir::Incoming, rest)
+    } else {
+        (MoveDir::Outgoing, name.strip_prefix("move-out-g")?)
+    };
     let (group, rest) = rest.split_once("-s")?;
     let (shard, num) = rest.split_once("-n")?;
-    Some((group.parse().ok()?, shard.parse().ok()?, num.parse().ok()?))
+    Some((
+        side,
+        group.parse().ok()?,
+        shard.parse().ok()?,
+        num.parse().ok()?,
+    ))
+}
+
+/// Whether a move directory is no longer needed, given the group's record
+/// of its shard (`None`: the node does not host the group): incoming files
+/// once installed or superseded, an export once its shard was deleted or a
+/// newer config touched it.
+pub fn move_dir_done(side: MoveDir, num: u64, record: Option<ShardRecord>) -> bool {
+    let Some(r) = record else {
+        return true;
+    };
+    if r.num != num {
+        return r.num > num;
+    }
+    match side {
+        MoveDir::Incoming => r.status == ShardStatus::Serving,
+        MoveDir::Outgoing => r.status == ShardStatus::Absent,
+    }
 }
 
 #[cfg(test)]
@@ -419,11 +453,34 @@ mod tests {
     }
 
     #[test]
-    fn incoming_dir_names_parse_back() {
-        let dir = incoming_dir(Path::new("/x"), 7, 12, 40);
-        let name = dir.file_name().unwrap().to_str().unwrap();
-        assert_eq!(parse_incoming(name), Some((7, 12, 40)));
-        assert_eq!(parse_incoming("move-in-g7-s12"), None);
-        assert_eq!(parse_incoming("recv-g1-i2-n3"), None);
+    fn move_dir_names_parse_back() {
+        let name = |p: PathBuf| p.file_name().unwrap().to_str().unwrap().to_string();
+        let incoming = name(incoming_dir(Path::new("/x"), 7, 12, 40));
+        let outgoing = name(outgoing_dir(Path::new("/x"), 7, 12, 40));
+        assert_eq!(
+            parse_move_dir(&incoming),
+            Some((MoveDir::Incoming, 7, 12, 40))
+        );
+        assert_eq!(
+            parse_move_dir(&outgoing),
+            Some((MoveDir::Outgoing, 7, 12, 40))
+        );
+        assert_eq!(parse_move_dir("move-in-g7-s12"), None);
+        assert_eq!(parse_move_dir("recv-g1-i2-n3"), None);
+    }
+
+    #[test]
+    fn move_dirs_go_once_done_or_superseded() {
+        use MoveDir::*;
+        // Waiting for its install / its delete: kept.
+        assert!(!move_dir_done(Incoming, 5, Some(rec(4, Absent))));
+        assert!(!move_dir_done(Incoming, 5, Some(RECORD_NONE)));
+        assert!(!move_dir_done(Outgoing, 5, Some(rec(5, Frozen))));
+        // Installed, deleted, superseded, or the group is gone: removed.
+        assert!(move_dir_done(Incoming, 5, Some(rec(5, Serving))));
+        assert!(move_dir_done(Outgoing, 5, Some(rec(5, Absent))));
+        assert!(move_dir_done(Incoming, 5, Some(rec(6, Absent))));
+        assert!(move_dir_done(Outgoing, 5, Some(rec(7, Serving))));
+        assert!(move_dir_done(Outgoing, 5, None));
     }
 }
