@@ -33,7 +33,7 @@ use shoal_consensus::Role;
 use shoal_engine::{EngineConfig, RocksEngine};
 use shoal_net::quic::{QuicClient, QuicNode};
 use shoal_net::{Limits, NodeId, Peer};
-use shoal_shard::node::{Node, NodeConfig, KV_GROUP};
+use shoal_shard::node::{GroupSpec, Node, NodeConfig, CONTROLLER_GROUP, CONTROLLER_SHARD, KV_GROUP};
 use shoal_shard::protocol::{KvProtocol, NodeReport};
 pub use shoal_shard::ClientError;
 
@@ -106,6 +106,11 @@ pub struct NodeOptions {
     /// Threads of the node's async runtime (the event loop, QUIC); synced
     /// writes run on a separate blocking thread either way.
     pub worker_threads: usize,
+    /// A sharded cluster: the nodes of its controller group. The node
+    /// hosts the controller group if it is among them, and whatever
+    /// replica groups `shoal shard` creates on it; no static KV group.
+    /// `None`: the single-group cluster (every node hosts the KV group).
+    pub controller: Option<Vec<u64>>,
 }
 
 /// Default log size beyond which `shoal node` snapshots and compacts: 64 MiB.
@@ -210,6 +215,17 @@ pub fn run_node(options: NodeOptions, ready: impl FnOnce(SocketAddr)) -> Result<
         );
         config.blocking_io = true;
         config.max_raft_state_bytes = options.max_raft_state_bytes;
+        if let Some(controller) = &options.controller {
+            config.groups = if controller.contains(&options.id) {
+                vec![GroupSpec {
+                    group: CONTROLLER_GROUP,
+                    static_shards: vec![CONTROLLER_SHARD],
+                    voters: controller.clone(),
+                }]
+            } else {
+                Vec::new()
+            };
+        }
         let handle = Node::start(config, engine, quic.clone(), inbox).context("starting the node")?;
         ready(quic.local_addr().context("local address")?);
 
@@ -266,6 +282,9 @@ pub struct ClientOptions {
     pub op_deadline: Duration,
     /// How long one attempt at one node may take.
     pub rpc_deadline: Duration,
+    /// A sharded cluster: the nodes of its controller group; keys are then
+    /// routed by the configuration it publishes. `None`: one KV group.
+    pub controller: Option<Vec<u64>>,
 }
 
 impl Default for ClientOptions {
@@ -274,6 +293,7 @@ impl Default for ClientOptions {
             name: CLIENT_NAME_DEFAULT.into(),
             op_deadline: Duration::from_secs(10),
             rpc_deadline: Duration::from_secs(1),
+            controller: None,
         }
     }
 }
@@ -335,11 +355,19 @@ impl Client {
         let mut config = shoal_shard::ClientConfig::new(fresh_client_id());
         config.op_deadline = options.op_deadline;
         config.rpc_deadline = options.rpc_deadline;
-        let servers = members.iter().map(|&(id, _)| NodeId(id)).collect();
-        Ok(Client {
-            inner: shoal_shard::Client::try_new(quic.clone(), servers, config)?,
-            quic,
-        })
+        let inner = match &options.controller {
+            Some(controller) => shoal_shard::Client::sharded(
+                quic.clone(),
+                controller.iter().copied().map(NodeId).collect(),
+                config,
+            )?,
+            None => shoal_shard::Client::try_new(
+                quic.clone(),
+                members.iter().map(|&(id, _)| NodeId(id)).collect(),
+                config,
+            )?,
+        };
+        Ok(Client { inner, quic })
     }
 
     /// Closes the connections (waits briefly for the nodes to be told).

@@ -29,6 +29,7 @@ pub mod crashtest;
 pub mod db;
 pub mod jsonl;
 pub mod local_cluster;
+pub mod sharding;
 
 pub use cluster::{BlockingClient, Client, ClientError, ConnectError};
 pub use db::{AsyncDb, Db, DbError, DbOptions};

@@ -80,6 +80,19 @@ enum Cmd {
         /// Enable the transport's fault filter (tests only).
         #[arg(long, hide = true)]
         fault_injection: bool,
+        /// A sharded cluster: the controller group's nodes, e.g. 1,2,3
+        /// (see `shoal shard`). Without it every node serves one KV group.
+        #[arg(long, value_delimiter = ',')]
+        controller: Option<Vec<u64>>,
+    },
+    /// Operate a sharded cluster (admin certificate): create groups, post
+    /// the first configuration, join, leave, move a shard, rebalance, and
+    /// print where every shard is.
+    Shard {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        #[command(subcommand)]
+        command: ShardCmd,
     },
     /// Read JSON requests from stdin, one per line; write one JSON answer
     /// per line to stdout (schema in README.md).
@@ -221,6 +234,50 @@ struct ClusterArgs {
     /// Deadline of one operation, retries included, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     timeout_ms: u64,
+    /// A sharded cluster: its controller group's nodes (e.g. 1,2,3); keys
+    /// are routed by the configuration it publishes.
+    #[arg(long, value_delimiter = ',')]
+    controller: Option<Vec<u64>>,
+}
+
+#[derive(Subcommand)]
+enum ShardCmd {
+    /// Post the first configuration: SHARDS shards, all on GROUP=NODES
+    /// (whose nodes start hosting it).
+    Init {
+        /// Shard count, fixed for the cluster's life.
+        #[arg(long, default_value_t = shoal_shard::controller::SHARDS_DEFAULT)]
+        shards: u32,
+        /// The first replica group: GROUP=NODE,NODE,...
+        #[arg(long)]
+        group: String,
+    },
+    /// A new replica group GROUP=NODES joins; shards rebalance onto it.
+    Join {
+        /// GROUP=NODE,NODE,...
+        #[arg(long)]
+        group: String,
+    },
+    /// A replica group leaves; its shards move to the others first.
+    Leave {
+        /// The group.
+        #[arg(long)]
+        group: u64,
+    },
+    /// Move one shard to a group.
+    Move {
+        /// The shard.
+        #[arg(long)]
+        shard: u32,
+        /// The group it moves to.
+        #[arg(long)]
+        to: u64,
+    },
+    /// Even the shards out over the groups, moving as few as possible.
+    Rebalance,
+    /// Print the configuration, then one JSON line per shard:
+    /// {"shard","group","leader"}.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -276,6 +333,7 @@ fn main() -> Result<()> {
             io_timeout_ms,
             worker_threads,
             fault_injection,
+            controller,
         } => {
             let options = NodeOptions {
                 id,
@@ -287,6 +345,7 @@ fn main() -> Result<()> {
                 fault_injection,
                 io_timeout_ms,
                 worker_threads,
+                controller,
             };
             cluster::run_node(options, |addr| {
                 println!("node {id} listening on {addr}");
@@ -294,6 +353,7 @@ fn main() -> Result<()> {
             })
         }
         Cmd::Client { cluster } => run_client(&cluster),
+        Cmd::Shard { cluster, command } => shard_admin(&cluster, command),
         Cmd::Get { cluster, key } => one_shot(&cluster, jsonl::Request::Get { key }),
         Cmd::Put {
             cluster,
@@ -387,6 +447,7 @@ fn connect(args: &ClusterArgs) -> Result<(tokio::runtime::Runtime, cluster::Clie
     let options = ClientOptions {
         name: args.name.clone(),
         op_deadline: std::time::Duration::from_millis(args.timeout_ms),
+        controller: args.controller.clone(),
         ..ClientOptions::default()
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -453,6 +514,54 @@ fn status(args: &ClusterArgs) -> Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// `shoal shard ...`: one admin operation; prints the resulting
+/// configuration as one JSON line (`status`: then one line per shard).
+fn shard_admin(args: &ClusterArgs, command: ShardCmd) -> Result<()> {
+    let members = cluster::parse_members(&args.cluster)?;
+    let Some(controller) = &args.controller else {
+        anyhow::bail!("--controller is required: the controller group's nodes");
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let admin = shoal::sharding::Admin::connect(
+            &members,
+            controller,
+            &args.tls,
+            std::time::Duration::from_millis(args.timeout_ms),
+        )?;
+        let result = async {
+            let config = match command {
+                ShardCmd::Init { shards, group } => {
+                    let (group, nodes) = shoal::sharding::parse_group(&group)?;
+                    admin.init(shards, group, &nodes).await?
+                }
+                ShardCmd::Join { group } => {
+                    let (group, nodes) = shoal::sharding::parse_group(&group)?;
+                    admin.join(group, &nodes).await?
+                }
+                ShardCmd::Leave { group } => admin.leave(group).await?,
+                ShardCmd::Move { shard, to } => admin.move_shard(shard, to).await?,
+                ShardCmd::Rebalance => admin.rebalance().await?,
+                ShardCmd::Status => {
+                    let config = admin.query().await?;
+                    println!("{}", serde_json::to_string(&config)?);
+                    for line in admin.shard_lines(&config).await {
+                        println!("{}", serde_json::to_string(&line)?);
+                    }
+                    return Ok(());
+                }
+            };
+            println!("{}", serde_json::to_string(&config)?);
+            anyhow::Ok(())
+        }
+        .await;
+        admin.close().await;
+        result
+    })
 }
 
 /// `shoal db-writer`: acknowledges each put on stdout once it returned.

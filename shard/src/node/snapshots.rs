@@ -225,10 +225,13 @@ pub async fn ship<T: Transport<KvProtocol>>(
     }
     names.sort();
     for &to in to_nodes {
+        let started = std::time::Instant::now();
+        let mut bytes = 0u64;
         if to == me {
             let files: Vec<(PathBuf, String)> =
                 names.iter().map(|n| (dir.join(n), n.clone())).collect();
             copy_into(&files, &super::moves::incoming_dir(root, group, shard, num))?;
+            tracing::info!(shard, num, to, "shard files copied to this node's incoming directory");
             continue;
         }
         for name in &names {
@@ -238,7 +241,7 @@ pub async fn ship<T: Transport<KvProtocol>>(
                 name: name.clone(),
                 shard: Some((shard, num)),
             };
-            transport
+            bytes += transport
                 .send_file(shoal_net::NodeId(to), dir.join(name), meta)
                 .await
                 .map_err(|e| SnapshotFileError::Ship {
@@ -247,6 +250,16 @@ pub async fn ship<T: Transport<KvProtocol>>(
                     reason: e.to_string(),
                 })?;
         }
+        let secs = started.elapsed().as_secs_f64();
+        tracing::info!(
+            shard,
+            num,
+            to,
+            bytes,
+            ms = (secs * 1000.0) as u64,
+            mb_per_s = if secs > 0.0 { bytes as f64 / secs / 1e6 } else { 0.0 },
+            "shipped a shard's files"
+        );
     }
     Ok(())
 }

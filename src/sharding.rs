@@ -1,0 +1,257 @@
+//! `shoal shard`: operating a sharded cluster as the admin client — create
+//! groups on chosen nodes, post the first configuration, have groups join
+//! or leave, move one shard, rebalance, and print where every shard is.
+//!
+//! A sharded cluster's nodes run with `--controller 1,2,3` (the members of
+//! the controller group, which stores the configurations). Replica groups
+//! are created on running nodes by [`Admin::host_group`] and configured by
+//! the [`Controller`]; every command here is idempotent, so re-running one
+//! that was interrupted finishes it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use shoal_consensus::Role;
+use shoal_engine::{GroupId, ShardId};
+use shoal_net::{Limits, NodeId, Peer, QuicClient, ADMIN_CLIENT_NAME};
+use shoal_shard::controller::{
+    join, leave, move_shard, rebalance, ChangeOutcome, Controller, ControllerConfig, GroupStore,
+    InitOutcome, RpcMover, ShardConfig,
+};
+use shoal_shard::node::{CONTROLLER_GROUP, CONTROLLER_SHARD};
+use shoal_shard::protocol::KvProtocol;
+use shoal_shard::{Client, ClientConfig};
+
+use crate::cluster::fresh_client_id;
+
+type Ctrl = Controller<GroupStore<QuicClient<KvProtocol>>, RpcMover<QuicClient<KvProtocol>>>;
+
+/// How long one controller step (a store operation or one move step) may
+/// take, retries included.
+pub const STEP_DEADLINE_MS_DEFAULT: u64 = 60_000;
+
+/// The admin side of a sharded cluster.
+pub struct Admin {
+    quic: QuicClient<KvProtocol>,
+    /// Single calls to named nodes (host and drop groups, status).
+    nodes: Client<QuicClient<KvProtocol>>,
+    controller: Ctrl,
+    members: Vec<(u64, SocketAddr)>,
+}
+
+/// Parses `G=1,2,3`: a group and its member nodes.
+pub fn parse_group(spec: &str) -> Result<(GroupId, Vec<u64>)> {
+    let (group, nodes) = spec
+        .split_once('=')
+        .with_context(|| format!("{spec:?}: expected GROUP=NODE,NODE,..."))?;
+    let group: GroupId = group.trim().parse().with_context(|| format!("group id {group:?}"))?;
+    let nodes = nodes
+        .split(',')
+        .map(|n| n.trim().parse::<u64>().with_context(|| format!("node id {n:?}")))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((group, nodes))
+}
+
+/// One shard's line in `shoal shard status`.
+#[derive(Debug, Serialize)]
+pub struct ShardLine {
+    /// The shard.
+    pub shard: ShardId,
+    /// Its group in the current configuration (0: none).
+    pub group: GroupId,
+    /// The group's leader as its members report it (0: unknown).
+    pub leader: u64,
+}
+
+impl Admin {
+    /// An admin client of the cluster `members` (every node), whose
+    /// controller group runs on `controller` nodes, with the `admin`
+    /// certificate from `tls_dir`.
+    pub fn connect(
+        members: &[(u64, SocketAddr)],
+        controller: &[u64],
+        tls_dir: &Path,
+        op_deadline: Duration,
+    ) -> Result<Admin> {
+        if controller.is_empty() {
+            bail!("--controller must name the controller group's nodes");
+        }
+        let identity = crate::certs::load(tls_dir, &Peer::Client(ADMIN_CLIENT_NAME.into()))?;
+        let addresses = members.iter().map(|&(id, a)| (NodeId(id), a)).collect();
+        let quic = QuicClient::new(&identity, addresses, Limits::default())?;
+        let mut config = ClientConfig::new(fresh_client_id());
+        config.op_deadline = op_deadline;
+        let nodes = Client::try_new(
+            quic.clone(),
+            members.iter().map(|&(id, _)| NodeId(id)).collect(),
+            config.clone(),
+        )?;
+        config.group = CONTROLLER_GROUP;
+        config.shard = CONTROLLER_SHARD;
+        let store = GroupStore::new(Client::try_new(
+            quic.clone(),
+            controller.iter().copied().map(NodeId).collect(),
+            config,
+        )?);
+        let mover = RpcMover::new(quic.clone(), Duration::from_secs(2));
+        let controller = Controller::new(
+            store,
+            mover,
+            ControllerConfig {
+                step_deadline: Duration::from_millis(STEP_DEADLINE_MS_DEFAULT),
+                ..Default::default()
+            },
+        )?;
+        Ok(Admin {
+            quic,
+            nodes,
+            controller,
+            members: members.to_vec(),
+        })
+    }
+
+    /// Makes every node of `voters` host a replica of `group`.
+    pub async fn host_group(&self, group: GroupId, voters: &[u64]) -> Result<()> {
+        for &node in voters {
+            self.nodes
+                .host_group(NodeId(node), group, voters.to_vec())
+                .await
+                .with_context(|| format!("node {node}: hosting group {group}"))?;
+        }
+        Ok(())
+    }
+
+    /// Makes every node of `voters` drop its replica of `group` (which
+    /// must hold no shards any more).
+    pub async fn drop_group(&self, group: GroupId, voters: &[u64]) -> Result<()> {
+        for &node in voters {
+            self.nodes
+                .drop_group(NodeId(node), group)
+                .await
+                .with_context(|| format!("node {node}: dropping group {group}"))?;
+        }
+        Ok(())
+    }
+
+    /// The current configuration.
+    pub async fn query(&self) -> Result<ShardConfig> {
+        Ok(self.controller.query().await?)
+    }
+
+    /// Finishes a change a controller left half-done (any command does
+    /// this first).
+    async fn recover(&self) -> Result<()> {
+        self.controller.init_controller().await?;
+        Ok(())
+    }
+
+    /// The first configuration: `shards` shards, all on `group`.
+    pub async fn init(&self, shards: u32, group: GroupId, voters: &[u64]) -> Result<ShardConfig> {
+        self.host_group(group, voters).await?;
+        let first = join(
+            &ShardConfig::initial(shards)?,
+            BTreeMap::from([(group, voters.to_vec())]),
+        )?;
+        match self.controller.init_config(first.clone()).await? {
+            InitOutcome::Posted => Ok(first),
+            InitOutcome::Exists { num } => {
+                bail!("the cluster has a configuration already (number {num})")
+            }
+        }
+    }
+
+    async fn change(&self, next: ShardConfig) -> Result<ShardConfig> {
+        match self.controller.change_config_to(next.clone()).await? {
+            ChangeOutcome::Changed => Ok(next),
+            ChangeOutcome::Lost => bail!(
+                "another controller is changing the configuration; run `shoal shard status` and retry"
+            ),
+            ChangeOutcome::Superseded { num } => {
+                bail!("a newer configuration ({num}) was posted meanwhile; retry")
+            }
+        }
+    }
+
+    /// `group` (on `voters`, which start hosting it) joins, and shards are
+    /// rebalanced onto it.
+    pub async fn join(&self, group: GroupId, voters: &[u64]) -> Result<ShardConfig> {
+        self.recover().await?;
+        self.host_group(group, voters).await?;
+        let current = self.query().await?;
+        let next = join(&current, BTreeMap::from([(group, voters.to_vec())]))?;
+        self.change(next).await
+    }
+
+    /// `group` leaves: its shards move to the others, then its members
+    /// drop their replicas.
+    pub async fn leave(&self, group: GroupId) -> Result<ShardConfig> {
+        self.recover().await?;
+        let current = self.query().await?;
+        let voters = current
+            .members(group)
+            .with_context(|| format!("group {group} is not in configuration {}", current.num))?
+            .to_vec();
+        let next = self.change(leave(&current, &[group])?).await?;
+        self.drop_group(group, &voters).await?;
+        Ok(next)
+    }
+
+    /// Moves `shard` to `group`.
+    pub async fn move_shard(&self, shard: ShardId, group: GroupId) -> Result<ShardConfig> {
+        self.recover().await?;
+        let current = self.query().await?;
+        self.change(move_shard(&current, shard, group)?).await
+    }
+
+    /// Evens the shards out over the groups, moving as few as possible.
+    pub async fn rebalance(&self) -> Result<ShardConfig> {
+        self.recover().await?;
+        let current = self.query().await?;
+        if rebalance(&current)?.shards == current.shards {
+            return Ok(current);
+        }
+        self.change(rebalance(&current)?).await
+    }
+
+    /// Each shard with its group and that group's leader.
+    pub async fn shard_lines(&self, config: &ShardConfig) -> Vec<ShardLine> {
+        let mut leaders: BTreeMap<GroupId, u64> = BTreeMap::new();
+        for (&group, voters) in &config.groups {
+            for &node in voters {
+                let Ok(report) = self.nodes.node_status(NodeId(node)).await else {
+                    continue;
+                };
+                if let Some(g) = report.groups.iter().find(|g| g.group == group) {
+                    if g.role == Role::Leader || g.leader != 0 {
+                        leaders.insert(group, if g.role == Role::Leader { node } else { g.leader });
+                        break;
+                    }
+                }
+            }
+        }
+        (0..config.shard_count())
+            .map(|shard| {
+                let group = config.group_of(shard).unwrap_or(0);
+                ShardLine {
+                    shard,
+                    group,
+                    leader: leaders.get(&group).copied().unwrap_or(0),
+                }
+            })
+            .collect()
+    }
+
+    /// The nodes this admin was given.
+    pub fn members(&self) -> &[(u64, SocketAddr)] {
+        &self.members
+    }
+
+    /// Closes the connections.
+    pub async fn close(&self) {
+        self.quic.close().await;
+    }
+}
