@@ -33,7 +33,9 @@ use shoal_consensus::Role;
 use shoal_engine::{EngineConfig, RocksEngine};
 use shoal_net::quic::{QuicClient, QuicNode};
 use shoal_net::{Limits, NodeId, Peer};
-use shoal_shard::node::{GroupSpec, Node, NodeConfig, CONTROLLER_GROUP, CONTROLLER_SHARD, KV_GROUP};
+use shoal_shard::node::{
+    GroupSpec, Node, NodeConfig, CONTROLLER_GROUP, CONTROLLER_SHARD, KV_GROUP,
+};
 use shoal_shard::protocol::{KvProtocol, NodeReport};
 pub use shoal_shard::ClientError;
 

@@ -17,7 +17,8 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use shoal_consensus::Role;
 use shoal_engine::{GroupId, ShardId};
-use shoal_net::{Limits, NodeId, Peer, QuicClient, ADMIN_CLIENT_NAME};
+use shoal_net::quic::QuicClient;
+use shoal_net::{Limits, NodeId, Peer, ADMIN_CLIENT_NAME};
 use shoal_shard::controller::{
     join, leave, move_shard, rebalance, ChangeOutcome, Controller, ControllerConfig, GroupStore,
     InitOutcome, RpcMover, ShardConfig,
@@ -48,10 +49,17 @@ pub fn parse_group(spec: &str) -> Result<(GroupId, Vec<u64>)> {
     let (group, nodes) = spec
         .split_once('=')
         .with_context(|| format!("{spec:?}: expected GROUP=NODE,NODE,..."))?;
-    let group: GroupId = group.trim().parse().with_context(|| format!("group id {group:?}"))?;
+    let group: GroupId = group
+        .trim()
+        .parse()
+        .with_context(|| format!("group id {group:?}"))?;
     let nodes = nodes
         .split(',')
-        .map(|n| n.trim().parse::<u64>().with_context(|| format!("node id {n:?}")))
+        .map(|n| {
+            n.trim()
+                .parse::<u64>()
+                .with_context(|| format!("node id {n:?}"))
+        })
         .collect::<Result<Vec<_>>>()?;
     Ok((group, nodes))
 }
@@ -227,7 +235,14 @@ impl Admin {
                 };
                 if let Some(g) = report.groups.iter().find(|g| g.group == group) {
                     if g.role == Role::Leader || g.leader != 0 {
-                        leaders.insert(group, if g.role == Role::Leader { node } else { g.leader });
+                        leaders.insert(
+                            group,
+                            if g.role == Role::Leader {
+                                node
+                            } else {
+                                g.leader
+                            },
+                        );
                         break;
                     }
                 }

@@ -109,6 +109,8 @@ const META_APPLIED: u8 = b'a';
 const META_INSTALL: u8 = b'i';
 const META_SHARD: u8 = b's';
 const META_FORMAT: u8 = b'f';
+const META_HOSTED: u8 = b'h';
+const META_DROPPED: u8 = b'd';
 
 /// Key of the on-disk format marker in `meta`.
 pub fn meta_format_key() -> [u8; 1] {
@@ -132,6 +134,26 @@ pub fn meta_install_key(group: GroupId) -> [u8; 9] {
 /// `[start, end)` of every pending-install marker.
 pub fn meta_install_range() -> (Vec<u8>, Vec<u8>) {
     (vec![META_INSTALL], vec![META_INSTALL + 1])
+}
+
+/// Key of the record saying this node hosts `group` (beyond its static
+/// configuration), in `meta`.
+pub fn meta_hosted_key(group: GroupId) -> [u8; 9] {
+    let mut k = [META_HOSTED; 9];
+    k[1..].copy_from_slice(&group.to_be_bytes());
+    k
+}
+
+/// `[start, end)` of every hosted-group record.
+pub fn meta_hosted_range() -> (Vec<u8>, Vec<u8>) {
+    (vec![META_HOSTED], vec![META_HOSTED + 1])
+}
+
+/// Key of the tombstone saying `group` was dropped on this node, in `meta`.
+pub fn meta_dropped_key(group: GroupId) -> [u8; 9] {
+    let mut k = [META_DROPPED; 9];
+    k[1..].copy_from_slice(&group.to_be_bytes());
+    k
 }
 
 /// Key of the ownership record of `shard` of `group` in `meta`.

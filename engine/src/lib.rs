@@ -21,6 +21,8 @@
 //!   the data directory.
 //! - [`shards`]: each group's shard ownership records, changed atomically
 //!   with the applied index.
+//! - [`hosting`]: the groups a node hosts beyond its configuration, and
+//!   dropping a group's whole storage (each one synced write).
 //! - [`keys`]: key layouts and the checksummed record codec.
 //!
 //! # Durability
@@ -55,6 +57,7 @@ pub mod backend;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod hosting;
 pub mod keys;
 pub mod kv;
 pub mod log;

@@ -427,7 +427,11 @@ fn storage_to_engine(e: StorageError) -> EngineError {
     }
 }
 
-fn stage_group_write(set: &mut WriteSet, log: &mut GroupLog, write: GroupWrite) -> Result<()> {
+pub(crate) fn stage_group_write(
+    set: &mut WriteSet,
+    log: &mut GroupLog,
+    write: GroupWrite,
+) -> Result<()> {
     let group = write.group;
     let mut state_changed = false;
     if let Some(snapshot) = write.snapshot {

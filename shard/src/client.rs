@@ -42,7 +42,8 @@ use crate::node::{
     CONTROLLER_GROUP, CONTROLLER_SHARD, KV_GROUP, KV_SHARD, SESSION_IDLE_MS_DEFAULT,
 };
 use crate::protocol::{
-    ClientCommand, Denied, KvProtocol, KvRequest, KvResponse, NodeReport, Request, Response,
+    ClientCommand, Denied, GroupRefusal, KvProtocol, KvRequest, KvResponse, NodeReport, Request,
+    Response,
 };
 
 /// Most pairs [`Client::scan`] asks for in one page (the nodes' default
@@ -742,6 +743,9 @@ pub enum AdminError {
     /// The node refused (not the admin client, fault injection off, ...).
     #[error("refused: {0}")]
     Denied(Denied),
+    /// The node refused to host or drop a group; nothing changed.
+    #[error("group refused: {0}")]
+    GroupRefused(GroupRefusal),
     /// The node could not be reached or did not answer in time.
     #[error("rpc: {0}")]
     Rpc(RpcError),
@@ -760,6 +764,7 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
             .await
         {
             Ok(Response::Denied(denied)) => Err(AdminError::Denied(denied)),
+            Ok(Response::GroupRefused(refusal)) => Err(AdminError::GroupRefused(refusal)),
             Ok(response) => Ok(response),
             Err(e) => Err(AdminError::Rpc(e)),
         }
@@ -794,6 +799,32 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
     /// [`Client::set_fault_filter`]).
     pub async fn clear_fault_filter(&self, node: NodeId) -> Result<(), AdminError> {
         match self.call_node(node, Request::ClearFaultFilter).await? {
+            Response::AdminDone => Ok(()),
+            other => Err(AdminError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Admin: makes `node` host a replica of `group` with `voters` (see
+    /// [`Request::HostGroup`]). Needs the admin client's certificate.
+    pub async fn host_group(
+        &self,
+        node: NodeId,
+        group: GroupId,
+        voters: Vec<u64>,
+    ) -> Result<(), AdminError> {
+        match self
+            .call_node(node, Request::HostGroup { group, voters })
+            .await?
+        {
+            Response::AdminDone => Ok(()),
+            other => Err(AdminError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Admin: makes `node` stop hosting `group` and delete its replica (see
+    /// [`Request::DropGroup`]). Needs the admin client's certificate.
+    pub async fn drop_group(&self, node: NodeId, group: GroupId) -> Result<(), AdminError> {
+        match self.call_node(node, Request::DropGroup { group }).await? {
             Response::AdminDone => Ok(()),
             other => Err(AdminError::Unexpected(format!("{other:?}"))),
         }

@@ -19,6 +19,11 @@
 //!     partition tests. A node accepts them only from the admin client
 //!     (`Peer::is_admin`) and only with fault injection enabled; otherwise
 //!     it answers [`Response::Denied`] and carries on.
+//!   - [`Request::HostGroup`] / [`Request::DropGroup`]: admin requests
+//!     (the admin client only, fault injection or not) that make a node
+//!     start or stop hosting a replica of a group, answered
+//!     [`Response::AdminDone`] or [`Response::GroupRefused`] with a
+//!     [`GroupRefusal`] (nothing changed).
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -214,6 +219,27 @@ pub enum Request {
     /// Admin: a step of a shard move, for the group's leader to propose.
     /// Needs the admin client (the shard controller runs as it).
     Shard(ShardRequest),
+    /// Admin: start hosting a replica of `group` whose voters are `voters`
+    /// (this node among them), durably: a restarted node hosts it again.
+    /// A group this node hosts already with the same voters (in any order)
+    /// is done at once. Needs the admin client; answered
+    /// [`Response::AdminDone`] or [`Response::GroupRefused`].
+    HostGroup {
+        /// The group (not 0, which names no group).
+        group: GroupId,
+        /// Its voters: 1 to `VOTERS_MAX` distinct, non-zero node ids,
+        /// including this node's.
+        voters: Vec<NodeId>,
+    },
+    /// Admin: stop hosting `group` and delete its log, raft state and data
+    /// on this node. Refused while the group holds any shard here (a shard
+    /// record that is not `Absent`, or static shards) and for a group of
+    /// the node's configuration. A group dropped before is done at once;
+    /// it can never be hosted again on this node. Needs the admin client.
+    DropGroup {
+        /// The group.
+        group: GroupId,
+    },
 }
 
 /// A step of a shard move (the lab's Freeze → Install → Delete), addressed
@@ -328,6 +354,85 @@ pub enum Response {
     AdminDone,
     /// The request was refused; the node is unchanged.
     Denied(Denied),
+    /// A [`Request::HostGroup`] or [`Request::DropGroup`] was refused; the
+    /// node is unchanged.
+    GroupRefused(GroupRefusal),
+}
+
+/// Why a node refused to host or drop a group. Nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[non_exhaustive]
+pub enum GroupRefusal {
+    /// Group id 0 names no group (it marks unassigned shards).
+    #[error("group id 0 is reserved")]
+    ReservedGroup,
+    /// A group needs at least one voter.
+    #[error("a group needs at least one voter")]
+    NoVoters,
+    /// More voters than consensus accepts.
+    #[error("{count} voters: at most {max} are allowed")]
+    TooManyVoters {
+        /// Voters given.
+        count: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// A voter is listed twice.
+    #[error("node {node} is listed twice")]
+    DuplicateVoter {
+        /// The node.
+        node: NodeId,
+    },
+    /// Node id 0 names no node.
+    #[error("node id 0 cannot be a voter")]
+    ZeroVoter,
+    /// The node asked to host the group is not among its voters.
+    #[error("this node ({node}) is not among the voters")]
+    NotAVoter {
+        /// This node's id.
+        node: NodeId,
+    },
+    /// The node hosts as many groups as it may.
+    #[error("this node hosts {max} groups, the most it may")]
+    TooManyGroups {
+        /// The limit.
+        max: u64,
+    },
+    /// The node hosts the group (or holds its state) with other voters.
+    #[error("the group is hosted here with voters {voters:?}")]
+    OtherVoters {
+        /// The voters it has here.
+        voters: Vec<NodeId>,
+    },
+    /// The group was dropped on this node; a group id is never hosted again
+    /// on a node that dropped it (the replica's vote and log are gone, and
+    /// rejoining with an empty state could elect two leaders in one term).
+    #[error("the group was dropped on this node and cannot be hosted again")]
+    Dropped,
+    /// The group is part of the node's configuration
+    /// (`NodeConfig::groups`): remove it there instead.
+    #[error("the group is in the node's configuration")]
+    Static,
+    /// The node does not host the group (and never dropped it).
+    #[error("the group is not hosted on this node")]
+    NotHosted,
+    /// The group still holds shards here: move them away first.
+    #[error("the group holds {held} shards here (first: {shards:?}); move them away first")]
+    HoldsShards {
+        /// How many shards are not `Absent`.
+        held: u64,
+        /// The first of them (at most a few).
+        shards: Vec<ShardId>,
+    },
+    /// The replica has not applied its whole log, so its shard records
+    /// may be out of date; retry once the group has caught up.
+    #[error("the replica is catching up (applied {applied}, last log index {last}); retry")]
+    CatchingUp {
+        /// Applied index.
+        applied: Index,
+        /// Last index of the replica's log.
+        last: Index,
+    },
 }
 
 /// Why a node refused a request that is not a KV operation.

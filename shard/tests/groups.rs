@@ -45,10 +45,12 @@ async fn two_groups_on_one_node_set() {
         GroupSpec {
             group: 1,
             static_shards: vec![0],
+            voters: Vec::new(),
         },
         GroupSpec {
             group: 2,
             static_shards: vec![1],
+            voters: Vec::new(),
         },
     ];
     let mut cluster = Cluster::with_groups(3, false, seed, Some(2000), groups);

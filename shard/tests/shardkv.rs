@@ -99,6 +99,7 @@ impl ShardCluster {
             } else {
                 Vec::new()
             },
+            voters: Vec::new(),
         }];
         config.blocking_io = false;
         config.seed = self.seed ^ self.incarnation.wrapping_mul(0x9E37_79B9_7F4A_7C15);

@@ -4,6 +4,10 @@
 //! # Layout
 //! - this module: configuration, the handle, the event loop and its rounds;
 //! - [`group`]: one group's consensus core and the callers waiting on it;
+//! - [`hosting`]: groups hosted and dropped at runtime — the pure checks,
+//!   persistence and crash ordering;
+//! - [`leaders`]: the pure rule that spreads leadership over nodes;
+//! - [`moves`]: shard moves between groups (Freeze → Install → Delete);
 //! - [`persist`]: pure decisions — what a round writes, whether it syncs,
 //!   how batches and entries are cut;
 //! - [`sessions`]: which client sessions a leader may expire, by its own
@@ -17,6 +21,9 @@
 //! finished background task, or shutdown — drains whatever else is already
 //! queued, and then runs one *round* over all groups:
 //!
+//! 0. queued `HostGroup` / `DropGroup` requests are carried out (see
+//!    *Groups* below): between rounds no group holds a `Ready`, so a group
+//!    joins or leaves the loop here;
 //! 1. queued client writes of each group become log entries (a batch of
 //!    [`Request`]s per entry, cut by [`persist::entry_chunks`]); queued
 //!    reads become one ReadIndex request with a unique context;
@@ -40,6 +47,29 @@
 //! its snapshot transfers are stopped; a client retrying a write with the
 //! same sequence number is deduplicated by the engine's session table, so
 //! this never applies a write twice.
+//!
+//! # Groups
+//! A node hosts the groups of [`NodeConfig::groups`] (each with its own
+//! voters, [`GroupSpec::voters`], or the node's [`NodeConfig::voters`])
+//! and those an admin added at runtime with `Request::HostGroup`, which
+//! the engine records so a restart opens them again. `Request::DropGroup`
+//! removes a runtime group that holds no shard here, with its log, raft
+//! state and data; it can never be hosted again on this node. Each change
+//! is one synced engine write, ordered against the loop so that a crash
+//! leaves the group either fully hosted or gone ([`hosting`]). Only the
+//! admin client may ask (`Denied::NotAdmin` otherwise); a request that
+//! cannot be carried out is answered `Response::GroupRefused` with its
+//! reason and changes nothing.
+//!
+//! # Leaders spread over nodes
+//! Groups elect leaders independently, so one node may end up leading
+//! them all. Every [`NodeConfig::leader_balance_every_ticks`] ticks
+//! (staggered by node id) a node that leads more than its share of the
+//! groups it hosts hands one to the member leading the fewest, by
+//! `transfer_leader`, at most one at a time; the decision is the pure
+//! [`leaders::choose_transfer`], which settles and never ping-pongs when
+//! nodes host the same groups ([`leaders`] says why). A member is handed
+//! a group only if this node heard from it lately and replicates to it.
 //!
 //! # Work off the loop
 //! The loop ticks every group, so nothing slow runs on it: exporting a
@@ -99,6 +129,8 @@
 //! definition).
 
 pub mod group;
+pub mod hosting;
+pub mod leaders;
 pub mod moves;
 pub mod persist;
 pub mod sessions;
@@ -111,26 +143,31 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use shoal_consensus::{
-    Config, Index, Message, MessageBody, NodeId, RawNode, Role, Snapshot, SnapshotMeta, Term,
+    Config, Index, Message, MessageBody, NodeId, ProgressState, RawNode, Role, Snapshot,
+    SnapshotMeta, Term,
 };
 use shoal_engine::{
     AppliedState, ApplyEntry, Backend, Command, Engine, EngineError, GroupId, GroupWrite, LogBatch,
     Request, ShardId, ShardRecord, ShardStatus, SnapshotManifest,
 };
-use shoal_net::{Inbox, IncomingRpc, ReceivedFile, Transport};
+use shoal_net::{Inbox, IncomingRpc, ReceivedFile, Responder, Transport};
 use tokio::sync::watch;
 use tokio::task::{AbortHandle, JoinHandle, JoinSet};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use self::group::{decode_entry, updates_session, Group, Waiter};
+use self::hosting::HostDecision;
+use self::leaders::{GroupLeadership, PEER_HEARD_WITHIN_TICKS};
 use self::moves::{Effect, Entry};
 use self::sessions::SessionTracker;
 use self::snapshots::{export_dir, recv_dir, remove_dirs, SnapshotFileError};
 use crate::protocol::{
-    Denied, GroupReport, KvProtocol, KvResponse, NodeReport, PeerMessage, Request as RpcRequest,
-    Response, ShardCommand, ShardReply, SnapshotFileMeta,
+    Denied, GroupRefusal, GroupReport, KvProtocol, KvResponse, NodeReport, PeerMessage,
+    Request as RpcRequest, Response, ShardCommand, ShardReply, SnapshotFileMeta,
 };
 
+pub use self::hosting::GROUPS_PER_NODE_MAX;
+pub use self::leaders::LEADER_BALANCE_EVERY_TICKS;
 pub use self::persist::{ENTRY_BYTES_MAX, ENTRY_REQUESTS_MAX};
 
 /// The Raft group that holds the KV service's data (for now, one group).
@@ -161,11 +198,13 @@ pub const MAX_RAFT_STATE_BYTES_DEFAULT: u64 = 64 << 20;
 pub struct NodeConfig {
     /// This node's id (also its Raft id in every group).
     pub id: NodeId,
-    /// Every voter of the node's groups, this node included (every group
-    /// has the same members for now).
+    /// The voters of every group in [`Self::groups`] that names none of
+    /// its own, this node included.
     pub voters: Vec<NodeId>,
-    /// The Raft groups this node hosts. Default: [`KV_GROUP`] serving
-    /// [`KV_SHARD`] without a shard controller.
+    /// The Raft groups this node always hosts. Default: [`KV_GROUP`]
+    /// serving [`KV_SHARD`] without a shard controller. Groups hosted at
+    /// runtime (`Request::HostGroup`) are recorded in the engine and
+    /// opened too (see [`hosting`]).
     pub groups: Vec<GroupSpec>,
     /// Tick length; consensus timeouts are counted in ticks.
     pub tick_ms: u64,
@@ -189,6 +228,11 @@ pub struct NodeConfig {
     /// (an interrupted install is finished from it after a crash), e.g.
     /// `<engine dir>/snapshots`.
     pub snapshot_dir: PathBuf,
+    /// Every this many ticks the node hands leadership of one group it
+    /// leads to a member leading fewer, if it leads more than its share
+    /// (see [`leaders`]); `None`: never. Default
+    /// [`LEADER_BALANCE_EVERY_TICKS`].
+    pub leader_balance_every_ticks: Option<u64>,
 }
 
 impl NodeConfig {
@@ -198,16 +242,14 @@ impl NodeConfig {
         NodeConfig {
             id,
             voters,
-            groups: vec![GroupSpec {
-                group: KV_GROUP,
-                static_shards: vec![KV_SHARD],
-            }],
+            groups: vec![GroupSpec::new(KV_GROUP, vec![KV_SHARD])],
             tick_ms: shoal_consensus::config::DEFAULT_TICK_MS,
             seed: id,
             session_idle_ms: SESSION_IDLE_MS_DEFAULT,
             blocking_io: true,
             max_raft_state_bytes: Some(MAX_RAFT_STATE_BYTES_DEFAULT),
             snapshot_dir: snapshot_dir.into(),
+            leader_balance_every_ticks: Some(LEADER_BALANCE_EVERY_TICKS),
         }
     }
 }
@@ -223,6 +265,30 @@ pub struct GroupSpec {
     /// it serves the shards its `Create` and `Install` entries gave it
     /// (see [`moves`]).
     pub static_shards: Vec<ShardId>,
+    /// The group's voters when it is created; empty: the node's
+    /// [`NodeConfig::voters`]. Once created, the membership stored with
+    /// the group is the one in force.
+    pub voters: Vec<NodeId>,
+}
+
+impl GroupSpec {
+    /// Group `group` serving `static_shards`, with the node's voters.
+    pub fn new(group: GroupId, static_shards: Vec<ShardId>) -> GroupSpec {
+        GroupSpec {
+            group,
+            static_shards,
+            voters: Vec::new(),
+        }
+    }
+
+    /// The voters the group is created with, given the node's `default`.
+    pub fn voters_or(&self, default: &[NodeId]) -> Vec<NodeId> {
+        if self.voters.is_empty() {
+            default.to_vec()
+        } else {
+            self.voters.clone()
+        }
+    }
 }
 
 /// Why a node could not start or had to stop.
@@ -260,6 +326,21 @@ pub enum NodeError {
     /// The node's task panicked or was aborted.
     #[error("node task ended abnormally: {0}")]
     Task(String),
+    /// The record of the groups hosted at runtime could not be read.
+    #[error("reading the groups hosted at runtime: {source}")]
+    HostedGroups {
+        /// The error.
+        #[source]
+        source: EngineError,
+    },
+    /// The configuration lists a group this node dropped (see [`hosting`]):
+    /// its replica is gone for good, and starting it afresh could elect
+    /// two leaders in one term.
+    #[error("group {group} was dropped on this node and cannot be hosted again")]
+    Dropped {
+        /// The group.
+        group: GroupId,
+    },
 }
 
 /// What a node reports about a group (for tests, metrics and tools).
@@ -319,6 +400,19 @@ impl NodeHandle {
     /// an error or panicked).
     pub fn is_running(&self) -> bool {
         !self.task.is_finished()
+    }
+
+    /// The groups the node hosts (as of the last round), in order.
+    pub fn groups(&self) -> Vec<GroupId> {
+        let mut groups: Vec<GroupId> = self
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        groups.sort_unstable();
+        groups
     }
 
     /// Whether the node leads the KV group (as of the last round).
@@ -418,6 +512,17 @@ pub struct Node<B: Backend, T: Transport<KvProtocol>> {
     /// Received snapshot files not yet moved into their directory, by
     /// (group, index, sender): (where the transport left it, file name).
     received: BTreeMap<(GroupId, Index, NodeId), Vec<(PathBuf, String)>>,
+    /// `HostGroup` / `DropGroup` requests received this turn, carried out
+    /// at the start of the round (at most [`EVENTS_PER_ROUND_MAX`]).
+    queued_admin: Vec<(GroupAdmin, Responder<Response>)>,
+    /// The tick at which each peer was last heard from (any message).
+    peers_heard: HashMap<NodeId, u64>,
+}
+
+/// A change to the set of groups the node hosts.
+enum GroupAdmin {
+    Host { group: GroupId, voters: Vec<NodeId> },
+    Drop { group: GroupId },
 }
 
 fn consensus_err(group: GroupId) -> impl Fn(shoal_consensus::Error) -> NodeError {
@@ -469,7 +574,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             // A brand-new group: record its membership so a restart does not
             // depend on the configuration again.
             let conf = shoal_consensus::ConfState {
-                voters: config.voters.clone(),
+                voters: spec.voters_or(&config.voters),
                 learners: Vec::new(),
             };
             engine
@@ -551,7 +656,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             .map_err(&err)?
             .snapshot
             .map_or(0, |s| s.meta.index);
-        let mut raft_config = Config::new(config.id, config.voters.clone());
+        let mut raft_config = Config::new(config.id, spec.voters_or(&config.voters));
         raft_config.applied = applied.index;
         raft_config.seed = config.seed ^ config.id.rotate_left(32) ^ group_id.rotate_left(16);
         let raw = RawNode::new(raft_config, engine.group_storage(group_id))
@@ -577,9 +682,35 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         let mut groups = BTreeMap::new();
         let now = Instant::now();
         for spec in &config.groups {
+            let dropped = engine
+                .group_dropped(spec.group)
+                .map_err(engine_err(spec.group))?;
+            if dropped {
+                return Err(NodeError::Dropped { group: spec.group });
+            }
             let group = Self::open_group(&config, &engine, spec)?;
             groups.insert(spec.group, group);
         }
+        // Groups hosted at runtime (see `hosting`); the configuration's
+        // spec wins for a group listed in both.
+        let hosted = engine
+            .hosted_groups()
+            .map_err(|source| NodeError::HostedGroups { source })?;
+        for (gid, voters) in hosted {
+            if groups.contains_key(&gid) {
+                continue;
+            }
+            let spec = GroupSpec {
+                group: gid,
+                static_shards: Vec::new(),
+                voters,
+            };
+            let group = Self::open_group(&config, &engine, &spec)?;
+            groups.insert(gid, group);
+        }
+        // Files of groups no longer hosted: a drop that a crash cut short.
+        let hosted: BTreeSet<GroupId> = groups.keys().copied().collect();
+        hosting::remove_unhosted_dirs(&config.snapshot_dir, &hosted);
         Ok(Node {
             config,
             engine,
@@ -594,6 +725,8 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             ticks: 0,
             verifying: HashSet::new(),
             received: BTreeMap::new(),
+            queued_admin: Vec::new(),
+            peers_heard: HashMap::new(),
         })
     }
 
@@ -707,6 +840,12 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             self.prune_received();
             self.prune_moves();
         }
+        if let Some(every) = self.config.leader_balance_every_ticks.filter(|e| *e > 0) {
+            // Staggered by node id, so nodes seldom decide at once.
+            if (self.ticks + self.config.id) % every == 0 {
+                self.balance_leaders();
+            }
+        }
         let idle = Duration::from_millis(self.config.session_idle_ms);
         let now = Instant::now();
         if now.duration_since(self.last_expiry) < (idle / 4).max(Duration::from_millis(1)) {
@@ -736,7 +875,65 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         Ok(())
     }
 
+    /// Hands leadership of one group to a member leading fewer, if this
+    /// node leads more than its share ([`leaders::choose_transfer`]). A
+    /// member may take over if it was heard from lately and its log is
+    /// being replicated (not probed, not waiting for a snapshot).
+    fn balance_leaders(&mut self) {
+        let me = self.config.id;
+        if self
+            .groups
+            .values()
+            .any(|g| g.raw.lead_transferee().is_some())
+        {
+            // One transfer at a time: wait for its outcome.
+            return;
+        }
+        let views: Vec<GroupLeadership> = self
+            .groups
+            .iter()
+            .map(|(gid, g)| GroupLeadership {
+                group: *gid,
+                voters: g.raw.conf_state().voters.clone(),
+                leader: if g.raw.is_leader() {
+                    me
+                } else {
+                    g.raw.leader_id()
+                },
+            })
+            .collect();
+        let (groups, heard, ticks) = (&self.groups, &self.peers_heard, self.ticks);
+        let can_take_over = |gid: GroupId, peer: NodeId| {
+            let recent = heard
+                .get(&peer)
+                .is_some_and(|&t| ticks.saturating_sub(t) <= PEER_HEARD_WITHIN_TICKS);
+            recent
+                && groups.get(&gid).is_some_and(|g| {
+                    g.raw
+                        .progress(peer)
+                        .is_some_and(|p| p.state == ProgressState::Replicate)
+                })
+        };
+        let Some(transfer) = leaders::choose_transfer(me, &views, can_take_over) else {
+            return;
+        };
+        tracing::info!(
+            node = me,
+            group = transfer.group,
+            to = transfer.to,
+            "handing over leadership: this node leads more than its share"
+        );
+        let group = self
+            .groups
+            .get_mut(&transfer.group)
+            .expect("chosen among hosted groups");
+        if let Err(e) = group.raw.transfer_leader(transfer.to) {
+            tracing::debug!(node = me, group = transfer.group, error = %e, "leadership transfer refused");
+        }
+    }
+
     fn on_peer_message(&mut self, from: NodeId, m: PeerMessage) {
+        self.peers_heard.insert(from, self.ticks);
         let Some(group) = self.groups.get(&m.group) else {
             tracing::debug!(
                 node = self.config.id,
@@ -954,6 +1151,10 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             } => {
                 self.verifying.remove(&dir);
                 let Some(group) = self.groups.get_mut(&gid) else {
+                    // Dropped meanwhile.
+                    self.prune(move || {
+                        let _ = std::fs::remove_dir_all(dir);
+                    });
                     return Ok(());
                 };
                 if let Err(e) = result {
@@ -976,6 +1177,14 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             }
             Done::Exported { group: gid, result } => {
                 let Some(group) = self.groups.get_mut(&gid) else {
+                    // Dropped meanwhile: its export goes too.
+                    if let Ok(manifest) = result {
+                        let dir =
+                            export_dir(&self.config.snapshot_dir, gid, manifest.applied.index);
+                        self.prune(move || {
+                            let _ = std::fs::remove_dir_all(dir);
+                        });
+                    }
                     return Ok(());
                 };
                 group.exporting = false;
@@ -1024,6 +1233,24 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             }
             RpcRequest::ClearFaultFilter => {
                 let _ = reply.send(self.admin(&from, |t| t.clear_fault_filter()));
+                return;
+            }
+            RpcRequest::HostGroup { .. } | RpcRequest::DropGroup { .. } if !from.is_admin() => {
+                tracing::warn!(
+                    node = self.config.id,
+                    ?from,
+                    "group admin request from a non-admin refused"
+                );
+                let _ = reply.send(Response::Denied(Denied::NotAdmin));
+                return;
+            }
+            RpcRequest::HostGroup { group, voters } => {
+                self.queued_admin
+                    .push((GroupAdmin::Host { group, voters }, reply));
+                return;
+            }
+            RpcRequest::DropGroup { group } => {
+                self.queued_admin.push((GroupAdmin::Drop { group }, reply));
                 return;
             }
             RpcRequest::Shard(request) => {
@@ -1172,9 +1399,19 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         }
     }
 
-    /// Proposes queued writes and reads, then runs `Ready` rounds until no
-    /// group has anything more (or [`READY_ROUNDS_MAX`]).
+    /// Carries out queued `HostGroup` / `DropGroup` requests, proposes
+    /// queued writes and reads, then runs `Ready` rounds until no group has
+    /// anything more (or [`READY_ROUNDS_MAX`]).
     async fn round(&mut self) -> Result<(), NodeError> {
+        // Between rounds no group has a `Ready` in hand: a group can join
+        // or leave the loop here.
+        for (admin, reply) in std::mem::take(&mut self.queued_admin) {
+            let response = match admin {
+                GroupAdmin::Host { group, voters } => self.host_group(group, voters).await?,
+                GroupAdmin::Drop { group } => self.drop_group(group).await?,
+            };
+            let _ = reply.send(response);
+        }
         for group in self.groups.values_mut() {
             group.propose_queued(&mut self.next_read_context)?;
         }
@@ -1196,6 +1433,103 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         }
         self.publish_status();
         Ok(())
+    }
+
+    /// Starts hosting `group` with `voters` (see [`hosting`]): checks the
+    /// request, records the group and its membership in one synced write,
+    /// opens it (off the loop) and adds it to the loop.
+    async fn host_group(
+        &mut self,
+        group: GroupId,
+        voters: Vec<NodeId>,
+    ) -> Result<Response, NodeError> {
+        let current = self
+            .groups
+            .get(&group)
+            .map(|g| g.raw.conf_state().voters.clone());
+        let voters = match hosting::check_host(
+            self.config.id,
+            group,
+            &voters,
+            current.as_deref(),
+            self.groups.len(),
+        ) {
+            Ok(HostDecision::AlreadyHosted) => return Ok(Response::AdminDone),
+            Ok(HostDecision::Host { voters }) => voters,
+            Err(refusal) => return Ok(Response::GroupRefused(refusal)),
+        };
+        let config = self.config.clone();
+        let spec = GroupSpec {
+            group,
+            static_shards: Vec::new(),
+            voters: voters.clone(),
+        };
+        let opened = self
+            .with_engine(move |engine| {
+                let err = engine_err(group);
+                if engine.group_dropped(group).map_err(&err)? {
+                    return Ok(Err(GroupRefusal::Dropped));
+                }
+                // State left by a static group no longer configured: only
+                // its own membership may host it.
+                let mut stored = engine.group_state(group).map_err(&err)?.conf_state.voters;
+                stored.sort_unstable();
+                if !stored.is_empty() && stored != voters {
+                    return Ok(Err(GroupRefusal::OtherVoters { voters: stored }));
+                }
+                engine.host_group(group, &voters).map_err(&err)?;
+                Self::open_group(&config, engine, &spec).map(Ok)
+            })
+            .await?;
+        match opened {
+            Ok(opened) => {
+                let voters = &opened.raw.conf_state().voters;
+                tracing::info!(node = self.config.id, group, ?voters, "hosting a group");
+                self.groups.insert(group, opened);
+                Ok(Response::AdminDone)
+            }
+            Err(refusal) => Ok(Response::GroupRefused(refusal)),
+        }
+    }
+
+    /// Stops hosting `group` and deletes its replica (see [`hosting`]): out
+    /// of the loop first, its waiters answered `UnknownGroup`, then one
+    /// synced engine write, then its files off the loop.
+    async fn drop_group(&mut self, group: GroupId) -> Result<Response, NodeError> {
+        if self.config.groups.iter().any(|s| s.group == group) {
+            return Ok(Response::GroupRefused(GroupRefusal::Static));
+        }
+        let Some(g) = self.groups.get(&group) else {
+            let dropped = self
+                .with_engine(move |engine| engine.group_dropped(group).map_err(engine_err(group)))
+                .await?;
+            return Ok(if dropped {
+                Response::AdminDone
+            } else {
+                Response::GroupRefused(GroupRefusal::NotHosted)
+            });
+        };
+        let last = g.raw.last_index().map_err(consensus_err(group))?;
+        if let Err(refusal) =
+            hosting::check_drop(&g.static_shards, &g.records, g.raw.applied_index(), last)
+        {
+            return Ok(Response::GroupRefused(refusal));
+        }
+        let mut dropped = self.groups.remove(&group).expect("checked above");
+        dropped.fail_waiters(&|| KvResponse::UnknownGroup);
+        drop(dropped);
+        self.stop_transfers(group);
+        self.prune_received_through(group, Index::MAX);
+        self.with_engine(move |engine| engine.drop_group(group).map_err(engine_err(group)))
+            .await?;
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&group);
+        let root = self.config.snapshot_dir.clone();
+        self.prune(move || hosting::remove_group_dirs(&root, group));
+        tracing::info!(node = self.config.id, group, "dropped a group");
+        Ok(Response::AdminDone)
     }
 
     /// Stops `group`'s snapshot transfers: a deposed leader sends nothing

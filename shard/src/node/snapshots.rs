@@ -231,7 +231,12 @@ pub async fn ship<T: Transport<KvProtocol>>(
             let files: Vec<(PathBuf, String)> =
                 names.iter().map(|n| (dir.join(n), n.clone())).collect();
             copy_into(&files, &super::moves::incoming_dir(root, group, shard, num))?;
-            tracing::info!(shard, num, to, "shard files copied to this node's incoming directory");
+            tracing::info!(
+                shard,
+                num,
+                to,
+                "shard files copied to this node's incoming directory"
+            );
             continue;
         }
         for name in &names {
@@ -257,7 +262,11 @@ pub async fn ship<T: Transport<KvProtocol>>(
             to,
             bytes,
             ms = (secs * 1000.0) as u64,
-            mb_per_s = if secs > 0.0 { bytes as f64 / secs / 1e6 } else { 0.0 },
+            mb_per_s = if secs > 0.0 {
+                bytes as f64 / secs / 1e6
+            } else {
+                0.0
+            },
             "shipped a shard's files"
         );
     }

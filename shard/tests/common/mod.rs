@@ -124,6 +124,7 @@ impl Cluster {
         let groups = vec![GroupSpec {
             group: KV_GROUP,
             static_shards: vec![0],
+            voters: Vec::new(),
         }];
         Cluster::with_groups(n, reliable, seed, max_raft_state, groups)
     }
@@ -150,6 +151,7 @@ impl Cluster {
         let groups = vec![GroupSpec {
             group: KV_GROUP,
             static_shards: vec![0],
+            voters: Vec::new(),
         }];
         Cluster::build(n, true, seed, None, groups, session_idle_ms)
     }
