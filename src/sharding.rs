@@ -19,17 +19,22 @@ use shoal_consensus::Role;
 use shoal_engine::{GroupId, ShardId};
 use shoal_net::quic::QuicClient;
 use shoal_net::{Limits, NodeId, Peer, ADMIN_CLIENT_NAME};
+use shoal_shard::client::AdminError;
 use shoal_shard::controller::{
     join, leave, move_shard, rebalance, ChangeOutcome, Controller, ControllerConfig, GroupStore,
     InitOutcome, RpcMover, ShardConfig,
 };
 use shoal_shard::node::{CONTROLLER_GROUP, CONTROLLER_SHARD};
-use shoal_shard::protocol::KvProtocol;
+use shoal_shard::protocol::{GroupRefusal, KvProtocol};
 use shoal_shard::{Client, ClientConfig};
 
 use crate::cluster::fresh_client_id;
 
 type Ctrl = Controller<GroupStore<QuicClient<KvProtocol>>, RpcMover<QuicClient<KvProtocol>>>;
+
+/// How long a replica that is still catching up may keep refusing to be
+/// dropped.
+pub const DROP_WAIT_MS_MAX: u64 = 30_000;
 
 /// How long one controller step (a store operation or one move step) may
 /// take, retries included.
@@ -42,6 +47,27 @@ pub struct Admin {
     nodes: Client<QuicClient<KvProtocol>>,
     controller: Ctrl,
     members: Vec<(u64, SocketAddr)>,
+}
+
+/// Whether every node of `voters` reports `group` applied through `target`.
+async fn all_applied(
+    nodes: &Client<QuicClient<KvProtocol>>,
+    group: GroupId,
+    voters: &[u64],
+    target: u64,
+) -> bool {
+    for &node in voters {
+        let applied = nodes
+            .node_status(NodeId(node))
+            .await
+            .ok()
+            .and_then(|r| r.groups.into_iter().find(|g| g.group == group))
+            .map_or(0, |g| g.applied);
+        if applied < target {
+            return false;
+        }
+    }
+    true
 }
 
 /// Parses `G=1,2,3`: a group and its member nodes.
@@ -134,13 +160,57 @@ impl Admin {
     }
 
     /// Makes every node of `voters` drop its replica of `group` (which
-    /// must hold no shards any more).
+    /// must hold no shards any more). First waits (up to
+    /// [`DROP_WAIT_MS_MAX`]) until every replica applied everything the
+    /// group committed — the deletes that moved its last shards away —
+    /// because once a majority has dropped, a lagging replica could never
+    /// catch up. A replica that still refuses is asked again until then.
     pub async fn drop_group(&self, group: GroupId, voters: &[u64]) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(DROP_WAIT_MS_MAX);
+        let mut target = 0;
+        loop {
+            let mut behind = Vec::new();
+            for &node in voters {
+                let report = self.nodes.node_status(NodeId(node)).await;
+                match report
+                    .ok()
+                    .and_then(|r| r.groups.into_iter().find(|g| g.group == group))
+                {
+                    Some(g) => {
+                        target = target.max(g.commit);
+                        if g.applied < target {
+                            behind.push(node);
+                        }
+                    }
+                    None => behind.push(node),
+                }
+            }
+            // A second pass with the final target decides.
+            let caught_up =
+                behind.is_empty() && all_applied(&self.nodes, group, voters, target).await;
+            if caught_up {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("group {group}: replicas {behind:?} did not catch up; drop it later");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         for &node in voters {
-            self.nodes
-                .drop_group(NodeId(node), group)
-                .await
-                .with_context(|| format!("node {node}: dropping group {group}"))?;
+            loop {
+                match self.nodes.drop_group(NodeId(node), group).await {
+                    Ok(()) => break,
+                    Err(AdminError::GroupRefused(
+                        GroupRefusal::HoldsShards { .. } | GroupRefusal::CatchingUp { .. },
+                    )) if tokio::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => {
+                        return Err(e)
+                            .with_context(|| format!("node {node}: dropping group {group}"))
+                    }
+                }
+            }
         }
         Ok(())
     }

@@ -683,6 +683,11 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
                 // checks whether retries outlasted the session.
                 Ok(KvResponse::Done(reply)) => return Attempted::Reply(reply, *sends),
                 Ok(KvResponse::WrongGroup) => return Attempted::Failed(ClientError::WrongGroup),
+                // A node that dropped the group after the shard moved
+                // away: the configuration moved on.
+                Ok(KvResponse::UnknownGroup) if matches!(self.route, Route::Sharded(_)) => {
+                    return Attempted::Failed(ClientError::WrongGroup)
+                }
                 Ok(KvResponse::UnknownGroup) => {
                     return Attempted::Failed(ClientError::Refused(format!(
                         "node {} does not host group {}",

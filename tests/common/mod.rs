@@ -63,6 +63,11 @@ impl Cluster {
         } else {
             &[]
         };
+        Cluster::start_args(root, n, args)
+    }
+
+    /// [`Cluster::start`], every node with the extra arguments `args`.
+    pub fn start_args(root: &Path, n: u64, args: &[&str]) -> Cluster {
         let mut nodes = LocalCluster::create(env!("CARGO_BIN_EXE_shoal").as_ref(), root, n, args)
             .expect("certificates and ports");
         nodes.inherit_stderr();

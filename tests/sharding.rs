@@ -1,0 +1,122 @@
+//! Goal: a sharded cluster of real processes, operated with the commands a
+//! newcomer runs (README): six `shoal node --controller 1,2,3` processes,
+//! `shoal shard init` / `join` / `move` / `leave` / `status`, and a sharded
+//! client whose writes all survive the moves and a SIGKILL of a group's
+//! leader in between.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::Cluster;
+use serde_json::Value;
+use shoal::cluster::{BlockingClient, ClientOptions};
+
+const CONTROLLER: &str = "1,2,3";
+
+/// Runs `shoal shard ARGS` as the admin; returns its JSON lines.
+fn shard(cluster: &Cluster, args: &[&str]) -> Vec<Value> {
+    let output = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .arg("shard")
+        .args(["--cluster", &cluster.cluster_arg(), "--tls"])
+        .arg(&cluster.tls)
+        .args([
+            "--name",
+            "admin",
+            "--controller",
+            CONTROLLER,
+            "--timeout-ms",
+            "60000",
+        ])
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run shoal shard");
+    assert!(
+        output.status.success(),
+        "shoal shard {args:?} failed: {:?}",
+        output.status
+    );
+    String::from_utf8(output.stdout)
+        .expect("utf-8")
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?} is not JSON: {e}")))
+        .collect()
+}
+
+fn client(cluster: &Cluster) -> BlockingClient {
+    let options = ClientOptions {
+        op_deadline: Duration::from_secs(60),
+        controller: Some(vec![1, 2, 3]),
+        ..ClientOptions::default()
+    };
+    BlockingClient::connect_with(&cluster.members, &cluster.tls, options).expect("client")
+}
+
+/// The groups serving each shard, from `shoal shard status`.
+fn owners(cluster: &Cluster) -> Vec<u64> {
+    let lines = shard(cluster, &["status"]);
+    lines[1..]
+        .iter()
+        .map(|l| l["group"].as_u64().expect("group"))
+        .collect()
+}
+
+#[test]
+fn six_nodes_three_groups_moves_and_a_leader_kill() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::start_args(dir.path(), 6, &["--controller", CONTROLLER]);
+    // Group 1 on nodes 1-3 (beside the controller group), all 12 shards.
+    let first = shard(&cluster, &["init", "--shards", "12", "--group", "1=1,2,3"]);
+    assert_eq!(first[0]["num"], 1);
+    let kv = client(&cluster);
+    for i in 0..60 {
+        assert_eq!(kv.put(format!("k{i}"), format!("v{i}")).expect("put"), 1);
+    }
+    // Group 2 on nodes 4-6 joins: half the shards move there.
+    let second = shard(&cluster, &["join", "--group", "2=4,5,6"]);
+    assert_eq!(second[0]["num"], 2);
+    let groups = owners(&cluster);
+    assert_eq!(groups.iter().filter(|&&g| g == 2).count(), 6, "{groups:?}");
+    for i in 0..60 {
+        let v = kv.get(format!("k{i}")).expect("get");
+        assert_eq!(v.value, format!("v{i}").as_bytes(), "k{i}");
+    }
+    // Writes go on while a shard moves back, and group 2's leader dies.
+    let moving = groups
+        .iter()
+        .position(|&g| g == 2)
+        .expect("a shard on group 2") as u32;
+    let status = shard(&cluster, &["status"]);
+    let leader2 = status[1..]
+        .iter()
+        .find(|l| l["group"] == 2)
+        .and_then(|l| l["leader"].as_u64())
+        .filter(|&l| l != 0)
+        .expect("group 2 has a leader");
+    shard(
+        &cluster,
+        &["move", "--shard", &moving.to_string(), "--to", "1"],
+    );
+    cluster.kill(leader2);
+    for i in 0..60 {
+        assert_eq!(kv.append(format!("k{i}"), "+").expect("append"), 2, "k{i}");
+    }
+    cluster.start_node(leader2);
+    assert_eq!(owners(&cluster)[moving as usize], 1);
+    // Group 1 leaves: everything ends on group 2, every write there once.
+    let last = shard(&cluster, &["leave", "--group", "1"]);
+    assert!(last[0]["groups"].get("1").is_none(), "{:?}", last[0]);
+    assert!(owners(&cluster).iter().all(|&g| g == 2));
+    for i in 0..60 {
+        let v = kv.get(format!("k{i}")).expect("get");
+        assert_eq!(v.value, format!("v{i}+").as_bytes(), "k{i}");
+        assert_eq!(v.version, 2, "k{i}");
+    }
+    // A scan over every shard returns the keys in order.
+    let pairs = kv.scan("", "", 1000).expect("scan");
+    assert_eq!(pairs.len(), 60);
+    assert!(pairs.windows(2).all(|w| w[0].0 < w[1].0));
+    kv.close();
+}
