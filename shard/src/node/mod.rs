@@ -1295,12 +1295,17 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                     let shipped =
                         shoal_engine::snapshot::read_manifest(&dir).is_ok_and(|m| &m == manifest);
                     if !installed && !shipped {
-                        reply.send(KvResponse::Shard(ShardReply::Refused {
-                            reason: format!(
-                                "the files of shard {shard} for config {num} are not on node {}",
-                                self.config.id
-                            ),
-                        }));
+                        // Not yet: the freeze is answered once the net
+                        // has stored every file here, but moving them into
+                        // the incoming directory is this loop's work and
+                        // may still be queued. The controller retries.
+                        tracing::debug!(
+                            node = self.config.id,
+                            shard,
+                            num,
+                            "install before its files are in place: busy"
+                        );
+                        reply.send(KvResponse::Busy);
                         return;
                     }
                 }
