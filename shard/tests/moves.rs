@@ -473,3 +473,101 @@ async fn moves_under_faults_keep_every_write_once() {
         let _ = std::fs::remove_dir_all(&s.dir);
     }
 }
+
+// Goal: a replica whose shipped files are gone when it applies the install
+// (lost in a crash between the net storing them and the node filing them)
+// stops alone: its node keeps running, the group keeps serving the moved
+// shard from its other replicas, and nothing is installed half.
+#[tokio::test(start_paused = true)]
+async fn a_replica_without_its_files_stops_alone() {
+    let s = Sharded::new(3, true);
+    assert_eq!(
+        s.step(
+            1,
+            ShardCommand::Create {
+                shards: vec![0, 1],
+                num: 1
+            }
+        )
+        .await,
+        ShardReply::Done
+    );
+    assert_eq!(
+        s.kv(1, 1, 1, append("a", "x")).await,
+        KvResponse::Done(Reply::Written { version: 1 })
+    );
+    let manifest = match s
+        .step(
+            1,
+            ShardCommand::Freeze {
+                shard: 1,
+                num: 2,
+                to_group: 2,
+                to_nodes: members(2),
+            },
+        )
+        .await
+    {
+        ShardReply::Frozen { manifest } => manifest,
+        other => panic!("freeze answered {other:?}"),
+    };
+    // Remove the files on a follower of group 2.
+    let leader = loop {
+        let leaders: Vec<u64> = members(2)
+            .into_iter()
+            .filter(|&id| {
+                s.nodes[id as usize - 1].as_ref().unwrap().status(2).role
+                    == Some(shoal_consensus::Role::Leader)
+            })
+            .collect();
+        if let [leader] = leaders[..] {
+            break leader;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let victim = members(2).into_iter().find(|&id| id != leader).unwrap();
+    let incoming = s
+        .dir
+        .join(format!("node-{victim}"))
+        .join("move-in-g2-s1-n2");
+    std::fs::remove_dir_all(&incoming).expect("the shipped files were there");
+    assert_eq!(
+        s.step(
+            2,
+            ShardCommand::Install {
+                shard: 1,
+                num: 2,
+                manifest
+            }
+        )
+        .await,
+        ShardReply::Done
+    );
+    assert_eq!(value(s.kv(2, 1, 0, get("a")).await), Some(Bytes::from("x")));
+    // The victim's replica stopped once it reached the install; its node
+    // did not.
+    let handle = s.nodes[victim as usize - 1].as_ref().unwrap();
+    let start = tokio::time::Instant::now();
+    while handle.groups().contains(&2) {
+        assert!(
+            start.elapsed() < RETRY_FOR,
+            "the replica never reached the install"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(handle.is_running());
+    let records = s.engines[victim as usize - 1]
+        .shard_records(2)
+        .expect("records");
+    assert!(
+        records
+            .get(&1)
+            .is_none_or(|r| r.status != ShardStatus::Serving),
+        "nothing installed half: {records:?}"
+    );
+    assert_eq!(
+        s.kv(2, 1, 2, append("a", "y")).await,
+        KvResponse::Done(Reply::Written { version: 2 })
+    );
+    let _ = std::fs::remove_dir_all(&s.dir);
+}

@@ -326,6 +326,24 @@ pub enum NodeError {
     /// The node's task panicked or was aborted.
     #[error("node task ended abnormally: {0}")]
     Task(String),
+    /// A replica could not apply a committed shard install: the files the
+    /// freeze shipped to this node are missing or corrupt (lost in a crash
+    /// between the net storing them and the node filing them, or damaged
+    /// on disk). The replica stops (the node and its other groups carry
+    /// on); the group serves from its other replicas. An operator restores
+    /// the files or rebuilds the replica.
+    #[error("group {group}: cannot install shard {shard} of config {num}: {source}")]
+    ShardInstall {
+        /// The group.
+        group: GroupId,
+        /// The shard.
+        shard: ShardId,
+        /// The config number of the install.
+        num: u64,
+        /// What went wrong.
+        #[source]
+        source: Box<NodeError>,
+    },
     /// The record of the groups hosted at runtime could not be read.
     #[error("reading the groups hosted at runtime: {source}")]
     HostedGroups {
@@ -1292,9 +1310,23 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                             num: *num,
                             status: ShardStatus::Serving,
                         };
-                    let shipped =
-                        shoal_engine::snapshot::read_manifest(&dir).is_ok_and(|m| &m == manifest);
-                    if !installed && !shipped {
+                    let here = shoal_engine::snapshot::read_manifest(&dir).ok();
+                    let wrong_scope = manifest.scope
+                        != (shoal_engine::SnapshotScope::Shard {
+                            shard: *shard,
+                            target: request.group,
+                        });
+                    if !installed && (wrong_scope || here.as_ref().is_some_and(|m| m != manifest)) {
+                        reply.send(KvResponse::Shard(ShardReply::Refused {
+                            reason: format!(
+                                "the install names files that are not the export of shard {shard} \
+                                 for group {} shipped here",
+                                request.group
+                            ),
+                        }));
+                        return;
+                    }
+                    if !installed && here.is_none() {
                         // Not yet: the freeze is answered once the net
                         // has stored every file here, but moving them into
                         // the incoming directory is this loop's work and
@@ -1537,6 +1569,26 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         Ok(Response::AdminDone)
     }
 
+    /// Takes a replica that cannot go on out of the loop (its data stays):
+    /// its waiters are answered, its transfers stopped, its status gone.
+    /// The node and its other groups carry on; a restart tries again.
+    fn stop_replica(&mut self, group: GroupId, error: &NodeError) {
+        tracing::error!(
+            node = self.config.id,
+            group,
+            error = %error,
+            "this replica stops; the node and its other groups carry on"
+        );
+        if let Some(mut g) = self.groups.remove(&group) {
+            g.fail_waiters(&|| KvResponse::UnknownGroup);
+        }
+        self.stop_transfers(group);
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&group);
+    }
+
     /// Stops `group`'s snapshot transfers: a deposed leader sends nothing
     /// more on behalf of its old term.
     fn stop_transfers(&mut self, group: GroupId) {
@@ -1597,7 +1649,14 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             // inline: a hop to the blocking pool and back would cost more
             // than the apply itself. (Ingesting a moved shard's files is
             // the exception; see `apply_shard`.)
-            self.apply_committed(gid, &ready.committed_entries).await?;
+            match self.apply_committed(gid, &ready.committed_entries).await {
+                Ok(()) => {}
+                Err(e @ NodeError::ShardInstall { .. }) => {
+                    self.stop_replica(gid, &e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
             let group = self
                 .groups
                 .get_mut(&gid)
@@ -1743,6 +1802,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 };
                 let dir = moves::incoming_dir(&self.config.snapshot_dir, gid, shard, *num);
                 let expected = manifest.clone();
+                let num = *num;
                 self.with_engine(move |engine| {
                     let shipped = shoal_engine::snapshot::read_manifest(&dir)
                         .map_err(|e| files_err(gid)(e.into()))?;
@@ -1754,7 +1814,13 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                         .map_err(engine_err(gid))
                         .map(|_| ())
                 })
-                .await?;
+                .await
+                .map_err(|e| NodeError::ShardInstall {
+                    group: gid,
+                    shard,
+                    num,
+                    source: Box::new(e),
+                })?;
                 changed.push((shard, record));
             }
         }
