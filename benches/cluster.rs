@@ -66,10 +66,10 @@ fn cluster(c: &mut Criterion) {
     let members = cluster.members().to_vec();
     let tls = cluster.tls_dir().to_path_buf();
     let one = rt
-        .block_on(async { Driver::shoal(&members, &tls, 1, 1) })
+        .block_on(async { Driver::shoal(&members, &tls, 1, 1, None) })
         .expect("client");
     let many = rt
-        .block_on(async { Driver::shoal(&members, &tls, 64, CONNS) })
+        .block_on(async { Driver::shoal(&members, &tls, 64, CONNS, None) })
         .expect("clients");
     rt.block_on(load_keys(&many, KEYS, Bytes::from(vec![b'v'; VALUE_BYTES])))
         .expect("load");

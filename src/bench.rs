@@ -205,11 +205,14 @@ pub enum Driver {
 
 impl Driver {
     /// Connects `clients` Shoal clients over `conns` QUIC clients.
+    /// With `controller`, the cluster is sharded: clients route each key by
+    /// the configuration of the controller group on those nodes.
     pub fn shoal(
         members: &[(u64, SocketAddr)],
         tls_dir: &Path,
         clients: usize,
         conns: usize,
+        controller: Option<&[u64]>,
     ) -> Result<Driver> {
         let identity = crate::certs::load(tls_dir, &Peer::Client("client".into()))?;
         let nodes: std::collections::HashMap<NodeId, SocketAddr> = members
@@ -224,9 +227,17 @@ impl Driver {
             .map(|i| {
                 let mut config = shoal_shard::ClientConfig::new(fresh_client_id());
                 config.op_deadline = Duration::from_millis(OP_DEADLINE_MS);
-                shoal_shard::Client::new(quics[i % quics.len()].clone(), servers.clone(), config)
+                let quic = quics[i % quics.len()].clone();
+                match controller {
+                    Some(c) => shoal_shard::Client::sharded(
+                        quic,
+                        c.iter().copied().map(NodeId).collect(),
+                        config,
+                    ),
+                    None => shoal_shard::Client::try_new(quic, servers.clone(), config),
+                }
             })
-            .collect();
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Driver::Shoal(Arc::new((clients, quics))))
     }
 
@@ -796,7 +807,11 @@ pub const TABLE_HEADER: &str =
 pub fn start_shoal(exe: &Path, dir: &Path, node_args: &[&str]) -> Result<LocalCluster> {
     let mut cluster = LocalCluster::create(exe, dir, 3, node_args)?;
     cluster.start_all()?;
-    cluster.wait_for_leader(STARTUP_WAIT_MAX)?;
+    // A sharded cluster has no KV group whose leader the status files
+    // show; `shard_cluster` waits for its groups instead.
+    if !node_args.contains(&"--controller") {
+        cluster.wait_for_leader(STARTUP_WAIT_MAX)?;
+    }
     Ok(cluster)
 }
 
@@ -814,9 +829,68 @@ pub struct RunOptions {
     pub external: Option<(Vec<(u64, SocketAddr)>, PathBuf)>,
     /// Extra arguments of every `shoal node` started.
     pub node_args: Vec<String>,
+    /// Replica groups of the Shoal cluster: 1 is the single-group cluster;
+    /// more makes it sharded, with that many groups on the same 3 nodes
+    /// (leaders spread over them) and the controller group beside them.
+    pub groups: u64,
     /// The workload.
     pub bench: BenchOptions,
 }
+
+/// Turns the freshly started `cluster` (nodes run with `--controller
+/// 1,2,3`) into `groups` replica groups on all three nodes, the shards
+/// spread evenly, and waits until their leaders are on distinct nodes (or
+/// as spread as the group count allows).
+pub fn shard_cluster(cluster: &LocalCluster, groups: u64) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let admin = crate::sharding::Admin::connect(
+            cluster.members(),
+            &BENCH_CONTROLLER,
+            cluster.tls_dir(),
+            Duration::from_secs(60),
+        )?;
+        let result = async {
+            admin
+                .init(
+                    shoal_shard::controller::SHARDS_DEFAULT,
+                    1,
+                    &BENCH_CONTROLLER,
+                )
+                .await?;
+            for group in 2..=groups {
+                admin.join(group, &BENCH_CONTROLLER).await?;
+            }
+            let want = (groups as usize).min(BENCH_CONTROLLER.len());
+            let deadline = tokio::time::Instant::now() + STARTUP_WAIT_MAX;
+            loop {
+                let config = admin.query().await?;
+                let leaders: std::collections::BTreeSet<u64> = admin
+                    .shard_lines(&config)
+                    .await
+                    .into_iter()
+                    .map(|l| l.leader)
+                    .filter(|&l| l != 0)
+                    .collect();
+                if leaders.len() >= want || tokio::time::Instant::now() >= deadline {
+                    println!("shoal: {groups} groups, leaders on nodes {leaders:?}");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        admin.close().await;
+        result
+    })
+}
+
+/// The nodes of a sharded benchmark cluster's controller group (and of
+/// every replica group).
+const BENCH_CONTROLLER: [u64; 3] = [1, 2, 3];
 
 /// Runs every phase against every system and prints a table (and the
 /// ratios Shoal / etcd when both ran). Returns all results.
@@ -842,9 +916,15 @@ pub fn run(options: &RunOptions) -> Result<Vec<PhaseResult>> {
                 let (cluster, members, tls) = match &options.external {
                     Some((members, tls)) => (None, members.clone(), tls.clone()),
                     None => {
-                        let args: Vec<&str> =
+                        let mut args: Vec<&str> =
                             options.node_args.iter().map(String::as_str).collect();
+                        if options.groups > 1 {
+                            args.extend(["--controller", "1,2,3"]);
+                        }
                         let cluster = start_shoal(&options.exe, &dir.join("shoal"), &args)?;
+                        if options.groups > 1 {
+                            shard_cluster(&cluster, options.groups)?;
+                        }
                         let (members, tls) =
                             (cluster.members().to_vec(), cluster.tls_dir().to_path_buf());
                         (Some(cluster), members, tls)
@@ -857,9 +937,18 @@ pub fn run(options: &RunOptions) -> Result<Vec<PhaseResult>> {
                         .collect()
                 });
                 let conns = b.conns;
+                let controller = (options.groups > 1).then_some(BENCH_CONTROLLER);
                 let connect = |clients: usize| -> DriverFuture {
                     let (members, tls) = (members.clone(), tls.clone());
-                    Box::pin(async move { Driver::shoal(&members, &tls, clients, conns) })
+                    Box::pin(async move {
+                        Driver::shoal(
+                            &members,
+                            &tls,
+                            clients,
+                            conns,
+                            controller.as_ref().map(|c| &c[..]),
+                        )
+                    })
                 };
                 results.extend(runtime.block_on(run_system(
                     System::Shoal,

@@ -184,6 +184,11 @@ enum Cmd {
         /// e.g. --node-arg=--worker-threads=1.
         #[arg(long, allow_hyphen_values = true)]
         node_arg: Vec<String>,
+        /// Replica groups of the Shoal cluster: 1, one group; more, a
+        /// sharded cluster with that many groups on the 3 nodes (leaders
+        /// spread) and keys routed by shard.
+        #[arg(long, default_value_t = 1)]
+        groups: u64,
     },
     /// Ask every node for its status: one JSON line per node,
     /// {"id","role","term","leader","commit","applied","pid"} (the status
@@ -394,6 +399,7 @@ fn main() -> Result<()> {
             tls,
             json,
             node_arg,
+            groups,
         } => {
             let systems = systems
                 .iter()
@@ -413,6 +419,7 @@ fn main() -> Result<()> {
                 systems,
                 external,
                 node_args: node_arg,
+                groups,
                 bench: bench::BenchOptions {
                     put_clients: clients,
                     get_clients,

@@ -9,29 +9,28 @@
 //! another member with `RawNode::transfer_leader`.
 //!
 //! # The rule
-//! Let `N` be the nodes in the union of the hosted groups' voters, `G` the
-//! hosted groups, and `share = ceil(G / N)`. A node leading more than
-//! `share` groups hands one of them to the member that leads the fewest
-//! groups (ties: the lowest id) among those leading fewer than `share`
-//! and able to take over now (heard from recently, replicating); the group
-//! is the lowest-numbered it leads with that member as a voter.
+//! A node leading `c` of the groups it hosts hands one of them to a member
+//! (a voter of that group, able to take over now: heard from recently,
+//! replicating) that leads at most `c - 2`: the one leading the fewest
+//! (ties: the lowest id), and its lowest-numbered group that member votes
+//! in. So leadership ends even — every two nodes' counts within one of
+//! each other — wherever a group lets it move: three groups on three
+//! nodes end with three leaders, and with the controller group beside
+//! them (four groups) 2/1/1.
 //!
 //! # Why it settles and cannot ping-pong
-//! A transfer only goes from a node above `share` to one below it, and the
-//! receiver ends at most at `share`. So the total excess
-//! `sum over nodes of max(0, led - share)` drops by one with every
-//! transfer, and a node at or below `share` never gives a group away: when
-//! the nodes host the same groups (the same view), leadership settles
-//! after at most `G` transfers with nobody above `share`, and then nothing
-//! more is proposed (unit-tested exhaustively on small clusters). Two
-//! nodes handing a group to the same receiver at once can push it above
-//! `share`, but only by less than they shed, so the excess still drops.
+//! A transfer from a node leading `c` to one leading `d <= c - 2` changes
+//! the sum of squares of the counts by `2(d - c) + 2 <= -2`; two nodes
+//! handing a group to the same receiver at once lower it too (by at least
+//! 2). The sum is a non-negative integer, so transfers stop, and a node
+//! never hands a group to one that would end up leading more than it does,
+//! so nothing is handed back (unit-tested exhaustively on small clusters).
 //!
 //! Nodes hosting different sets of groups judge by different views; the
-//! rule still moves a group only from a node above its share, at most one
-//! per node per period, but settling is then not guaranteed.
+//! rule still only moves a group to a node that, as far as the sender
+//! knows, leads at least two fewer, at most one per node per period.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use shoal_consensus::NodeId;
 use shoal_engine::GroupId;
@@ -67,19 +66,6 @@ pub struct LeaderTransfer {
     pub to: NodeId,
 }
 
-/// The most groups a node should lead: `ceil(groups / nodes)` over the
-/// union of the groups' voters (0 without groups).
-pub fn fair_share(groups: &[GroupLeadership]) -> u64 {
-    let nodes: BTreeSet<NodeId> = groups
-        .iter()
-        .flat_map(|g| g.voters.iter().copied())
-        .collect();
-    if nodes.is_empty() {
-        return 0;
-    }
-    (groups.len() as u64).div_ceil(nodes.len() as u64)
-}
-
 /// How many of `groups` each node leads, as far as known.
 pub fn led_counts(groups: &[GroupLeadership]) -> BTreeMap<NodeId, u64> {
     let mut led = BTreeMap::new();
@@ -98,10 +84,10 @@ pub fn choose_transfer(
     groups: &[GroupLeadership],
     can_take_over: impl Fn(GroupId, NodeId) -> bool,
 ) -> Option<LeaderTransfer> {
-    let share = fair_share(groups);
     let led = led_counts(groups);
     let count = |node: NodeId| led.get(&node).copied().unwrap_or(0);
-    if count(me) <= share {
+    let mine_led = count(me);
+    if mine_led < 2 {
         return None;
     }
     let mut mine: Vec<&GroupLeadership> = groups.iter().filter(|g| g.leader == me).collect();
@@ -110,7 +96,7 @@ pub fn choose_transfer(
     let mut best: Option<(u64, NodeId, GroupId)> = None;
     for g in mine {
         for &member in &g.voters {
-            if member == me || count(member) >= share || !can_take_over(g.group, member) {
+            if member == me || count(member) + 2 > mine_led || !can_take_over(g.group, member) {
                 continue;
             }
             let candidate = (count(member), member, g.group);
@@ -142,12 +128,19 @@ mod tests {
         true
     }
 
-    fn excess(groups: &[GroupLeadership]) -> u64 {
-        let share = fair_share(groups);
-        led_counts(groups)
-            .values()
-            .map(|&c| c.saturating_sub(share))
-            .sum()
+    /// The sum of squares of the counts: every transfer lowers it.
+    fn potential(groups: &[GroupLeadership]) -> u64 {
+        led_counts(groups).values().map(|&c| c * c).sum()
+    }
+
+    /// Every two voters' counts within one of each other.
+    fn even(groups: &[GroupLeadership], voters: &[NodeId]) -> bool {
+        let led = led_counts(groups);
+        let counts: Vec<u64> = voters
+            .iter()
+            .map(|v| led.get(v).copied().unwrap_or(0))
+            .collect();
+        counts.iter().max().unwrap_or(&0) - counts.iter().min().unwrap_or(&0) <= 1
     }
 
     // Goal: the lab-style case, three groups on three nodes all led by
@@ -169,9 +162,9 @@ mod tests {
 
     // Goal: no ping-pong. For every assignment of leaders (unknown
     // included) of up to 6 groups over up to 4 nodes hosting them all:
-    // a balanced assignment proposes nothing; otherwise applying every
-    // node's proposal in turn lowers the total excess with each transfer
-    // and settles within G transfers with nobody above its share.
+    // an even assignment proposes nothing; otherwise applying every
+    // node's proposal in turn lowers the sum of squared counts with each
+    // transfer and settles, within G * G transfers, even.
     #[test]
     fn every_assignment_settles_and_balanced_ones_stay() {
         for nodes in 1..=4u64 {
@@ -187,8 +180,7 @@ mod tests {
                         c /= options;
                     }
                     let mut groups = view(&leaders, &voters);
-                    let share = fair_share(&groups);
-                    let balanced = led_counts(&groups).values().all(|&c| c <= share);
+                    let balanced = even(&groups, &voters);
                     let mut transfers = 0;
                     loop {
                         let mut moved = false;
@@ -200,13 +192,13 @@ mod tests {
                             let g = groups.iter_mut().find(|x| x.group == t.group).unwrap();
                             assert_eq!(g.leader, me);
                             assert!(g.voters.contains(&t.to) && t.to != me);
-                            let before = excess(&groups);
+                            let before = potential(&groups);
                             groups
                                 .iter_mut()
                                 .find(|x| x.group == t.group)
                                 .unwrap()
                                 .leader = t.to;
-                            assert!(excess(&groups) < before, "{leaders:?}: {t:?}");
+                            assert!(potential(&groups) < before, "{leaders:?}: {t:?}");
                             transfers += 1;
                             moved = true;
                         }
@@ -214,9 +206,9 @@ mod tests {
                             break;
                         }
                     }
-                    assert!(transfers <= g, "{leaders:?}: {transfers} transfers");
+                    assert!(transfers <= g * g, "{leaders:?}: {transfers} transfers");
                     assert!(
-                        led_counts(&groups).values().all(|&c| c <= share),
+                        even(&groups, &voters),
                         "{leaders:?} settled unbalanced: {groups:?}"
                     );
                 }
@@ -255,8 +247,8 @@ mod tests {
                 leader: 1,
             },
         ];
-        // share = ceil(3 / 3) = 1; nodes 2 and 3 lead nothing: node 2,
-        // the lowest, gets the one group it is a voter of.
+        // Node 1 leads 3, nodes 2 and 3 nothing: node 2, the lowest, gets
+        // the one group it is a voter of.
         assert_eq!(
             choose_transfer(1, &groups, anyone),
             Some(LeaderTransfer { group: 5, to: 2 })

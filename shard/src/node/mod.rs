@@ -64,8 +64,8 @@
 //! # Leaders spread over nodes
 //! Groups elect leaders independently, so one node may end up leading
 //! them all. Every [`NodeConfig::leader_balance_every_ticks`] ticks
-//! (staggered by node id) a node that leads more than its share of the
-//! groups it hosts hands one to the member leading the fewest, by
+//! (staggered by node id) a node that leads at least two more of the
+//! groups it hosts than some member hands one to the member leading the fewest, by
 //! `transfer_leader`, at most one at a time; the decision is the pure
 //! [`leaders::choose_transfer`], which settles and never ping-pongs when
 //! nodes host the same groups ([`leaders`] says why). A member is handed
@@ -907,9 +907,13 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             // One transfer at a time: wait for its outcome.
             return;
         }
+        // The controller group carries little traffic: it is left out, so
+        // the replica groups' leaders spread over every node (three groups
+        // on three nodes: three leaders, wherever the controller's is).
         let views: Vec<GroupLeadership> = self
             .groups
             .iter()
+            .filter(|(gid, _)| **gid != CONTROLLER_GROUP)
             .map(|(gid, g)| GroupLeadership {
                 group: *gid,
                 voters: g.raw.conf_state().voters.clone(),
