@@ -1057,17 +1057,24 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                     // freeze shipped them to every node of the group), so
                     // no replica applies one it cannot carry out. Reads
                     // only the small manifest; the files are verified when
-                    // ingested.
-                    let dir =
-                        moves::incoming_dir(&self.config.snapshot_dir, request.group, *shard, *num);
-                    let installed = group.record_of(*shard)
-                        == ShardRecord {
-                            num: *num,
-                            status: ShardStatus::Serving,
-                        };
+                    // ingested. An install this group has done, or one a
+                    // newer config has overtaken, ingests nothing (record
+                    // numbers only grow): it goes to the log without its
+                    // files, whose directory may be pruned already, and is
+                    // answered `Done` or `Stale` there.
+                    let dir = moves::incoming_dir(
+                        &self.config.snapshot_dir,
+                        request.group,
+                        *shard,
+                        *num,
+                        moves::export_id(manifest),
+                    );
+                    let record = group.record_of(*shard);
+                    let ingests = record.num < *num
+                        || (record.num == *num && record.status != ShardStatus::Serving);
                     let shipped =
                         shoal_engine::snapshot::read_manifest(&dir).is_ok_and(|m| &m == manifest);
-                    if !installed && !shipped {
+                    if ingests && !shipped {
                         reply.send(KvResponse::Shard(ShardReply::Refused {
                             reason: format!(
                                 "the files of shard {shard} for config {num} are not on node {}",
@@ -1402,7 +1409,13 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 let ShardCommand::Install { num, manifest, .. } = &command else {
                     unreachable!("only an install ingests")
                 };
-                let dir = moves::incoming_dir(&self.config.snapshot_dir, gid, shard, *num);
+                let dir = moves::incoming_dir(
+                    &self.config.snapshot_dir,
+                    gid,
+                    shard,
+                    *num,
+                    moves::export_id(manifest),
+                );
                 let expected = manifest.clone();
                 self.with_engine(move |engine| {
                     let shipped = shoal_engine::snapshot::read_manifest(&dir)
@@ -1449,7 +1462,13 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 status: ShardStatus::Frozen,
             };
             if group.record_of(*shard) == frozen {
-                self.ship(gid, *shard, *num, *to_group, to_nodes.clone(), waiters);
+                self.ship(
+                    gid,
+                    (*shard, *num, index),
+                    *to_group,
+                    to_nodes.clone(),
+                    waiters,
+                );
                 return Ok(());
             }
         }
@@ -1461,12 +1480,12 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
 
     /// Exports a frozen shard for its new group and ships the files to
     /// every node of it, in a task; the freeze's callers are answered when
-    /// it is done ([`Done::Shipped`]).
+    /// it is done ([`Done::Shipped`]). `index` is the freeze's log index
+    /// (see [`moves::outgoing_dir`]).
     fn ship(
         &mut self,
         gid: GroupId,
-        shard: ShardId,
-        num: u64,
+        (shard, num, index): (ShardId, u64, Index),
         to_group: GroupId,
         to_nodes: Vec<NodeId>,
         waiters: Vec<Waiter>,
@@ -1477,7 +1496,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         let me = self.config.id;
         let blocking = self.config.blocking_io;
         self.tasks.spawn(async move {
-            let dir = moves::outgoing_dir(&root, gid, shard, num);
+            let dir = moves::outgoing_dir(&root, gid, shard, num, index);
             let export_dir = dir.clone();
             let export = move || -> Result<SnapshotManifest, SnapshotFileError> {
                 let _ = std::fs::remove_dir_all(&export_dir);
@@ -1501,7 +1520,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                     me,
                     &root,
                     &dir,
-                    (to_group, shard, num),
+                    (to_group, shard, num, moves::export_id(&manifest)),
                     &to_nodes,
                 )
                 .await
@@ -1607,7 +1626,13 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 let _ = std::fs::remove_file(&file.path);
                 return;
             }
-            let dir = moves::incoming_dir(&self.config.snapshot_dir, meta.group, shard, num);
+            let dir = moves::incoming_dir(
+                &self.config.snapshot_dir,
+                meta.group,
+                shard,
+                num,
+                meta.index,
+            );
             let files = vec![(file.path, meta.name.clone())];
             let node = self.config.id;
             self.run_blocking(move || {
