@@ -13,7 +13,8 @@
 //! - **Links**: a link is up when both ends are running and connected
 //!   ([`MemNetwork::disconnect`], [`MemNetwork::connect`]), on the same side of
 //!   the current [`MemNetwork::partition`] (clients are not subject to
-//!   partitions) and, for clients, allowed by [`MemNetwork::set_client_reachable`].
+//!   partitions) and, for clients, allowed by [`MemNetwork::set_client_reachable`]
+//!   and not cut by [`MemClient::set_connected`].
 //!   A call over a link that is down fails after `rand(0..100)` ms, or
 //!   `rand(0..7000)` ms with [`MemNetwork::set_long_delays`].
 //! - While a handler runs, every 100 ms the call checks that the server is
@@ -87,6 +88,10 @@ struct ClientSlot {
     reachable: Option<HashSet<NodeId>>,
 }
 
+/// Which handle of a client a call comes from: every
+/// [`MemNetwork::add_client`] makes a new one (clones share it).
+type ClientHandle = u64;
+
 struct State<P: Protocol> {
     rng: ChaCha8Rng,
     reliable: bool,
@@ -96,6 +101,9 @@ struct State<P: Protocol> {
     disconnected: HashSet<NodeId>,
     sides: Option<HashMap<NodeId, usize>>,
     clients: HashMap<String, ClientSlot>,
+    /// Client handles cut off by [`MemClient::set_connected`].
+    cut_handles: HashSet<ClientHandle>,
+    next_client_handle: ClientHandle,
     next_generation: u64,
     rpc_count: HashMap<NodeId, u64>,
     rpc_total: u64,
@@ -130,11 +138,12 @@ impl<P: Protocol> State<P> {
         }
     }
 
-    /// Whether `from` (with its incarnation, for nodes) can reach `to` (this incarnation).
+    /// Whether `from` can reach `to` (this incarnation). `from_instance` is
+    /// the sender's incarnation for a node, its [`ClientHandle`] for a client.
     fn link_up(
         &self,
         from: &Peer,
-        from_generation: Option<u64>,
+        from_instance: Option<u64>,
         to: NodeId,
         to_generation: Option<u64>,
     ) -> bool {
@@ -143,12 +152,14 @@ impl<P: Protocol> State<P> {
         }
         match from {
             Peer::Node(f) => {
-                self.node_up(*f, from_generation)
-                    && self.same_side(*f, to)
-                    && !self.filtered(*f, to)
+                self.node_up(*f, from_instance) && self.same_side(*f, to) && !self.filtered(*f, to)
             }
             Peer::Client(name) => match self.clients.get(name) {
-                Some(c) => !c.disconnected && c.reachable.as_ref().is_none_or(|r| r.contains(&to)),
+                Some(c) => {
+                    !c.disconnected
+                        && c.reachable.as_ref().is_none_or(|r| r.contains(&to))
+                        && from_instance.is_none_or(|h| !self.cut_handles.contains(&h))
+                }
                 None => false,
             },
         }
@@ -226,6 +237,8 @@ impl<P: Protocol> MemNetwork<P> {
             disconnected: HashSet::new(),
             sides: None,
             clients: HashMap::new(),
+            cut_handles: HashSet::new(),
+            next_client_handle: 1,
             next_generation: 1,
             rpc_count: HashMap::new(),
             rpc_total: 0,
@@ -324,18 +337,25 @@ impl<P: Protocol> MemNetwork<P> {
     }
 
     /// Creates a client named `name` (its [`Peer::Client`] identity), connected
-    /// to every node.
+    /// to every node. Several handles may share a name (every admin tool is
+    /// `admin`): the name's settings below apply to all of them, and each
+    /// handle (with its clones) can also be cut off alone
+    /// ([`MemClient::set_connected`]).
     pub fn add_client(&self, name: &str) -> MemClient<P> {
-        self.lock()
-            .clients
-            .insert(name.to_string(), ClientSlot::default());
+        let mut st = self.lock();
+        st.clients.insert(name.to_string(), ClientSlot::default());
+        let handle = st.next_client_handle;
+        st.next_client_handle += 1;
+        drop(st);
         MemClient {
             net: self.clone(),
             name: name.to_string(),
+            handle,
         }
     }
 
-    /// Cuts (`false`) or restores (`true`) all of a client's links.
+    /// Cuts (`false`) or restores (`true`) all of a client's links, for
+    /// every handle with that name.
     pub fn set_client_connected(&self, name: &str, connected: bool) {
         if let Some(c) = self.lock().clients.get_mut(name) {
             c.disconnected = !connected;
@@ -408,7 +428,7 @@ impl<P: Protocol> MemNetwork<P> {
     async fn call(
         &self,
         from: Peer,
-        from_generation: Option<u64>,
+        from_instance: Option<u64>,
         to: NodeId,
         request: P::Request,
         deadline: Duration,
@@ -426,7 +446,7 @@ impl<P: Protocol> MemNetwork<P> {
                 let mut st = self.lock();
                 st.rpc_total += 1;
                 st.bytes_total += bytes.len() as u64;
-                if st.link_up(&from, from_generation, to, None) {
+                if st.link_up(&from, from_instance, to, None) {
                     let (delay, dropped) = st.short_delay_and_drop();
                     (true, delay, dropped)
                 } else {
@@ -448,7 +468,7 @@ impl<P: Protocol> MemNetwork<P> {
             }
             let (rpcs, to_generation, receiver_counters) = {
                 let mut st = self.lock();
-                if !st.link_up(&from, from_generation, to, None) {
+                if !st.link_up(&from, from_instance, to, None) {
                     return Err(RpcError::Unreachable {
                         node: to,
                         reason: "link down".into(),
@@ -476,7 +496,7 @@ impl<P: Protocol> MemNetwork<P> {
             tokio::pin!(rx);
             let alive = || {
                 self.lock()
-                    .link_up(&from, from_generation, to, Some(to_generation))
+                    .link_up(&from, from_instance, to, Some(to_generation))
             };
             let response = loop {
                 // Biased: when the reply and a liveness tick are ready at the
@@ -742,9 +762,11 @@ impl<P: Protocol> Transport<P> for MemNode<P> {
 }
 
 /// A client on the in-memory network, identified as [`Peer::Client`].
+/// Clones are the same handle: they share its link state.
 pub struct MemClient<P: Protocol> {
     net: MemNetwork<P>,
     name: String,
+    handle: ClientHandle,
 }
 
 impl<P: Protocol> Clone for MemClient<P> {
@@ -752,6 +774,7 @@ impl<P: Protocol> Clone for MemClient<P> {
         MemClient {
             net: self.net.clone(),
             name: self.name.clone(),
+            handle: self.handle,
         }
     }
 }
@@ -769,6 +792,21 @@ impl<P: Protocol> MemClient<P> {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// Cuts (`false`) or restores (`true`) the links of this handle and its
+    /// clones only, like the lab's `Clnt.DisconnectAll`/`ConnectAll`: other
+    /// handles with the same name keep theirs. A call in flight on a cut
+    /// handle fails as over a cut link (a reply that arrives later is lost).
+    /// Use it to partition one of several processes that share a name,
+    /// such as one shard controller among others (all are `admin`).
+    pub fn set_connected(&self, connected: bool) {
+        let mut st = self.net.lock();
+        if connected {
+            st.cut_handles.remove(&self.handle);
+        } else {
+            st.cut_handles.insert(self.handle);
+        }
+    }
 }
 
 impl<P: Protocol> RpcCaller<P> for MemClient<P> {
@@ -780,7 +818,8 @@ impl<P: Protocol> RpcCaller<P> for MemClient<P> {
     ) -> impl std::future::Future<Output = Result<P::Response, RpcError>> + Send {
         let net = self.net.clone();
         let from = Peer::Client(self.name.clone());
-        async move { net.call(from, None, to, request, deadline).await }
+        let handle = self.handle;
+        async move { net.call(from, Some(handle), to, request, deadline).await }
     }
 
     fn default_deadline(&self) -> Duration {

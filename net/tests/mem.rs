@@ -294,6 +294,56 @@ async fn a_crash_fails_calls_in_flight_and_a_restart_gets_a_fresh_inbox() {
     );
 }
 
+// Goal: one handle of a shared client name can be partitioned alone (the
+// lab's `Clnt.DisconnectAll` for one controller among several, all named
+// `admin`): its clones are cut with it, the other handle is not, a call in
+// flight on it fails, and reconnecting restores it.
+#[tokio::test(start_paused = true)]
+async fn one_client_handle_can_be_cut_off_alone() {
+    let net = net(7);
+    let (_n1, mut inbox1) = net.add_node(NodeId(1));
+    let (_n2, inbox2) = net.add_node(NodeId(2));
+    spawn_rpc_server(NodeId(2), inbox2.rpcs);
+    let stale = net.add_client("admin");
+    let fresh = net.add_client("admin");
+    let stale_clone = stale.clone();
+    // A call held by node 1's handler when the handle is cut.
+    let in_flight = tokio::spawn({
+        let stale = stale.clone();
+        async move { stale.call(NodeId(1), Req::Echo("late".into())).await }
+    });
+    let rpc = inbox1.rpcs.recv().await.unwrap();
+    stale.set_connected(false);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    rpc.reply.send("answered".into());
+    assert!(
+        in_flight.await.unwrap().is_err(),
+        "a cut handle got a reply"
+    );
+    for cut in [&stale, &stale_clone] {
+        assert!(matches!(
+            cut.call(NodeId(2), Req::Echo("x".into())).await,
+            Err(RpcError::Unreachable { .. })
+        ));
+    }
+    assert_eq!(
+        fresh.call(NodeId(2), Req::Echo("x".into())).await.unwrap(),
+        "2:x"
+    );
+    // The name's own switch still covers every handle.
+    net.set_client_connected("admin", false);
+    assert!(fresh.call(NodeId(2), Req::Echo("x".into())).await.is_err());
+    net.set_client_connected("admin", true);
+    stale.set_connected(true);
+    assert_eq!(
+        stale_clone
+            .call(NodeId(2), Req::Echo("y".into()))
+            .await
+            .unwrap(),
+        "2:y"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn clients_can_be_limited_and_cut_and_are_named() {
     let net = net(6);

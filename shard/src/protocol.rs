@@ -63,7 +63,8 @@ pub struct SnapshotFileMeta {
     /// File name inside the snapshot directory.
     pub name: String,
     /// For a shard move's file instead: the shard and the config number
-    /// moving it (`group` is then the destination, `index` unused).
+    /// moving it (`group` is then the destination, `index` the export's
+    /// identity, `node::moves::export_id` of its manifest).
     pub shard: Option<(ShardId, u64)>,
 }
 

@@ -474,6 +474,115 @@ async fn moves_under_faults_keep_every_write_once() {
     }
 }
 
+/// Freezes `shard` at group 1 for config `num` (to group 2) and returns
+/// the export's manifest.
+async fn freeze_to_2(s: &Sharded, shard: ShardId, num: u64) -> shoal_engine::SnapshotManifest {
+    let freeze = ShardCommand::Freeze {
+        shard,
+        num,
+        to_group: 2,
+        to_nodes: members(2),
+    };
+    match s.step(1, freeze).await {
+        ShardReply::Frozen { manifest } => manifest,
+        other => panic!("seed {}: freeze answered {other:?}", s.seed),
+    }
+}
+
+// Goal: two controllers carrying out the same change both freeze the
+// shard, and each freeze ships an export of its own (the source's applied
+// index differs). The install naming the first export still finds its
+// files after the second was shipped, and the second install is a repeat.
+// (Both exports used to share one directory on the destination: the
+// second's manifest replaced the first's, and the first controller's
+// install was refused as "files not on node"; lab test
+// ConcurrentReliable5C, seed 1.)
+#[tokio::test(start_paused = true)]
+async fn an_install_finds_its_export_after_a_repeated_freeze() {
+    let s = Sharded::new(3, true);
+    assert_eq!(
+        s.step(
+            1,
+            ShardCommand::Create {
+                shards: vec![0, 1, 2, 3],
+                num: 1
+            }
+        )
+        .await,
+        ShardReply::Done
+    );
+    assert_eq!(
+        s.kv(1, 2, 1, append("a", "x")).await,
+        KvResponse::Done(Reply::Written { version: 1 })
+    );
+    let first = freeze_to_2(&s, 2, 2).await;
+    let second = freeze_to_2(&s, 2, 2).await;
+    assert_ne!(first, second, "a repeated freeze exports anew");
+    for manifest in [first, second] {
+        let install = ShardCommand::Install {
+            shard: 2,
+            num: 2,
+            manifest,
+        };
+        assert_eq!(s.step(2, install).await, ShardReply::Done);
+    }
+    assert_eq!(value(s.kv(2, 2, 0, get("a")).await), Some(Bytes::from("x")));
+    assert_eq!(
+        s.step(1, ShardCommand::Delete { shard: 2, num: 2 }).await,
+        ShardReply::Done
+    );
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
+
+// Goal: an install of a config the destination has since moved past (a
+// stale controller's late step, its files pruned meanwhile) is answered
+// `Stale`, which fences that controller, rather than refused for missing
+// files, which the controller takes for a permanent error (lab test
+// ConcurrentReliable5C, seed 1, before the fix).
+#[tokio::test(start_paused = true)]
+async fn a_late_install_without_its_files_is_stale() {
+    let s = Sharded::new(4, true);
+    assert_eq!(
+        s.step(
+            1,
+            ShardCommand::Create {
+                shards: vec![0, 1, 2, 3],
+                num: 1
+            }
+        )
+        .await,
+        ShardReply::Done
+    );
+    let manifest = freeze_to_2(&s, 2, 2).await;
+    let install = ShardCommand::Install {
+        shard: 2,
+        num: 2,
+        manifest: manifest.clone(),
+    };
+    assert_eq!(s.step(2, install.clone()).await, ShardReply::Done);
+    assert_eq!(
+        s.step(1, ShardCommand::Delete { shard: 2, num: 2 }).await,
+        ShardReply::Done
+    );
+    s.move_shard(2, 3, 2, 1).await;
+    // Group 2's nodes prune the move's files every PRUNE_EVERY_TICKS.
+    let export = shoal_shard::node::moves::export_id(&manifest);
+    let tick = Duration::from_millis(shoal_consensus::config::DEFAULT_TICK_MS);
+    tokio::time::sleep(tick * (shoal_shard::node::PRUNE_EVERY_TICKS as u32 + 10)).await;
+    for id in members(2) {
+        let dir = shoal_shard::node::moves::incoming_dir(
+            &s.dir.join(format!("node-{id}")),
+            2,
+            2,
+            2,
+            export,
+        );
+        assert!(!dir.exists(), "node {id} still has {}", dir.display());
+    }
+    assert_eq!(s.step(2, install).await, ShardReply::Stale { num: 3 });
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
+
 // Goal: a replica whose shipped files are gone when it applies the install
 // (lost in a crash between the net storing them and the node filing them)
 // stops alone: its node keeps running, the group keeps serving the moved
@@ -526,10 +635,13 @@ async fn a_replica_without_its_files_stops_alone() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let victim = members(2).into_iter().find(|&id| id != leader).unwrap();
-    let incoming = s
-        .dir
-        .join(format!("node-{victim}"))
-        .join("move-in-g2-s1-n2");
+    let incoming = shoal_shard::node::moves::incoming_dir(
+        &s.dir.join(format!("node-{victim}")),
+        2,
+        1,
+        2,
+        shoal_shard::node::moves::export_id(&manifest),
+    );
     std::fs::remove_dir_all(&incoming).expect("the shipped files were there");
     assert_eq!(
         s.step(

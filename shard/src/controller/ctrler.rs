@@ -62,7 +62,11 @@
 //! ([`ControllerConfig::backoff_min`] to [`ControllerConfig::backoff_max`])
 //! for up to [`ControllerConfig::step_deadline`]; then, or on a permanent
 //! error, the operation returns the error and leaves the rest to
-//! `init_controller`. A put whose outcome is unknown ([`PutOutcome::Maybe`])
+//! `init_controller`. While a step waits to be retried, the controller
+//! looks at CURRENT: once the config it installs (or a newer one) is
+//! current, another controller has finished the change, and it stops
+//! retrying steps that are moot and may address a group that has left and
+//! is gone. A put whose outcome is unknown ([`PutOutcome::Maybe`])
 //! is resolved by reading the key back. Time is tokio's, so tests can pause
 //! it.
 
@@ -876,6 +880,9 @@ impl From<ReadFailure> for Failure {
 enum Halt {
     /// Config `num`, newer than the one being installed, exists.
     Superseded { num: u64 },
+    /// The config being installed is current already: another controller
+    /// carried out the change and published it.
+    Published,
     /// An error the caller reports.
     Failed(Failure),
 }
@@ -977,13 +984,25 @@ impl Backoff {
     /// Sleeps before the next attempt (never past the deadline, so the last
     /// attempt happens at it); `false` once the deadline has passed.
     async fn pause(&mut self) -> bool {
+        match self.next_pause() {
+            Some(pause) => {
+                tokio::time::sleep(pause).await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// How long to wait before the next attempt (never past the deadline),
+    /// doubling the pause after; `None` once the deadline has passed.
+    fn next_pause(&mut self) -> Option<Duration> {
         let now = Instant::now();
         if now >= self.deadline {
-            return false;
+            return None;
         }
-        tokio::time::sleep(self.pause.min(self.deadline - now)).await;
+        let pause = self.pause.min(self.deadline - now);
         self.pause = self.pause.saturating_mul(2).min(self.pause_max);
-        true
+        Some(pause)
     }
 }
 
@@ -1135,7 +1154,7 @@ impl<S: ConfigStore, M: ShardMover> Controller<S, M> {
                 .finish(&base, 0, &pending.config, &pending.record)
                 .await
             {
-                Ok(()) | Err(Halt::Superseded { .. }) => continue,
+                Ok(()) | Err(Halt::Superseded { .. } | Halt::Published) => continue,
                 Err(Halt::Failed(failure)) => return Err(failure.into()),
             }
         }
@@ -1206,7 +1225,7 @@ impl<S: ConfigStore, M: ShardMover> Controller<S, M> {
             .finish(&current.config, current.version, &new, &record)
             .await
         {
-            Ok(()) => Ok(ChangeOutcome::Changed),
+            Ok(()) | Err(Halt::Published) => Ok(ChangeOutcome::Changed),
             Err(Halt::Superseded { num }) => Ok(ChangeOutcome::Superseded { num }),
             Err(Halt::Failed(failure)) => Err(failure.into()),
         }
@@ -1261,7 +1280,7 @@ impl<S: ConfigStore, M: ShardMover> Controller<S, M> {
             .finish(&base, base_version, &next.config, &next.record)
             .await
         {
-            Ok(()) => Ok(RecoverOutcome::Finished { num }),
+            Ok(()) | Err(Halt::Published) => Ok(RecoverOutcome::Finished { num }),
             Err(Halt::Superseded { num }) => Ok(RecoverOutcome::Superseded { num }),
             Err(Halt::Failed(failure)) => Err(failure.into()),
         }
@@ -1341,7 +1360,7 @@ impl<S: ConfigStore, M: ShardMover> Controller<S, M> {
                     shard_count: shards.len(),
                 };
                 let outcome = self
-                    .retry(step, num, || self.mover.create(group, &shards, num))
+                    .retry(step, target, || self.mover.create(group, &shards, num))
                     .await?;
                 done(outcome)
             }
@@ -1357,7 +1376,7 @@ impl<S: ConfigStore, M: ShardMover> Controller<S, M> {
                     shard,
                 };
                 let token = match self
-                    .retry(step, num, || self.mover.freeze(from, shard, num, to))
+                    .retry(step, target, || self.mover.freeze(from, shard, num, to))
                     .await?
                 {
                     FreezeOutcome::Frozen { token } => token,
@@ -1368,7 +1387,7 @@ impl<S: ConfigStore, M: ShardMover> Controller<S, M> {
                     shard,
                 };
                 let outcome = self
-                    .retry(step, num, || {
+                    .retry(step, target, || {
                         self.mover.install(to, shard, num, from, token.clone())
                     })
                     .await?;
@@ -1378,38 +1397,56 @@ impl<S: ConfigStore, M: ShardMover> Controller<S, M> {
                     shard,
                 };
                 let outcome = self
-                    .retry(step, num, || self.mover.delete(from, shard, num))
+                    .retry(step, target, || self.mover.delete(from, shard, num))
                     .await?;
                 done(outcome)
             }
         }
     }
 
-    /// Runs `attempt` until it answers, a permanent error, or the step
-    /// deadline, pausing between transient errors.
+    /// Runs `attempt`, a step of the change to `target`, until it answers,
+    /// a permanent error, or the step deadline, pausing between transient
+    /// errors. While it pauses, it looks once at CURRENT: if `target` (or a
+    /// newer config) is current, another controller finished the change,
+    /// and the step is moot; the group it waits for may even be gone for
+    /// good (a group that left is shut down once its leave is published).
+    /// The look lasts no longer than the pause, so a controller cut off
+    /// from the store retries its step all the same.
     async fn retry<T, F>(
         &self,
         step: Step,
-        num: u64,
+        target: &ShardConfig,
         mut attempt: impl FnMut() -> F,
-    ) -> Result<T, Failure>
+    ) -> Result<T, Halt>
     where
         F: Future<Output = Result<T, MoveError>>,
     {
+        let num = target.num;
         let mut backoff = Backoff::new(&self.config);
         loop {
             let error = match attempt().await {
                 Ok(outcome) => return Ok(outcome),
                 Err(error) => error,
             };
-            if !error.is_transient() || !backoff.pause().await {
-                return Err(Failure::Move {
-                    step,
-                    num,
-                    source: error,
-                });
-            }
+            let pause = match backoff.next_pause() {
+                Some(pause) if error.is_transient() => pause,
+                _ => {
+                    return Err(Halt::Failed(Failure::Move {
+                        step,
+                        num,
+                        source: error,
+                    }))
+                }
+            };
             tracing::debug!(%step, num, %error, "retrying");
+            let resume = Instant::now() + pause;
+            let current = tokio::time::timeout(pause, self.store.get(CURRENT_CONFIG_KEY)).await;
+            if let Ok(Ok(Some((record, _)))) = current {
+                if let Some(halt) = moot(target, &record) {
+                    return Err(halt);
+                }
+            }
+            tokio::time::sleep_until(resume).await;
         }
     }
 
@@ -1516,6 +1553,25 @@ fn group_ref(config: &ShardConfig, id: GroupId) -> GroupRef<'_> {
         )
     });
     GroupRef { id, members }
+}
+
+/// Whether CURRENT (as `record`) makes the change to `target` moot: it is
+/// `target` (published, by whichever controller) or newer. A record that
+/// does not decode is left to the reads that report it.
+fn moot(target: &ShardConfig, record: &[u8]) -> Option<Halt> {
+    let current = decode_config(record).ok()?;
+    if current.num > target.num {
+        Some(Halt::Superseded { num: current.num })
+    } else if current.num < target.num {
+        None
+    } else if current == *target {
+        Some(Halt::Published)
+    } else {
+        Some(Halt::Failed(Failure::Inconsistent {
+            current: Some(current.num),
+            next: target.num,
+        }))
+    }
 }
 
 /// Turns a group's `Stale` answer into a halt.

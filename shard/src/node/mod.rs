@@ -1306,35 +1306,53 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                     // freeze shipped them to every node of the group), so
                     // no replica applies one it cannot carry out. Reads
                     // only the small manifest; the files are verified when
-                    // ingested.
-                    let dir =
-                        moves::incoming_dir(&self.config.snapshot_dir, request.group, *shard, *num);
-                    let installed = group.record_of(*shard)
-                        == ShardRecord {
-                            num: *num,
-                            status: ShardStatus::Serving,
-                        };
-                    let here = shoal_engine::snapshot::read_manifest(&dir).ok();
-                    let wrong_scope = manifest.scope
-                        != (shoal_engine::SnapshotScope::Shard {
+                    // ingested. An install this group has done, or one a
+                    // newer config has overtaken, ingests nothing (record
+                    // numbers only grow): it goes to the log without its
+                    // files, whose directory may be pruned already, and is
+                    // answered `Done` or `Stale` there.
+                    let dir = moves::incoming_dir(
+                        &self.config.snapshot_dir,
+                        request.group,
+                        *shard,
+                        *num,
+                        moves::export_id(manifest),
+                    );
+                    let record = group.record_of(*shard);
+                    let ingests = record.num < *num
+                        || (record.num == *num && record.status != ShardStatus::Serving);
+                    let for_here = manifest.scope
+                        == (shoal_engine::SnapshotScope::Shard {
                             shard: *shard,
                             target: request.group,
                         });
-                    if !installed && (wrong_scope || here.as_ref().is_some_and(|m| m != manifest)) {
+                    if ingests && !for_here {
+                        // No shipping can make this token usable.
                         reply.send(KvResponse::Shard(ShardReply::Refused {
                             reason: format!(
-                                "the install names files that are not the export of shard {shard} \
-                                 for group {} shipped here",
+                                "the manifest is not an export of shard {shard} for group {}",
                                 request.group
                             ),
                         }));
                         return;
                     }
-                    if !installed && here.is_none() {
-                        // Not yet: the freeze is answered once the net
-                        // has stored every file here, but moving them into
-                        // the incoming directory is this loop's work and
-                        // may still be queued. The controller retries.
+                    // The freeze is answered once every receiver's
+                    // transport has stored the files, but this loop files
+                    // them into the incoming directory later, off the
+                    // loop, one task per file: an install can overtake
+                    // them. So missing files are `Busy`, which the
+                    // controller retries, not a refusal, which would fail
+                    // the whole change. (Files lost by a crash before they
+                    // were filed make those retries run out; the next
+                    // recovery freezes again, which ships them again.)
+                    let shipped = shoal_engine::snapshot::read_manifest(&dir).is_ok_and(|m| {
+                        &m == manifest
+                            && m.files.iter().all(|f| {
+                                std::fs::metadata(dir.join(&f.name))
+                                    .is_ok_and(|meta| meta.len() == f.size_bytes)
+                            })
+                    });
+                    if ingests && !shipped {
                         tracing::debug!(
                             node = self.config.id,
                             shard,
@@ -1804,7 +1822,13 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 let ShardCommand::Install { num, manifest, .. } = &command else {
                     unreachable!("only an install ingests")
                 };
-                let dir = moves::incoming_dir(&self.config.snapshot_dir, gid, shard, *num);
+                let dir = moves::incoming_dir(
+                    &self.config.snapshot_dir,
+                    gid,
+                    shard,
+                    *num,
+                    moves::export_id(manifest),
+                );
                 let expected = manifest.clone();
                 let num = *num;
                 self.with_engine(move |engine| {
@@ -1858,7 +1882,13 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 status: ShardStatus::Frozen,
             };
             if group.record_of(*shard) == frozen {
-                self.ship(gid, *shard, *num, *to_group, to_nodes.clone(), waiters);
+                self.ship(
+                    gid,
+                    (*shard, *num, index),
+                    *to_group,
+                    to_nodes.clone(),
+                    waiters,
+                );
                 return Ok(());
             }
         }
@@ -1870,12 +1900,12 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
 
     /// Exports a frozen shard for its new group and ships the files to
     /// every node of it, in a task; the freeze's callers are answered when
-    /// it is done ([`Done::Shipped`]).
+    /// it is done ([`Done::Shipped`]). `index` is the freeze's log index
+    /// (see [`moves::outgoing_dir`]).
     fn ship(
         &mut self,
         gid: GroupId,
-        shard: ShardId,
-        num: u64,
+        (shard, num, index): (ShardId, u64, Index),
         to_group: GroupId,
         to_nodes: Vec<NodeId>,
         waiters: Vec<Waiter>,
@@ -1886,7 +1916,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         let me = self.config.id;
         let blocking = self.config.blocking_io;
         self.tasks.spawn(async move {
-            let dir = moves::outgoing_dir(&root, gid, shard, num);
+            let dir = moves::outgoing_dir(&root, gid, shard, num, index);
             let export_dir = dir.clone();
             let export = move || -> Result<SnapshotManifest, SnapshotFileError> {
                 let _ = std::fs::remove_dir_all(&export_dir);
@@ -1910,7 +1940,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                     me,
                     &root,
                     &dir,
-                    (to_group, shard, num),
+                    (to_group, shard, num, moves::export_id(&manifest)),
                     &to_nodes,
                 )
                 .await
@@ -2016,7 +2046,13 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 let _ = std::fs::remove_file(&file.path);
                 return;
             }
-            let dir = moves::incoming_dir(&self.config.snapshot_dir, meta.group, shard, num);
+            let dir = moves::incoming_dir(
+                &self.config.snapshot_dir,
+                meta.group,
+                shard,
+                num,
+                meta.index,
+            );
             let files = vec![(file.path, meta.name.clone())];
             let node = self.config.id;
             self.run_blocking(move || {

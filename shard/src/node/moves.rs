@@ -8,11 +8,14 @@
 //!    get `WrongGroup` from then on, in log order). A's leader then exports
 //!    `s` (kv and sessions at one point in time, renamed into B's key range)
 //!    and streams the files to every node of B, which keep them under
-//!    [`incoming_dir`]; only then is the freeze answered.
+//!    [`incoming_dir`]; only then is the freeze answered. A repeated
+//!    freeze exports and ships again: each export has its own directory
+//!    ([`export_id`]), so a later one never replaces the files an install
+//!    of an earlier one names.
 //! 2. B applies `Install { s, n, manifest }`: each replica ingests the
-//!    files (crash-atomic, with the applied index and the new record) and
-//!    serves `s`. The sessions moved with the data, so a write retried
-//!    across the move is still applied once.
+//!    files of that export (crash-atomic, with the applied index and the
+//!    new record) and serves `s`. The sessions moved with the data, so a
+//!    write retried across the move is still applied once.
 //! 3. A applies `Delete { s, n }`: it drops `s`'s data.
 //!
 //! Every group keeps, per shard, the highest config number it has seen:
@@ -22,7 +25,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use shoal_engine::{GroupId, Request, ShardId, ShardRecord, ShardStatus};
+use shoal_engine::{GroupId, Request, ShardId, ShardRecord, ShardStatus, SnapshotManifest};
 
 use crate::protocol::{ShardCommand, ShardReply};
 
@@ -224,15 +227,34 @@ pub fn decide(
     }
 }
 
-/// Where a node keeps the files of `shard` shipped to `group` for config
-/// `num` until the install applies.
-pub fn incoming_dir(root: &Path, group: GroupId, shard: ShardId, num: u64) -> PathBuf {
-    root.join(format!("move-in-g{group}-s{shard}-n{num}"))
+/// The identity of one export of a moving shard: a digest of its manifest
+/// (which names each file's checksum and the source's applied index). A
+/// shard can be exported more than once for the same config: a repeated
+/// freeze (a controller retrying, or several controllers carrying out the
+/// same change) ships a fresh export, possibly from another leader. Each
+/// export lives in its own directory on the destination, so one never
+/// overwrites the files of another that an install already names.
+pub fn export_id(manifest: &SnapshotManifest) -> u64 {
+    // FNV-1a over the manifest's postcard bytes: deterministic, and the
+    // same on the shipping and the installing side.
+    let bytes = postcard::to_stdvec(manifest).expect("a manifest always serializes");
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
-/// Where a source leader exports `shard` of `group` for config `num`.
-pub fn outgoing_dir(root: &Path, group: GroupId, shard: ShardId, num: u64) -> PathBuf {
-    root.join(format!("move-out-g{group}-s{shard}-n{num}"))
+/// Where a node keeps the files of export `export` ([`export_id`]) of
+/// `shard`, shipped to `group` for config `num`, until the install applies.
+pub fn incoming_dir(root: &Path, group: GroupId, shard: ShardId, num: u64, export: u64) -> PathBuf {
+    root.join(format!("move-in-g{group}-s{shard}-n{num}-e{export:016x}"))
+}
+
+/// Where a source leader exports `shard` of `group` for config `num`,
+/// answering the freeze at log index `index`: each freeze, repeats
+/// included, exports into a directory of its own, so two ships of the same
+/// shard never share (and delete) each other's files.
+pub fn outgoing_dir(root: &Path, group: GroupId, shard: ShardId, num: u64, index: u64) -> PathBuf {
+    root.join(format!("move-out-g{group}-s{shard}-n{num}-i{index}"))
 }
 
 /// Which side of a move a directory is for.
@@ -244,15 +266,18 @@ pub enum MoveDir {
     Outgoing,
 }
 
-/// Parses (side, group, shard, num) back out of a move directory's name.
+/// Parses (side, group, shard, num) back out of a move directory's name
+/// (also one without the export or freeze suffix, as earlier builds named
+/// them, so that those are swept too).
 pub fn parse_move_dir(name: &str) -> Option<(MoveDir, GroupId, ShardId, u64)> {
-    let (side, rest) = if let Some(rest) = name.strip_prefix("move-in-g") {
-        (MoveDir::Incoming, rest)
+    let (side, rest, tag) = if let Some(rest) = name.strip_prefix("move-in-g") {
+        (MoveDir::Incoming, rest, "-e")
     } else {
-        (MoveDir::Outgoing, name.strip_prefix("move-out-g")?)
+        (MoveDir::Outgoing, name.strip_prefix("move-out-g")?, "-i")
     };
     let (group, rest) = rest.split_once("-s")?;
-    let (shard, num) = rest.split_once("-n")?;
+    let (shard, rest) = rest.split_once("-n")?;
+    let num = rest.split_once(tag).map_or(rest, |(num, _)| num);
     Some((
         side,
         group.parse().ok()?,
@@ -455,8 +480,8 @@ mod tests {
     #[test]
     fn move_dir_names_parse_back() {
         let name = |p: PathBuf| p.file_name().unwrap().to_str().unwrap().to_string();
-        let incoming = name(incoming_dir(Path::new("/x"), 7, 12, 40));
-        let outgoing = name(outgoing_dir(Path::new("/x"), 7, 12, 40));
+        let incoming = name(incoming_dir(Path::new("/x"), 7, 12, 40, u64::MAX));
+        let outgoing = name(outgoing_dir(Path::new("/x"), 7, 12, 40, 99));
         assert_eq!(
             parse_move_dir(&incoming),
             Some((MoveDir::Incoming, 7, 12, 40))
@@ -466,7 +491,26 @@ mod tests {
             Some((MoveDir::Outgoing, 7, 12, 40))
         );
         assert_eq!(parse_move_dir("move-in-g7-s12"), None);
+        assert_eq!(
+            parse_move_dir("move-in-g7-s12-n40"),
+            Some((MoveDir::Incoming, 7, 12, 40))
+        );
+        assert_eq!(parse_move_dir("move-out-g7-s12-n40-e1"), None);
         assert_eq!(parse_move_dir("recv-g1-i2-n3"), None);
+    }
+
+    #[test]
+    fn each_export_has_its_own_identity() {
+        let first = manifest(3, 2);
+        let mut again = first.clone();
+        again.applied.index += 1;
+        assert_eq!(export_id(&first), export_id(&first.clone()));
+        assert_ne!(export_id(&first), export_id(&again));
+        let root = Path::new("/x");
+        assert_ne!(
+            incoming_dir(root, 2, 3, 5, export_id(&first)),
+            incoming_dir(root, 2, 3, 5, export_id(&again))
+        );
     }
 
     #[test]

@@ -201,17 +201,18 @@ pub async fn transfer<T: Transport<KvProtocol>>(
     true
 }
 
-/// Ships the shard export in `dir` (made for `group`'s `shard` at config
-/// `num`) to every node of `to_nodes`: over the net's bulk streams to
-/// peers, by copying into [`super::moves::incoming_dir`] for `me`. Each
-/// file resolves only once its receiver verified and stored it. The first
-/// failure is the error.
+/// Ships the shard export in `dir` (export `export` made for `group`'s
+/// `shard` at config `num`, see [`super::moves::export_id`]) to every node
+/// of `to_nodes`: over the net's bulk streams to peers, each file's meta
+/// naming the export in its `index`, by copying into
+/// [`super::moves::incoming_dir`] for `me`. Each file resolves only once
+/// its receiver verified and stored it. The first failure is the error.
 pub async fn ship<T: Transport<KvProtocol>>(
     transport: &T,
     me: NodeId,
     root: &Path,
     dir: &Path,
-    (group, shard, num): (GroupId, ShardId, u64),
+    (group, shard, num, export): (GroupId, ShardId, u64, u64),
     to_nodes: &[NodeId],
 ) -> Result<(), SnapshotFileError> {
     let mut names = Vec::new();
@@ -230,7 +231,10 @@ pub async fn ship<T: Transport<KvProtocol>>(
         if to == me {
             let files: Vec<(PathBuf, String)> =
                 names.iter().map(|n| (dir.join(n), n.clone())).collect();
-            copy_into(&files, &super::moves::incoming_dir(root, group, shard, num))?;
+            copy_into(
+                &files,
+                &super::moves::incoming_dir(root, group, shard, num, export),
+            )?;
             tracing::info!(
                 shard,
                 num,
@@ -242,7 +246,7 @@ pub async fn ship<T: Transport<KvProtocol>>(
         for name in &names {
             let meta = SnapshotFileMeta {
                 group,
-                index: 0,
+                index: export,
                 name: name.clone(),
                 shard: Some((shard, num)),
             };

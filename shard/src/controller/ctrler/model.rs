@@ -344,6 +344,8 @@ pub struct GroupsState {
     written: BTreeMap<ShardId, u64>,
     steps_in_flight: usize,
     steps_in_flight_max: usize,
+    /// Groups shut down for good: every step to them fails transiently.
+    gone: BTreeSet<GroupId>,
 }
 
 impl GroupsState {
@@ -365,6 +367,12 @@ impl GroupsState {
     /// The last value a client wrote to `shard`.
     pub fn written(&self, shard: ShardId) -> Option<u64> {
         self.written.get(&shard).copied()
+    }
+
+    /// Shuts `group` down for good (the lab's ExitGroup after its leave):
+    /// from now on every step addressed to it fails with a transient error.
+    pub fn shut_down(&mut self, group: GroupId) {
+        self.gone.insert(group);
     }
 
     /// Most steps that were in flight at once.
@@ -647,11 +655,20 @@ impl ModelMover {
         &self.hooks
     }
 
-    /// Admits a step and applies it (or not) as the fault says.
-    async fn step<T>(&self, apply: impl FnOnce(&mut GroupsState) -> T) -> Result<T, MoveError> {
+    /// Admits a step to `group` and applies it (or not) as the fault says;
+    /// a group shut down answers nothing.
+    async fn step<T>(
+        &self,
+        group: GroupId,
+        apply: impl FnOnce(&mut GroupsState) -> T,
+    ) -> Result<T, MoveError> {
         let _in_flight = InFlight::enter(&self.groups);
         self.hooks.lock().mover_calls += 1;
-        match self.hooks.admit().await {
+        let admit = self.hooks.admit().await;
+        if self.groups.lock().gone.contains(&group) {
+            return Err(MoveError::Unavailable("model: the group is gone".into()));
+        }
+        match admit {
             Admit::Go => Ok(apply(&mut self.groups.lock())),
             Admit::Fault(Fault::LostReply) => {
                 apply(&mut self.groups.lock());
@@ -672,7 +689,8 @@ impl ShardMover for ModelMover {
         shards: &[ShardId],
         num: u64,
     ) -> Result<StepOutcome, MoveError> {
-        self.step(|state| state.create(group, shards, num)).await
+        self.step(group.id, |state| state.create(group, shards, num))
+            .await
     }
 
     async fn freeze(
@@ -682,7 +700,8 @@ impl ShardMover for ModelMover {
         num: u64,
         to: GroupRef<'_>,
     ) -> Result<FreezeOutcome, MoveError> {
-        self.step(|state| state.freeze(from, shard, num, to)).await
+        self.step(from.id, |state| state.freeze(from, shard, num, to))
+            .await
     }
 
     async fn install(
@@ -693,7 +712,7 @@ impl ShardMover for ModelMover {
         from: GroupRef<'_>,
         token: Bytes,
     ) -> Result<StepOutcome, MoveError> {
-        self.step(|state| state.install(to, shard, num, from, &token))
+        self.step(to.id, |state| state.install(to, shard, num, from, &token))
             .await
     }
 
@@ -703,6 +722,7 @@ impl ShardMover for ModelMover {
         shard: ShardId,
         num: u64,
     ) -> Result<StepOutcome, MoveError> {
-        self.step(|state| state.delete(from, shard, num)).await
+        self.step(from.id, |state| state.delete(from, shard, num))
+            .await
     }
 }

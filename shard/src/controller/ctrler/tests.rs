@@ -641,6 +641,50 @@ async fn a_stale_answer_stops_the_change_at_once() {
     }
 }
 
+/// Goal (5C, the lab's concurCtrler): a controller whose change another
+/// controller finished and published meanwhile stops, reporting it done,
+/// although the group its remaining step addresses is gone for good (a
+/// group that left is shut down once its leave is published). Here the
+/// stalled controller was making group 2 leave; once released, its freeze
+/// at group 2 finds nobody. It used to retry that step until its step
+/// deadline and fail (shardkv test AcquireLockConcurrentUnreliable5C,
+/// seed 28).
+#[tokio::test(start_paused = true)]
+async fn a_change_published_by_another_ends_the_retries() {
+    let one = joined(&ShardConfig::initial(2).unwrap(), &[1]);
+    let two = joined(&one, &[2]);
+    let three = left(&two, &[2]);
+    assert_eq!(moves(&two, &three).len(), 1);
+    let world = world_at(&one).await;
+    let ctrl = world.controller(Hooks::new(20));
+    assert_eq!(
+        ctrl.change_config_to(two.clone()).await.unwrap(),
+        ChangeOutcome::Changed
+    );
+    // Operations 0..=2 are the two reads and the claim; 3 is the freeze.
+    let slow = Arc::new(world.controller(Hooks::new(21).stall_at(3)));
+    let hooks = slow.mover().hooks().clone();
+    let task = tokio::spawn({
+        let three = three.clone();
+        async move { slow.change_config_to(three).await }
+    });
+    hooks.stalled().await;
+    assert_eq!(
+        ctrl.init_controller().await.unwrap(),
+        RecoverOutcome::Finished { num: 3 }
+    );
+    world.groups.lock().shut_down(2);
+    let released = Instant::now();
+    hooks.release();
+    assert_eq!(task.await.unwrap().unwrap(), ChangeOutcome::Changed);
+    assert!(
+        released.elapsed() < timing().step_deadline / 2,
+        "stopped only after {:?}",
+        released.elapsed()
+    );
+    world.check(&three);
+}
+
 /// Goal: every operation reads NEXT before CURRENT, so that a change
 /// claimed between the two reads is never mistaken for one that started
 /// from the CURRENT read. Each controller here stalls between its two
