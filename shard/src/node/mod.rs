@@ -1283,8 +1283,19 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                     // Propose an install only with its files here (the
                     // freeze shipped them to every node of the group), so
                     // no replica applies one it cannot carry out. Reads
-                    // only the small manifest; the files are verified when
-                    // ingested.
+                    // only the small manifest and the files' sizes; the
+                    // files are verified when ingested.
+                    //
+                    // The freeze is answered once every receiver's
+                    // transport has stored the files, but `on_file` moves
+                    // them into the incoming directory later, off the
+                    // loop, one task per file (the manifest first, by
+                    // name): an install can overtake them. So missing
+                    // files are `Busy`, which the controller retries, not
+                    // a refusal, which would fail the whole change. (Files
+                    // that never come, lost by a crash before they were
+                    // moved, make those retries run out; the next
+                    // recovery freezes again, which ships them again.)
                     let dir =
                         moves::incoming_dir(&self.config.snapshot_dir, request.group, *shard, *num);
                     let installed = group.record_of(*shard)
@@ -1292,15 +1303,37 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                             num: *num,
                             status: ShardStatus::Serving,
                         };
-                    let shipped =
-                        shoal_engine::snapshot::read_manifest(&dir).is_ok_and(|m| &m == manifest);
-                    if !installed && !shipped {
+                    let shipped = shoal_engine::snapshot::read_manifest(&dir).is_ok_and(|m| {
+                        &m == manifest
+                            && m.files.iter().all(|f| {
+                                std::fs::metadata(dir.join(&f.name))
+                                    .is_ok_and(|meta| meta.len() == f.size_bytes)
+                            })
+                    });
+                    let for_here = manifest.scope
+                        == (shoal_engine::SnapshotScope::Shard {
+                            shard: *shard,
+                            target: request.group,
+                        });
+                    if !installed && !for_here {
+                        // No shipping can make this token usable.
                         reply.send(KvResponse::Shard(ShardReply::Refused {
                             reason: format!(
-                                "the files of shard {shard} for config {num} are not on node {}",
-                                self.config.id
+                                "the manifest is not an export of shard {shard} for group {}",
+                                request.group
                             ),
                         }));
+                        return;
+                    }
+                    if !installed && !shipped {
+                        tracing::info!(
+                            node = self.config.id,
+                            group = request.group,
+                            shard,
+                            num,
+                            "install before its files are in place: busy"
+                        );
+                        reply.send(KvResponse::Busy);
                         return;
                     }
                 }
