@@ -1733,6 +1733,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             let group = &self.groups[&gid];
             moves::decide(gid, &command, |s| group.record_of(s))
         };
+        tracing::debug!(node = self.config.id, group = gid, index, ?command, effect = ?decision.effect, reply = ?decision.reply, "shard step applied");
         let err = engine_err(gid);
         let mut changed: Vec<(ShardId, ShardRecord)> = Vec::new();
         match decision.effect {
