@@ -210,6 +210,22 @@ impl LocalCluster {
         self.children.keys().copied().collect()
     }
 
+    /// The nodes that exited on their own (neither killed nor terminated
+    /// here) since they were started, with how they exited. They count as
+    /// stopped from then on, so a restart is up to the caller.
+    pub fn exited(&mut self) -> Result<Vec<(u64, ExitStatus)>> {
+        let mut exited = Vec::new();
+        for (&id, child) in &mut self.children {
+            if let Some(status) = child.try_wait().with_context(|| format!("node {id}"))? {
+                exited.push((id, status));
+            }
+        }
+        for (id, _) in &exited {
+            self.children.remove(id);
+        }
+        Ok(exited)
+    }
+
     /// SIGKILLs node `id` (a crash) and reaps it.
     pub fn kill(&mut self, id: u64) -> Result<()> {
         self.kill_many(&[id])

@@ -123,6 +123,12 @@ impl Cluster {
         self.nodes.running()
     }
 
+    /// The nodes that exited on their own (a crash the test did not
+    /// cause), with how they exited; they count as stopped from then on.
+    pub fn exited(&mut self) -> Vec<(u64, std::process::ExitStatus)> {
+        self.nodes.exited().expect("check the nodes")
+    }
+
     /// A client with the admin certificate (status and fault-filter RPCs).
     pub fn admin(&self) -> BlockingClient {
         let options = ClientOptions {

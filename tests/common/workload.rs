@@ -55,6 +55,9 @@ pub struct WorkloadConfig {
     pub op_deadline: Duration,
     /// Deadline of one attempt at one node.
     pub rpc_deadline: Duration,
+    /// A sharded cluster: its controller group's nodes, so that every
+    /// client (the final reader too) routes by key. `None`: one KV group.
+    pub controller: Option<Vec<u64>>,
 }
 
 impl Default for WorkloadConfig {
@@ -65,7 +68,19 @@ impl Default for WorkloadConfig {
             put_keys: 2,
             op_deadline: Duration::from_secs(5),
             rpc_deadline: Duration::from_millis(500),
+            controller: None,
         }
+    }
+}
+
+impl WorkloadConfig {
+    /// Every key the clients use: the append keys `a*`, then the put keys
+    /// `p*`.
+    pub fn keys(&self) -> Vec<String> {
+        let appends = (0..self.append_keys).map(|i| format!("a{i}"));
+        appends
+            .chain((0..self.put_keys).map(|i| format!("p{i}")))
+            .collect()
     }
 }
 
@@ -163,6 +178,7 @@ impl Workload {
         }
         let options = ClientOptions {
             op_deadline: timeout,
+            controller: self.config.controller.clone(),
             ..ClientOptions::default()
         };
         let reader =
@@ -264,6 +280,7 @@ impl ClientLoop {
         let options = ClientOptions {
             op_deadline: self.config.op_deadline,
             rpc_deadline: self.config.rpc_deadline,
+            controller: self.config.controller.clone(),
             ..ClientOptions::default()
         };
         let client =
