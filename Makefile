@@ -36,7 +36,7 @@ test: setup lint
 
 ## test-long: soak mode — 100,000 simulator seeds, more crash rounds.
 test-long: setup
-	SHOAL_SIM_SEEDS=100000 SHOAL_CRASH_ROUNDS=200 $(CARGO) test --release --workspace
+	SHOAL_SIM_SEEDS=100000 SHOAL_CRASH_ROUNDS=200 SHOAL_MOVE_ROUNDS=200 $(CARGO) test --release --workspace
 
 bench: setup
 	$(CARGO) bench --workspace

@@ -73,6 +73,8 @@ const INITIAL_GROUPS: [(GroupId, [u64; 3]); 3] = [(1, [1, 2, 3]), (2, [4, 5, 6])
 const ROUNDS_DEFAULT: usize = 32;
 /// Node kills per run at least (every round has one or two).
 const NODE_KILLS_MIN: usize = 20;
+/// Rounds per put key (at least 3 keys; see the workload's `put_keys`).
+const ROUNDS_PER_PUT_KEY: usize = 10;
 /// Leave + join pairs per run (each two rounds).
 const LEAVES_PER_RUN: usize = 2;
 /// Acknowledged client operations required between rounds.
@@ -539,8 +541,10 @@ fn torture(seed: u64) {
     }
     let probe = Probe::connect(&cluster);
     let admin = cluster.admin();
+    // Every put of unknown outcome widens the checker's search on its key:
+    // longer runs spread their puts over more keys.
     let config = WorkloadConfig {
-        put_keys: 3,
+        put_keys: (rounds.len() / ROUNDS_PER_PUT_KEY).max(3) as u64,
         op_deadline: Duration::from_secs(3),
         rpc_deadline: Duration::from_millis(300),
         controller: Some(CONTROLLER_NODES.to_vec()),
