@@ -49,27 +49,6 @@ pub struct Admin {
     members: Vec<(u64, SocketAddr)>,
 }
 
-/// Whether every node of `voters` reports `group` applied through `target`.
-async fn all_applied(
-    nodes: &Client<QuicClient<KvProtocol>>,
-    group: GroupId,
-    voters: &[u64],
-    target: u64,
-) -> bool {
-    for &node in voters {
-        let applied = nodes
-            .node_status(NodeId(node))
-            .await
-            .ok()
-            .and_then(|r| r.groups.into_iter().find(|g| g.group == group))
-            .map_or(0, |g| g.applied);
-        if applied < target {
-            return false;
-        }
-    }
-    true
-}
-
 /// Parses `G=1,2,3`: a group and its member nodes.
 pub fn parse_group(spec: &str) -> Result<(GroupId, Vec<u64>)> {
     let (group, nodes) = spec
@@ -167,28 +146,27 @@ impl Admin {
     /// catch up. A replica that still refuses is asked again until then.
     pub async fn drop_group(&self, group: GroupId, voters: &[u64]) -> Result<()> {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(DROP_WAIT_MS_MAX);
+        // The highest commit index any replica reported, ever: it only
+        // grows, so a replica that reaches it applied every delete.
         let mut target = 0;
         loop {
-            let mut behind = Vec::new();
+            let mut applied = Vec::with_capacity(voters.len());
             for &node in voters {
                 let report = self.nodes.node_status(NodeId(node)).await;
-                match report
+                let g = report
                     .ok()
-                    .and_then(|r| r.groups.into_iter().find(|g| g.group == group))
-                {
-                    Some(g) => {
-                        target = target.max(g.commit);
-                        if g.applied < target {
-                            behind.push(node);
-                        }
-                    }
-                    None => behind.push(node),
+                    .and_then(|r| r.groups.into_iter().find(|g| g.group == group));
+                if let Some(g) = &g {
+                    target = target.max(g.commit);
                 }
+                applied.push((node, g.map(|g| g.applied)));
             }
-            // A second pass with the final target decides.
-            let caught_up =
-                behind.is_empty() && all_applied(&self.nodes, group, voters, target).await;
-            if caught_up {
+            let behind: Vec<u64> = applied
+                .into_iter()
+                .filter(|(_, a)| a.is_none_or(|a| a < target))
+                .map(|(node, _)| node)
+                .collect();
+            if behind.is_empty() {
                 break;
             }
             if tokio::time::Instant::now() >= deadline {
