@@ -38,7 +38,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -273,39 +273,15 @@ impl Change {
 
 /// Runs `shoal shard ARGS` to completion; returns its JSON lines.
 fn shard(cluster: &Cluster, args: &[&str]) -> Vec<Value> {
-    let output = shard_command(cluster, args)
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run shoal shard");
-    assert!(
-        output.status.success(),
-        "shoal shard {args:?} failed: {:?}",
-        output.status
-    );
-    String::from_utf8(output.stdout)
-        .expect("utf-8")
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?} is not JSON: {e}")))
-        .collect()
+    cluster.shard(CONTROLLER, SHARD_TIMEOUT_MS, args)
 }
 
 fn shard_command(cluster: &Cluster, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_shoal"));
-    command
-        .arg("shard")
-        .args(["--cluster", &cluster.cluster_arg(), "--tls"])
-        .arg(&cluster.tls)
-        .args([
-            "--name",
-            "admin",
-            "--controller",
-            CONTROLLER,
-            "--timeout-ms",
-            "20000",
-        ])
-        .args(args);
-    command
+    cluster.shard_command(CONTROLLER, SHARD_TIMEOUT_MS, args)
 }
+
+/// How long each `shoal shard` step is retried.
+const SHARD_TIMEOUT_MS: u64 = 20_000;
 
 /// Reads the controller group's two configs directly (linearizable reads
 /// of the controller's store), to see whether a change is pending.

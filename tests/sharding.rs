@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::Cluster;
@@ -17,32 +16,7 @@ const CONTROLLER: &str = "1,2,3";
 
 /// Runs `shoal shard ARGS` as the admin; returns its JSON lines.
 fn shard(cluster: &Cluster, args: &[&str]) -> Vec<Value> {
-    let output = Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .arg("shard")
-        .args(["--cluster", &cluster.cluster_arg(), "--tls"])
-        .arg(&cluster.tls)
-        .args([
-            "--name",
-            "admin",
-            "--controller",
-            CONTROLLER,
-            "--timeout-ms",
-            "60000",
-        ])
-        .args(args)
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run shoal shard");
-    assert!(
-        output.status.success(),
-        "shoal shard {args:?} failed: {:?}",
-        output.status
-    );
-    String::from_utf8(output.stdout)
-        .expect("utf-8")
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?} is not JSON: {e}")))
-        .collect()
+    cluster.shard(CONTROLLER, 60_000, args)
 }
 
 fn client(cluster: &Cluster) -> BlockingClient {

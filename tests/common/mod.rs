@@ -12,6 +12,7 @@ pub mod workload;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use shoal::cluster::{self, BlockingClient, ClientOptions, NodeStatus};
@@ -77,6 +78,52 @@ impl Cluster {
             members: nodes.members().to_vec(),
             nodes,
         }
+    }
+
+    /// `shoal shard ARGS` as the admin of the sharded cluster whose
+    /// controller group is on `controller` (e.g. "1,2,3"), each step
+    /// retried for up to `timeout_ms`.
+    pub fn shard_command(&self, controller: &str, timeout_ms: u64, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_shoal"));
+        command
+            .arg("shard")
+            .args(["--cluster", &self.cluster_arg(), "--tls"])
+            .arg(&self.tls)
+            .args([
+                "--name",
+                "admin",
+                "--controller",
+                controller,
+                "--timeout-ms",
+            ])
+            .arg(timeout_ms.to_string())
+            .args(args);
+        command
+    }
+
+    /// Runs [`Cluster::shard_command`] to completion (it must succeed);
+    /// returns its JSON lines.
+    pub fn shard(
+        &self,
+        controller: &str,
+        timeout_ms: u64,
+        args: &[&str],
+    ) -> Vec<serde_json::Value> {
+        let output = self
+            .shard_command(controller, timeout_ms, args)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run shoal shard");
+        assert!(
+            output.status.success(),
+            "shoal shard {args:?} failed: {:?}",
+            output.status
+        );
+        String::from_utf8(output.stdout)
+            .expect("utf-8")
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?} is not JSON: {e}")))
+            .collect()
     }
 
     /// Every node id.
