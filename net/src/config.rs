@@ -193,6 +193,13 @@ pub struct NodeConfig {
     /// Enables [`crate::Transport::set_fault_filter`]. Off by default;
     /// turn it on only in tests or behind an authenticated admin call.
     pub fault_injection_enabled: bool,
+    /// Accept connections from any node the CA certified, member or not.
+    /// Off for database nodes (a cluster's membership is its list); on for
+    /// MapReduce coordinators and workers, whose peers come and go. A
+    /// non-member that connects can call this node and be answered on its
+    /// own connection; messages and files *to* it still need
+    /// [`crate::quic::QuicNode::set_member`].
+    pub members_open: bool,
 }
 
 impl NodeConfig {
@@ -210,6 +217,7 @@ impl NodeConfig {
             files_dir,
             limits: Limits::default(),
             fault_injection_enabled: false,
+            members_open: false,
         }
     }
 

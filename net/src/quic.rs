@@ -889,7 +889,7 @@ async fn serve_connection<P: Protocol>(inner: Arc<NodeInner<P>>, conn: Connectio
         return;
     };
     if let Peer::Node(id) = peer {
-        if !inner.is_member(id) {
+        if !inner.config.members_open && !inner.is_member(id) {
             refuse(
                 &inner,
                 &conn,

@@ -959,3 +959,4 @@ impl<C: RpcCaller<KvProtocol>> BlockingClient<C> {
         self.runtime.block_on(self.client.scan(start, end, limit))
     }
 }
+pub use crate::pin_shim::PinnedShard;

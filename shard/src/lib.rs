@@ -54,6 +54,7 @@
 //! ```
 
 pub mod client;
+mod pin_shim;
 pub mod controller;
 pub mod linearizability;
 pub mod mapreduce;

@@ -441,6 +441,11 @@ impl JobTable {
         })
     }
 
+    /// The table's time: the latest `now_ms` it was given.
+    pub fn now_ms(&self) -> u64 {
+        self.now_ms
+    }
+
     /// Restarts the clock after the table was loaded by a coordinator whose
     /// clock differs from the one that stored it: the time becomes `now_ms`,
     /// and every running attempt is treated as handed out now, so it gets a

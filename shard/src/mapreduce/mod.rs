@@ -58,7 +58,10 @@
 
 pub mod app;
 pub mod coordinator;
+pub mod labapps;
 pub mod plan;
+pub mod runtime;
+pub mod wire;
 pub mod worker;
 
 #[cfg(test)]
