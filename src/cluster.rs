@@ -328,6 +328,8 @@ pub enum ConnectError {
 pub struct Client {
     inner: shoal_shard::Client<QuicClient<KvProtocol>>,
     quic: QuicClient<KvProtocol>,
+    members: Vec<u64>,
+    options: ClientOptions,
 }
 
 impl Client {
@@ -354,27 +356,48 @@ impl Client {
             .map(|&(id, addr)| (NodeId(id), addr))
             .collect();
         let quic = QuicClient::new(&identity, nodes, Limits::default())?;
-        let mut config = shoal_shard::ClientConfig::new(fresh_client_id());
-        config.op_deadline = options.op_deadline;
-        config.rpc_deadline = options.rpc_deadline;
-        let inner = match &options.controller {
-            Some(controller) => shoal_shard::Client::sharded(
-                quic.clone(),
-                controller.iter().copied().map(NodeId).collect(),
-                config,
-            )?,
-            None => shoal_shard::Client::try_new(
-                quic.clone(),
-                members.iter().map(|&(id, _)| NodeId(id)).collect(),
-                config,
-            )?,
-        };
-        Ok(Client { inner, quic })
+        let members: Vec<u64> = members.iter().map(|&(id, _)| id).collect();
+        let inner = session(&quic, &members, &options)?;
+        Ok(Client {
+            inner,
+            quic,
+            members,
+            options,
+        })
+    }
+
+    /// Another client on the same connections with a session of its own,
+    /// so that it can have an operation in flight while this one does.
+    pub fn new_session(&self) -> shoal_shard::Client<QuicClient<KvProtocol>> {
+        session(&self.quic, &self.members, &self.options)
+            .expect("options that made this client make another")
     }
 
     /// Closes the connections (waits briefly for the nodes to be told).
     pub async fn close(&self) {
         self.quic.close().await;
+    }
+}
+
+fn session(
+    quic: &QuicClient<KvProtocol>,
+    members: &[u64],
+    options: &ClientOptions,
+) -> Result<shoal_shard::Client<QuicClient<KvProtocol>>, shoal_shard::client::ClientConfigError> {
+    let mut config = shoal_shard::ClientConfig::new(fresh_client_id());
+    config.op_deadline = options.op_deadline;
+    config.rpc_deadline = options.rpc_deadline;
+    match &options.controller {
+        Some(controller) => shoal_shard::Client::sharded(
+            quic.clone(),
+            controller.iter().copied().map(NodeId).collect(),
+            config,
+        ),
+        None => shoal_shard::Client::try_new(
+            quic.clone(),
+            members.iter().copied().map(NodeId).collect(),
+            config,
+        ),
     }
 }
 
@@ -415,7 +438,7 @@ impl BlockingClient {
             .enable_all()
             .build()
             .expect("a current-thread runtime builds");
-        let Client { inner, quic } =
+        let Client { inner, quic, .. } =
             runtime.block_on(async { Client::connect_with(members, tls_dir, options) })?;
         Ok(BlockingClient {
             inner: shoal_shard::BlockingClient::new(runtime, inner),

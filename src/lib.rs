@@ -18,6 +18,8 @@
 //! - [`jsonl`]: the JSON-lines protocol of `shoal client`.
 //! - [`local_cluster`]: `shoal node` processes on loopback run by this
 //!   process (the demo, the load generator).
+//! - [`mapreduce`]: `shoal load` and `shoal mapreduce` (jobs over the
+//!   stored keys; the runtime is `shard::mapreduce`).
 //! - [`bench`]: the load generator behind `shoal bench` (Shoal and etcd).
 //! - [`crashtest`]: the deterministic crash workload behind `shoal demo --engine`
 //!   and the crash tests.
@@ -29,6 +31,7 @@ pub mod crashtest;
 pub mod db;
 pub mod jsonl;
 pub mod local_cluster;
+pub mod mapreduce;
 pub mod sharding;
 
 pub use cluster::{BlockingClient, Client, ClientError, ConnectError};

@@ -190,6 +190,27 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         groups: u64,
     },
+    /// Store files as keys: PREFIX + file name (a file over 1 MiB becomes
+    /// keys NAME/000000, NAME/000001, ... cut at line ends). Prints
+    /// {"ok":true,"files","keys","bytes","secs"}.
+    Load {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        /// Key prefix.
+        #[arg(long)]
+        prefix: String,
+        /// Files to store.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// MapReduce jobs over stored keys: run (the coordinator), worker,
+    /// status.
+    Mapreduce {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        #[command(subcommand)]
+        command: MapreduceCmd,
+    },
     /// Ask every node for its status: one JSON line per node,
     /// {"id","role","term","leader","commit","applied","pid"} (the status
     /// file's schema) or {"id","error"}; exits 1 if no node answered.
@@ -243,6 +264,85 @@ struct ClusterArgs {
     /// are routed by the configuration it publishes.
     #[arg(long, value_delimiter = ',')]
     controller: Option<Vec<u64>>,
+}
+
+#[derive(Subcommand)]
+enum MapreduceCmd {
+    /// Plan a job over the keys under --input and coordinate it to the end
+    /// (a progress bar on stderr, a JSON summary on stdout).
+    Run {
+        /// Application: wc, indexer, grep:PATTERN (or a lab test app).
+        #[arg(long)]
+        app: String,
+        /// Input: every key with this prefix (or, with --input-end, the
+        /// keys in [INPUT, INPUT_END)).
+        #[arg(long)]
+        input: String,
+        /// Exclusive end of the input range (instead of a prefix).
+        #[arg(long)]
+        input_end: Option<String>,
+        /// Output keys: this prefix followed by each intermediate key.
+        #[arg(long)]
+        output: String,
+        /// Reduce partitions.
+        #[arg(long, default_value_t = 10)]
+        reduce: u32,
+        /// The job's name (its record's key); default: the output prefix.
+        #[arg(long)]
+        job: Option<String>,
+        /// Take over the stored job --job (after its coordinator died).
+        #[arg(long)]
+        resume: bool,
+        /// The coordinator's node id (certificate node-<id>.pem).
+        #[arg(long, default_value_t = 100)]
+        id: u64,
+        /// Where the coordinator listens.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        /// Scratch directory (also where spawned workers keep their runs).
+        #[arg(long, default_value = "./mapreduce-data")]
+        dir: PathBuf,
+        /// Target input bytes per map task.
+        #[arg(long, default_value_t = shoal_shard::mapreduce::runtime::SPLIT_BYTES_DEFAULT)]
+        split_bytes: u64,
+        /// Workers also write mr-out-<partition> files ("%v %v\n" lines).
+        #[arg(long)]
+        files: bool,
+        /// A task not finished this long is handed out again.
+        #[arg(long, default_value_t = shoal_shard::mapreduce::TASK_LEASE_MS_DEFAULT)]
+        task_lease_ms: u64,
+        /// Also start this many `shoal mapreduce worker` processes, with
+        /// node ids --id + 1, + 2, ...
+        #[arg(long, default_value_t = 0)]
+        workers: u64,
+    },
+    /// Work for a coordinator until its job is done.
+    Worker {
+        /// This worker's node id (certificate node-<id>.pem).
+        #[arg(long)]
+        id: u64,
+        /// Where it listens (reducers fetch map output here).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+        /// The coordinator: ID@HOST:PORT.
+        #[arg(long)]
+        coordinator: String,
+        /// Map output and received files.
+        #[arg(long, default_value = "./mapreduce-worker")]
+        dir: PathBuf,
+        /// Where mr-out-<partition> files go (jobs run with --files).
+        #[arg(long, default_value = ".")]
+        out_dir: PathBuf,
+        /// Exit after the coordinator was unreachable this long.
+        #[arg(long, default_value_t = shoal::mapreduce::WORKER_COORDINATOR_SILENCE_MS_DEFAULT)]
+        coordinator_silence_ms: u64,
+    },
+    /// Print a stored job's progress as one JSON line.
+    Status {
+        /// The job's name.
+        #[arg(long)]
+        job: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -358,6 +458,18 @@ fn main() -> Result<()> {
             })
         }
         Cmd::Client { cluster } => run_client(&cluster),
+        Cmd::Load {
+            cluster,
+            prefix,
+            files,
+        } => with_client(&cluster, |client| async move {
+            let summary = shoal::mapreduce::load(&client, &prefix, &files).await?;
+            let mut json = serde_json::to_value(summary)?;
+            json["ok"] = true.into();
+            println!("{json}");
+            Ok(())
+        }),
+        Cmd::Mapreduce { cluster, command } => mapreduce(&cluster, command),
         Cmd::Shard { cluster, command } => shard_admin(&cluster, command),
         Cmd::Get { cluster, key } => one_shot(&cluster, jsonl::Request::Get { key }),
         Cmd::Put {
@@ -686,4 +798,166 @@ fn demo(dir: &Path, kills: u32, seed: u64) -> Result<()> {
     println!("\nEvery acknowledged entry survived {kills} SIGKILLs; the state machine always equalled a replay of the log.");
     println!("Data is in {}.", dir.display());
     Ok(())
+}
+
+/// Runs `f` with a client of the cluster on a multi-threaded runtime, then
+/// closes the client.
+fn with_client<F, Fut>(args: &ClusterArgs, f: F) -> Result<()>
+where
+    F: FnOnce(cluster::Client) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let members = cluster::parse_members(&args.cluster)?;
+    let options = ClientOptions {
+        name: args.name.clone(),
+        op_deadline: std::time::Duration::from_millis(args.timeout_ms),
+        controller: args.controller.clone(),
+        ..ClientOptions::default()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let client = cluster::Client::connect_with(&members, &args.tls, options)?;
+        let outcome = f(client.clone()).await;
+        client.close().await;
+        outcome
+    })
+}
+
+/// `shoal mapreduce run | worker | status`.
+fn mapreduce(args: &ClusterArgs, command: MapreduceCmd) -> Result<()> {
+    use shoal::mapreduce as mr;
+    use shoal_shard::mapreduce::{JobConfig, JobSpec, KeyRange};
+    match command {
+        MapreduceCmd::Run {
+            app,
+            input,
+            input_end,
+            output,
+            reduce,
+            job,
+            resume,
+            id,
+            listen,
+            dir,
+            split_bytes,
+            files,
+            task_lease_ms,
+            workers,
+        } => {
+            let range = match input_end {
+                Some(end) => KeyRange::new(input.into_bytes(), end.into_bytes()),
+                None => KeyRange::prefix(input.as_bytes()),
+            };
+            let name = job.unwrap_or_else(|| output.clone());
+            let options = mr::RunOptions {
+                job: shoal_shard::mapreduce::runtime::JobOptions {
+                    name,
+                    app,
+                    spec: JobSpec {
+                        input: range,
+                        output_prefix: output.into_bytes(),
+                        reduce_count: reduce,
+                    },
+                    config: JobConfig {
+                        task_lease_ms,
+                        ..JobConfig::default()
+                    },
+                    split_bytes,
+                    write_files: files,
+                },
+                resume,
+                id,
+                listen,
+                tls_dir: args.tls.clone(),
+                dir: dir.clone(),
+                progress_bar: true,
+            };
+            std::fs::create_dir_all(&dir)?;
+            let children = std::sync::Mutex::new(Vec::new());
+            let children_ref = &children;
+            let spawned = with_client(args, |client| async move {
+                let (progress, secs) = mr::run(&client, &options, |addr| {
+                    eprintln!("coordinator {id} listening on {addr}");
+                    for w in 1..=workers {
+                        let worker_dir = dir.join(format!("worker-{}", id + w));
+                        let spawned = Process::new(std::env::current_exe().expect("own path"))
+                            .args(["mapreduce", "--cluster", &args.cluster, "--tls"])
+                            .arg(&args.tls)
+                            .args(["--name", &args.name])
+                            .args(args.controller.as_ref().map(|c| {
+                                let list: Vec<String> = c.iter().map(u64::to_string).collect();
+                                format!("--controller={}", list.join(","))
+                            }))
+                            .args(["worker", "--id", &(id + w).to_string()])
+                            .arg(format!("--coordinator={id}@{addr}"))
+                            .arg("--dir")
+                            .arg(&worker_dir)
+                            .arg("--out-dir")
+                            .arg(&dir)
+                            .stdout(Stdio::null())
+                            .spawn();
+                        match spawned {
+                            Ok(child) => children_ref.lock().expect("children").push(child),
+                            Err(e) => eprintln!("could not start worker {}: {e}", id + w),
+                        }
+                    }
+                })
+                .await?;
+                let mb = progress.bytes_read as f64 / 1e6;
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "ok": true,
+                        "maps": progress.maps,
+                        "reduces": progress.reduces,
+                        "attempts": progress.attempts,
+                        "bytes_read": progress.bytes_read,
+                        "secs": secs,
+                        "mb_per_s": mb / secs.max(1e-9),
+                    })
+                );
+                Ok(())
+            });
+            for mut child in children.into_inner().expect("children") {
+                let _ = child.wait();
+            }
+            spawned
+        }
+        MapreduceCmd::Worker {
+            id,
+            listen,
+            coordinator,
+            dir,
+            out_dir,
+            coordinator_silence_ms,
+        } => {
+            let options = mr::WorkerRunOptions {
+                id,
+                listen,
+                tls_dir: args.tls.clone(),
+                coordinator: mr::parse_endpoint(&coordinator)?,
+                dir,
+                out_dir,
+                coordinator_silence_ms,
+            };
+            with_client(args, |client| async move {
+                let summary = mr::work(&client, &options).await?;
+                eprintln!(
+                    "worker {id} done: {} maps, {} reduces, {} failed attempts",
+                    summary.maps, summary.reduces, summary.failures
+                );
+                Ok(())
+            })
+        }
+        MapreduceCmd::Status { job } => with_client(args, |client| async move {
+            let progress = mr::status(&client, &job).await?;
+            let mut json = serde_json::to_value(progress)?;
+            json["ok"] = true.into();
+            println!("{json}");
+            Ok(())
+        }),
+    }
 }

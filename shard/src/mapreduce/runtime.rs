@@ -695,6 +695,9 @@ pub struct WorkerOptions {
     pub dir: PathBuf,
     /// Where `mr-out-<partition>` files go when the job asks for them.
     pub out_dir: PathBuf,
+    /// Exit once the coordinator was unreachable this long (at most
+    /// [`COORDINATOR_SILENCE_MS_MAX`]).
+    pub coordinator_silence_ms: u64,
 }
 
 /// What a worker did before it exited.
@@ -825,7 +828,11 @@ impl<T: WorkerTransport + Clone, C: RpcCaller<KvProtocol>> Worker<T, C> {
                 Ok(response) => return Ok(response),
                 Err(e) => {
                     let silence = silent_since.elapsed();
-                    if silence >= Duration::from_millis(COORDINATOR_SILENCE_MS_MAX) {
+                    let limit = self
+                        .options
+                        .coordinator_silence_ms
+                        .min(COORDINATOR_SILENCE_MS_MAX);
+                    if silence >= Duration::from_millis(limit) {
                         return Err(MrError::CoordinatorSilent(silence));
                     }
                     tracing::debug!(error = %e, "coordinator unreachable; retrying");
@@ -1199,6 +1206,7 @@ pub async fn run_in_process<C: RpcCaller<KvProtocol>>(
             coordinator: coordinator_id,
             dir: dir.join(format!("worker-{}", id.0)),
             out_dir: dir.to_path_buf(),
+            coordinator_silence_ms: COORDINATOR_SILENCE_MS_MAX,
         };
         tasks.spawn(work(node, inbox, clients.clone(), apps.clone(), options));
     }
