@@ -70,6 +70,36 @@ pub fn init(dir: &Path, nodes: &[u64], clients: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Issues certificates for more nodes and clients with the CA in `dir`
+/// (its `ca-key.pem`). Refuses to overwrite an existing certificate.
+pub fn add(dir: &Path, nodes: &[u64], clients: &[String]) -> Result<()> {
+    if nodes.contains(&0) {
+        bail!("node ids start at 1 (0 means \"nobody\" to Raft)");
+    }
+    let key_path = dir.join("ca-key.pem");
+    let key = std::fs::read_to_string(&key_path)
+        .with_context(|| format!("reading the CA key {}", key_path.display()))?;
+    let ca = ClusterCa::from_pem(&key)?;
+    let peers = nodes
+        .iter()
+        .map(|&id| Peer::Node(NodeId(id)))
+        .chain(clients.iter().map(|name| Peer::Client(name.clone())));
+    for peer in peers {
+        let cert = dir.join(format!("{}.pem", stem(&peer)));
+        if cert.exists() {
+            bail!("{} exists; refusing to overwrite it", cert.display());
+        }
+        let identity = match &peer {
+            Peer::Node(id) => ca.issue_node(*id)?,
+            Peer::Client(name) => ca
+                .issue_client(name)
+                .with_context(|| format!("client name {name:?}"))?,
+        };
+        write_identity(dir, &peer, &identity)?;
+    }
+    Ok(())
+}
+
 /// Loads `peer`'s identity (certificate, key, CA) from `dir`.
 pub fn load(dir: &Path, peer: &Peer) -> Result<Identity> {
     let stem = stem(peer);

@@ -399,6 +399,26 @@ enum CertsCmd {
         #[arg(long, value_delimiter = ',', default_value = "client,admin")]
         clients: Vec<String>,
     },
+    /// Issue certificates for more nodes (e.g. MapReduce workers) with the
+    /// CA of an existing directory.
+    AddNode {
+        /// The certificate directory (holding ca-key.pem).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Node ids.
+        #[arg(required = true, value_delimiter = ',')]
+        ids: Vec<u64>,
+    },
+    /// Issue certificates for more clients with the CA of an existing
+    /// directory.
+    AddClient {
+        /// The certificate directory (holding ca-key.pem).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Client names (`[a-z0-9-]`).
+        #[arg(required = true, value_delimiter = ',')]
+        names: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -426,6 +446,20 @@ fn main() -> Result<()> {
         } => {
             shoal::certs::init(&out, &nodes, &clients)?;
             println!("wrote a cluster CA and certificates for nodes {nodes:?} and clients {clients:?} to {}", out.display());
+            Ok(())
+        }
+        Cmd::Certs {
+            command: CertsCmd::AddNode { dir, ids },
+        } => {
+            shoal::certs::add(&dir, &ids, &[])?;
+            println!("wrote certificates for nodes {ids:?} to {}", dir.display());
+            Ok(())
+        }
+        Cmd::Certs {
+            command: CertsCmd::AddClient { dir, names },
+        } => {
+            shoal::certs::add(&dir, &[], &names)?;
+            println!("wrote certificates for clients {names:?} to {}", dir.display());
             Ok(())
         }
         Cmd::Node {

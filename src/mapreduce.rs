@@ -29,6 +29,10 @@ use crate::cluster::Client;
 /// Files larger than this are stored as several keys, cut at line ends.
 pub const LOAD_CHUNK_BYTES_MAX: usize = 1 << 20;
 
+/// Idle time after which a MapReduce endpoint gives up a transfer or a
+/// dial (a dead worker is noticed this fast).
+pub const IO_TIMEOUT_MS: u64 = 3_000;
+
 /// Puts in flight while loading.
 pub const LOAD_PUTS_INFLIGHT_MAX: usize = 16;
 
@@ -126,6 +130,9 @@ pub fn bind(
     let identity = crate::certs::load(tls_dir, &Peer::Node(NodeId(id)))?;
     let mut config = NodeConfig::new(NodeId(id), listen, HashMap::new(), files_dir);
     config.members_open = true;
+    // A worker that died is given up on after this, not the default 10 s:
+    // its runs are then recomputed elsewhere.
+    config.limits.io_timeout_ms = IO_TIMEOUT_MS;
     Ok(QuicNode::bind(config, &identity)?)
 }
 

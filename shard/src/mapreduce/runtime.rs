@@ -74,6 +74,11 @@ pub const WAIT_MS: u64 = 200;
 /// A worker that cannot reach its coordinator for this long exits.
 pub const COORDINATOR_SILENCE_MS_MAX: u64 = 60_000;
 
+/// Deadline of one call to the coordinator: long, because a retried task
+/// request whose answer was lost leaves an attempt orphaned until its
+/// lease runs out.
+pub const COORDINATOR_CALL_DEADLINE_MS: u64 = 10_000;
+
 /// Longest wait for one run to be sent by its holder.
 pub const FETCH_DEADLINE_MS: u64 = 30_000;
 
@@ -822,7 +827,11 @@ impl<T: WorkerTransport + Clone, C: RpcCaller<KvProtocol>> Worker<T, C> {
         loop {
             match self
                 .node
-                .call(self.options.coordinator, request.clone())
+                .call_with_deadline(
+                    self.options.coordinator,
+                    request.clone(),
+                    Duration::from_millis(COORDINATOR_CALL_DEADLINE_MS),
+                )
                 .await
             {
                 Ok(response) => return Ok(response),
