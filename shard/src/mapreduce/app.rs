@@ -30,6 +30,35 @@ pub trait MapReduceApp: Send + Sync {
     /// value. `values` yields them in no promised order (an app that needs
     /// one sorts them, as [`Indexer`] does) and is never empty.
     fn reduce(&self, key: &[u8], values: &mut dyn Iterator<Item = &[u8]>) -> Vec<u8>;
+
+    /// Whether [`Self::combine`] is a combiner (the MapReduce paper's
+    /// §4.3). Default: no.
+    fn has_combiner(&self) -> bool {
+        false
+    }
+
+    /// The combiner, called on the map side only when
+    /// [`Self::has_combiner`]: merges values a map task emitted for `key`
+    /// into one, to shrink its runs. It must keep `reduce(k, [combine(k,
+    /// vs)] ++ rest) == reduce(k, vs ++ rest)`, as summing counts does.
+    /// `None` keeps the values as they are.
+    fn combine(&self, key: &[u8], values: &mut dyn Iterator<Item = &[u8]>) -> Option<Vec<u8>> {
+        let _ = (key, values);
+        None
+    }
+}
+
+/// Sums values written as decimal integers (a value that is not one
+/// counts as 0).
+fn sum_decimal(values: &mut dyn Iterator<Item = &[u8]>) -> u64 {
+    values
+        .map(|v| {
+            std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
 }
 
 /// The built-in app called `name`, or `None` if there is none.
@@ -60,7 +89,9 @@ fn words(text: &[u8]) -> impl Iterator<Item = &[u8]> {
 
 /// Word count, as the lab's `wc`: map emits `(word, "1")` for every word of
 /// the value (words are maximal runs of ASCII letters, case kept); reduce
-/// outputs the number of values in decimal.
+/// outputs the sum of the values in decimal (the number of values, as the
+/// lab's, since map emits ones), which lets the combiner pre-sum a map
+/// task's counts.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WordCount;
 
@@ -72,7 +103,15 @@ impl MapReduceApp for WordCount {
     }
 
     fn reduce(&self, _key: &[u8], values: &mut dyn Iterator<Item = &[u8]>) -> Vec<u8> {
-        values.count().to_string().into_bytes()
+        sum_decimal(values).to_string().into_bytes()
+    }
+
+    fn has_combiner(&self) -> bool {
+        true
+    }
+
+    fn combine(&self, _key: &[u8], values: &mut dyn Iterator<Item = &[u8]>) -> Option<Vec<u8>> {
+        Some(sum_decimal(values).to_string().into_bytes())
     }
 }
 

@@ -35,16 +35,55 @@ where
         "map_task: the reduce count must be positive"
     );
     let mut runs: Vec<Run> = vec![Vec::new(); reduce_count as usize];
+    // With a combiner, a run is sorted and combined whenever it doubles
+    // past its last combined size, so memory follows the distinct keys,
+    // not the emitted pairs.
+    let combines = app.has_combiner();
+    let mut combined_len = vec![COMBINE_PAIRS_MIN; reduce_count as usize];
     for (key, value) in inputs {
         app.map(key.as_ref(), value.as_ref(), &mut |k, v| {
-            runs[partition(k, reduce_count) as usize].push((k.to_vec(), v.to_vec()));
+            let p = partition(k, reduce_count) as usize;
+            runs[p].push((k.to_vec(), v.to_vec()));
+            if combines && runs[p].len() >= 2 * combined_len[p] {
+                sort_and_combine(app, &mut runs[p]);
+                combined_len[p] = runs[p].len().max(COMBINE_PAIRS_MIN);
+            }
         });
     }
     for run in &mut runs {
-        // Stable: values of a key keep their emission order.
-        run.sort_by(|a, b| a.0.cmp(&b.0));
+        if combines {
+            sort_and_combine(app, run);
+        } else {
+            // Stable: values of a key keep their emission order.
+            run.sort_by(|a, b| a.0.cmp(&b.0));
+        }
     }
     runs
+}
+
+/// A run is combined once it holds at least this many pairs.
+const COMBINE_PAIRS_MIN: usize = 4096;
+
+/// Sorts `run` by key and replaces each key's values by the combiner's one.
+fn sort_and_combine(app: &dyn MapReduceApp, run: &mut Run) {
+    run.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut out: Run = Vec::with_capacity(run.len() / 2);
+    let mut rest = run.as_slice();
+    while let Some((first, _)) = rest.first() {
+        let same = rest.iter().take_while(|(key, _)| key == first).count();
+        let (group, tail) = rest.split_at(same);
+        if same == 1 {
+            out.push(group[0].clone());
+        } else {
+            let mut values = group.iter().map(|(_, value)| value.as_slice());
+            match app.combine(first, &mut values) {
+                Some(value) => out.push((first.clone(), value)),
+                None => out.extend_from_slice(group),
+            }
+        }
+        rest = tail;
+    }
+    *run = out;
 }
 
 /// Reduces one partition from the runs of every map task (in map task
@@ -181,6 +220,19 @@ mod tests {
 
     /// Goal: runs are partitioned by the contract hash and sorted, with
     /// equal keys in emission order, and the reduce groups across runs.
+    #[test]
+    fn combiner_shrinks_runs_and_keeps_the_result() {
+        let wc = app_by_name("wc").unwrap();
+        let text = "b a b c ".repeat(5_000);
+        let runs = map_task(wc.as_ref(), [("k", text.as_str())], 2);
+        let pairs: usize = runs.iter().map(Vec::len).sum();
+        assert_eq!(pairs, 3, "one pair per distinct word: {runs:?}");
+        let reduced: BTreeMap<Vec<u8>, Vec<u8>> =
+            reduce_task(wc.as_ref(), runs).into_iter().collect();
+        assert_eq!(reduced, run_sequential(wc.as_ref(), [("k", text.as_str())]));
+        assert_eq!(reduced[&b"b".to_vec()], b"10000");
+    }
+
     #[test]
     fn map_runs_are_partitioned_and_sorted() {
         let wc = app_by_name("wc").unwrap();
