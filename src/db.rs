@@ -46,7 +46,11 @@ use shoal_net::mem::{MemClient, MemConfig, MemNetwork};
 use shoal_net::NodeId;
 use shoal_shard::node::{Node, NodeConfig, NodeError, NodeHandle};
 use shoal_shard::protocol::KvProtocol;
+use shoal_shard::mapreduce::runtime::{self, AppResolver, ClientFactory, JobOptions, MrError};
+use shoal_shard::mapreduce::wire::JobProgress;
+use shoal_shard::mapreduce::{JobConfig, JobSpec, KeyRange, MapReduceApp};
 use shoal_shard::{ClientConfig, ClientError};
+use std::sync::Arc;
 
 /// The node id of the one member of an embedded database's group.
 const DB_NODE_ID: u64 = 1;
@@ -112,6 +116,9 @@ pub enum DbError {
     /// An I/O error outside the engine (creating the directory, runtime).
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// A MapReduce job was refused or failed.
+    #[error("mapreduce: {0}")]
+    MapReduce(#[from] MrError),
 }
 
 impl From<ClientError> for DbError {
@@ -133,6 +140,7 @@ impl From<ClientError> for DbError {
 #[derive(Debug, Clone)]
 pub struct AsyncDb {
     client: shoal_shard::Client<MemClient<KvProtocol>>,
+    caller: MemClient<KvProtocol>,
 }
 
 impl AsyncDb {
@@ -186,6 +194,83 @@ impl AsyncDb {
     ) -> Result<Vec<(Bytes, Versioned)>, DbError> {
         Ok(self.client.scan(start, end, limit).await?)
     }
+
+    /// Runs a MapReduce job over this database's keys in this process:
+    /// `job.workers` workers and a coordinator on threads, the input read
+    /// at one snapshot, the output written under the job's output prefix
+    /// (see `shoal_shard::mapreduce::runtime` for the guarantees). The job
+    /// record is kept under `__shoal/mapreduce/<name>`. Returns the final
+    /// progress.
+    pub async fn mapreduce(
+        &self,
+        job: &MapReduceJob,
+        app: Arc<dyn MapReduceApp>,
+    ) -> Result<JobProgress, DbError> {
+        let caller = self.caller.clone();
+        let clients: ClientFactory<MemClient<KvProtocol>> = Arc::new(move || {
+            shoal_shard::Client::new(
+                caller.clone(),
+                vec![NodeId(DB_NODE_ID)],
+                ClientConfig::new(crate::cluster::fresh_client_id()),
+            )
+        });
+        let app_name = job.options.app.clone();
+        let apps: AppResolver =
+            Arc::new(move |name: &str| (name == app_name).then(|| app.clone()));
+        std::fs::create_dir_all(&job.dir)?;
+        let (progress, _) = tokio::sync::watch::channel(JobProgress::default());
+        Ok(runtime::run_in_process(
+            clients,
+            &job.options,
+            apps,
+            job.workers,
+            &job.dir,
+            progress,
+        )
+        .await?)
+    }
+}
+
+/// A MapReduce job for [`Db::mapreduce`].
+#[derive(Debug, Clone)]
+pub struct MapReduceJob {
+    /// Name, app name (any; it names the app passed in), input range,
+    /// output prefix, reduce count, leases, split size.
+    pub options: JobOptions,
+    /// Worker threads' count.
+    pub workers: u32,
+    /// Scratch directory for map output (and `mr-out-*` files if asked).
+    pub dir: PathBuf,
+}
+
+impl MapReduceJob {
+    /// A job named `name` over the keys under `input`, writing under
+    /// `output`, with `reduce_count` partitions, 2 workers, and scratch
+    /// space in `dir`.
+    pub fn new(
+        name: &str,
+        input: &[u8],
+        output: &[u8],
+        reduce_count: u32,
+        dir: impl AsRef<Path>,
+    ) -> MapReduceJob {
+        MapReduceJob {
+            options: JobOptions {
+                name: name.to_string(),
+                app: "app".into(),
+                spec: JobSpec {
+                    input: KeyRange::prefix(input),
+                    output_prefix: output.to_vec(),
+                    reduce_count,
+                },
+                config: JobConfig::default(),
+                split_bytes: runtime::SPLIT_BYTES_DEFAULT,
+                write_files: false,
+            },
+            workers: 2,
+            dir: dir.as_ref().to_path_buf(),
+        }
+    }
 }
 
 /// An embedded Shoal database (see the module docs). Blocking: each call
@@ -224,7 +309,7 @@ impl Db {
                     source,
                 }
             })?;
-        let (node, client) = runtime.block_on(async {
+        let (node, client, caller) = runtime.block_on(async {
             let mut net_config = MemConfig::with_seed(DB_NODE_ID);
             net_config.files_dir = dir.join("net-files");
             let net = MemNetwork::<KvProtocol>::new(net_config);
@@ -239,17 +324,18 @@ impl Db {
             let node = Node::start(config, engine, transport, inbox)?;
             // A fresh session id every open: the session table is durable,
             // and sequence numbers restart at 1 with each client.
+            let caller = net.add_client("db");
             let client = shoal_shard::Client::new(
-                net.add_client("db"),
+                caller.clone(),
                 vec![NodeId(DB_NODE_ID)],
                 ClientConfig::new(crate::cluster::fresh_client_id()),
             );
-            Ok::<_, DbError>((node, client))
+            Ok::<_, DbError>((node, client, caller))
         })?;
         let db = Db {
             runtime: Some(runtime),
             node: Some(node),
-            db: AsyncDb { client },
+            db: AsyncDb { client, caller },
             dir,
         };
         db.wait_until_leader()?;
@@ -332,6 +418,27 @@ impl Db {
         limit: u64,
     ) -> Result<Vec<(Bytes, Versioned)>, DbError> {
         self.block_on(self.db.scan(start, end, limit))
+    }
+
+    /// Runs a MapReduce job over this database's keys in this process (see
+    /// [`AsyncDb::mapreduce`]).
+    ///
+    /// ```no_run
+    /// use std::sync::Arc;
+    /// let db = shoal::Db::open("./my-data")?;
+    /// db.put("doc/1", "a b a")?;
+    /// let job = shoal::db::MapReduceJob::new("wc", b"doc/", b"count/", 4, "./mr-scratch");
+    /// let wc = Arc::new(shoal::shard::mapreduce::WordCount);
+    /// db.mapreduce(&job, wc)?;
+    /// assert_eq!(db.get("count/a")?.value, "2");
+    /// # Ok::<(), shoal::DbError>(())
+    /// ```
+    pub fn mapreduce(
+        &self,
+        job: &MapReduceJob,
+        app: Arc<dyn MapReduceApp>,
+    ) -> Result<JobProgress, DbError> {
+        self.block_on(self.db.mapreduce(job, app))
     }
 
     /// Shuts the database down cleanly: the node answers every waiting

@@ -35,7 +35,7 @@ pub mod mapreduce;
 pub mod sharding;
 
 pub use cluster::{BlockingClient, Client, ClientError, ConnectError};
-pub use db::{AsyncDb, Db, DbError, DbOptions};
+pub use db::{AsyncDb, Db, DbError, DbOptions, MapReduceJob};
 
 pub use shoal_consensus as consensus;
 pub use shoal_engine as engine;

@@ -52,7 +52,7 @@ use super::coordinator::{Assignment, Finish, JobConfig, JobTable, TaskRef, TaskS
 use super::plan::{split_range, JobSpec, KeyRange, PlanError, ShardInput};
 use super::wire::{
     encode_run, read_run, write_atomically, JobHeader, JobProgress, MrProtocol,
-    MrRequest, MrResponse, RunId, RunSource, TaskReply, WorkerHello,
+    MrRequest, MrResponse, PhaseTimes, RunId, RunSource, TaskReply, WorkerHello,
 };
 use super::worker::{map_task, reduce_task, Run};
 use crate::client::{Client, ClientError, PinnedShard};
@@ -143,6 +143,8 @@ pub struct JobRecord {
     pub bytes_total: u64,
     /// Attempts handed out.
     pub attempts: u64,
+    /// Where the winning attempts' time went.
+    pub times: PhaseTimes,
     /// Running, done or failed.
     pub state: JobState,
 }
@@ -163,6 +165,7 @@ impl JobRecord {
             bytes_read: self.bytes_read,
             bytes_total: self.bytes_total,
             attempts: self.attempts,
+            times: self.times,
             finished: self.state != JobState::Running,
             failure: match &self.state {
                 JobState::Failed(why) => Some(why.clone()),
@@ -316,6 +319,7 @@ pub async fn plan_job<C: RpcCaller<KvProtocol>>(
                 bytes_read: 0,
                 bytes_total,
                 attempts: 0,
+                times: PhaseTimes::default(),
                 state: JobState::Running,
             }
         }
@@ -525,6 +529,7 @@ impl<C: RpcCaller<KvProtocol>> Coordinator<C> {
                 task,
                 attempt,
                 bytes_read,
+                times,
             } => {
                 self.register(hello);
                 let location = postcard::to_stdvec(&RunSource {
@@ -541,6 +546,7 @@ impl<C: RpcCaller<KvProtocol>> Coordinator<C> {
                     Ok(finish) => {
                         if finish == Finish::Accepted {
                             self.record.bytes_read += bytes_read;
+                            self.record.times.add(&times);
                         }
                         self.save().await?;
                         Ok(MrResponse::Ack)
@@ -552,12 +558,16 @@ impl<C: RpcCaller<KvProtocol>> Coordinator<C> {
                 hello,
                 partition,
                 attempt,
+                times,
             } => match self
                 .record
                 .table
                 .reduce_finished(hello.worker(), partition, attempt)
             {
-                Ok(_) => {
+                Ok(finish) => {
+                    if finish == Finish::Accepted {
+                        self.record.times.add(&times);
+                    }
                     self.finish_if_done();
                     self.save().await?;
                     Ok(MrResponse::Ack)
@@ -862,7 +872,7 @@ impl<T: WorkerTransport + Clone, C: RpcCaller<KvProtocol>> Worker<T, C> {
                 tokio::time::sleep(Duration::from_millis(WAIT_MS)).await;
                 continue;
             };
-            let (task_ref, attempt, outcome) = match task {
+            let (task_ref, attempt, outcome): (_, _, Result<(u64, PhaseTimes), AttemptError>) = match task {
                 TaskReply::Done => break,
                 TaskReply::Wait { ms } => {
                     tokio::time::sleep(Duration::from_millis(ms.min(10 * WAIT_MS))).await;
@@ -887,25 +897,27 @@ impl<T: WorkerTransport + Clone, C: RpcCaller<KvProtocol>> Worker<T, C> {
                 } => {
                     jobs_seen.push(header.job);
                     let outcome = self.reduce(&header, partition, &sources).await;
-                    (TaskRef::Reduce(partition), attempt, outcome.map(|()| 0))
+                    (TaskRef::Reduce(partition), attempt, outcome.map(|t| (0, t)))
                 }
             };
             let report = match (task_ref, outcome) {
-                (TaskRef::Map(task), Ok(bytes_read)) => {
+                (TaskRef::Map(task), Ok((bytes_read, times))) => {
                     summary.maps += 1;
                     MrRequest::MapDone {
                         hello,
                         task,
                         attempt,
                         bytes_read,
+                        times,
                     }
                 }
-                (TaskRef::Reduce(partition), Ok(_)) => {
+                (TaskRef::Reduce(partition), Ok((_, times))) => {
                     summary.reduces += 1;
                     MrRequest::ReduceDone {
                         hello,
                         partition,
                         attempt,
+                        times,
                     }
                 }
                 (task, Err(AttemptError::Failed(reason))) => {
@@ -938,7 +950,7 @@ impl<T: WorkerTransport + Clone, C: RpcCaller<KvProtocol>> Worker<T, C> {
     }
 
     /// Reads the split at the pin, maps it and stores one run per
-    /// partition. Returns the input bytes read.
+    /// partition. Returns the input bytes read and the time spent.
     async fn map(
         &self,
         header: &JobHeader,
@@ -946,8 +958,10 @@ impl<T: WorkerTransport + Clone, C: RpcCaller<KvProtocol>> Worker<T, C> {
         attempt: u32,
         range: &KeyRange,
         pin: &PinnedShard,
-    ) -> Result<u64, AttemptError> {
+    ) -> Result<(u64, PhaseTimes), AttemptError> {
         let app = self.app(header)?;
+        let mut times = PhaseTimes::default();
+        let started = Instant::now();
         let db = (self.clients)();
         let mut pairs: Vec<(Bytes, Bytes)> = Vec::new();
         let mut bytes_read = 0u64;
@@ -967,6 +981,8 @@ impl<T: WorkerTransport + Clone, C: RpcCaller<KvProtocol>> Worker<T, C> {
                 None => break,
             }
         }
+        times.read_ms = elapsed_ms(started);
+        let started = Instant::now();
         let dir = self.options.dir.clone();
         let reduce_count = header.reduce_count;
         let job = header.job;
@@ -985,7 +1001,8 @@ impl<T: WorkerTransport + Clone, C: RpcCaller<KvProtocol>> Worker<T, C> {
             Ok(())
         })
         .await?;
-        Ok(bytes_read)
+        times.map_ms = elapsed_ms(started);
+        Ok((bytes_read, times))
     }
 
     fn app(&self, header: &JobHeader) -> Result<Arc<dyn MapReduceApp>, AttemptError> {
@@ -1036,8 +1053,10 @@ impl<T: WorkerTransport + Clone, C: RpcCaller<KvProtocol>> Worker<T, C> {
         header: &JobHeader,
         partition: u32,
         sources: &[RunSource],
-    ) -> Result<(), AttemptError> {
+    ) -> Result<PhaseTimes, AttemptError> {
         let app = self.app(header)?;
+        let mut times = PhaseTimes::default();
+        let started = Instant::now();
         let mut runs: Vec<Option<Run>> = vec![None; sources.len()];
         for (chunk_index, chunk) in sources.chunks(FETCHES_INFLIGHT_MAX).enumerate() {
             let fetches = chunk.iter().map(|source| {
@@ -1055,9 +1074,15 @@ impl<T: WorkerTransport + Clone, C: RpcCaller<KvProtocol>> Worker<T, C> {
             }
         }
         let runs: Vec<Run> = runs.into_iter().map(|r| r.unwrap_or_default()).collect();
+        times.shuffle_ms = elapsed_ms(started);
+        let started = Instant::now();
         let reducer = app.clone();
         let output = blocking(move || Ok(reduce_task(reducer.as_ref(), runs))).await?;
-        self.write_output(header, partition, output).await
+        times.reduce_ms = elapsed_ms(started);
+        let started = Instant::now();
+        self.write_output(header, partition, output).await?;
+        times.write_ms = elapsed_ms(started);
+        Ok(times)
     }
 
     async fn write_output(
@@ -1119,6 +1144,10 @@ async fn read_run_blocking(path: PathBuf, remove: bool) -> Result<Run, String> {
     })
     .await
     .map_err(|e| e.to_string())?
+}
+
+fn elapsed_ms(since: Instant) -> u64 {
+    since.elapsed().as_millis() as u64
 }
 
 /// Runs `work` on the blocking pool; a panic (an app's) becomes an error.

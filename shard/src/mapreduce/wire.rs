@@ -108,6 +108,33 @@ pub struct JobHeader {
     pub write_files: bool,
 }
 
+/// Where a job's time went, summed over the winning attempts, in
+/// milliseconds of worker time (two workers busy for 1 s add 2 000).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseTimes {
+    /// Reading map input at the snapshot.
+    pub read_ms: u64,
+    /// Running map (and the combiner) and storing runs.
+    pub map_ms: u64,
+    /// Fetching runs from their holders.
+    pub shuffle_ms: u64,
+    /// Running reduce.
+    pub reduce_ms: u64,
+    /// Writing the output into the database (and files).
+    pub write_ms: u64,
+}
+
+impl PhaseTimes {
+    /// Adds `other` to these.
+    pub fn add(&mut self, other: &PhaseTimes) {
+        self.read_ms += other.read_ms;
+        self.map_ms += other.map_ms;
+        self.shuffle_ms += other.shuffle_ms;
+        self.reduce_ms += other.reduce_ms;
+        self.write_ms += other.write_ms;
+    }
+}
+
 /// A call to a coordinator or a worker.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum MrRequest {
@@ -126,6 +153,8 @@ pub enum MrRequest {
         attempt: u32,
         /// Input bytes it read.
         bytes_read: u64,
+        /// Where its time went.
+        times: PhaseTimes,
     },
     /// Worker → coordinator: reduce attempt finished; its output is
     /// written and durable.
@@ -136,6 +165,8 @@ pub enum MrRequest {
         partition: u32,
         /// Attempt.
         attempt: u32,
+        /// Where its time went.
+        times: PhaseTimes,
     },
     /// Worker → coordinator: the attempt failed (app panic, I/O, input
     /// snapshot gone).
@@ -222,6 +253,8 @@ pub struct JobProgress {
     pub bytes_total: u64,
     /// Attempts handed out in all (more than tasks: re-runs and backups).
     pub attempts: u64,
+    /// Where the winning attempts' time went.
+    pub times: PhaseTimes,
     /// The job finished (every output final) or failed.
     pub finished: bool,
     /// Why it failed, if it did.
