@@ -20,6 +20,8 @@
 //!   process (the demo, the load generator).
 //! - [`mapreduce`]: `shoal load` and `shoal mapreduce` (jobs over the
 //!   stored keys; the runtime is `shard::mapreduce`).
+//! - [`mrbench`]: `shoal bench-mapreduce` (word count: the job against
+//!   a sequential run and coreutils).
 //! - [`bench`]: the load generator behind `shoal bench` (Shoal and etcd).
 //! - [`crashtest`]: the deterministic crash workload behind `shoal demo --engine`
 //!   and the crash tests.
@@ -32,6 +34,7 @@ pub mod db;
 pub mod jsonl;
 pub mod local_cluster;
 pub mod mapreduce;
+pub mod mrbench;
 pub mod sharding;
 
 pub use cluster::{BlockingClient, Client, ClientError, ConnectError};

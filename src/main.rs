@@ -211,6 +211,26 @@ enum Cmd {
         #[command(subcommand)]
         command: MapreduceCmd,
     },
+    /// Word count over generated text: a MapReduce job on a local cluster
+    /// against the same code run sequentially and against
+    /// tr | sort | uniq -c, alternating in rounds.
+    BenchMapreduce {
+        /// Working directory (wiped first).
+        #[arg(long, default_value = "./bench-mr")]
+        dir: PathBuf,
+        /// Text to generate, MiB.
+        #[arg(long, default_value_t = 256)]
+        mib: u64,
+        /// Rounds.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Worker processes.
+        #[arg(long, default_value_t = 2)]
+        workers: u64,
+        /// Reduce partitions.
+        #[arg(long, default_value_t = 8)]
+        reduce: u32,
+    },
     /// Ask every node for its status: one JSON line per node,
     /// {"id","role","term","leader","commit","applied","pid"} (the status
     /// file's schema) or {"id","error"}; exits 1 if no node answered.
@@ -504,6 +524,23 @@ fn main() -> Result<()> {
             Ok(())
         }),
         Cmd::Mapreduce { cluster, command } => mapreduce(&cluster, command),
+        Cmd::BenchMapreduce {
+            dir,
+            mib,
+            rounds,
+            workers,
+            reduce,
+        } => {
+            shoal::mrbench::run(&shoal::mrbench::MrBenchOptions {
+                exe: std::env::current_exe()?,
+                dir,
+                mib,
+                rounds,
+                workers,
+                reduce,
+            })?;
+            Ok(())
+        }
         Cmd::Shard { cluster, command } => shard_admin(&cluster, command),
         Cmd::Get { cluster, key } => one_shot(&cluster, jsonl::Request::Get { key }),
         Cmd::Put {
