@@ -959,4 +959,3 @@ impl<C: RpcCaller<KvProtocol>> BlockingClient<C> {
         self.runtime.block_on(self.client.scan(start, end, limit))
     }
 }
-pub use crate::pin_shim::PinnedShard;

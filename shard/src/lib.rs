@@ -54,7 +54,6 @@
 //! ```
 
 pub mod client;
-mod pin_shim;
 pub mod controller;
 pub mod linearizability;
 pub mod mapreduce;
