@@ -35,9 +35,10 @@ use crate::config::EngineConfig;
 use crate::engine::{ApplyCache, Engine};
 use crate::error::{EngineError, LimitKind, Result};
 use crate::keys::{
-    decode_record, dedup_key, encode_record, kv_key, meta_applied_key, session_context,
-    shard_range, SHARD_PREFIX_BYTES,
+    decode_record, dedup_key, encode_record, kv_key, meta_applied_key, meta_shard_key,
+    session_context, shard_range, SHARD_PREFIX_BYTES,
 };
+use crate::shards::ShardRecord;
 use crate::{GroupId, ShardId};
 
 /// A client id; `0` means "no session" (the request is not deduplicated).
@@ -735,15 +736,125 @@ impl<B: Backend> Engine<B> {
         end: &[u8],
         limit: u64,
     ) -> Result<ScanPage> {
-        EngineConfig::check(LimitKind::ScanLimit, limit, self.config().scan_limit_max)?;
-        let mut page = PageBuilder::new(shard, limit, self.config().scan_bytes_max);
-        if let Some((from, to)) = scan_bounds(group, shard, start, end) {
-            self.backend()
-                .scan(Cf::Kv, &from, &to, &mut |k, v| page.offer(k, v))?;
-        }
-        Ok(page.finish())
+        scan_page_in(
+            self.backend(),
+            self.config(),
+            group,
+            shard,
+            start,
+            end,
+            limit,
+        )
     }
 
+    /// Runs `f` over a consistent point-in-time view of the state machine
+    /// ([`Backend::with_view`]): every read through the [`EngineView`]
+    /// sees the state as of the moment the view was taken, whatever is
+    /// written meanwhile, for as long as `f` runs. Holding a view keeps
+    /// the versions it sees alive (RocksDB: a snapshot, whose overwritten
+    /// and deleted pairs compaction keeps), so long-lived views must be
+    /// few and bounded in time.
+    pub fn with_view(&self, f: &mut dyn FnMut(&EngineView<'_>) -> Result<()>) -> Result<()> {
+        let config = self.config();
+        self.backend()
+            .with_view(&mut |view| f(&EngineView { view, config }))
+    }
+}
+
+/// One page of `shard`'s pairs in `[start, end)` read through `view`,
+/// bounded by `config` (see [`Engine::scan`]).
+fn scan_page_in(
+    view: &dyn View,
+    config: &EngineConfig,
+    group: GroupId,
+    shard: ShardId,
+    start: &[u8],
+    end: &[u8],
+    limit: u64,
+) -> Result<ScanPage> {
+    EngineConfig::check(LimitKind::ScanLimit, limit, config.scan_limit_max)?;
+    let mut page = PageBuilder::new(shard, limit, config.scan_bytes_max);
+    if let Some((from, to)) = scan_bounds(group, shard, start, end) {
+        view.scan(Cf::Kv, &from, &to, &mut |k, v| page.offer(k, v))?;
+    }
+    Ok(page.finish())
+}
+
+/// A point-in-time view of the state machine ([`Engine::with_view`]),
+/// read by (group, shard) and user key: the key layout stays inside the
+/// engine.
+pub struct EngineView<'a> {
+    view: &'a dyn View,
+    config: &'a EngineConfig,
+}
+
+impl std::fmt::Debug for EngineView<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineView").finish_non_exhaustive()
+    }
+}
+
+impl EngineView<'_> {
+    /// One page of `shard`'s pairs in `[start, end)` as of the view, with
+    /// the limits and continuation of [`Engine::scan`].
+    pub fn scan(
+        &self,
+        group: GroupId,
+        shard: ShardId,
+        start: &[u8],
+        end: &[u8],
+        limit: u64,
+    ) -> Result<ScanPage> {
+        scan_page_in(self.view, self.config, group, shard, start, end, limit)
+    }
+
+    /// Visits `shard`'s pairs in `[start, end)` (empty `end`: to the end
+    /// of the shard) in key order with each user key and its size (key +
+    /// value bytes, as [`ScanPage`] counts them), until `visit` returns
+    /// `false`. Holds one pair at a time, however large the range.
+    pub fn visit_sizes(
+        &self,
+        group: GroupId,
+        shard: ShardId,
+        start: &[u8],
+        end: &[u8],
+        visit: &mut dyn FnMut(&[u8], u64) -> Result<bool>,
+    ) -> Result<()> {
+        let Some((from, to)) = scan_bounds(group, shard, start, end) else {
+            return Ok(());
+        };
+        self.view.scan(Cf::Kv, &from, &to, &mut |key, stored| {
+            let user_key = key.get(SHARD_PREFIX_BYTES..).ok_or_else(|| {
+                EngineError::Corrupt(format!("a key of {} bytes in shard {shard}", key.len()))
+            })?;
+            // The stored value has an 8-byte version first.
+            let size = (user_key.len() + stored.len().saturating_sub(8)) as u64;
+            visit(user_key, size)
+        })
+    }
+
+    /// The applied state of `group` as of the view.
+    pub fn applied(&self, group: GroupId) -> Result<AppliedState> {
+        let key = meta_applied_key(group);
+        match self.view.get(Cf::Meta, &key)? {
+            Some(b) => decode_record(&key, &b, &|| format!("applied index of group {group}")),
+            None => Ok(AppliedState::default()),
+        }
+    }
+
+    /// `group`'s record of `shard` as of the view (`None`: it has none).
+    pub fn shard_record(&self, group: GroupId, shard: ShardId) -> Result<Option<ShardRecord>> {
+        let key = meta_shard_key(group, shard);
+        match self.view.get(Cf::Meta, &key)? {
+            Some(b) => Ok(Some(decode_record(&key, &b, &|| {
+                format!("record of shard {shard} in group {group}")
+            })?)),
+            None => Ok(None),
+        }
+    }
+}
+
+impl<B: Backend> Engine<B> {
     /// How many client sessions `shard` holds, and their stored bytes (keys
     /// and records): the per-client state the server keeps.
     pub fn session_footprint(&self, group: GroupId, shard: ShardId) -> Result<(u64, u64)> {

@@ -4,11 +4,17 @@
 //! durable by a synced write are remembered in an undo log so that
 //! [`MemBackend::crash`] can drop them, the way a process crash drops
 //! RocksDB writes that never reached a synced WAL record.
+//!
+//! Each column family's map sits behind an `Arc`, copied on write while a
+//! point-in-time view ([`Backend::with_view`]) still shares it, so a view
+//! holds no lock: a view kept for minutes (a node's input pin) does not
+//! stop writers, as a RocksDB snapshot does not. Views taken and dropped
+//! between writes, as apply's are, never cause a copy.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::backend::{Backend, Cf, ExportedFile, View, Visitor, WriteOp, WriteSet};
 use crate::error::{EngineError, Result};
@@ -17,14 +23,15 @@ type Map = BTreeMap<Vec<u8>, Vec<u8>>;
 
 #[derive(Default)]
 struct State {
-    maps: BTreeMap<Cf, Map>,
+    /// Shared with the views taken since the last write (copy on write).
+    maps: BTreeMap<Cf, Arc<Map>>,
     /// Previous values of every key touched since the last sync, newest last.
     undo: Vec<(Cf, Vec<u8>, Option<Vec<u8>>)>,
 }
 
 impl State {
     fn map(&mut self, cf: Cf) -> &mut Map {
-        self.maps.entry(cf).or_default()
+        Arc::make_mut(self.maps.entry(cf).or_default())
     }
 
     fn set(&mut self, cf: Cf, key: Vec<u8>, value: Option<Vec<u8>>) {
@@ -87,15 +94,16 @@ impl MemBackend {
     }
 }
 
-struct MemView<'a>(&'a State);
+/// Reads at one point: the maps as they were when the view was taken.
+struct MemView<'a>(&'a BTreeMap<Cf, Arc<Map>>);
 
 impl View for MemView<'_> {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.0.maps.get(&cf).and_then(|m| m.get(key).cloned()))
+        Ok(self.0.get(&cf).and_then(|m| m.get(key).cloned()))
     }
 
     fn scan(&self, cf: Cf, start: &[u8], end: &[u8], visit: &mut Visitor<'_>) -> Result<()> {
-        if let Some(m) = self.0.maps.get(&cf) {
+        if let Some(m) = self.0.get(&cf) {
             for (k, v) in range(m, start, end) {
                 if !visit(k, v)? {
                     break;
@@ -106,7 +114,7 @@ impl View for MemView<'_> {
     }
 
     fn last_in(&self, cf: Cf, start: &[u8], end: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
-        Ok(self.0.maps.get(&cf).and_then(|m| {
+        Ok(self.0.get(&cf).and_then(|m| {
             range(m, start, end)
                 .next_back()
                 .map(|(k, v)| (k.clone(), v.clone()))
@@ -129,7 +137,7 @@ impl View for MemView<'_> {
             }
             None => k.clone(),
         };
-        let pairs: Vec<(Vec<u8>, Vec<u8>)> = match self.0.maps.get(&cf) {
+        let pairs: Vec<(Vec<u8>, Vec<u8>)> = match self.0.get(&cf) {
             Some(m) => range(m, start, end)
                 .map(|(k, v)| (rename(k), v.clone()))
                 .collect(),
@@ -149,13 +157,13 @@ impl View for MemView<'_> {
 
 impl View for MemBackend {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        MemView(&self.lock()).get(cf, key)
+        MemView(&self.lock().maps).get(cf, key)
     }
     fn scan(&self, cf: Cf, start: &[u8], end: &[u8], visit: &mut Visitor<'_>) -> Result<()> {
-        MemView(&self.lock()).scan(cf, start, end, visit)
+        MemView(&self.lock().maps).scan(cf, start, end, visit)
     }
     fn last_in(&self, cf: Cf, start: &[u8], end: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
-        MemView(&self.lock()).last_in(cf, start, end)
+        MemView(&self.lock().maps).last_in(cf, start, end)
     }
     fn export_range(
         &self,
@@ -165,7 +173,7 @@ impl View for MemBackend {
         prefix: Option<&[u8]>,
         path: &Path,
     ) -> Result<Option<ExportedFile>> {
-        MemView(&self.lock()).export_range(cf, start, end, prefix, path)
+        MemView(&self.lock().maps).export_range(cf, start, end, prefix, path)
     }
 }
 
@@ -197,8 +205,10 @@ impl Backend for MemBackend {
     }
 
     fn with_view(&self, f: &mut dyn FnMut(&dyn View) -> Result<()>) -> Result<()> {
-        let st = self.lock();
-        f(&MemView(&st))
+        // The maps as of now, without the lock: writers copy what they
+        // change while this view lives.
+        let maps = self.lock().maps.clone();
+        f(&MemView(&maps))
     }
 
     fn ingest(&self, cf: Cf, path: &Path) -> Result<()> {

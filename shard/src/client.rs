@@ -42,8 +42,8 @@ use crate::node::{
     CONTROLLER_GROUP, CONTROLLER_SHARD, KV_GROUP, KV_SHARD, SESSION_IDLE_MS_DEFAULT,
 };
 use crate::protocol::{
-    ClientCommand, Denied, GroupRefusal, KvProtocol, KvRequest, KvResponse, NodeReport, Request,
-    Response,
+    ClientCommand, Denied, GroupRefusal, KvProtocol, KvRequest, KvResponse, NodeReport, PinInfo,
+    Request, Response,
 };
 
 /// Most pairs [`Client::scan`] asks for in one page (the nodes' default
@@ -168,6 +168,22 @@ pub enum ClientError {
     /// changed; a routing client asks the controller again.
     #[error("the group does not serve this shard")]
     WrongGroup,
+    /// The pin is gone from its node: released, expired, its group
+    /// dropped, or the node restarted. Pin the range again.
+    #[error("the pin is gone (released, expired, or its node restarted)")]
+    PinGone,
+}
+
+/// A pin of one shard's part of a range ([`Client::pin`]), held by the
+/// node [`PinInfo::node`]; what a job keeps to read its input.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PinnedShard {
+    /// The group that served the pin.
+    pub group: GroupId,
+    /// The shard pinned.
+    pub shard: ShardId,
+    /// The pin, its node, and the pinned range's size and split keys.
+    pub info: PinInfo,
 }
 
 /// The async KV client. Cheap to clone (clones share the session, and
@@ -228,6 +244,8 @@ struct State {
 /// What a retry loop ended with.
 enum Attempted {
     Reply(Reply, Sends),
+    /// A pin, by the group that served it.
+    Pinned(PinInfo, GroupId),
     Failed(ClientError),
     /// No server of the group answered in [`GROUP_ROUNDS_MAX`] rounds (a
     /// sharded client then reads the configuration again: the shard may
@@ -238,6 +256,12 @@ enum Attempted {
 /// Rounds over a group's servers a sharded client makes without an answer
 /// before it reads the configuration again.
 pub const GROUP_ROUNDS_MAX: u64 = 3;
+
+/// What an operation got: a reply of the state machine, or a pin.
+enum Answer {
+    Reply(Reply),
+    Pinned(PinInfo, GroupId),
+}
 
 /// How a request that got a reply was sent.
 #[derive(Debug, Clone, Copy)]
@@ -535,6 +559,150 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
         Ok(merge_pages(pages, limit))
     }
 
+    /// Pins `[start, end)` (empty `end`: no bound) for reading at one point
+    /// in time with [`Client::scan_pinned`], whatever is written meanwhile:
+    /// one pin per shard the range may cover, in shard order (a sharded
+    /// client: every shard of the current configuration, since keys are
+    /// spread over shards by hash; otherwise the client's one shard), each
+    /// taken by its group's leader (a linearizable read) and held there.
+    /// Each pin is one shard's state at one point; the pins of different
+    /// shards are taken one after the other, not at one common point.
+    /// `split_bytes`: about how many bytes apart each pin's
+    /// [`PinInfo::split_keys`] are (0: none). Release them with
+    /// [`Client::unpin`] (idle ones expire on their node).
+    ///
+    /// # Errors
+    /// As for reads; a node at its pin limit refuses
+    /// ([`ClientError::Refused`]). On an error the pins already taken are
+    /// released.
+    pub async fn pin(
+        &self,
+        start: Bytes,
+        end: Bytes,
+        split_bytes: u64,
+    ) -> Result<Vec<PinnedShard>, ClientError> {
+        let shards: Vec<ShardId> = match &self.route {
+            Route::Fixed(_) => vec![self.config.shard],
+            Route::Sharded(_) => (0..self.shard_config(false).await?.shard_count()).collect(),
+        };
+        let command = ClientCommand::Pin {
+            start,
+            end,
+            split_bytes,
+        };
+        let mut pins = Vec::with_capacity(shards.len());
+        for shard in shards {
+            let pinned = match self.run_answer(Some(shard), command.clone()).await {
+                Ok(Answer::Pinned(info, group)) => Ok(PinnedShard { group, shard, info }),
+                Ok(Answer::Reply(other)) => Err(unexpected(other)),
+                Err(e) => Err(e),
+            };
+            match pinned {
+                Ok(p) => pins.push(p),
+                Err(e) => {
+                    for p in &pins {
+                        // Best effort: an unreleased pin expires anyway.
+                        let _ = self.unpin(p).await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(pins)
+    }
+
+    /// One page of `pin`'s shard in `[start, end)` (empty `end`: the pin's
+    /// end) as of the pin: at most `limit` pairs (and the node's scan
+    /// limits), in order, with the key to continue from. Asks the pin's
+    /// node directly, whatever its role now; `Busy` is retried until the
+    /// operation deadline. Unlike other operations, pin calls from clones
+    /// of a client run concurrently.
+    ///
+    /// # Errors
+    /// [`ClientError::PinGone`] if the node no longer holds the pin;
+    /// [`ClientError::Refused`] for a range outside the pinned one;
+    /// [`ClientError::Timeout`] if the node did not answer in time.
+    pub async fn scan_pinned(
+        &self,
+        pin: &PinnedShard,
+        start: Bytes,
+        end: Bytes,
+        limit: u64,
+    ) -> Result<ScanPage, ClientError> {
+        let command = ClientCommand::ScanPin {
+            pin: pin.info.pin,
+            start,
+            end,
+            limit,
+        };
+        match self.call_pin_node(pin, command).await? {
+            Reply::Pairs(page) => Ok(page),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Releases `pin` on its node. A pin already gone counts as released.
+    pub async fn unpin(&self, pin: &PinnedShard) -> Result<(), ClientError> {
+        match self
+            .call_pin_node(pin, ClientCommand::Unpin { pin: pin.info.pin })
+            .await
+        {
+            Ok(_) | Err(ClientError::PinGone) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends a `ScanPin` or `Unpin` to the pin's node until it answers,
+    /// with capped backoff, within the operation deadline.
+    async fn call_pin_node(
+        &self,
+        pin: &PinnedShard,
+        command: ClientCommand,
+    ) -> Result<Reply, ClientError> {
+        let request = Request::Kv(KvRequest {
+            group: pin.group,
+            shard: pin.shard,
+            client: self.config.client_id,
+            seq: 0,
+            command,
+        });
+        let deadline = Instant::now() + self.config.op_deadline;
+        let mut backoff = self.config.backoff_min;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ClientError::Timeout);
+            }
+            let rpc_deadline = self.config.rpc_deadline.min(deadline - now);
+            let result = self
+                .caller
+                .call_with_deadline(NodeId(pin.info.node), request.clone(), rpc_deadline)
+                .await;
+            match result {
+                Ok(Response::Kv(KvResponse::Done(reply))) => return Ok(reply),
+                // A node shutting down releases its pins.
+                Ok(Response::Kv(KvResponse::PinGone | KvResponse::ShuttingDown)) => {
+                    return Err(ClientError::PinGone)
+                }
+                Ok(Response::Kv(KvResponse::Refused { reason })) => {
+                    return Err(ClientError::Refused(reason))
+                }
+                Ok(Response::Kv(KvResponse::Busy)) => {}
+                Ok(other) => {
+                    return Err(ClientError::Refused(format!(
+                        "unexpected response {other:?}"
+                    )))
+                }
+                Err(RpcError::Codec(e)) => return Err(ClientError::Refused(e)),
+                // Unreachable or slow: the pin may still be there.
+                Err(_) => {}
+            }
+            tokio::time::sleep(backoff.min(deadline.saturating_duration_since(Instant::now())))
+                .await;
+            backoff = (backoff * 2).min(self.config.backoff_max);
+        }
+    }
+
     async fn run(&self, command: ClientCommand) -> Result<Reply, ClientError> {
         self.run_on(None, command).await
     }
@@ -545,6 +713,21 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
         shard: Option<ShardId>,
         command: ClientCommand,
     ) -> Result<Reply, ClientError> {
+        match self.run_answer(shard, command).await? {
+            Answer::Reply(reply) => Ok(reply),
+            Answer::Pinned(info, _) => {
+                Err(ClientError::Refused(format!("unexpected pin {info:?}")))
+            }
+        }
+    }
+
+    /// Runs `command` on `shard`, or on its key's shard, with the leader
+    /// chase, retries and exactly-once rules of the module docs.
+    async fn run_answer(
+        &self,
+        shard: Option<ShardId>,
+        command: ClientCommand,
+    ) -> Result<Answer, ClientError> {
         let mut state = self.state.lock().await;
         let read_only = command.is_read_only();
         let seq = if read_only {
@@ -566,7 +749,10 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
                 | ClientCommand::PutIfVersion { key, .. }
                 | ClientCommand::Append { key, .. }
                 | ClientCommand::Delete { key } => self.shard_of(key).await?,
-                ClientCommand::Scan { .. } => self.config.shard,
+                ClientCommand::Scan { .. }
+                | ClientCommand::Pin { .. }
+                | ClientCommand::ScanPin { .. }
+                | ClientCommand::Unpin { .. } => self.config.shard,
             },
         };
         let mut refresh = false;
@@ -621,7 +807,8 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
                 Err(ClientError::Maybe)
             }
             Attempted::Reply(Reply::Rejected { reason }, _) => Err(ClientError::Refused(reason)),
-            Attempted::Reply(reply, _) => Ok(reply),
+            Attempted::Reply(reply, _) => Ok(Answer::Reply(reply)),
+            Attempted::Pinned(info, group) => Ok(Answer::Pinned(info, group)),
             Attempted::Failed(ClientError::Timeout) | Attempted::Unanswered if !read_only => {
                 Err(ClientError::Maybe)
             }
@@ -682,6 +869,8 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
                 // A rejection is a reply like any other: the caller first
                 // checks whether retries outlasted the session.
                 Ok(KvResponse::Done(reply)) => return Attempted::Reply(reply, *sends),
+                Ok(KvResponse::Pinned(info)) => return Attempted::Pinned(info, request.group),
+                Ok(KvResponse::PinGone) => return Attempted::Failed(ClientError::PinGone),
                 Ok(KvResponse::WrongGroup) => return Attempted::Failed(ClientError::WrongGroup),
                 // A node that dropped the group after the shard moved
                 // away: the configuration moved on.
@@ -957,5 +1146,33 @@ impl<C: RpcCaller<KvProtocol>> BlockingClient<C> {
         limit: u64,
     ) -> Result<Vec<(Bytes, Versioned)>, ClientError> {
         self.runtime.block_on(self.client.scan(start, end, limit))
+    }
+
+    /// See [`Client::pin`].
+    pub fn pin(
+        &self,
+        start: Bytes,
+        end: Bytes,
+        split_bytes: u64,
+    ) -> Result<Vec<PinnedShard>, ClientError> {
+        self.runtime
+            .block_on(self.client.pin(start, end, split_bytes))
+    }
+
+    /// See [`Client::scan_pinned`].
+    pub fn scan_pinned(
+        &self,
+        pin: &PinnedShard,
+        start: Bytes,
+        end: Bytes,
+        limit: u64,
+    ) -> Result<ScanPage, ClientError> {
+        self.runtime
+            .block_on(self.client.scan_pinned(pin, start, end, limit))
+    }
+
+    /// See [`Client::unpin`].
+    pub fn unpin(&self, pin: &PinnedShard) -> Result<(), ClientError> {
+        self.runtime.block_on(self.client.unpin(pin))
     }
 }

@@ -8,8 +8,8 @@
 //!   group on it (ticks, the `Ready` loop with one synced log write per round
 //!   for all groups, apply, waking callers, ReadIndex reads, shutdown).
 //! - [`client`]: the async KV [`client::Client`] (leader cache, retries with
-//!   capped backoff within a deadline, exactly-once sessions) and its
-//!   blocking wrapper.
+//!   capped backoff within a deadline, exactly-once sessions, input pins)
+//!   and its blocking wrapper.
 //! - [`controller`]: sharding — the key → shard hash,
 //!   [`controller::ShardConfig`] (number, shard → group, group → members),
 //!   the deterministic, even, minimal-movement `join` / `leave` /
@@ -60,9 +60,9 @@ pub mod mapreduce;
 pub mod node;
 pub mod protocol;
 
-pub use client::{AdminError, BlockingClient, Client, ClientConfig, ClientError};
+pub use client::{AdminError, BlockingClient, Client, ClientConfig, ClientError, PinnedShard};
 pub use node::{GroupSpec, Node, NodeConfig, NodeError, NodeHandle};
 pub use protocol::{
-    Denied, GroupReport, KvProtocol, KvRequest, KvResponse, NodeReport, PeerMessage, Request,
-    Response,
+    Denied, GroupReport, KvProtocol, KvRequest, KvResponse, NodeReport, PeerMessage, PinInfo,
+    Request, Response,
 };

@@ -8,7 +8,11 @@
 //!     names its shard (keys are always shard-tagged) and carries the
 //!     client's session (client id, sequence number) for exactly-once
 //!     writes. Its [`ClientCommand`] can express only the public KV
-//!     operations, never the node's internal log commands.
+//!     operations, never the node's internal log commands. The pin
+//!     commands (`Pin`, `ScanPin`, `Unpin`) never reach the log either:
+//!     a `Pin` is a ReadIndex read that leaves a point-in-time view on the
+//!     serving node, which then serves `ScanPin` pages of it at once,
+//!     whatever its role (see `node::pins`).
 //!   - [`Request::Status`]: any authenticated client may ask a node for its
 //!     view of every group it hosts ([`Response::Status`]).
 //!   - [`Request::Shard`]: an admin request carrying one step of a shard
@@ -134,19 +138,71 @@ pub enum ClientCommand {
         /// Most pairs to return.
         limit: u64,
     },
+    /// Pin `[start, end)` (empty `end`: to the end of the shard) at one
+    /// point in time for later [`ClientCommand::ScanPin`]s: a read, through
+    /// ReadIndex at the group's leader, answered [`KvResponse::Pinned`]
+    /// with the pin's size and split keys. The pin lives on the node that
+    /// served it (see `node::pins`).
+    Pin {
+        /// First key.
+        start: Bytes,
+        /// Exclusive end; empty for no bound.
+        end: Bytes,
+        /// About how many key + value bytes apart the reply's split keys
+        /// are (0: no split keys).
+        split_bytes: u64,
+    },
+    /// One page of a pin's range as of the pin: keys in `[start, end)`
+    /// (empty `end`: the pin's end), inside the pinned range, with the
+    /// limits and continuation of `Scan`. Served at once by the node
+    /// holding the pin, whatever its role (no ReadIndex: the pin fixed
+    /// the point in time); [`KvResponse::PinGone`] if it holds no such pin.
+    ScanPin {
+        /// The pin ([`PinInfo::pin`]).
+        pin: u64,
+        /// First key.
+        start: Bytes,
+        /// Exclusive end; empty for the pin's end.
+        end: Bytes,
+        /// Most pairs to return.
+        limit: u64,
+    },
+    /// Releases a pin on the node holding it, served at once like
+    /// `ScanPin`: answered `Done(Reply::Deleted { existed: true })`, or
+    /// [`KvResponse::PinGone`] if it was gone already.
+    Unpin {
+        /// The pin.
+        pin: u64,
+    },
 }
 
 impl ClientCommand {
-    /// True for reads (served through ReadIndex, never logged).
+    /// True for reads served through ReadIndex and never logged: `Get`,
+    /// `Scan` and `Pin`. (`ScanPin` and `Unpin` use no ReadIndex.)
     pub fn is_read_only(&self) -> bool {
-        matches!(self, ClientCommand::Get { .. } | ClientCommand::Scan { .. })
+        matches!(
+            self,
+            ClientCommand::Get { .. } | ClientCommand::Scan { .. } | ClientCommand::Pin { .. }
+        )
     }
 
-    /// The log command this request becomes. `value_bytes_max` is the
-    /// proposing leader's value limit, carried in the log so that every
-    /// replica decides an append the same way whatever its own limits.
-    pub fn to_command(&self, value_bytes_max: u64) -> Command {
-        match self.clone() {
+    /// True for the pin commands the node serves itself, outside Raft
+    /// (`ScanPin`, `Unpin`): neither ReadIndex nor the log.
+    pub fn is_pin_local(&self) -> bool {
+        matches!(
+            self,
+            ClientCommand::ScanPin { .. } | ClientCommand::Unpin { .. }
+        )
+    }
+
+    /// The log command this request becomes; `None` for the pin commands,
+    /// which never reach the log (`Pin` is a ReadIndex read served by the
+    /// node, `ScanPin` and `Unpin` are served by the pin's node at once).
+    /// `value_bytes_max` is the proposing leader's value limit, carried in
+    /// the log so that every replica decides an append the same way
+    /// whatever its own limits.
+    pub fn to_command(&self, value_bytes_max: u64) -> Option<Command> {
+        Some(match self.clone() {
             ClientCommand::Get { key } => Command::Get { key },
             ClientCommand::Put { key, value } => Command::Put { key, value },
             ClientCommand::PutIfVersion {
@@ -165,8 +221,35 @@ impl ClientCommand {
             },
             ClientCommand::Delete { key } => Command::Delete { key },
             ClientCommand::Scan { start, end, limit } => Command::Scan { start, end, limit },
-        }
+            ClientCommand::Pin { .. }
+            | ClientCommand::ScanPin { .. }
+            | ClientCommand::Unpin { .. } => return None,
+        })
     }
+}
+
+/// Most split keys a [`PinInfo`] carries: with more, they are spaced
+/// further apart than asked (a 4096-way split of one shard is finer than
+/// any job needs, and the reply stays well inside a frame for keys of a
+/// few hundred bytes).
+pub const PIN_SPLIT_KEYS_MAX: usize = 4096;
+
+/// What a node answers a [`ClientCommand::Pin`]: the pin and the pinned
+/// range's size as of the pin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinInfo {
+    /// The pin's id on its node (never 0).
+    pub pin: u64,
+    /// The node holding it: send `ScanPin` and `Unpin` there.
+    pub node: NodeId,
+    /// Key + value bytes of the pinned range.
+    pub bytes: u64,
+    /// Pairs in the pinned range.
+    pub keys: u64,
+    /// Keys of the range, in order, about `split_bytes` of pairs apart
+    /// (further if there would be more than [`PIN_SPLIT_KEYS_MAX`]): each
+    /// starts a piece, for splitting a scan of the pin into jobs.
+    pub split_keys: Vec<Bytes>,
 }
 
 /// A node's answer to a [`KvRequest`].
@@ -199,6 +282,11 @@ pub enum KvResponse {
         /// Why.
         reason: String,
     },
+    /// The range is pinned: the answer to [`ClientCommand::Pin`].
+    Pinned(PinInfo),
+    /// The node holds no such pin: never made, released (`Unpin`, idle
+    /// expiry, its group dropped) or lost with a restart of the node.
+    PinGone,
 }
 
 /// A client RPC to a node (see the module docs).
@@ -530,11 +618,35 @@ mod tests {
         };
         assert_eq!(
             put.to_command(9),
-            Command::Append {
+            Some(Command::Append {
                 key: Bytes::from_static(b"k"),
                 value: Bytes::from_static(b"v"),
                 value_bytes_max: 9
-            }
+            })
         );
+    }
+
+    // Goal: no pin command becomes a log command, and only `Pin` goes
+    // through ReadIndex.
+    #[test]
+    fn pin_commands_never_reach_the_log() {
+        let pin = ClientCommand::Pin {
+            start: Bytes::new(),
+            end: Bytes::new(),
+            split_bytes: 1,
+        };
+        let scan = ClientCommand::ScanPin {
+            pin: 1,
+            start: Bytes::new(),
+            end: Bytes::new(),
+            limit: 1,
+        };
+        let unpin = ClientCommand::Unpin { pin: 1 };
+        for c in [&pin, &scan, &unpin] {
+            assert_eq!(c.to_command(9), None, "{c:?}");
+        }
+        assert!(pin.is_read_only() && !pin.is_pin_local());
+        assert!(!scan.is_read_only() && scan.is_pin_local());
+        assert!(!unpin.is_read_only() && unpin.is_pin_local());
     }
 }

@@ -267,9 +267,13 @@ impl<B: Backend> Group<B> {
         }
     }
 
-    pub(super) fn serve_reads(&mut self, engine: &Engine<B>, applied: Index) {
+    /// Serves the confirmed reads whose read index `applied` reached; the
+    /// `Pin` reads among them are handed back for the node to start their
+    /// holders (see `node::pins`), the shard's ownership checked.
+    pub(super) fn serve_reads(&mut self, engine: &Engine<B>, applied: Index) -> Waiting {
+        let mut pins = Vec::new();
         if self.reads_confirmed.is_empty() {
-            return;
+            return pins;
         }
         let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.reads_confirmed)
             .into_iter()
@@ -293,6 +297,10 @@ impl<B: Backend> Group<B> {
                     crate::protocol::ClientCommand::Scan { start, end, limit } => engine
                         .scan(self.id, request.shard, start, end, *limit)
                         .map(Reply::Pairs),
+                    crate::protocol::ClientCommand::Pin { .. } => {
+                        pins.push((request, responder));
+                        continue;
+                    }
                     _ => unreachable!("only reads are queued as reads"),
                 };
                 responder.send(match reply {
@@ -303,6 +311,7 @@ impl<B: Backend> Group<B> {
                 });
             }
         }
+        pins
     }
 
     /// Whether this node stopped leading (or led in another term) since

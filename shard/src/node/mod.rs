@@ -10,6 +10,8 @@
 //! - [`moves`]: shard moves between groups (Freeze → Install → Delete);
 //! - [`persist`]: pure decisions — what a round writes, whether it syncs,
 //!   how batches and entries are cut;
+//! - [`pins`]: input pins — a key range read at one point in time, page by
+//!   page, by a holder off the loop;
 //! - [`sessions`]: which client sessions a leader may expire, by its own
 //!   monotonic clock;
 //! - [`snapshots`]: snapshot files — export, verification, transfer — the
@@ -39,7 +41,8 @@
 //!    entry of another term at its index means its proposal was lost, so it
 //!    gets `NotLeader`;
 //! 6. confirmed reads are served from the engine once the applied index
-//!    reaches their read index;
+//!    reaches their read index (a `Pin` read starts its holder instead,
+//!    see [`pins`]);
 //! 7. every `Ready` is handed back with `advance`.
 //!
 //! When a group stops being leader (or its term changes), every write and
@@ -133,6 +136,7 @@ pub mod hosting;
 pub mod leaders;
 pub mod moves;
 pub mod persist;
+pub mod pins;
 pub mod sessions;
 pub mod snapshots;
 
@@ -159,6 +163,7 @@ use self::group::{decode_entry, updates_session, Group, Waiter};
 use self::hosting::HostDecision;
 use self::leaders::{GroupLeadership, PEER_HEARD_WITHIN_TICKS};
 use self::moves::{Effect, Entry};
+use self::pins::{PinSpec, Pins};
 use self::sessions::SessionTracker;
 use self::snapshots::{export_dir, recv_dir, remove_dirs, SnapshotFileError};
 use crate::protocol::{
@@ -169,6 +174,7 @@ use crate::protocol::{
 pub use self::hosting::GROUPS_PER_NODE_MAX;
 pub use self::leaders::LEADER_BALANCE_EVERY_TICKS;
 pub use self::persist::{ENTRY_BYTES_MAX, ENTRY_REQUESTS_MAX};
+pub use self::pins::{PINS_MAX, PIN_IDLE_MS_DEFAULT, PIN_QUEUE_MAX};
 
 /// The Raft group that holds the KV service's data (for now, one group).
 pub const KV_GROUP: GroupId = 1;
@@ -233,6 +239,10 @@ pub struct NodeConfig {
     /// (see [`leaders`]); `None`: never. Default
     /// [`LEADER_BALANCE_EVERY_TICKS`].
     pub leader_balance_every_ticks: Option<u64>,
+    /// A pin no `ScanPin` used for this long is released (see [`pins`]),
+    /// judged at the loop's ticks on tokio's clock. Default
+    /// [`PIN_IDLE_MS_DEFAULT`].
+    pub pin_idle_ms: u64,
 }
 
 impl NodeConfig {
@@ -250,6 +260,7 @@ impl NodeConfig {
             max_raft_state_bytes: Some(MAX_RAFT_STATE_BYTES_DEFAULT),
             snapshot_dir: snapshot_dir.into(),
             leader_balance_every_ticks: Some(LEADER_BALANCE_EVERY_TICKS),
+            pin_idle_ms: PIN_IDLE_MS_DEFAULT,
         }
     }
 }
@@ -535,6 +546,14 @@ pub struct Node<B: Backend, T: Transport<KvProtocol>> {
     queued_admin: Vec<(GroupAdmin, Responder<Response>)>,
     /// The tick at which each peer was last heard from (any message).
     peers_heard: HashMap<NodeId, u64>,
+    /// Input pins held here (see [`pins`]).
+    pins: Pins,
+    /// Every pin holder, on the blocking pool; without `blocking_io`,
+    /// holders run on threads of their own and this set runs their
+    /// [`pins::PinWork`] instead (joining them, awaiting their answers).
+    /// A holder ends once its pin is released; shutdown releases every pin
+    /// and waits for them all.
+    pin_tasks: JoinSet<()>,
 }
 
 /// A change to the set of groups the node hosts.
@@ -730,7 +749,6 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         let hosted: BTreeSet<GroupId> = groups.keys().copied().collect();
         hosting::remove_unhosted_dirs(&config.snapshot_dir, &hosted);
         Ok(Node {
-            config,
             engine,
             transport,
             groups,
@@ -745,6 +763,9 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             received: BTreeMap::new(),
             queued_admin: Vec::new(),
             peers_heard: HashMap::new(),
+            pins: Pins::new(config.id, config.seed, !config.blocking_io),
+            pin_tasks: JoinSet::new(),
+            config,
         })
     }
 
@@ -770,6 +791,13 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 // message that announces it).
                 Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
                     self.on_joined(joined).await
+                }
+                Some(joined) = self.pin_tasks.join_next(), if !self.pin_tasks.is_empty() => {
+                    if let Err(e) = joined {
+                        // Its pin answers `PinGone` from now on.
+                        tracing::error!(node = self.config.id, error = %e, "a pin holder failed");
+                    }
+                    Ok(())
                 }
                 file = inbox.files.recv() => match file {
                     Some(file) => {
@@ -809,9 +837,13 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         }
         self.answer_all(|| KvResponse::ShuttingDown);
         // Stop what runs on our behalf: async tasks are aborted, blocking
-        // ones (an export) are waited for.
+        // ones (an export) are waited for. Released pins' holders end at
+        // once (their channel closes, their first scan stops early).
+        self.pins.clear();
+        self.run_pin_work();
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
+        while self.pin_tasks.join_next().await.is_some() {}
         result
     }
 
@@ -857,6 +889,13 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         if self.ticks % PRUNE_EVERY_TICKS == 0 {
             self.prune_received();
             self.prune_moves();
+        }
+        let released = self.pins.expire(
+            Duration::from_millis(self.config.pin_idle_ms),
+            Instant::now(),
+        );
+        if released > 0 {
+            tracing::debug!(node = self.config.id, released, "idle pins released");
         }
         if let Some(every) = self.config.leader_balance_every_ticks.filter(|e| *e > 0) {
             // Staggered by node id, so nodes seldom decide at once.
@@ -1368,6 +1407,10 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             }
         };
         let reply = Waiter(Some(reply));
+        if request.command.is_pin_local() {
+            self.on_pin_command(request, reply);
+            return;
+        }
         let Some(group) = self.groups.get_mut(&request.group) else {
             reply.send(KvResponse::UnknownGroup);
             return;
@@ -1391,13 +1434,22 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         }
         // Limits are decided here, at proposal, by this leader's config;
         // apply never consults local limits.
+        let command = match &request.command {
+            // Checked as the scan its holder runs.
+            crate::protocol::ClientCommand::Pin { start, end, .. } => Command::Scan {
+                start: start.clone(),
+                end: end.clone(),
+                limit: 1,
+            },
+            other => other
+                .to_command(self.engine.config().value_bytes_max)
+                .expect("only pin commands have no log command, and they are served above"),
+        };
         let engine_request = Request {
             shard: request.shard,
             client: request.client,
             seq: request.seq,
-            command: request
-                .command
-                .to_command(self.engine.config().value_bytes_max),
+            command,
         };
         if let Err(e) = self.engine.validate_request(&engine_request) {
             reply.send(KvResponse::Refused {
@@ -1409,6 +1461,120 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             group.queued_reads.push((request, reply));
         } else {
             group.queued_writes.push((engine_request, reply));
+        }
+    }
+
+    /// Serves a `ScanPin` or `Unpin` at once, whatever this node's role in
+    /// the group (see [`pins`]).
+    fn on_pin_command(&mut self, request: crate::protocol::KvRequest, reply: Waiter) {
+        use crate::protocol::ClientCommand;
+        match request.command {
+            ClientCommand::ScanPin {
+                pin,
+                start,
+                end,
+                limit,
+            } => {
+                let limit = limit.min(self.engine.config().scan_limit_max);
+                self.pins.scan(
+                    pin,
+                    request.group,
+                    request.shard,
+                    (start, end, limit),
+                    reply,
+                    Instant::now(),
+                );
+            }
+            ClientCommand::Unpin { pin } => {
+                reply.send(if self.pins.release(pin, request.group, request.shard) {
+                    KvResponse::Done(shoal_engine::Reply::Deleted { existed: true })
+                } else {
+                    KvResponse::PinGone
+                });
+            }
+            other => unreachable!("not a pin command: {other:?}"),
+        }
+    }
+
+    /// Starts a holder for each `Pin` read `gid` served (the group served
+    /// the shard at the read index), or refuses it beyond [`PINS_MAX`].
+    fn start_pins(&mut self, gid: GroupId, reads: Vec<(crate::protocol::KvRequest, Waiter)>) {
+        for (request, waiter) in reads {
+            let crate::protocol::ClientCommand::Pin {
+                start,
+                end,
+                split_bytes,
+            } = request.command
+            else {
+                unreachable!("only pins are handed back by serve_reads");
+            };
+            // Holders of released pins end at once; this bounds the
+            // threads even if pins are released faster than that.
+            if self.pin_tasks.len() >= 2 * PINS_MAX {
+                waiter.send(KvResponse::Busy);
+                continue;
+            }
+            let admitted = self.pins.admit(
+                gid,
+                request.shard,
+                start.clone(),
+                end.clone(),
+                Instant::now(),
+            );
+            let Ok(admitted) = admitted else {
+                waiter.send(KvResponse::Refused {
+                    reason: format!(
+                        "node {} holds {} pins, the most it may (PINS_MAX); unpin some or let idle ones expire",
+                        self.config.id,
+                        self.pins.len()
+                    ),
+                });
+                continue;
+            };
+            let static_shard = self
+                .groups
+                .get(&gid)
+                .is_some_and(|g| g.static_shards.contains(&request.shard));
+            let pin = admitted.pin;
+            let spec = PinSpec {
+                pin,
+                node: self.config.id,
+                group: gid,
+                shard: request.shard,
+                static_shard,
+                start,
+                end,
+                split_bytes,
+            };
+            let engine = self.engine.clone();
+            let work = move || pins::hold(engine, spec, waiter, admitted);
+            if self.config.blocking_io {
+                self.pin_tasks.spawn_blocking(work);
+                continue;
+            }
+            // A holder lives for minutes, and tokio's paused test clock
+            // does not auto-advance while a `spawn_blocking` task runs: a
+            // thread of its own, joined once released (`pins::PinWork`).
+            let spawned = std::thread::Builder::new()
+                .name(format!("pin-{}", self.config.id))
+                .spawn(work);
+            match spawned {
+                Ok(thread) => self.pins.set_thread(pin, thread),
+                Err(e) => {
+                    // The waiter went with the closure: the caller sees a
+                    // lost reply and retries.
+                    tracing::warn!(node = self.config.id, error = %e, "no thread for a pin holder");
+                    self.pins.release(pin, gid, request.shard);
+                }
+            }
+        }
+    }
+
+    /// Runs the blocking work the pins queued ([`pins::PinWork`]) in the
+    /// pin task set.
+    fn run_pin_work(&mut self) {
+        for work in self.pins.take_work() {
+            self.pin_tasks.spawn_blocking(move || work.run());
         }
     }
 
@@ -1490,6 +1656,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         for gid in deposed {
             self.stop_transfers(gid);
         }
+        self.run_pin_work();
         self.publish_status();
         Ok(())
     }
@@ -1577,6 +1744,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         let mut dropped = self.groups.remove(&group).expect("checked above");
         dropped.fail_waiters(&|| KvResponse::UnknownGroup);
         drop(dropped);
+        self.pins.release_group(group);
         self.stop_transfers(group);
         self.prune_received_through(group, Index::MAX);
         self.with_engine(move |engine| engine.drop_group(group).map_err(engine_err(group)))
@@ -1604,6 +1772,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         if let Some(mut g) = self.groups.remove(&group) {
             g.fail_waiters(&|| KvResponse::UnknownGroup);
         }
+        self.pins.release_group(group);
         self.stop_transfers(group);
         self.status
             .lock()
@@ -1694,7 +1863,8 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 }
             }
             group.raw.advance(ready).map_err(consensus_err(gid))?;
-            group.serve_reads(&self.engine, applied.max(group.raw.applied_index()));
+            let pins = group.serve_reads(&self.engine, applied.max(group.raw.applied_index()));
+            self.start_pins(gid, pins);
             self.maybe_compact(gid)?;
         }
         Ok(())

@@ -1,0 +1,666 @@
+//! Input pins (`Client::pin`, `scan_pinned`, `unpin`): a key range read at
+//! one point in time, page by page, while clients keep writing — the input
+//! of a MapReduce job. Every test runs on the in-memory network and engine
+//! under tokio's paused clock, seeded (`SHOAL_SEED` replays one seed,
+//! `SHOAL_SEEDS` sweeps more).
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{Cluster, ELECTION_TIMEOUT};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use shoal_engine::{EngineConfig, GroupId, MemStore};
+use shoal_net::mem::{MemClient, MemConfig, MemNetwork};
+use shoal_net::{NodeId, ADMIN_CLIENT_NAME};
+use shoal_shard::client::{Client, ClientConfig, ClientError, PinnedShard};
+use shoal_shard::controller::{
+    join, ChangeOutcome, Controller, ControllerConfig, GroupStore, InitOutcome, RpcMover,
+    ShardConfig,
+};
+use shoal_shard::node::{
+    GroupSpec, Node, NodeConfig, NodeHandle, CONTROLLER_GROUP, CONTROLLER_SHARD, KV_GROUP,
+    PINS_MAX, PIN_IDLE_MS_DEFAULT,
+};
+use shoal_shard::protocol::KvProtocol;
+use tokio::time::sleep;
+
+type Data = BTreeMap<Bytes, Bytes>;
+
+fn key(i: usize) -> Bytes {
+    Bytes::from(format!("k{i:04}"))
+}
+
+/// Reads a whole pin through `scan_pinned` in pages of `page` pairs,
+/// running `between` after every page (writes racing the reader).
+async fn read_pin<F, Fut>(
+    client: &Client<MemClient<KvProtocol>>,
+    pin: &PinnedShard,
+    (start, end): (Bytes, Bytes),
+    page: u64,
+    mut between: F,
+) -> Data
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut out = Data::new();
+    let mut from = start;
+    loop {
+        let got = client
+            .scan_pinned(pin, from, end.clone(), page)
+            .await
+            .expect("scan_pinned");
+        assert!(got.pairs.len() as u64 <= page);
+        for (k, v) in got.pairs {
+            assert!(out.insert(k, v.value).is_none(), "a key returned twice");
+        }
+        between().await;
+        match got.next {
+            Some(next) => from = next,
+            None => return out,
+        }
+    }
+}
+
+/// Puts `n` keys with values of a few dozen bytes; returns the data.
+async fn fill(client: &Client<MemClient<KvProtocol>>, n: usize, rng: &mut ChaCha8Rng) -> Data {
+    let mut data = Data::new();
+    for i in 0..n {
+        let value = Bytes::from(format!("v{i}-{}", "x".repeat(rng.random_range(0..40))));
+        client.put(key(i), value.clone()).await.expect("put");
+        data.insert(key(i), value);
+    }
+    data
+}
+
+/// Key + value bytes of `data`, as a pin counts them.
+fn bytes_of(data: &Data) -> u64 {
+    data.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum()
+}
+
+// Goal: a pin's pages, read while puts, deletes and new keys land in the
+// range between every page, are exactly the data as of the pin; its size
+// and split keys describe that same data. A second, narrower pin reads
+// only its range, and a ScanPin outside the pin is refused.
+#[tokio::test(start_paused = true)]
+async fn a_pin_reads_one_point_while_writes_go_on() {
+    for seed in common::seeds_or("a_pin_reads_one_point_while_writes_go_on", 3) {
+        let c = Cluster::new(3, false, seed);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        c.wait_for_leader(10 * ELECTION_TIMEOUT).await;
+        let client = c.client();
+        let writer = c.client();
+        let data = fill(&client, 120, &mut rng).await;
+
+        let split_bytes = 300;
+        let pins = client
+            .pin(Bytes::new(), Bytes::new(), split_bytes)
+            .await
+            .expect("pin");
+        assert_eq!(
+            pins.len(),
+            1,
+            "seed {seed}: an unsharded client pins one shard"
+        );
+        let pin = &pins[0];
+        assert_eq!(pin.group, KV_GROUP);
+        assert_eq!(pin.info.keys, data.len() as u64, "seed {seed}");
+        assert_eq!(pin.info.bytes, bytes_of(&data), "seed {seed}");
+        let split = &pin.info.split_keys;
+        assert!(
+            split.windows(2).all(|w| w[0] < w[1]),
+            "seed {seed}: {split:?}"
+        );
+        assert!(split.iter().all(|k| data.contains_key(k)));
+        let expected_splits = bytes_of(&data) / split_bytes;
+        assert!(
+            (split.len() as u64).abs_diff(expected_splits) <= 1,
+            "seed {seed}: {} split keys for {} bytes every {split_bytes}",
+            split.len(),
+            bytes_of(&data)
+        );
+
+        // Between pages: overwrite, delete and add keys all over the range.
+        let live = std::sync::Mutex::new(data.clone());
+        let written = AtomicU64::new(0);
+        let mut write_rng = ChaCha8Rng::seed_from_u64(seed ^ 1);
+        let read = read_pin(
+            &client,
+            pin,
+            (Bytes::new(), Bytes::new()),
+            rng.random_range(3..=11),
+            || {
+                let i = write_rng.random_range(0..150usize);
+                let op = write_rng.random_range(0..3);
+                let (writer, written, live) = (&writer, &written, &live);
+                async move {
+                    let k = key(i);
+                    if op == 0 {
+                        writer.delete(k.clone()).await.expect("delete");
+                        live.lock().unwrap().remove(&k);
+                    } else {
+                        let v = Bytes::from(format!("new-{i}"));
+                        writer.put(k.clone(), v.clone()).await.expect("put");
+                        live.lock().unwrap().insert(k, v);
+                    }
+                    // A key between two existing ones, too.
+                    let mid = Bytes::from(format!("k{i:04}m"));
+                    writer.put(mid.clone(), "mid").await.expect("put");
+                    live.lock().unwrap().insert(mid, Bytes::from("mid"));
+                    written.fetch_add(1, Ordering::Relaxed);
+                }
+            },
+        )
+        .await;
+        assert_eq!(
+            read, data,
+            "seed {seed}: the pin's pages are the data as of the pin"
+        );
+        let live = live.into_inner().unwrap();
+        assert!(written.load(Ordering::Relaxed) > 5);
+        // The live state moved on: a plain scan sees the writes.
+        let now: Data = client
+            .scan(Bytes::new(), Bytes::new(), 10_000)
+            .await
+            .expect("scan")
+            .into_iter()
+            .map(|(k, v)| (k, v.value))
+            .collect();
+        assert_eq!(now, live, "seed {seed}");
+        assert_ne!(now, data);
+
+        // A narrower pin, taken now, reads only its range, as of now.
+        let (lo, hi) = (key(10), key(30));
+        let narrow = client.pin(lo.clone(), hi.clone(), 0).await.expect("pin");
+        assert!(narrow[0].info.split_keys.is_empty(), "split_bytes 0: none");
+        let in_range: Data = live
+            .range(lo.clone()..hi.clone())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        assert_eq!(narrow[0].info.keys, in_range.len() as u64);
+        writer.put(key(15), "after").await.expect("put");
+        let read = read_pin(
+            &client,
+            &narrow[0],
+            (lo.clone(), Bytes::new()),
+            4,
+            || async {},
+        )
+        .await;
+        assert_eq!(read, in_range, "seed {seed}");
+        for (start, end) in [(key(9), Bytes::new()), (lo.clone(), key(31))] {
+            match client.scan_pinned(&narrow[0], start, end, 10).await {
+                Err(ClientError::Refused(reason)) => {
+                    assert!(reason.contains("pinned range"), "{reason}")
+                }
+                other => panic!("seed {seed}: a scan outside the pin: {other:?}"),
+            }
+        }
+        for p in pins.iter().chain(&narrow) {
+            client.unpin(p).await.expect("unpin");
+        }
+    }
+}
+
+// Goal: a pin lives on the node that served it, not with the leadership:
+// once that leader is cut off and another takes over (and it has rejoined
+// as a follower), it still serves the pin's pages as of the pin; after it
+// restarts, the pin is gone.
+#[tokio::test(start_paused = true)]
+async fn a_pin_survives_a_leadership_change_not_a_restart() {
+    for seed in common::seeds_or("a_pin_survives_a_leadership_change_not_a_restart", 3) {
+        let mut c = Cluster::new(3, true, seed);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        c.wait_for_leader(10 * ELECTION_TIMEOUT).await;
+        let client = c.client();
+        let data = fill(&client, 40, &mut rng).await;
+        let pins = client
+            .pin(Bytes::new(), Bytes::new(), 100)
+            .await
+            .expect("pin");
+        let pin = &pins[0];
+        let holder = pin.info.node as usize - 1;
+
+        // Cut the holder off; the others elect a leader and take writes.
+        let others: Vec<NodeId> = c
+            .ids()
+            .into_iter()
+            .filter(|id| id.0 != pin.info.node)
+            .collect();
+        c.net.partition(&[&[c.id(holder)], &others]);
+        let start = tokio::time::Instant::now();
+        loop {
+            let new_leader = (0..c.n)
+                .find(|&i| i != holder && c.nodes[i].as_ref().is_some_and(|h| h.is_leader()));
+            if new_leader.is_some() {
+                break;
+            }
+            assert!(
+                start.elapsed() < 10 * ELECTION_TIMEOUT,
+                "seed {seed}: no new leader"
+            );
+            sleep(Duration::from_millis(10)).await;
+        }
+        for i in 0..10 {
+            client.put(key(i), "after").await.expect("put");
+        }
+        c.net.heal();
+        // The holder rejoins as a follower.
+        let start = tokio::time::Instant::now();
+        while c.nodes[holder].as_ref().unwrap().is_leader() {
+            assert!(
+                start.elapsed() < 10 * ELECTION_TIMEOUT,
+                "seed {seed}: still leading"
+            );
+            sleep(Duration::from_millis(10)).await;
+        }
+        let read = read_pin(&client, pin, (Bytes::new(), Bytes::new()), 7, || async {}).await;
+        assert_eq!(
+            read, data,
+            "seed {seed}: a follower serves the pin as of the pin"
+        );
+
+        c.crash_node(holder).await;
+        c.start_node(holder);
+        assert_eq!(
+            client
+                .scan_pinned(pin, Bytes::new(), Bytes::new(), 10)
+                .await,
+            Err(ClientError::PinGone),
+            "seed {seed}: a restart loses the pin"
+        );
+        // Releasing a lost pin is not an error.
+        client.unpin(pin).await.expect("unpin");
+    }
+}
+
+// Goal: `unpin` releases a pin (then `PinGone`, and unpinning again is
+// fine), and a pin no `ScanPin` used for `pin_idle_ms` expires, judged on
+// the paused clock, while one used often enough stays.
+#[tokio::test(start_paused = true)]
+async fn unpin_and_idle_expiry_release_a_pin() {
+    let seed = common::seed("unpin_and_idle_expiry_release_a_pin");
+    let c = Cluster::new(3, true, seed);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    c.wait_for_leader(10 * ELECTION_TIMEOUT).await;
+    let client = c.client();
+    let data = fill(&client, 10, &mut rng).await;
+    let all = || (Bytes::new(), Bytes::new());
+
+    let pins = client
+        .pin(Bytes::new(), Bytes::new(), 0)
+        .await
+        .expect("pin");
+    client.unpin(&pins[0]).await.expect("unpin");
+    assert_eq!(
+        client.scan_pinned(&pins[0], all().0, all().1, 10).await,
+        Err(ClientError::PinGone)
+    );
+    client.unpin(&pins[0]).await.expect("unpin twice");
+
+    let idle = Duration::from_millis(PIN_IDLE_MS_DEFAULT);
+    let pins = client
+        .pin(Bytes::new(), Bytes::new(), 0)
+        .await
+        .expect("pin");
+    client.put(key(0), "after").await.expect("put");
+    for _ in 0..3 {
+        // Used every two thirds of the idle time: it stays.
+        sleep(idle * 2 / 3).await;
+        let page = client
+            .scan_pinned(&pins[0], all().0, all().1, 100)
+            .await
+            .expect("a pin in use stays");
+        assert_eq!(page.pairs.len(), data.len());
+        assert_eq!(page.pairs[0].1.value, data[&key(0)]);
+    }
+    sleep(idle + Duration::from_secs(1)).await;
+    assert_eq!(
+        client.scan_pinned(&pins[0], all().0, all().1, 10).await,
+        Err(ClientError::PinGone),
+        "seed {seed}: an idle pin expires"
+    );
+}
+
+// Goal: a node holds at most PINS_MAX pins and says so clearly beyond; a
+// release makes room; shutdown with every pin held ends promptly.
+#[tokio::test(start_paused = true)]
+async fn pins_max_is_enforced_and_shutdown_releases_all() {
+    let seed = common::seed("pins_max_is_enforced_and_shutdown_releases_all");
+    let mut c = Cluster::new(3, true, seed);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    c.wait_for_leader(10 * ELECTION_TIMEOUT).await;
+    let client = c.client();
+    fill(&client, 5, &mut rng).await;
+    let mut pins = Vec::new();
+    for _ in 0..PINS_MAX {
+        pins.extend(
+            client
+                .pin(Bytes::new(), Bytes::new(), 0)
+                .await
+                .expect("pin"),
+        );
+    }
+    let node = pins[0].info.node;
+    assert!(
+        pins.iter().all(|p| p.info.node == node),
+        "seed {seed}: the leader changed while pinning; the limit is per node"
+    );
+    let mut ids: Vec<u64> = pins.iter().map(|p| p.info.pin).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), PINS_MAX, "pin ids are unique");
+    match client.pin(Bytes::new(), Bytes::new(), 0).await {
+        Err(ClientError::Refused(reason)) => assert!(reason.contains("PINS_MAX"), "{reason}"),
+        other => panic!("seed {seed}: pin {} of a node: {other:?}", PINS_MAX + 1),
+    }
+    let released = pins.pop().unwrap();
+    client.unpin(&released).await.expect("unpin");
+    assert_eq!(
+        client
+            .scan_pinned(&released, Bytes::new(), Bytes::new(), 1)
+            .await,
+        Err(ClientError::PinGone)
+    );
+    pins.extend(
+        client
+            .pin(Bytes::new(), Bytes::new(), 0)
+            .await
+            .expect("room again"),
+    );
+    for p in &pins[..3] {
+        let page = client
+            .scan_pinned(p, Bytes::new(), Bytes::new(), 100)
+            .await
+            .expect("scan");
+        assert_eq!(page.pairs.len(), 5);
+    }
+    tokio::time::timeout(Duration::from_secs(30), c.shutdown_all())
+        .await
+        .expect("shutdown with pins held ends");
+}
+
+// --- a sharded cluster: controller group 0 on nodes 1-3, replica groups
+// 1 and 2 on nodes 11-13 and 21-23 (the shardkv tests' layout).
+
+const NSHARDS: u32 = 12;
+
+fn members(group: GroupId) -> Vec<u64> {
+    (1..=3).map(|i| group * 10 + i).collect()
+}
+
+struct Sharded {
+    net: MemNetwork<KvProtocol>,
+    nodes: HashMap<u64, NodeHandle>,
+    dir: std::path::PathBuf,
+    seed: u64,
+    next_client: u64,
+}
+
+impl Drop for Sharded {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Sharded {
+    fn new(seed: u64) -> Sharded {
+        let dir = std::env::temp_dir().join(format!("shoal-pins-{}-{seed}", std::process::id()));
+        let mut config = MemConfig::with_seed(seed);
+        config.files_dir = dir.join("net");
+        let mut s = Sharded {
+            net: MemNetwork::new(config),
+            nodes: HashMap::new(),
+            dir,
+            seed,
+            next_client: 1,
+        };
+        for group in [CONTROLLER_GROUP, 1, 2] {
+            for id in members(group) {
+                s.start_node(group, id);
+            }
+        }
+        s
+    }
+
+    fn start_node(&mut self, group: GroupId, id: u64) {
+        let engine = MemStore::new_in_memory(EngineConfig::default()).expect("engine");
+        let (transport, inbox) = self.net.add_node(NodeId(id));
+        let mut config = NodeConfig::new(id, members(group), self.dir.join(format!("node-{id}")));
+        config.groups = vec![GroupSpec {
+            group,
+            static_shards: if group == CONTROLLER_GROUP {
+                vec![CONTROLLER_SHARD]
+            } else {
+                Vec::new()
+            },
+            voters: Vec::new(),
+        }];
+        config.blocking_io = false;
+        config.seed = self.seed ^ id;
+        let handle = Node::start(config, engine, transport, inbox).expect("node starts");
+        self.nodes.insert(id, handle);
+    }
+
+    fn client_config(&mut self) -> ClientConfig {
+        self.next_client += 1;
+        let mut c = ClientConfig::new((self.seed << 16) | self.next_client);
+        c.op_deadline = Duration::from_secs(600);
+        c
+    }
+
+    fn controller_ids() -> Vec<NodeId> {
+        members(CONTROLLER_GROUP).into_iter().map(NodeId).collect()
+    }
+
+    fn controller(
+        &mut self,
+    ) -> Controller<GroupStore<MemClient<KvProtocol>>, RpcMover<MemClient<KvProtocol>>> {
+        let mut config = self.client_config();
+        let link = self.net.add_client(&format!("client-{}", config.client_id));
+        config.group = CONTROLLER_GROUP;
+        config.shard = CONTROLLER_SHARD;
+        let store = GroupStore::new(Client::new(link, Self::controller_ids(), config));
+        let mover = RpcMover::new(
+            self.net.add_client(ADMIN_CLIENT_NAME),
+            Duration::from_secs(1),
+        );
+        let timing = ControllerConfig {
+            step_deadline: Duration::from_secs(60),
+            ..Default::default()
+        };
+        Controller::new(store, mover, timing).expect("controller config")
+    }
+
+    fn client(&mut self) -> Client<MemClient<KvProtocol>> {
+        let config = self.client_config();
+        let link = self.net.add_client(&format!("client-{}", config.client_id));
+        Client::sharded(link, Self::controller_ids(), config).expect("client config")
+    }
+
+    async fn shutdown(mut self) {
+        for (_, h) in self.nodes.drain() {
+            h.shutdown().await.expect("clean shutdown");
+        }
+    }
+}
+
+// Goal: on a sharded cluster (shards hash-partitioned over two groups,
+// half of them moved from group 1 to group 2), `pin` gives one pin per
+// shard in shard order, each from the group serving it, and the union of
+// their pages is exactly the data as of the pins, whatever is written
+// after.
+#[tokio::test(start_paused = true)]
+async fn a_sharded_pin_covers_every_shard() {
+    for seed in common::seeds_or("a_sharded_pin_covers_every_shard", 2) {
+        let mut s = Sharded::new(seed);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let ctrl = s.controller();
+        let first = join(
+            &ShardConfig::initial(NSHARDS).expect("initial"),
+            BTreeMap::from([(1, members(1))]),
+        )
+        .expect("join");
+        assert_eq!(
+            ctrl.init_config(first).await.expect("init"),
+            InitOutcome::Posted
+        );
+        let current = ctrl.query().await.expect("query");
+        let next = join(&current, BTreeMap::from([(2, members(2))])).expect("join");
+        assert_eq!(
+            ctrl.change_config_to(next.clone()).await.expect("change"),
+            ChangeOutcome::Changed
+        );
+        let client = s.client();
+        let data = fill(&client, 80, &mut rng).await;
+
+        let pins = client
+            .pin(Bytes::new(), Bytes::new(), 64)
+            .await
+            .expect("pin");
+        assert_eq!(pins.len(), NSHARDS as usize, "seed {seed}");
+        for (shard, p) in pins.iter().enumerate() {
+            assert_eq!(p.shard, shard as u32);
+            assert_eq!(Some(p.group), next.group_of(p.shard), "seed {seed}");
+            assert!(members(p.group).contains(&p.info.node));
+        }
+        assert!(pins.iter().any(|p| p.group == 1) && pins.iter().any(|p| p.group == 2));
+        assert_eq!(
+            pins.iter().map(|p| p.info.keys).sum::<u64>(),
+            data.len() as u64
+        );
+        assert_eq!(
+            pins.iter().map(|p| p.info.bytes).sum::<u64>(),
+            bytes_of(&data)
+        );
+        // The pins are a job's table entry: they travel as serde values.
+        let stored = round_trip(&pins);
+        assert_eq!(stored, pins);
+
+        for i in 0..40 {
+            client.put(key(i), "after").await.expect("put");
+            client.delete(key(79 - i)).await.expect("delete");
+        }
+        let mut union = Data::new();
+        for p in &pins {
+            let part = read_pin(&client, p, (Bytes::new(), Bytes::new()), 5, || async {}).await;
+            assert!(
+                part.keys().all(|k| next.shard_of_key(k) == p.shard),
+                "seed {seed}"
+            );
+            assert_eq!(part.len() as u64, p.info.keys);
+            union.extend(part);
+        }
+        assert_eq!(
+            union, data,
+            "seed {seed}: the pins' union is the data as of the pins"
+        );
+        for p in &pins {
+            client.unpin(p).await.expect("unpin");
+        }
+        assert_eq!(
+            client
+                .scan_pinned(&pins[0], Bytes::new(), Bytes::new(), 5)
+                .await,
+            Err(ClientError::PinGone)
+        );
+        s.shutdown().await;
+    }
+}
+
+/// A round trip through a serde format (postcard, as the wire uses).
+fn round_trip(pins: &[PinnedShard]) -> Vec<PinnedShard> {
+    let bytes = postcard::to_allocvec(pins).expect("encodes");
+    postcard::from_bytes(&bytes).expect("decodes")
+}
+
+// Goal: on RocksDB, with holders on tokio's blocking pool (real time), a
+// pin is a RocksDB snapshot: its pages ignore later overwrites and
+// deletes; the blocking client's pin calls work; shutdown with a pin held
+// ends (the holder is released and awaited).
+#[test]
+fn a_pin_on_rocksdb_is_a_snapshot() {
+    let root = std::env::temp_dir().join(format!("shoal-pins-rocks-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let net = runtime.block_on(async {
+        let mut config = MemConfig::with_seed(1);
+        config.files_dir = root.join("net");
+        MemNetwork::<KvProtocol>::new(config)
+    });
+    let nodes: Vec<NodeHandle> = runtime.block_on(async {
+        (1..=3u64)
+            .map(|i| {
+                let dir = root.join(format!("db-{i}"));
+                let engine = shoal_engine::RocksEngine::open(&dir, EngineConfig::default())
+                    .expect("open rocksdb");
+                let (transport, inbox) = net.add_node(NodeId(i));
+                let config = NodeConfig::new(i, vec![1, 2, 3], dir.join("snapshots"));
+                assert!(config.blocking_io);
+                Node::start(config, engine, transport, inbox).expect("node starts")
+            })
+            .collect()
+    });
+    let servers = vec![NodeId(1), NodeId(2), NodeId(3)];
+    let mut config = ClientConfig::new(42);
+    config.op_deadline = Duration::from_secs(20);
+    let client = shoal_shard::BlockingClient::new(
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime"),
+        runtime.block_on(async { Client::new(net.add_client("pins"), servers, config) }),
+    );
+    let mut data = Data::new();
+    for i in 0..50 {
+        let value = Bytes::from(format!("v{i}"));
+        client.put(key(i), value.clone()).expect("put");
+        data.insert(key(i), value);
+    }
+    let pins = client.pin(Bytes::new(), Bytes::new(), 100).expect("pin");
+    assert_eq!(pins[0].info.keys, 50);
+    for i in 0..25 {
+        client.put(key(i), "after").expect("put");
+        client.delete(key(49 - i)).expect("delete");
+    }
+    let mut read = Data::new();
+    let mut from = Bytes::new();
+    loop {
+        let page = client
+            .scan_pinned(&pins[0], from, Bytes::new(), 8)
+            .expect("scan_pinned");
+        read.extend(page.pairs.into_iter().map(|(k, v)| (k, v.value)));
+        match page.next {
+            Some(next) => from = next,
+            None => break,
+        }
+    }
+    assert_eq!(read, data, "the pin is the data as of the pin");
+    // A second pin, held through shutdown.
+    let held = client.pin(Bytes::new(), Bytes::new(), 0).expect("pin");
+    assert_eq!(held[0].info.keys, 25);
+    client.unpin(&pins[0]).expect("unpin");
+    assert_eq!(
+        client.scan_pinned(&pins[0], Bytes::new(), Bytes::new(), 8),
+        Err(ClientError::PinGone)
+    );
+    runtime.block_on(async {
+        for node in nodes {
+            tokio::time::timeout(Duration::from_secs(20), node.shutdown())
+                .await
+                .expect("shutdown with a pin held ends")
+                .expect("clean shutdown");
+        }
+    });
+    drop(client);
+    let _ = std::fs::remove_dir_all(&root);
+}
