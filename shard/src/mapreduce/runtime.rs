@@ -809,6 +809,7 @@ where
         apps,
         options,
         waiters,
+        resolved: Mutex::default(),
     };
     let result = worker.run().await;
     tasks.shutdown().await;
@@ -821,6 +822,7 @@ struct Worker<T, C: RpcCaller<KvProtocol>> {
     apps: AppResolver,
     options: WorkerOptions,
     waiters: RunWaiters,
+    resolved: Mutex<HashMap<String, Arc<dyn MapReduceApp>>>,
 }
 
 /// Why one attempt stopped early.
@@ -1005,9 +1007,17 @@ impl<T: WorkerTransport + Clone, C: RpcCaller<KvProtocol>> Worker<T, C> {
         Ok((bytes_read, times))
     }
 
+    /// The job's app: resolved once per worker, so an app's state (the
+    /// lab's `jobcount` numbers its calls) spans the worker's tasks.
     fn app(&self, header: &JobHeader) -> Result<Arc<dyn MapReduceApp>, AttemptError> {
-        (self.apps)(&header.app)
-            .ok_or_else(|| AttemptError::Failed(format!("unknown application {:?}", header.app)))
+        let mut resolved = self.resolved.lock().expect("apps lock");
+        if let Some(app) = resolved.get(&header.app) {
+            return Ok(app.clone());
+        }
+        let app = (self.apps)(&header.app)
+            .ok_or_else(|| AttemptError::Failed(format!("unknown application {:?}", header.app)))?;
+        resolved.insert(header.app.clone(), app.clone());
+        Ok(app)
     }
 
     /// Gets one run: from our own directory, or from its holder.
