@@ -44,11 +44,11 @@ use bytes::Bytes;
 use shoal_engine::{EngineConfig, EngineError, RocksEngine, Versioned};
 use shoal_net::mem::{MemClient, MemConfig, MemNetwork};
 use shoal_net::NodeId;
-use shoal_shard::node::{Node, NodeConfig, NodeError, NodeHandle};
-use shoal_shard::protocol::KvProtocol;
 use shoal_shard::mapreduce::runtime::{self, AppResolver, ClientFactory, JobOptions, MrError};
 use shoal_shard::mapreduce::wire::JobProgress;
 use shoal_shard::mapreduce::{JobConfig, JobSpec, KeyRange, MapReduceApp};
+use shoal_shard::node::{Node, NodeConfig, NodeError, NodeHandle};
+use shoal_shard::protocol::KvProtocol;
 use shoal_shard::{ClientConfig, ClientError};
 use std::sync::Arc;
 
@@ -215,19 +215,13 @@ impl AsyncDb {
             )
         });
         let app_name = job.options.app.clone();
-        let apps: AppResolver =
-            Arc::new(move |name: &str| (name == app_name).then(|| app.clone()));
+        let apps: AppResolver = Arc::new(move |name: &str| (name == app_name).then(|| app.clone()));
         std::fs::create_dir_all(&job.dir)?;
         let (progress, _) = tokio::sync::watch::channel(JobProgress::default());
-        Ok(runtime::run_in_process(
-            clients,
-            &job.options,
-            apps,
-            job.workers,
-            &job.dir,
-            progress,
+        Ok(
+            runtime::run_in_process(clients, &job.options, apps, job.workers, &job.dir, progress)
+                .await?,
         )
-        .await?)
     }
 }
 

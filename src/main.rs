@@ -479,7 +479,10 @@ fn main() -> Result<()> {
             command: CertsCmd::AddClient { dir, names },
         } => {
             shoal::certs::add(&dir, &[], &names)?;
-            println!("wrote certificates for clients {names:?} to {}", dir.display());
+            println!(
+                "wrote certificates for clients {names:?} to {}",
+                dir.display()
+            );
             Ok(())
         }
         Cmd::Node {

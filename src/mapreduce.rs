@@ -313,9 +313,17 @@ mod tests {
     /// order and hold every byte once.
     #[test]
     fn chunks_cut_at_line_ends() {
-        assert_eq!(chunks("f", b"small"), vec![("f".to_string(), &b"small"[..])]);
+        assert_eq!(
+            chunks("f", b"small"),
+            vec![("f".to_string(), &b"small"[..])]
+        );
         let line = b"word word word\n";
-        let big: Vec<u8> = line.iter().copied().cycle().take(LOAD_CHUNK_BYTES_MAX * 2 + 7).collect();
+        let big: Vec<u8> = line
+            .iter()
+            .copied()
+            .cycle()
+            .take(LOAD_CHUNK_BYTES_MAX * 2 + 7)
+            .collect();
         let parts = chunks("big.txt", &big);
         assert!(parts.len() >= 3);
         let joined: Vec<u8> = parts.iter().flat_map(|(_, c)| c.iter().copied()).collect();

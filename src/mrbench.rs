@@ -198,7 +198,15 @@ pub fn run(options: &MrBenchOptions) -> Result<Vec<Round>> {
         let job = Command::new(&options.exe)
             .args(["mapreduce", "--cluster", &cluster_arg, "--tls"])
             .arg(&tls)
-            .args(["--timeout-ms", "60000", "run", "--app", "wc", "--input", "text/"])
+            .args([
+                "--timeout-ms",
+                "60000",
+                "run",
+                "--app",
+                "wc",
+                "--input",
+                "text/",
+            ])
             .args(["--output", &output, "--reduce", &options.reduce.to_string()])
             .args(["--id", &coordinator_id.to_string()])
             .args(["--workers", &options.workers.to_string()])

@@ -38,11 +38,65 @@ const PROCESS_TIMEOUT: Duration = Duration::from_secs(45);
 const CRASH_TIMEOUT: Duration = Duration::from_secs(120);
 
 const WORDS: &[&str] = &[
-    "the", "of", "and", "a", "to", "in", "is", "you", "that", "it", "he", "was", "for", "on",
-    "are", "as", "with", "his", "they", "I", "at", "be", "this", "have", "from", "or", "one",
-    "had", "by", "word", "but", "not", "what", "all", "were", "we", "when", "your", "can",
-    "said", "Sherlock", "Holmes", "Watson", "Tom", "Sawyer", "Huck", "river", "fence", "case",
-    "moor", "hound", "Becky", "Aunt", "Polly", "Baker", "street", "London", "St", "Petersburg",
+    "the",
+    "of",
+    "and",
+    "a",
+    "to",
+    "in",
+    "is",
+    "you",
+    "that",
+    "it",
+    "he",
+    "was",
+    "for",
+    "on",
+    "are",
+    "as",
+    "with",
+    "his",
+    "they",
+    "I",
+    "at",
+    "be",
+    "this",
+    "have",
+    "from",
+    "or",
+    "one",
+    "had",
+    "by",
+    "word",
+    "but",
+    "not",
+    "what",
+    "all",
+    "were",
+    "we",
+    "when",
+    "your",
+    "can",
+    "said",
+    "Sherlock",
+    "Holmes",
+    "Watson",
+    "Tom",
+    "Sawyer",
+    "Huck",
+    "river",
+    "fence",
+    "case",
+    "moor",
+    "hound",
+    "Becky",
+    "Aunt",
+    "Polly",
+    "Baker",
+    "street",
+    "London",
+    "St",
+    "Petersburg",
 ];
 
 const FILES: &[&str] = &[
@@ -132,7 +186,13 @@ impl World {
             .arg("mapreduce")
             .args(cluster_args(&self.cluster))
             .args(["run", "--app", app, "--input", "in/", "--output", "out/"])
-            .args(["--reduce", &REDUCE.to_string(), "--split-bytes", "1", "--files"])
+            .args([
+                "--reduce",
+                &REDUCE.to_string(),
+                "--split-bytes",
+                "1",
+                "--files",
+            ])
             .args(["--job", "lab", "--id", &COORDINATOR_ID.to_string()])
             .arg(format!("--listen={}", self.coordinator_addr))
             .arg("--dir")
@@ -206,7 +266,10 @@ impl World {
         want_lines.sort();
         let got = self.merged_files();
         assert_eq!(got.len(), want_lines.len(), "line count");
-        assert_eq!(got, want_lines, "merged mr-out-* differ from the sequential run");
+        assert_eq!(
+            got, want_lines,
+            "merged mr-out-* differ from the sequential run"
+        );
         assert_eq!(&self.output_keys(), want, "output keys differ");
     }
 
@@ -320,7 +383,11 @@ fn job_count() {
     for (w, what) in [(&mut first, "worker 1"), (&mut third, "worker 3")] {
         wait_within(w, PROCESS_TIMEOUT, what);
     }
-    assert!(wait_within(&mut coordinator, PROCESS_TIMEOUT, "coordinator"));
+    assert!(wait_within(
+        &mut coordinator,
+        PROCESS_TIMEOUT,
+        "coordinator"
+    ));
     assert_eq!(world.merged_files(), vec!["a 8".to_string()]);
 }
 
@@ -333,7 +400,10 @@ fn early_exit() {
     processes.extend((1..=3).map(|n| world.worker(n)));
     let deadline = Instant::now() + PROCESS_TIMEOUT;
     let snapshot = loop {
-        if processes.iter_mut().any(|p| p.try_wait().unwrap().is_some()) {
+        if processes
+            .iter_mut()
+            .any(|p| p.try_wait().unwrap().is_some())
+        {
             break world.merged_files();
         }
         assert!(Instant::now() < deadline, "nobody exited in time");
@@ -344,7 +414,10 @@ fn early_exit() {
     }
     let last = world.merged_files();
     assert!(!last.is_empty());
-    assert_eq!(snapshot, last, "output changed after the first process exited");
+    assert_eq!(
+        snapshot, last,
+        "output changed after the first process exited"
+    );
 }
 
 /// Lab crash: `crash` exits or stalls at random in every map and reduce
@@ -357,7 +430,10 @@ fn crash_worker() {
     let started = Instant::now();
     let mut slots: Vec<Option<Child>> = (1..=3).map(|n| Some(world.worker(n))).collect();
     while coordinator.try_wait().unwrap().is_none() {
-        assert!(started.elapsed() < CRASH_TIMEOUT, "the crash job took too long");
+        assert!(
+            started.elapsed() < CRASH_TIMEOUT,
+            "the crash job took too long"
+        );
         for (i, slot) in slots.iter_mut().enumerate() {
             let exited = match slot {
                 Some(child) => child.try_wait().unwrap().is_some(),
@@ -373,7 +449,10 @@ fn crash_worker() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(coordinator.wait().unwrap().success(), "the coordinator failed");
+    assert!(
+        coordinator.wait().unwrap().success(),
+        "the coordinator failed"
+    );
     for child in slots.iter_mut().flatten() {
         let _ = child.kill();
         let _ = child.wait();
@@ -498,9 +577,6 @@ fn bad_jobs_are_refused() {
     assert!(err.contains("reduce count"), "{err}");
     assert!(world.output_keys().is_empty());
     let client = BlockingClient::connect(&world.cluster.members, &world.cluster.tls).unwrap();
-    assert!(client
-        .scan("__shoal/", "__shoal0", 10)
-        .unwrap()
-        .is_empty());
+    assert!(client.scan("__shoal/", "__shoal0", 10).unwrap().is_empty());
     client.close();
 }

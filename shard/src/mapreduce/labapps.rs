@@ -84,8 +84,14 @@ impl MapReduceApp for MapTiming {
             .as_secs_f64();
         let pid = std::process::id();
         let n = parallel("map");
-        emit(format!("times-{pid}").as_bytes(), format!("{now:.1}").as_bytes());
-        emit(format!("parallel-{pid}").as_bytes(), n.to_string().as_bytes());
+        emit(
+            format!("times-{pid}").as_bytes(),
+            format!("{now:.1}").as_bytes(),
+        );
+        emit(
+            format!("parallel-{pid}").as_bytes(),
+            n.to_string().as_bytes(),
+        );
     }
 
     fn reduce(&self, _key: &[u8], values: &mut dyn Iterator<Item = &[u8]>) -> Vec<u8> {
@@ -128,7 +134,11 @@ impl MapReduceApp for JobCount {
             .map(|entries| {
                 entries
                     .flatten()
-                    .filter(|e| e.file_name().to_string_lossy().starts_with("mr-worker-jobcount"))
+                    .filter(|e| {
+                        e.file_name()
+                            .to_string_lossy()
+                            .starts_with("mr-worker-jobcount")
+                    })
                     .count()
             })
             .unwrap_or(0);
@@ -163,9 +173,7 @@ impl Crash {
         }
         match rand::random::<u32>() % 1000 {
             0..=329 => std::process::exit(1),
-            330..=659 => {
-                std::thread::sleep(Duration::from_millis(rand::random::<u64>() % 10_000))
-            }
+            330..=659 => std::thread::sleep(Duration::from_millis(rand::random::<u64>() % 10_000)),
             _ => {}
         }
     }

@@ -51,8 +51,8 @@ use super::app::{app_by_name, MapReduceApp};
 use super::coordinator::{Assignment, Finish, JobConfig, JobTable, TaskRef, TaskState};
 use super::plan::{split_range, JobSpec, KeyRange, PlanError, ShardInput};
 use super::wire::{
-    encode_run, read_run, write_atomically, JobHeader, JobProgress, MrProtocol,
-    MrRequest, MrResponse, PhaseTimes, RunId, RunSource, TaskReply, WorkerHello,
+    encode_run, read_run, write_atomically, JobHeader, JobProgress, MrProtocol, MrRequest,
+    MrResponse, PhaseTimes, RunId, RunSource, TaskReply, WorkerHello,
 };
 use super::worker::{map_task, reduce_task, Run};
 use crate::client::{Client, ClientError, PinnedShard};
@@ -158,9 +158,7 @@ impl JobRecord {
         JobProgress {
             maps_done: (0..maps).filter(|&t| done(TaskRef::Map(t))).count() as u32,
             maps,
-            reduces_done: (0..reduces)
-                .filter(|&p| done(TaskRef::Reduce(p)))
-                .count() as u32,
+            reduces_done: (0..reduces).filter(|&p| done(TaskRef::Reduce(p))).count() as u32,
             reduces,
             bytes_read: self.bytes_read,
             bytes_total: self.bytes_total,
@@ -200,7 +198,9 @@ pub enum MrError {
     #[error("bad job: {0}")]
     Plan(#[from] PlanError),
     /// No application by that name.
-    #[error("unknown application {0:?} (built in: wc, indexer, grep:PATTERN, and the lab's test apps)")]
+    #[error(
+        "unknown application {0:?} (built in: wc, indexer, grep:PATTERN, and the lab's test apps)"
+    )]
     UnknownApp(String),
     /// The job's name is empty or too long.
     #[error("job name must be 1..={JOB_NAME_BYTES_MAX} bytes")]
@@ -277,9 +277,7 @@ pub async fn plan_job<C: RpcCaller<KvProtocol>>(
         return Err(MrError::ReservedRange);
     }
     let output = KeyRange::prefix(&options.spec.output_prefix);
-    let existing = db
-        .scan(output.start.clone(), output.end.clone(), 1)
-        .await?;
+    let existing = db.scan(output.start.clone(), output.end.clone(), 1).await?;
     if let Some((key, _)) = existing.first() {
         return Err(MrError::OutputNotEmpty {
             prefix: options.spec.output_prefix.clone(),
@@ -329,10 +327,7 @@ pub async fn plan_job<C: RpcCaller<KvProtocol>>(
         }
     };
     let encoded = postcard::to_stdvec(&record).expect("a job record encodes");
-    match db
-        .put_if_version(job_key(&options.name), encoded, 0)
-        .await
-    {
+    match db.put_if_version(job_key(&options.name), encoded, 0).await {
         Ok(_) => Ok(record),
         Err(e) => {
             release_pins(db, &record.pins).await;
@@ -581,7 +576,11 @@ impl<C: RpcCaller<KvProtocol>> Coordinator<C> {
                 reason,
             } => {
                 tracing::warn!(worker = %hello.node, %task, attempt, %reason, "attempt failed");
-                match self.record.table.attempt_failed(hello.worker(), task, attempt) {
+                match self
+                    .record
+                    .table
+                    .attempt_failed(hello.worker(), task, attempt)
+                {
                     Ok(()) => {
                         self.finish_if_done();
                         self.save().await?;
@@ -874,34 +873,35 @@ impl<T: WorkerTransport + Clone, C: RpcCaller<KvProtocol>> Worker<T, C> {
                 tokio::time::sleep(Duration::from_millis(WAIT_MS)).await;
                 continue;
             };
-            let (task_ref, attempt, outcome): (_, _, Result<(u64, PhaseTimes), AttemptError>) = match task {
-                TaskReply::Done => break,
-                TaskReply::Wait { ms } => {
-                    tokio::time::sleep(Duration::from_millis(ms.min(10 * WAIT_MS))).await;
-                    continue;
-                }
-                TaskReply::Map {
-                    header,
-                    task,
-                    attempt,
-                    split,
-                    pin,
-                } => {
-                    jobs_seen.push(header.job);
-                    let outcome = self.map(&header, task, attempt, &split.range, &pin).await;
-                    (TaskRef::Map(task), attempt, outcome)
-                }
-                TaskReply::Reduce {
-                    header,
-                    partition,
-                    attempt,
-                    sources,
-                } => {
-                    jobs_seen.push(header.job);
-                    let outcome = self.reduce(&header, partition, &sources).await;
-                    (TaskRef::Reduce(partition), attempt, outcome.map(|t| (0, t)))
-                }
-            };
+            let (task_ref, attempt, outcome): (_, _, Result<(u64, PhaseTimes), AttemptError>) =
+                match task {
+                    TaskReply::Done => break,
+                    TaskReply::Wait { ms } => {
+                        tokio::time::sleep(Duration::from_millis(ms.min(10 * WAIT_MS))).await;
+                        continue;
+                    }
+                    TaskReply::Map {
+                        header,
+                        task,
+                        attempt,
+                        split,
+                        pin,
+                    } => {
+                        jobs_seen.push(header.job);
+                        let outcome = self.map(&header, task, attempt, &split.range, &pin).await;
+                        (TaskRef::Map(task), attempt, outcome)
+                    }
+                    TaskReply::Reduce {
+                        header,
+                        partition,
+                        attempt,
+                        sources,
+                    } => {
+                        jobs_seen.push(header.job);
+                        let outcome = self.reduce(&header, partition, &sources).await;
+                        (TaskRef::Reduce(partition), attempt, outcome.map(|t| (0, t)))
+                    }
+                };
             let report = match (task_ref, outcome) {
                 (TaskRef::Map(task), Ok((bytes_read, times))) => {
                     summary.maps += 1;
@@ -1204,7 +1204,10 @@ async fn join_all<F: std::future::Future>(futures: impl IntoIterator<Item = F>) 
         }
     })
     .await;
-    outputs.into_iter().map(|o| o.expect("polled to completion")).collect()
+    outputs
+        .into_iter()
+        .map(|o| o.expect("polled to completion"))
+        .collect()
 }
 
 fn remove_runs(dir: &Path, jobs: &[u64]) {
