@@ -114,6 +114,8 @@ const FILES: &[&str] = &[
 /// the loaded input and a scratch directory.
 struct World {
     cluster: Cluster,
+    /// A sharded cluster's controller nodes ("1,2,3"), routed by key.
+    controller: Option<&'static str>,
     dir: PathBuf,
     input: BTreeMap<Vec<u8>, Vec<u8>>,
     coordinator_addr: SocketAddr,
@@ -146,15 +148,34 @@ fn write_inputs(dir: &Path, words: usize) -> Vec<PathBuf> {
 
 impl World {
     fn new(nodes: u64) -> World {
+        World::create(nodes, None)
+    }
+
+    /// Three sharded nodes, 8 shards over groups 1 and 2 (both on nodes
+    /// 1-3), the controller group on nodes 1-3.
+    fn sharded() -> World {
+        World::create(3, Some("1,2,3"))
+    }
+
+    fn create(nodes: u64, controller: Option<&'static str>) -> World {
         let tmp = tempfile::tempdir().unwrap();
-        let cluster = Cluster::start(&tmp.path().join("cluster"), nodes);
+        let cluster = match controller {
+            None => Cluster::start(&tmp.path().join("cluster"), nodes),
+            Some(c) => {
+                let cluster =
+                    Cluster::start_args(&tmp.path().join("cluster"), nodes, &["--controller", c]);
+                cluster.shard(c, 60_000, &["init", "--shards", "8", "--group", "1=1,2,3"]);
+                cluster.shard(c, 60_000, &["join", "--group", "2=1,2,3"]);
+                cluster
+            }
+        };
         shoal::certs::add(&cluster.tls, &MR_IDS.collect::<Vec<_>>(), &[]).unwrap();
         let dir = tmp.path().join("mr");
         std::fs::create_dir_all(dir.join("input")).unwrap();
         let files = write_inputs(&dir.join("input"), 6_000);
         let output = Command::new(env!("CARGO_BIN_EXE_shoal"))
             .arg("load")
-            .args(cluster_args(&cluster))
+            .args(cluster_args(&cluster, controller))
             .args(["--prefix", "in/"])
             .args(&files)
             .stderr(Stdio::inherit())
@@ -172,6 +193,7 @@ impl World {
             .collect();
         World {
             cluster,
+            controller,
             dir,
             input,
             coordinator_addr: shoal::local_cluster::free_udp_addr().unwrap(),
@@ -184,7 +206,7 @@ impl World {
     fn coordinator(&self, app: &str, extra: &[&str]) -> Child {
         Command::new(env!("CARGO_BIN_EXE_shoal"))
             .arg("mapreduce")
-            .args(cluster_args(&self.cluster))
+            .args(self.args())
             .args(["run", "--app", app, "--input", "in/", "--output", "out/"])
             .args([
                 "--reduce",
@@ -211,7 +233,7 @@ impl World {
         let id = COORDINATOR_ID + n;
         Command::new(env!("CARGO_BIN_EXE_shoal"))
             .arg("mapreduce")
-            .args(cluster_args(&self.cluster))
+            .args(self.args())
             .args(["worker", "--id", &id.to_string()])
             .arg(format!(
                 "--coordinator={COORDINATOR_ID}@{}",
@@ -225,6 +247,20 @@ impl World {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap()
+    }
+
+    fn args(&self) -> Vec<String> {
+        cluster_args(&self.cluster, self.controller)
+    }
+
+    fn client(&self) -> BlockingClient {
+        let options = shoal::cluster::ClientOptions {
+            controller: self
+                .controller
+                .map(|c| c.split(',').map(|n| n.parse().unwrap()).collect()),
+            ..Default::default()
+        };
+        BlockingClient::connect_with(&self.cluster.members, &self.cluster.tls, options).unwrap()
     }
 
     /// `sort mr-out* | grep .`
@@ -242,7 +278,7 @@ impl World {
 
     /// The output keys, prefix stripped.
     fn output_keys(&self) -> BTreeMap<Vec<u8>, Vec<u8>> {
-        let client = BlockingClient::connect(&self.cluster.members, &self.cluster.tls).unwrap();
+        let client = self.client();
         let pairs = client.scan("out/", "out0", 1_000_000).unwrap();
         client.close();
         pairs
@@ -278,13 +314,17 @@ impl World {
     }
 }
 
-fn cluster_args(cluster: &Cluster) -> Vec<String> {
-    vec![
+fn cluster_args(cluster: &Cluster, controller: Option<&str>) -> Vec<String> {
+    let mut args = vec![
         "--cluster".into(),
         cluster.cluster_arg(),
         "--tls".into(),
         cluster.tls.display().to_string(),
-    ]
+    ];
+    if let Some(c) = controller {
+        args.push(format!("--controller={c}"));
+    }
+    args
 }
 
 /// Waits for `child` to exit within `timeout` (SIGKILLs it after) and
@@ -468,11 +508,11 @@ fn coordinator_killed_and_resumed() {
     let mut coordinator = world.coordinator("indexer", &[]);
     let workers: Vec<Child> = (1..=2).map(|n| world.worker(n)).collect();
     // Kill it once the job record shows some maps done.
-    let client = BlockingClient::connect(&world.cluster.members, &world.cluster.tls).unwrap();
+    let client = world.client();
     common::wait_for("some map tasks to finish", PROCESS_TIMEOUT, || {
         let status = Command::new(env!("CARGO_BIN_EXE_shoal"))
             .arg("mapreduce")
-            .args(cluster_args(&world.cluster))
+            .args(world.args())
             .args(["status", "--job", "lab"])
             .output()
             .unwrap();
@@ -501,7 +541,7 @@ fn worker_killed_after_maps() {
     let status = || -> serde_json::Value {
         let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
             .arg("mapreduce")
-            .args(cluster_args(&world.cluster))
+            .args(world.args())
             .args(["status", "--job", "lab"])
             .output()
             .unwrap();
@@ -530,7 +570,7 @@ fn input_written_during_job() {
     let world = World::new(3);
     let coordinator = world.coordinator("wc", &[]);
     let workers = (1..=2).map(|n| world.worker(n)).collect();
-    let client = BlockingClient::connect(&world.cluster.members, &world.cluster.tls).unwrap();
+    let client = world.client();
     // The job pins its input before it hands out a map; wait for the job
     // record, then write.
     common::wait_for("the job to be planned", PROCESS_TIMEOUT, || {
@@ -555,7 +595,7 @@ fn bad_jobs_are_refused() {
     let run = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
             .arg("mapreduce")
-            .args(cluster_args(&world.cluster))
+            .args(world.args())
             .arg("run")
             .args(args)
             .arg(format!("--listen={}", world.coordinator_addr))
@@ -576,7 +616,149 @@ fn bad_jobs_are_refused() {
     let err = run(&[&["--app", "wc", "--reduce", "0"][..], &base].concat());
     assert!(err.contains("reduce count"), "{err}");
     assert!(world.output_keys().is_empty());
-    let client = BlockingClient::connect(&world.cluster.members, &world.cluster.tls).unwrap();
+    let client = world.client();
     assert!(client.scan("__shoal/", "__shoal0", 10).unwrap().is_empty());
     client.close();
+}
+
+/// Beyond the lab: a job over a sharded cluster (one pin and at least one
+/// map task per shard) while a shard moves between groups; the result
+/// equals sequential.
+#[test]
+fn sharded_job_while_a_shard_moves() {
+    let world = World::sharded();
+    // Maps sleep 500 ms each, so the move happens while they run.
+    let coordinator = world.coordinator("slow_wc", &[]);
+    let workers = (1..=2).map(|n| world.worker(n)).collect();
+    let client = world.client();
+    common::wait_for("the job to be planned", PROCESS_TIMEOUT, || {
+        client.get("__shoal/mapreduce/lab").is_ok()
+    });
+    client.close();
+    let status = world.cluster.shard("1,2,3", 60_000, &["status"]);
+    let (shard, group) = status[1..]
+        .iter()
+        .map(|l| (l["shard"].as_u64().unwrap(), l["group"].as_u64().unwrap()))
+        .next()
+        .unwrap();
+    let to = if group == 1 { "2" } else { "1" };
+    world.cluster.shard(
+        "1,2,3",
+        60_000,
+        &["move", "--shard", &shard.to_string(), "--to", to],
+    );
+    let progress: serde_json::Value = serde_json::from_slice(
+        &Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .arg("mapreduce")
+            .args(world.args())
+            .args(["status", "--job", "lab"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    // Maps sleep 500 ms each (8 maps on 2 workers: about 2 s), and a move
+    // takes well under that.
+    assert!(
+        progress["maps_done"].as_u64().unwrap() < 8,
+        "the move finished while maps ran: {progress}"
+    );
+    finish(coordinator, workers, PROCESS_TIMEOUT);
+    world.check(&world.sequential(app_by_name("wc").unwrap().as_ref()));
+}
+
+/// The in-process API: a job over an embedded `Db` with a user's own app
+/// (not a built-in) equals the sequential run over one snapshot of the
+/// input, while a writer adds keys to it.
+#[test]
+fn embedded_db_job() {
+    use std::sync::Arc;
+    /// Word length -> the distinct words of that length, sorted.
+    struct Lengths;
+    impl MapReduceApp for Lengths {
+        fn map(&self, _key: &[u8], value: &[u8], emit: &mut dyn FnMut(&[u8], &[u8])) {
+            for word in value
+                .split(|b| !b.is_ascii_alphabetic())
+                .filter(|w| !w.is_empty())
+            {
+                emit(word.len().to_string().as_bytes(), word);
+            }
+        }
+        fn reduce(&self, _key: &[u8], values: &mut dyn Iterator<Item = &[u8]>) -> Vec<u8> {
+            let mut distinct: Vec<&[u8]> = values.collect();
+            distinct.sort_unstable();
+            distinct.dedup();
+            distinct.join(&b","[..])
+        }
+    }
+    /// A distinct 24-letter word per `i`.
+    fn word24(i: usize) -> String {
+        let mut w = String::from("zz");
+        let mut n = i;
+        for _ in 0..22 {
+            w.push((b'a' + (n % 26) as u8) as char);
+            n /= 26;
+        }
+        w
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let db = shoal::Db::open(tmp.path().join("db")).unwrap();
+    let files = write_inputs(tmp.path(), 2_000);
+    let mut input = BTreeMap::new();
+    for path in &files {
+        let key = format!("in/{}", path.file_name().unwrap().to_str().unwrap());
+        let text = std::fs::read(path).unwrap();
+        db.put(key.clone(), text.clone()).unwrap();
+        input.insert(key.into_bytes(), text);
+    }
+    let mut job = shoal::MapReduceJob::new("lengths", b"in/", b"len/", 3, tmp.path().join("mr"));
+    job.options.split_bytes = 1;
+    const NEW: usize = 200;
+    let writer = {
+        let db = db.async_db();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                for i in 0..NEW {
+                    db.put(format!("in/new-{i:04}"), word24(i)).await.unwrap();
+                }
+            })
+        })
+    };
+    let progress = db.mapreduce(&job, Arc::new(Lengths)).unwrap();
+    writer.join().unwrap();
+    let got: BTreeMap<Vec<u8>, Vec<u8>> = db
+        .scan("len/", "len0", 10_000)
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (k[4..].to_vec(), v.value.to_vec()))
+        .collect();
+    // The writes are sequential, so the pinned snapshot holds the first k
+    // of them, for some k: the result is the sequential run over that.
+    let snapshot = |k: usize| {
+        let mut data = input.clone();
+        for i in 0..k {
+            data.insert(
+                format!("in/new-{i:04}").into_bytes(),
+                word24(i).into_bytes(),
+            );
+        }
+        data
+    };
+    let k = got.get(&b"24".to_vec()).map_or(0, |words| {
+        words
+            .split(|&b| b == b',')
+            .filter(|w| w.starts_with(b"zz"))
+            .count()
+    });
+    assert_eq!(
+        got,
+        run_sequential(&Lengths, snapshot(k).iter()),
+        "snapshot of {k} writes"
+    );
+    assert_eq!(progress.maps as usize, 8 + k, "one map task per input key");
+    db.close().unwrap();
 }

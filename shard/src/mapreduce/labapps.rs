@@ -18,6 +18,8 @@
 //!   value length, `d` → `xyzzy`; reduce sorts and joins the values.
 //!   `crash` first, in every call: exits the process (1/3), sleeps up to
 //!   10 s (1/3), or goes on.
+//! - `slow_wc` (ours, not the lab's): word count whose map sleeps 500 ms
+//!   per call, so that a test can change the cluster while maps run.
 //!
 //! Process liveness is read from `/proc/<pid>` (Linux), as the lab's
 //! `kill(pid, 0)`.
@@ -38,6 +40,7 @@ pub fn lab_app_by_name(name: &str) -> Option<Arc<dyn MapReduceApp>> {
         "early_exit" => Arc::new(EarlyExit),
         "crash" => Arc::new(Crash { crashes: true }),
         "nocrash" => Arc::new(Crash { crashes: false }),
+        "slow_wc" => Arc::new(SlowWordCount),
         _ => return None,
     })
 }
@@ -159,6 +162,19 @@ impl MapReduceApp for EarlyExit {
             std::thread::sleep(Duration::from_secs(3));
         }
         values.count().to_string().into_bytes()
+    }
+}
+
+struct SlowWordCount;
+
+impl MapReduceApp for SlowWordCount {
+    fn map(&self, key: &[u8], value: &[u8], emit: &mut dyn FnMut(&[u8], &[u8])) {
+        std::thread::sleep(Duration::from_millis(500));
+        super::app::WordCount.map(key, value, emit);
+    }
+
+    fn reduce(&self, key: &[u8], values: &mut dyn Iterator<Item = &[u8]>) -> Vec<u8> {
+        super::app::WordCount.reduce(key, values)
     }
 }
 
