@@ -762,3 +762,36 @@ fn embedded_db_job() {
     assert_eq!(progress.maps as usize, 8 + k, "one map task per input key");
     db.close().unwrap();
 }
+
+/// Beyond the lab: the node holding the input pin restarts mid-job; the
+/// snapshot is gone, so the job fails with a clear reason instead of
+/// reading a different point in time.
+#[test]
+fn lost_snapshot_fails_the_job_clearly() {
+    let mut world = World::new(1);
+    let mut coordinator = world.coordinator("slow_wc", &[]);
+    let workers: Vec<Child> = (1..=2).map(|n| world.worker(n)).collect();
+    let client = world.client();
+    common::wait_for("the job to be planned", PROCESS_TIMEOUT, || {
+        client.get("__shoal/mapreduce/lab").is_ok()
+    });
+    client.close();
+    world.cluster.kill(1);
+    world.cluster.start_node(1);
+    assert!(
+        !wait_within(&mut coordinator, PROCESS_TIMEOUT, "the coordinator"),
+        "the job cannot succeed without its snapshot"
+    );
+    let status = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .arg("mapreduce")
+        .args(world.args())
+        .args(["status", "--job", "lab"])
+        .output()
+        .unwrap();
+    let progress: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let failure = progress["failure"].as_str().unwrap_or_default();
+    assert!(failure.contains("snapshot"), "{progress}");
+    for mut w in workers {
+        wait_within(&mut w, PROCESS_TIMEOUT, "a worker");
+    }
+}

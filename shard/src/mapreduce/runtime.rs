@@ -600,6 +600,17 @@ impl<C: RpcCaller<KvProtocol>> Coordinator<C> {
                 self.save().await?;
                 Ok(MrResponse::Ack)
             }
+            MrRequest::PinLost { hello, shard } => {
+                tracing::error!(worker = %hello.node, shard, "the input snapshot is gone; the job fails");
+                if self.record.state == JobState::Running {
+                    self.record.state = JobState::Failed(format!(
+                        "the input snapshot of shard {shard} is gone (its node restarted, or the \
+                         pin idled out); run the job again to read a new one"
+                    ));
+                    self.save().await?;
+                }
+                Ok(MrResponse::Ack)
+            }
             MrRequest::Status => Ok(MrResponse::Progress(self.record.progress())),
             MrRequest::SendRun { .. } => Ok(MrResponse::Refused {
                 reason: "this is a coordinator, not a worker".into(),
@@ -830,6 +841,9 @@ enum AttemptError {
     Failed(String),
     /// A holder's runs could not be fetched.
     Fetch(WorkerHello, String),
+    /// The input snapshot of `shard` is gone (its node restarted or the
+    /// pin expired): the job cannot finish at its snapshot.
+    PinLost(u32),
 }
 
 impl<T: WorkerTransport + Clone, C: RpcCaller<KvProtocol>> Worker<T, C> {
@@ -931,13 +945,28 @@ impl<T: WorkerTransport + Clone, C: RpcCaller<KvProtocol>> Worker<T, C> {
                         reason,
                     }
                 }
-                (_, Err(AttemptError::Fetch(holder, reason))) => {
+                (task, Err(AttemptError::Fetch(holder, reason))) => {
                     summary.failures += 1;
-                    MrRequest::FetchFailed {
+                    // The holder's maps run again; this attempt ends now
+                    // rather than at its lease.
+                    let lost = MrRequest::FetchFailed {
                         hello,
                         holder,
-                        reason,
+                        reason: reason.clone(),
+                    };
+                    if let MrResponse::Refused { reason } = self.ask(lost).await? {
+                        tracing::info!(%reason, "fetch failure not taken");
                     }
+                    MrRequest::Failed {
+                        hello,
+                        task,
+                        attempt,
+                        reason: format!("fetching runs: {reason}"),
+                    }
+                }
+                (_, Err(AttemptError::PinLost(shard))) => {
+                    summary.failures += 1;
+                    MrRequest::PinLost { hello, shard }
                 }
             };
             if let MrResponse::Refused { reason } = self.ask(report).await? {
@@ -973,7 +1002,10 @@ impl<T: WorkerTransport + Clone, C: RpcCaller<KvProtocol>> Worker<T, C> {
             let page = db
                 .scan_pinned(pin, start, end.clone(), READ_PAGE_PAIRS)
                 .await
-                .map_err(|e| AttemptError::Failed(format!("reading the input: {e}")))?;
+                .map_err(|e| match e {
+                    ClientError::PinGone => AttemptError::PinLost(pin.shard),
+                    e => AttemptError::Failed(format!("reading the input: {e}")),
+                })?;
             for (key, versioned) in page.pairs {
                 bytes_read += (key.len() + versioned.value.len()) as u64;
                 pairs.push((key, versioned.value));

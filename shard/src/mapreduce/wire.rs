@@ -189,6 +189,14 @@ pub enum MrRequest {
         /// Why.
         reason: String,
     },
+    /// Worker → coordinator: the input snapshot of `shard` is gone; the
+    /// job cannot finish.
+    PinLost {
+        /// The caller.
+        hello: WorkerHello,
+        /// The shard whose pin is gone.
+        shard: u32,
+    },
     /// Reducer → mapper: send me this run as a bulk file.
     SendRun {
         /// The caller (so the mapper can reach it).
