@@ -989,6 +989,7 @@ fn mapreduce(args: &ClusterArgs, command: MapreduceCmd) -> Result<()> {
                         "reduces": progress.reduces,
                         "attempts": progress.attempts,
                         "bytes_read": progress.bytes_read,
+                        "times_ms": progress.times,
                         "secs": secs,
                         "mb_per_s": mb / secs.max(1e-9),
                     })

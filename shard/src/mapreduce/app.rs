@@ -39,12 +39,16 @@ pub trait MapReduceApp: Send + Sync {
 
     /// The combiner, called on the map side only when
     /// [`Self::has_combiner`]: merges values a map task emitted for `key`
-    /// into one, to shrink its runs. It must keep `reduce(k, [combine(k,
-    /// vs)] ++ rest) == reduce(k, vs ++ rest)`, as summing counts does.
-    /// `None` keeps the values as they are.
-    fn combine(&self, key: &[u8], values: &mut dyn Iterator<Item = &[u8]>) -> Option<Vec<u8>> {
-        let _ = (key, values);
-        None
+    /// (the ones combined so far and the next) into one, to shrink its
+    /// runs. It must keep `reduce(k, [combine(k, vs)] ++ rest) ==
+    /// reduce(k, vs ++ rest)`, as summing counts does. The default panics:
+    /// an app without a combiner is never asked.
+    fn combine(&self, key: &[u8], values: &mut dyn Iterator<Item = &[u8]>) -> Vec<u8> {
+        let _ = values;
+        panic!(
+            "combine called for key {:?} on an app without a combiner",
+            key.escape_ascii().to_string()
+        )
     }
 }
 
@@ -110,8 +114,8 @@ impl MapReduceApp for WordCount {
         true
     }
 
-    fn combine(&self, _key: &[u8], values: &mut dyn Iterator<Item = &[u8]>) -> Option<Vec<u8>> {
-        Some(sum_decimal(values).to_string().into_bytes())
+    fn combine(&self, _key: &[u8], values: &mut dyn Iterator<Item = &[u8]>) -> Vec<u8> {
+        sum_decimal(values).to_string().into_bytes()
     }
 }
 

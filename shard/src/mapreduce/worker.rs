@@ -8,6 +8,8 @@
 //! target of [`split_range`](super::split_range), a reduce task's by the
 //! job's intermediate data over its partition count.
 
+use std::collections::HashMap;
+
 use super::app::MapReduceApp;
 use super::plan::partition;
 
@@ -34,56 +36,57 @@ where
         reduce_count > 0,
         "map_task: the reduce count must be positive"
     );
+    if app.has_combiner() {
+        return map_combining(app, inputs, reduce_count);
+    }
     let mut runs: Vec<Run> = vec![Vec::new(); reduce_count as usize];
-    // With a combiner, a run is sorted and combined whenever it doubles
-    // past its last combined size, so memory follows the distinct keys,
-    // not the emitted pairs.
-    let combines = app.has_combiner();
-    let mut combined_len = vec![COMBINE_PAIRS_MIN; reduce_count as usize];
     for (key, value) in inputs {
         app.map(key.as_ref(), value.as_ref(), &mut |k, v| {
-            let p = partition(k, reduce_count) as usize;
-            runs[p].push((k.to_vec(), v.to_vec()));
-            if combines && runs[p].len() >= 2 * combined_len[p] {
-                sort_and_combine(app, &mut runs[p]);
-                combined_len[p] = runs[p].len().max(COMBINE_PAIRS_MIN);
-            }
+            runs[partition(k, reduce_count) as usize].push((k.to_vec(), v.to_vec()));
         });
     }
     for run in &mut runs {
-        if combines {
-            sort_and_combine(app, run);
-        } else {
-            // Stable: values of a key keep their emission order.
-            run.sort_by(|a, b| a.0.cmp(&b.0));
-        }
+        // Stable: values of a key keep their emission order.
+        run.sort_by(|a, b| a.0.cmp(&b.0));
     }
     runs
 }
 
-/// A run is combined once it holds at least this many pairs.
-const COMBINE_PAIRS_MIN: usize = 4096;
-
-/// Sorts `run` by key and replaces each key's values by the combiner's one.
-fn sort_and_combine(app: &dyn MapReduceApp, run: &mut Run) {
-    run.sort_by(|a, b| a.0.cmp(&b.0));
-    let mut out: Run = Vec::with_capacity(run.len() / 2);
-    let mut rest = run.as_slice();
-    while let Some((first, _)) = rest.first() {
-        let same = rest.iter().take_while(|(key, _)| key == first).count();
-        let (group, tail) = rest.split_at(same);
-        if same == 1 {
-            out.push(group[0].clone());
-        } else {
-            let mut values = group.iter().map(|(_, value)| value.as_slice());
-            match app.combine(first, &mut values) {
-                Some(value) => out.push((first.clone(), value)),
-                None => out.extend_from_slice(group),
+/// [`map_task`] for an app with a combiner: one table per partition from
+/// key to its combined value, so memory follows the distinct keys, not the
+/// emitted pairs; each emission combines into its key's value at once.
+fn map_combining<K, V>(
+    app: &dyn MapReduceApp,
+    inputs: impl IntoIterator<Item = (K, V)>,
+    reduce_count: u32,
+) -> Vec<Run>
+where
+    K: AsRef<[u8]>,
+    V: AsRef<[u8]>,
+{
+    let mut tables: Vec<HashMap<Vec<u8>, Vec<u8>>> = vec![HashMap::new(); reduce_count as usize];
+    for (key, value) in inputs {
+        app.map(key.as_ref(), value.as_ref(), &mut |k, v| {
+            let table = &mut tables[partition(k, reduce_count) as usize];
+            match table.get_mut(k) {
+                Some(acc) => {
+                    let combined = app.combine(k, &mut [acc.as_slice(), v].into_iter());
+                    *acc = combined;
+                }
+                None => {
+                    table.insert(k.to_vec(), v.to_vec());
+                }
             }
-        }
-        rest = tail;
+        });
     }
-    *run = out;
+    tables
+        .into_iter()
+        .map(|table| {
+            let mut run: Run = table.into_iter().collect();
+            run.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            run
+        })
+        .collect()
 }
 
 /// Reduces one partition from the runs of every map task (in map task
