@@ -749,15 +749,7 @@ impl JobTable {
     /// reduce has finished (nothing will read them). Reduce outputs are in
     /// the database and stay.
     pub fn worker_lost(&mut self, worker: WorkerId) -> WorkerLoss {
-        let mut loss = WorkerLoss::default();
-        for task in self.maps.iter_mut().chain(self.reduces.iter_mut()) {
-            for attempt in &mut task.attempts {
-                if attempt.worker == worker && attempt.status == AttemptStatus::Running {
-                    attempt.status = AttemptStatus::WorkerLost;
-                    loss.attempts_abandoned += 1;
-                }
-            }
-        }
+        let mut loss = self.abandon_running(worker);
         if !self.is_done() {
             for (task, output) in self.maps.iter_mut().zip(&mut self.map_outputs) {
                 if output
@@ -773,6 +765,30 @@ impl JobTable {
             }
         }
         self.check_exhausted();
+        loss
+    }
+
+    /// `worker`'s process stopped but its map outputs may live on (a
+    /// restarted worker process that keeps its predecessor's disk): its
+    /// running attempts are abandoned and its finished map outputs stay.
+    /// If they turn out to be gone (a reducer cannot fetch them), call
+    /// [`Self::worker_lost`] then.
+    pub fn worker_restarted(&mut self, worker: WorkerId) -> WorkerLoss {
+        let loss = self.abandon_running(worker);
+        self.check_exhausted();
+        loss
+    }
+
+    fn abandon_running(&mut self, worker: WorkerId) -> WorkerLoss {
+        let mut loss = WorkerLoss::default();
+        for task in self.maps.iter_mut().chain(self.reduces.iter_mut()) {
+            for attempt in &mut task.attempts {
+                if attempt.worker == worker && attempt.status == AttemptStatus::Running {
+                    attempt.status = AttemptStatus::WorkerLost;
+                    loss.attempts_abandoned += 1;
+                }
+            }
+        }
         loss
     }
 

@@ -422,13 +422,15 @@ impl<C: RpcCaller<KvProtocol>> Coordinator<C> {
     }
 
     /// Notes `hello`; a new incarnation of a known node means its previous
-    /// process is gone, with the runs it held. Returns whether anything
-    /// changed.
+    /// process stopped: its running attempts are abandoned, and its runs
+    /// are fetched from the new process (which finds them if it kept the
+    /// same directory; if not, the reducer reports them lost). Returns
+    /// whether anything changed.
     fn register(&mut self, hello: WorkerHello) -> bool {
         match self.record.workers.insert(hello.node.0, hello) {
             Some(old) if old.incarnation != hello.incarnation => {
-                let loss = self.record.table.worker_lost(old.worker());
-                tracing::info!(node = %hello.node, ?loss, "worker restarted; its runs are lost");
+                let loss = self.record.table.worker_restarted(old.worker());
+                tracing::info!(node = %hello.node, ?loss, "worker restarted");
                 true
             }
             Some(old) => old != hello,
@@ -484,11 +486,17 @@ impl<C: RpcCaller<KvProtocol>> Coordinator<C> {
                 attempt,
                 map_outputs,
             }) => {
+                // A holder that restarted is reached at its new address;
+                // its runs keep the name of the attempt that made them.
                 let sources = map_outputs
                     .iter()
                     .map(|m| {
-                        postcard::from_bytes::<RunSource>(&m.location)
-                            .expect("locations are written by this coordinator")
+                        let mut source = postcard::from_bytes::<RunSource>(&m.location)
+                            .expect("locations are written by this coordinator");
+                        if let Some(now) = self.record.workers.get(&source.holder.node.0) {
+                            source.reach = *now;
+                        }
+                        source
                     })
                     .collect();
                 self.record.attempts += 1;
@@ -531,6 +539,7 @@ impl<C: RpcCaller<KvProtocol>> Coordinator<C> {
                     task,
                     attempt,
                     holder: hello,
+                    reach: hello,
                 })
                 .expect("a location encodes");
                 match self
@@ -1055,14 +1064,15 @@ impl<T: WorkerTransport + Clone, C: RpcCaller<KvProtocol>> Worker<T, C> {
     /// Gets one run: from our own directory, or from its holder.
     async fn fetch(&self, source: RunSource, id: RunId) -> Result<Run, AttemptError> {
         let local = self.options.dir.join(id.file_name());
-        if source.holder == self.options.hello {
+        if source.reach.node == self.options.hello.node {
+            // Ours, or our predecessor's in the same directory.
             return read_run_blocking(local, false)
                 .await
                 .map_err(|e| AttemptError::Fetch(source.holder, e));
         }
         let (tx, rx) = oneshot::channel();
         self.waiters.lock().expect("waiters lock").insert(id, tx);
-        self.node.learn(&source.holder);
+        self.node.learn(&source.reach);
         let request = MrRequest::SendRun {
             hello: self.options.hello,
             run: id,
@@ -1071,7 +1081,7 @@ impl<T: WorkerTransport + Clone, C: RpcCaller<KvProtocol>> Worker<T, C> {
         let fetched = async {
             match self
                 .node
-                .call_with_deadline(source.holder.node, request, deadline)
+                .call_with_deadline(source.reach.node, request, deadline)
                 .await
             {
                 Ok(MrResponse::RunSent) => {}

@@ -327,6 +327,36 @@ fn worker_lost_after_maps_reruns_them_and_reduces_wait() {
     assert!(table.is_done());
 }
 
+/// A restarted worker process keeps its predecessor's disk: its running
+/// attempt is abandoned and handed out again at once, its map output
+/// stays (and is read from there), until a reducer finds it gone.
+#[test]
+fn worker_restarted_keeps_map_outputs() {
+    let mut table = table(2, 1, JobConfig::default());
+    let (a, b) = (WorkerId(1), WorkerId(2));
+    let (task, attempt) = expect_map(table.request_task(a, 0).unwrap());
+    table.map_finished(a, task, attempt, location(a)).unwrap();
+    let (running, _) = expect_map(table.request_task(a, 1).unwrap());
+    let loss = table.worker_restarted(a);
+    assert_eq!(
+        loss,
+        WorkerLoss {
+            attempts_abandoned: 1,
+            map_outputs_lost: 0
+        }
+    );
+    assert_eq!(table.task_state(TaskRef::Map(task)), TaskState::Finished);
+    assert_eq!(table.map_output(task).map(|o| o.worker), Some(a));
+    // The abandoned map goes to another worker without waiting for a lease.
+    assert_eq!(expect_map(table.request_task(b, 2).unwrap()), (running, 1));
+    table.map_finished(b, running, 1, location(b)).unwrap();
+    let (_, _, readers) = expect_reduce(table.request_task(b, 3).unwrap());
+    assert_eq!(readers, vec![a, b]);
+    // Then the reducer finds A's output gone after all.
+    assert_eq!(table.worker_lost(a).map_outputs_lost, 1);
+    assert_eq!(table.task_state(TaskRef::Map(task)), TaskState::Idle);
+}
+
 /// Once every reduce has finished, nothing reads map outputs: losing their
 /// worker changes nothing and the job stays done.
 #[test]

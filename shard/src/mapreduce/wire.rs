@@ -88,8 +88,11 @@ pub struct RunSource {
     pub task: u32,
     /// The attempt that won it (its runs' names).
     pub attempt: u32,
-    /// The worker process holding them.
+    /// The worker process that made them (the table's name for it).
     pub holder: WorkerHello,
+    /// Where to fetch them: the holder, or the process that replaced it
+    /// under the same node id (it serves runs left in its directory).
+    pub reach: WorkerHello,
 }
 
 /// What every worker needs to know of the job it works for.
