@@ -83,14 +83,15 @@ pub const COORDINATOR_CALL_DEADLINE_MS: u64 = 10_000;
 pub const FETCH_DEADLINE_MS: u64 = 30_000;
 
 /// After the job finished, the coordinator keeps answering `Done` until
-/// no worker asked for this long (so running workers learn it and exit).
+/// every worker it knows was told, or no worker asked for this long (so
+/// running workers learn it and exit).
 pub const DONE_LINGER_MS: u64 = 1_000;
 
 /// Pairs asked for per page when a map task reads its split.
 pub const READ_PAGE_PAIRS: u64 = 1_000;
 
 /// Output puts in flight per reduce attempt.
-pub const OUTPUT_PUTS_INFLIGHT_MAX: usize = 32;
+pub const OUTPUT_PUTS_INFLIGHT_MAX: usize = 128;
 
 /// Runs fetched at once by one reduce attempt.
 pub const FETCHES_INFLIGHT_MAX: usize = 8;
@@ -662,19 +663,26 @@ where
     progress.send_replace(coordinator.record.progress());
     let mut finished_at: Option<Instant> = None;
     let mut last_ask = Instant::now();
+    let mut told_done: std::collections::BTreeSet<u64> = Default::default();
     loop {
         if coordinator.record.state != JobState::Running {
             let done = *finished_at.get_or_insert_with(Instant::now);
             let quiet = last_ask.max(done) + Duration::from_millis(DONE_LINGER_MS);
-            if Instant::now() >= quiet {
+            let all_told = coordinator
+                .record
+                .workers
+                .keys()
+                .all(|node| told_done.contains(node));
+            if all_told || Instant::now() >= quiet {
                 break;
             }
             match tokio::time::timeout_at(quiet, inbox.rpcs.recv()).await {
                 Err(_) => break,
                 Ok(None) => break,
                 Ok(Some(rpc)) => {
-                    if matches!(rpc.request, MrRequest::Task { .. }) {
+                    if let MrRequest::Task { hello } = &rpc.request {
                         last_ask = Instant::now();
+                        told_done.insert(hello.node.0);
                     }
                     let response = coordinator.handle(rpc.request).await?;
                     rpc.reply.send(response);
@@ -686,7 +694,14 @@ where
             break;
         };
         last_ask = Instant::now();
+        let asked = match &rpc.request {
+            MrRequest::Task { hello } => Some(hello.node.0),
+            _ => None,
+        };
         let response = coordinator.handle(rpc.request).await?;
+        if let (Some(node), MrResponse::Task(TaskReply::Done)) = (asked, &response) {
+            told_done.insert(node);
+        }
         rpc.reply.send(response);
         progress.send_replace(coordinator.record.progress());
     }
