@@ -621,8 +621,8 @@ fn bad_jobs_are_refused() {
     client.close();
 }
 
-/// Beyond the lab: a job over a sharded cluster (one pin and at least one
-/// map task per shard) while a shard moves between groups; the result
+/// Beyond the lab: a job over a sharded cluster (one pin per group, at
+/// least one map task per shard) while a shard moves between groups; the result
 /// equals sequential.
 #[test]
 fn sharded_job_while_a_shard_moves() {
@@ -748,7 +748,7 @@ fn embedded_db_job() {
         }
         data
     };
-    let k = got.get(&b"24".to_vec()).map_or(0, |words| {
+    let k = got.get(b"24".as_slice()).map_or(0, |words| {
         words
             .split(|&b| b == b',')
             .filter(|w| w.starts_with(b"zz"))

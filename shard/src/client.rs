@@ -43,7 +43,7 @@ use crate::node::{
 };
 use crate::protocol::{
     ClientCommand, Denied, GroupRefusal, KvProtocol, KvRequest, KvResponse, NodeReport, PinInfo,
-    Request, Response,
+    PinnedShardInfo, Request, Response, PIN_SHARDS_MAX,
 };
 
 /// Most pairs [`Client::scan`] asks for in one page (the nodes' default
@@ -174,16 +174,54 @@ pub enum ClientError {
     PinGone,
 }
 
-/// A pin of one shard's part of a range ([`Client::pin`]), held by the
-/// node [`PinInfo::node`]; what a job keeps to read its input.
+/// One shard's part of a pinned range ([`Client::pin`]), held by the
+/// node [`ShardPin::node`]; what a job keeps to read its input. The
+/// shards of one group share one pin (same [`ShardPin::pin`] and node).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PinnedShard {
     /// The group that served the pin.
     pub group: GroupId,
     /// The shard pinned.
     pub shard: ShardId,
-    /// The pin, its node, and the pinned range's size and split keys.
-    pub info: PinInfo,
+    /// The pin, its node, and the shard's part's size and split keys.
+    pub info: ShardPin,
+}
+
+/// A group pin as one of its shards sees it: the pin and its node (shared
+/// by the group's shards), and this shard's part of the pinned range.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ShardPin {
+    /// The pin's id on its node ([`PinInfo::pin`]).
+    pub pin: u64,
+    /// The node holding it ([`PinInfo::node`]).
+    pub node: u64,
+    /// Key + value bytes of the range in this shard.
+    pub bytes: u64,
+    /// Pairs of the range in this shard.
+    pub keys: u64,
+    /// Split keys of this shard's part ([`PinnedShardInfo::split_keys`]).
+    pub split_keys: Vec<Bytes>,
+}
+
+impl PinnedShard {
+    /// Each shard of `info`, a pin `group` answered.
+    fn from_info(group: GroupId, info: PinInfo) -> Vec<PinnedShard> {
+        let PinInfo { pin, node, shards } = info;
+        shards
+            .into_iter()
+            .map(|s: PinnedShardInfo| PinnedShard {
+                group,
+                shard: s.shard,
+                info: ShardPin {
+                    pin,
+                    node,
+                    bytes: s.bytes,
+                    keys: s.keys,
+                    split_keys: s.split_keys,
+                },
+            })
+            .collect()
+    }
 }
 
 /// The async KV client. Cheap to clone (clones share the session, and
@@ -256,12 +294,6 @@ enum Attempted {
 /// Rounds over a group's servers a sharded client makes without an answer
 /// before it reads the configuration again.
 pub const GROUP_ROUNDS_MAX: u64 = 3;
-
-/// What an operation got: a reply of the state machine, or a pin.
-enum Answer {
-    Reply(Reply),
-    Pinned(PinInfo, GroupId),
-}
 
 /// How a request that got a reply was sent.
 #[derive(Debug, Clone, Copy)]
@@ -384,17 +416,22 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
     /// Where a request on `shard` goes: the fixed target, or the group the
     /// configuration gives the shard (`None` while no group serves it).
     async fn target(&self, shard: ShardId, refresh: bool) -> Result<Option<Target>, ClientError> {
-        let routes = match &self.route {
-            Route::Fixed(target) => return Ok(Some(target.clone())),
-            Route::Sharded(routes) => routes,
-        };
+        if let Route::Fixed(target) = &self.route {
+            return Ok(Some(target.clone()));
+        }
         let config = self.shard_config(refresh).await?;
-        let Some(group) = config.group_of(shard) else {
-            return Ok(None);
+        Ok(config
+            .group_of(shard)
+            .and_then(|group| self.group_target(&config, group)))
+    }
+
+    /// Where a request to `group` goes by `config` (`None` for a client of
+    /// fixed servers, or a group `config` does not know).
+    fn group_target(&self, config: &ShardConfig, group: GroupId) -> Option<Target> {
+        let Route::Sharded(routes) = &self.route else {
+            return None;
         };
-        let Some(members) = config.members(group) else {
-            return Ok(None);
-        };
+        let members = config.members(group)?;
         let mut targets = routes.targets.lock().unwrap_or_else(|p| p.into_inner());
         let target = targets
             .entry(group)
@@ -412,7 +449,7 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
                 servers: Arc::new(members.iter().copied().map(NodeId).collect()),
                 leader: Arc::new(AtomicU64::new(0)),
             });
-        Ok(Some(target.clone()))
+        Some(target.clone())
     }
 
     /// The shard a request is routed by: the key's, or the fixed one.
@@ -561,15 +598,22 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
 
     /// Pins `[start, end)` (empty `end`: no bound) for reading at one point
     /// in time with [`Client::scan_pinned`], whatever is written meanwhile:
-    /// one pin per shard the range may cover, in shard order (a sharded
-    /// client: every shard of the current configuration, since keys are
-    /// spread over shards by hash; otherwise the client's one shard), each
-    /// taken by its group's leader (a linearizable read) and held there.
-    /// Each pin is one shard's state at one point; the pins of different
-    /// shards are taken one after the other, not at one common point.
-    /// `split_bytes`: about how many bytes apart each pin's
-    /// [`PinInfo::split_keys`] are (0: none). Release them with
-    /// [`Client::unpin`] (idle ones expire on their node).
+    /// one [`PinnedShard`] per shard the range may cover, in shard order (a
+    /// sharded client: every shard of the current configuration, since
+    /// keys are spread over shards by hash; otherwise the client's one
+    /// shard). It takes ONE pin per group (per [`PIN_SHARDS_MAX`] shards of
+    /// a group), covering every shard the group serves, at the group's
+    /// leader (a linearizable read), held there: the shards of a group
+    /// share a pin id and one point in time; the pins of different groups
+    /// are taken one after the other, not at one common point.
+    /// `split_bytes`: about how many bytes apart each shard's
+    /// [`ShardPin::split_keys`] are (0: none; at most
+    /// [`crate::protocol::pin_split_keys_max`] per shard). Release them
+    /// with [`Client::unpin`] (idle ones expire on their node).
+    ///
+    /// A configuration that changes meanwhile (a group answers that it
+    /// does not serve a shard any more) is read again, and the shards not
+    /// pinned yet are pinned where it says, within the operation deadline.
     ///
     /// # Errors
     /// As for reads; a node at its pin limit refuses
@@ -581,34 +625,145 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
         end: Bytes,
         split_bytes: u64,
     ) -> Result<Vec<PinnedShard>, ClientError> {
-        let shards: Vec<ShardId> = match &self.route {
-            Route::Fixed(_) => vec![self.config.shard],
-            Route::Sharded(_) => (0..self.shard_config(false).await?.shard_count()).collect(),
+        let mut pins = Vec::new();
+        match self.pin_groups(start, end, split_bytes, &mut pins).await {
+            Ok(()) => {
+                pins.sort_by_key(|p| p.shard);
+                Ok(pins)
+            }
+            Err(e) => {
+                // One unpin per group pin (a repeat would answer PinGone).
+                pins.dedup_by_key(|p| (p.info.node, p.info.pin));
+                for p in &pins {
+                    // Best effort: an unreleased pin expires anyway.
+                    let _ = self.unpin(p).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// [`Client::pin`]'s work: pins, group by group, every shard not in
+    /// `pins` yet, adding each group's shards to `pins` (grouped: a
+    /// group's shards are consecutive), until all are or an error.
+    async fn pin_groups(
+        &self,
+        start: Bytes,
+        end: Bytes,
+        split_bytes: u64,
+        pins: &mut Vec<PinnedShard>,
+    ) -> Result<(), ClientError> {
+        let deadline = Instant::now() + self.config.op_deadline;
+        let mut sends = Sends {
+            count: 0,
+            first: Instant::now(),
         };
-        let command = ClientCommand::Pin {
-            start,
-            end,
-            split_bytes,
-        };
-        let mut pins = Vec::with_capacity(shards.len());
-        for shard in shards {
-            let pinned = match self.run_answer(Some(shard), command.clone()).await {
-                Ok(Answer::Pinned(info, group)) => Ok(PinnedShard { group, shard, info }),
-                Ok(Answer::Reply(other)) => Err(unexpected(other)),
-                Err(e) => Err(e),
-            };
-            match pinned {
-                Ok(p) => pins.push(p),
-                Err(e) => {
-                    for p in &pins {
-                        // Best effort: an unreleased pin expires anyway.
-                        let _ = self.unpin(p).await;
+        let mut refresh = false;
+        let mut pause = self.config.backoff_min;
+        loop {
+            if Instant::now() >= deadline {
+                return Err(ClientError::Timeout);
+            }
+            // Where each shard not pinned yet goes, by group.
+            let plan: Vec<(Target, Vec<ShardId>)> = match &self.route {
+                Route::Fixed(_) if !pins.is_empty() => Vec::new(),
+                Route::Fixed(target) => vec![(target.clone(), vec![self.config.shard])],
+                Route::Sharded(_) => {
+                    let config = self.shard_config(refresh).await?;
+                    let mut by_group: std::collections::BTreeMap<GroupId, Vec<ShardId>> =
+                        std::collections::BTreeMap::new();
+                    let mut unserved = false;
+                    for shard in 0..config.shard_count() {
+                        if pins.iter().any(|p| p.shard == shard) {
+                            continue;
+                        }
+                        match config.group_of(shard) {
+                            Some(group) => by_group.entry(group).or_default().push(shard),
+                            None => unserved = true,
+                        }
                     }
-                    return Err(e);
+                    let mut plan = Vec::with_capacity(by_group.len());
+                    for (group, shards) in by_group {
+                        match self.group_target(&config, group) {
+                            Some(target) => plan.push((target, shards)),
+                            None => unserved = true,
+                        }
+                    }
+                    if unserved {
+                        // A config being changed: no group serves a shard.
+                        refresh = true;
+                        tokio::time::sleep(
+                            pause.min(deadline.saturating_duration_since(Instant::now())),
+                        )
+                        .await;
+                        pause = (pause * 2).min(self.config.backoff_max);
+                        continue;
+                    }
+                    plan
+                }
+            };
+            if plan.is_empty() {
+                return Ok(());
+            }
+            refresh = false;
+            'groups: for (target, shards) in plan {
+                for chunk in shards.chunks(PIN_SHARDS_MAX) {
+                    let request = KvRequest {
+                        group: target.group,
+                        shard: chunk[0],
+                        client: self.config.client_id,
+                        seq: 0,
+                        command: ClientCommand::Pin {
+                            start: start.clone(),
+                            end: end.clone(),
+                            split_bytes,
+                            shards: chunk.to_vec(),
+                        },
+                    };
+                    let attempted = {
+                        // Operations of clones run one at a time.
+                        let _state = self.state.lock().await;
+                        self.attempt_until_deadline(request, &target, deadline, &mut sends)
+                            .await
+                    };
+                    match attempted {
+                        Attempted::Pinned(info, group) => {
+                            let answered: Vec<ShardId> =
+                                info.shards.iter().map(|s| s.shard).collect();
+                            let taken = PinnedShard::from_info(group, info);
+                            if answered != chunk {
+                                // Release it too (a bug or a version mismatch).
+                                pins.extend(taken);
+                                return Err(ClientError::Refused(format!(
+                                    "pinned shards {answered:?}, asked {chunk:?}"
+                                )));
+                            }
+                            pins.extend(taken);
+                        }
+                        // The configuration moved on (a shard left the
+                        // group, or the group is down): read it again and
+                        // pin the shards left where it says.
+                        Attempted::Unanswered => {
+                            refresh = true;
+                            break 'groups;
+                        }
+                        Attempted::Failed(ClientError::WrongGroup)
+                            if matches!(self.route, Route::Sharded(_)) =>
+                        {
+                            refresh = true;
+                            tokio::time::sleep(
+                                pause.min(deadline.saturating_duration_since(Instant::now())),
+                            )
+                            .await;
+                            pause = (pause * 2).min(self.config.backoff_max);
+                            break 'groups;
+                        }
+                        Attempted::Failed(e) => return Err(e),
+                        Attempted::Reply(other, _) => return Err(unexpected(other)),
+                    }
                 }
             }
         }
-        Ok(pins)
     }
 
     /// One page of `pin`'s shard in `[start, end)` (empty `end`: the pin's
@@ -641,7 +796,9 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
         }
     }
 
-    /// Releases `pin` on its node. A pin already gone counts as released.
+    /// Releases `pin` on its node: the whole group pin, so every shard of
+    /// `pin`'s group that shares its id too. A pin already gone counts as
+    /// released: unpinning each shard of a group in turn is fine.
     pub async fn unpin(&self, pin: &PinnedShard) -> Result<(), ClientError> {
         match self
             .call_pin_node(pin, ClientCommand::Unpin { pin: pin.info.pin })
@@ -707,27 +864,14 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
         self.run_on(None, command).await
     }
 
-    /// Runs `command` on `shard`, or on its key's shard.
+    /// Runs `command` on `shard`, or on its key's shard, with the leader
+    /// chase, retries and exactly-once rules of the module docs. (`Pin`
+    /// has its own loop, [`Client::pin`].)
     async fn run_on(
         &self,
         shard: Option<ShardId>,
         command: ClientCommand,
     ) -> Result<Reply, ClientError> {
-        match self.run_answer(shard, command).await? {
-            Answer::Reply(reply) => Ok(reply),
-            Answer::Pinned(info, _) => {
-                Err(ClientError::Refused(format!("unexpected pin {info:?}")))
-            }
-        }
-    }
-
-    /// Runs `command` on `shard`, or on its key's shard, with the leader
-    /// chase, retries and exactly-once rules of the module docs.
-    async fn run_answer(
-        &self,
-        shard: Option<ShardId>,
-        command: ClientCommand,
-    ) -> Result<Answer, ClientError> {
         let mut state = self.state.lock().await;
         let read_only = command.is_read_only();
         let seq = if read_only {
@@ -807,8 +951,10 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
                 Err(ClientError::Maybe)
             }
             Attempted::Reply(Reply::Rejected { reason }, _) => Err(ClientError::Refused(reason)),
-            Attempted::Reply(reply, _) => Ok(Answer::Reply(reply)),
-            Attempted::Pinned(info, group) => Ok(Answer::Pinned(info, group)),
+            Attempted::Reply(reply, _) => Ok(reply),
+            Attempted::Pinned(info, _) => {
+                Err(ClientError::Refused(format!("unexpected pin {info:?}")))
+            }
             Attempted::Failed(ClientError::Timeout) | Attempted::Unanswered if !read_only => {
                 Err(ClientError::Maybe)
             }

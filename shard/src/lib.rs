@@ -60,9 +60,11 @@ pub mod mapreduce;
 pub mod node;
 pub mod protocol;
 
-pub use client::{AdminError, BlockingClient, Client, ClientConfig, ClientError, PinnedShard};
+pub use client::{
+    AdminError, BlockingClient, Client, ClientConfig, ClientError, PinnedShard, ShardPin,
+};
 pub use node::{GroupSpec, Node, NodeConfig, NodeError, NodeHandle};
 pub use protocol::{
     Denied, GroupReport, KvProtocol, KvRequest, KvResponse, NodeReport, PeerMessage, PinInfo,
-    Request, Response,
+    PinnedShardInfo, Request, Response,
 };

@@ -138,11 +138,15 @@ pub enum ClientCommand {
         /// Most pairs to return.
         limit: u64,
     },
-    /// Pin `[start, end)` (empty `end`: to the end of the shard) at one
-    /// point in time for later [`ClientCommand::ScanPin`]s: a read, through
+    /// Pin `[start, end)` (empty `end`: to the end of each shard) in
+    /// every shard of `shards`, all at one point in time of the request's
+    /// group, for later [`ClientCommand::ScanPin`]s: a read, through
     /// ReadIndex at the group's leader, answered [`KvResponse::Pinned`]
-    /// with the pin's size and split keys. The pin lives on the node that
-    /// served it (see `node::pins`).
+    /// with one pin id and each shard's size and split keys. The group
+    /// must serve every shard listed (else [`KvResponse::WrongGroup`]:
+    /// nothing is pinned). The pin lives on the node that served it (see
+    /// `node::pins`). The request's own `shard` is only checked like any
+    /// other request's; `shards` is what is pinned.
     Pin {
         /// First key.
         start: Bytes,
@@ -151,12 +155,17 @@ pub enum ClientCommand {
         /// About how many key + value bytes apart the reply's split keys
         /// are (0: no split keys).
         split_bytes: u64,
+        /// The shards of the group to pin: at least one, at most
+        /// [`PIN_SHARDS_MAX`], strictly increasing (else `Refused`).
+        shards: Vec<ShardId>,
     },
-    /// One page of a pin's range as of the pin: keys in `[start, end)`
-    /// (empty `end`: the pin's end), inside the pinned range, with the
-    /// limits and continuation of `Scan`. Served at once by the node
-    /// holding the pin, whatever its role (no ReadIndex: the pin fixed
-    /// the point in time); [`KvResponse::PinGone`] if it holds no such pin.
+    /// One page of the request's shard in a pin's range as of the pin:
+    /// keys in `[start, end)` (empty `end`: the pin's end), inside the
+    /// pinned range, with the limits and continuation of `Scan`. Served
+    /// at once by the node holding the pin, whatever its role (no
+    /// ReadIndex: the pin fixed the point in time); [`KvResponse::PinGone`]
+    /// if it holds no such pin of the request's group, `Refused` if the
+    /// pin does not cover the request's shard.
     ScanPin {
         /// The pin ([`PinInfo::pin`]).
         pin: u64,
@@ -167,9 +176,10 @@ pub enum ClientCommand {
         /// Most pairs to return.
         limit: u64,
     },
-    /// Releases a pin on the node holding it, served at once like
-    /// `ScanPin`: answered `Done(Reply::Deleted { existed: true })`, or
-    /// [`KvResponse::PinGone`] if it was gone already.
+    /// Releases a pin (every shard of it) on the node holding it, served
+    /// at once like `ScanPin`: answered `Done(Reply::Deleted { existed:
+    /// true })`, or [`KvResponse::PinGone`] if it was gone already (or is
+    /// not a pin of the request's group and shard).
     Unpin {
         /// The pin.
         pin: u64,
@@ -228,27 +238,50 @@ impl ClientCommand {
     }
 }
 
-/// Most split keys a [`PinInfo`] carries: with more, they are spaced
-/// further apart than asked (a 4096-way split of one shard is finer than
-/// any job needs, and the reply stays well inside a frame for keys of a
-/// few hundred bytes).
+/// Most shards one [`ClientCommand::Pin`] names; beyond, `Refused`. A
+/// group of the default sharded cluster serves a few hundred shards at
+/// most (256 in all); the bound keeps the request and the holder's first
+/// scan (one pass per shard) finite.
+pub const PIN_SHARDS_MAX: usize = 4096;
+
+/// Most split keys a [`PinInfo`] carries in all, shared evenly by its
+/// shards ([`pin_split_keys_max`] each): with more, they are spaced
+/// further apart than asked. A 4096-way split of a pin is finer than any
+/// job needs, and the reply stays well inside a frame for keys of a few
+/// hundred bytes, however many shards the pin covers.
 pub const PIN_SPLIT_KEYS_MAX: usize = 4096;
 
-/// What a node answers a [`ClientCommand::Pin`]: the pin and the pinned
-/// range's size as of the pin.
+/// Most split keys each shard of a pin of `shards` shards gets: an even
+/// share of [`PIN_SPLIT_KEYS_MAX`], at least one.
+pub fn pin_split_keys_max(shards: usize) -> usize {
+    (PIN_SPLIT_KEYS_MAX / shards.max(1)).max(1)
+}
+
+/// What a node answers a [`ClientCommand::Pin`]: the pin (one for all its
+/// shards) and each shard's part of the pinned range as of the pin.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PinInfo {
     /// The pin's id on its node (never 0).
     pub pin: u64,
     /// The node holding it: send `ScanPin` and `Unpin` there.
     pub node: NodeId,
-    /// Key + value bytes of the pinned range.
+    /// Every shard pinned, in the request's order.
+    pub shards: Vec<PinnedShardInfo>,
+}
+
+/// One shard's part of a pinned range, as of the pin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinnedShardInfo {
+    /// The shard.
+    pub shard: ShardId,
+    /// Key + value bytes of the range in the shard.
     pub bytes: u64,
-    /// Pairs in the pinned range.
+    /// Pairs of the range in the shard.
     pub keys: u64,
-    /// Keys of the range, in order, about `split_bytes` of pairs apart
-    /// (further if there would be more than [`PIN_SPLIT_KEYS_MAX`]): each
-    /// starts a piece, for splitting a scan of the pin into jobs.
+    /// Keys of the shard's part, in order, about `split_bytes` of pairs
+    /// apart (further if there would be more than
+    /// [`pin_split_keys_max`]): each starts a piece, for splitting a scan
+    /// of the pin into jobs.
     pub split_keys: Vec<Bytes>,
 }
 
@@ -634,6 +667,7 @@ mod tests {
             start: Bytes::new(),
             end: Bytes::new(),
             split_bytes: 1,
+            shards: vec![0, 1],
         };
         let scan = ClientCommand::ScanPin {
             pin: 1,
@@ -648,5 +682,18 @@ mod tests {
         assert!(pin.is_read_only() && !pin.is_pin_local());
         assert!(!scan.is_read_only() && scan.is_pin_local());
         assert!(!unpin.is_read_only() && unpin.is_pin_local());
+    }
+
+    // Goal: a pin's split keys stay within PIN_SPLIT_KEYS_MAX in all,
+    // however many shards it covers, and every shard may have one.
+    #[test]
+    fn pin_split_keys_are_shared_by_the_shards() {
+        assert_eq!(pin_split_keys_max(1), PIN_SPLIT_KEYS_MAX);
+        assert_eq!(pin_split_keys_max(0), PIN_SPLIT_KEYS_MAX);
+        for shards in [2, 3, 128, 256, PIN_SHARDS_MAX] {
+            let each = pin_split_keys_max(shards);
+            assert!(each >= 1 && each * shards <= PIN_SPLIT_KEYS_MAX.max(shards));
+        }
+        assert_eq!(pin_split_keys_max(256), 16);
     }
 }

@@ -19,7 +19,7 @@ use shoal_net::mem::{MemClient, MemConfig, MemNetwork};
 use shoal_net::{NodeId, ADMIN_CLIENT_NAME};
 use shoal_shard::client::{Client, ClientConfig, ClientError, PinnedShard};
 use shoal_shard::controller::{
-    join, ChangeOutcome, Controller, ControllerConfig, GroupStore, InitOutcome, RpcMover,
+    join, leave, ChangeOutcome, Controller, ControllerConfig, GroupStore, InitOutcome, RpcMover,
     ShardConfig,
 };
 use shoal_shard::node::{
@@ -399,6 +399,11 @@ struct Sharded {
     nodes: HashMap<u64, NodeHandle>,
     dir: std::path::PathBuf,
     seed: u64,
+    /// Every node's [`NodeConfig::pins_max`].
+    pins_max: usize,
+    /// Group 2 is hosted through the admin RPC (so it may be dropped),
+    /// not configured.
+    hosted_group_2: bool,
     next_client: u64,
 }
 
@@ -409,8 +414,17 @@ impl Drop for Sharded {
 }
 
 impl Sharded {
-    fn new(seed: u64) -> Sharded {
-        let dir = std::env::temp_dir().join(format!("shoal-pins-{}-{seed}", std::process::id()));
+    fn new(seed: u64, pins_max: usize) -> Sharded {
+        Sharded::with_group_2_hosted(seed, pins_max, false)
+    }
+
+    /// Group 2 hosted through the admin RPC if `hosted_group_2` (call
+    /// [`Sharded::host_group_2`] before use).
+    fn with_group_2_hosted(seed: u64, pins_max: usize, hosted_group_2: bool) -> Sharded {
+        let dir = std::env::temp_dir().join(format!(
+            "shoal-pins-{}-{seed}-{pins_max}",
+            std::process::id()
+        ));
         let mut config = MemConfig::with_seed(seed);
         config.files_dir = dir.join("net");
         let mut s = Sharded {
@@ -418,6 +432,8 @@ impl Sharded {
             nodes: HashMap::new(),
             dir,
             seed,
+            pins_max,
+            hosted_group_2,
             next_client: 1,
         };
         for group in [CONTROLLER_GROUP, 1, 2] {
@@ -432,17 +448,22 @@ impl Sharded {
         let engine = MemStore::new_in_memory(EngineConfig::default()).expect("engine");
         let (transport, inbox) = self.net.add_node(NodeId(id));
         let mut config = NodeConfig::new(id, members(group), self.dir.join(format!("node-{id}")));
-        config.groups = vec![GroupSpec {
-            group,
-            static_shards: if group == CONTROLLER_GROUP {
-                vec![CONTROLLER_SHARD]
-            } else {
-                Vec::new()
-            },
-            voters: Vec::new(),
-        }];
+        config.groups = if group == 2 && self.hosted_group_2 {
+            Vec::new()
+        } else {
+            vec![GroupSpec {
+                group,
+                static_shards: if group == CONTROLLER_GROUP {
+                    vec![CONTROLLER_SHARD]
+                } else {
+                    Vec::new()
+                },
+                voters: Vec::new(),
+            }]
+        };
         config.blocking_io = false;
         config.seed = self.seed ^ id;
+        config.pins_max = self.pins_max;
         let handle = Node::start(config, engine, transport, inbox).expect("node starts");
         self.nodes.insert(id, handle);
     }
@@ -483,26 +504,33 @@ impl Sharded {
         Client::sharded(link, Self::controller_ids(), config).expect("client config")
     }
 
-    async fn shutdown(mut self) {
-        for (_, h) in self.nodes.drain() {
-            h.shutdown().await.expect("clean shutdown");
+    /// A client for the admin RPCs (hosting and dropping groups).
+    fn admin(&mut self) -> Client<MemClient<KvProtocol>> {
+        let config = self.client_config();
+        Client::new(
+            self.net.add_client(ADMIN_CLIENT_NAME),
+            Self::controller_ids(),
+            config,
+        )
+    }
+
+    /// Hosts group 2 on its members through the admin RPC.
+    async fn host_group_2(&mut self) {
+        let admin = self.admin();
+        for id in members(2) {
+            admin
+                .host_group(NodeId(id), 2, members(2))
+                .await
+                .expect("host group 2");
         }
     }
-}
 
-// Goal: on a sharded cluster (shards hash-partitioned over two groups,
-// half of them moved from group 1 to group 2), `pin` gives one pin per
-// shard in shard order, each from the group serving it, and the union of
-// their pages is exactly the data as of the pins, whatever is written
-// after.
-#[tokio::test(start_paused = true)]
-async fn a_sharded_pin_covers_every_shard() {
-    for seed in common::seeds_or("a_sharded_pin_covers_every_shard", 2) {
-        let mut s = Sharded::new(seed);
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let ctrl = s.controller();
+    /// Posts a first configuration of `shards` shards on group 1, then
+    /// joins group 2 (half of them move); returns the configuration.
+    async fn two_groups(&mut self, shards: u32) -> ShardConfig {
+        let ctrl = self.controller();
         let first = join(
-            &ShardConfig::initial(NSHARDS).expect("initial"),
+            &ShardConfig::initial(shards).expect("initial"),
             BTreeMap::from([(1, members(1))]),
         )
         .expect("join");
@@ -516,6 +544,47 @@ async fn a_sharded_pin_covers_every_shard() {
             ctrl.change_config_to(next.clone()).await.expect("change"),
             ChangeOutcome::Changed
         );
+        next
+    }
+
+    async fn shutdown(mut self) {
+        for (_, h) in self.nodes.drain() {
+            h.shutdown().await.expect("clean shutdown");
+        }
+    }
+}
+
+/// Checks that `pins` are one group pin per group of `config`: one entry
+/// per shard in shard order, each from the group serving it, the shards
+/// of a group sharing its pin id and node; returns the distinct pins.
+fn check_group_pins(config: &ShardConfig, pins: &[PinnedShard]) -> Vec<(u64, u64)> {
+    assert_eq!(pins.len(), config.shard_count() as usize);
+    let mut by_group: BTreeMap<GroupId, (u64, u64)> = BTreeMap::new();
+    for (shard, p) in pins.iter().enumerate() {
+        assert_eq!(p.shard, shard as u32);
+        assert_eq!(Some(p.group), config.group_of(p.shard));
+        assert!(members(p.group).contains(&p.info.node));
+        let id = *by_group.entry(p.group).or_insert((p.info.node, p.info.pin));
+        assert_eq!(id, (p.info.node, p.info.pin), "one pin per group");
+    }
+    let ids: std::collections::BTreeSet<(u64, u64)> = by_group.values().copied().collect();
+    assert_eq!(ids.len(), by_group.len(), "groups do not share a pin");
+    ids.into_iter().collect()
+}
+
+// Goal: on a sharded cluster (shards hash-partitioned over two groups,
+// half of them moved from group 1 to group 2), `pin` gives one entry per
+// shard in shard order, each from the group serving it, with ONE pin per
+// group (two pin ids for 12 shards); the union of their pages is exactly
+// the data as of the pins, whatever is written after. A page of a shard
+// the pin does not cover is refused; unpinning each shard in turn
+// releases the group pin once and is fine after.
+#[tokio::test(start_paused = true)]
+async fn a_sharded_pin_covers_every_shard() {
+    for seed in common::seeds_or("a_sharded_pin_covers_every_shard", 2) {
+        let mut s = Sharded::new(seed, PINS_MAX);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let next = s.two_groups(NSHARDS).await;
         let client = s.client();
         let data = fill(&client, 80, &mut rng).await;
 
@@ -524,11 +593,8 @@ async fn a_sharded_pin_covers_every_shard() {
             .await
             .expect("pin");
         assert_eq!(pins.len(), NSHARDS as usize, "seed {seed}");
-        for (shard, p) in pins.iter().enumerate() {
-            assert_eq!(p.shard, shard as u32);
-            assert_eq!(Some(p.group), next.group_of(p.shard), "seed {seed}");
-            assert!(members(p.group).contains(&p.info.node));
-        }
+        let group_pins = check_group_pins(&next, &pins);
+        assert_eq!(group_pins.len(), 2, "seed {seed}: one pin per group");
         assert!(pins.iter().any(|p| p.group == 1) && pins.iter().any(|p| p.group == 2));
         assert_eq!(
             pins.iter().map(|p| p.info.keys).sum::<u64>(),
@@ -560,17 +626,173 @@ async fn a_sharded_pin_covers_every_shard() {
             union, data,
             "seed {seed}: the pins' union is the data as of the pins"
         );
+
+        // A shard of the other group, under group 1's pin: not covered.
+        let g1 = pins.iter().find(|p| p.group == 1).unwrap();
+        let g2 = pins.iter().find(|p| p.group == 2).unwrap();
+        let stray = PinnedShard {
+            shard: g2.shard,
+            ..g1.clone()
+        };
+        match client
+            .scan_pinned(&stray, Bytes::new(), Bytes::new(), 5)
+            .await
+        {
+            Err(ClientError::Refused(reason)) => {
+                assert!(reason.contains("does not cover"), "{reason}")
+            }
+            other => panic!("seed {seed}: a shard the pin does not cover: {other:?}"),
+        }
+
+        // Unpinning the first shard releases its whole group pin.
+        client.unpin(g1).await.expect("unpin");
+        for p in pins.iter().filter(|p| p.group == 1) {
+            assert_eq!(
+                client.scan_pinned(p, Bytes::new(), Bytes::new(), 5).await,
+                Err(ClientError::PinGone),
+                "seed {seed}: shard {} of the released pin",
+                p.shard
+            );
+        }
+        assert!(client
+            .scan_pinned(g2, Bytes::new(), Bytes::new(), 5)
+            .await
+            .is_ok());
         for p in &pins {
-            client.unpin(p).await.expect("unpin");
+            client.unpin(p).await.expect("unpin each shard in turn");
         }
         assert_eq!(
-            client
-                .scan_pinned(&pins[0], Bytes::new(), Bytes::new(), 5)
-                .await,
+            client.scan_pinned(g2, Bytes::new(), Bytes::new(), 5).await,
             Err(ClientError::PinGone)
         );
         s.shutdown().await;
     }
+}
+
+// Goal: the pin limit counts group pins, not shards: with 128 shards over
+// two groups and nodes that hold at most 2 pins each, `pin` takes the
+// whole range (two pins, 64 shards each) twice, and is refused the third
+// time; a release makes room again.
+#[tokio::test(start_paused = true)]
+async fn more_shards_than_pins_max_are_pinned_whole() {
+    let seed = common::seed("more_shards_than_pins_max_are_pinned_whole");
+    let pins_max = 2;
+    let shards = 128;
+    let mut s = Sharded::new(seed, pins_max);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let config = s.two_groups(shards).await;
+    assert!(shards as usize > pins_max && shards as usize > PINS_MAX);
+    let client = s.client();
+    let data = fill(&client, 300, &mut rng).await;
+
+    let first = client
+        .pin(Bytes::new(), Bytes::new(), 100)
+        .await
+        .expect("pin");
+    assert_eq!(check_group_pins(&config, &first).len(), 2, "seed {seed}");
+    assert_eq!(
+        first.iter().map(|p| p.info.keys).sum::<u64>(),
+        data.len() as u64
+    );
+    let second = client
+        .pin(key(100), key(200), 0)
+        .await
+        .expect("a second pin fits");
+    check_group_pins(&config, &second);
+    for i in 0..300 {
+        client.delete(key(i)).await.expect("delete");
+    }
+    let mut union = Data::new();
+    for p in &second {
+        union.extend(read_pin(&client, p, (key(100), Bytes::new()), 7, || async {}).await);
+    }
+    let expected: Data = data
+        .range(key(100)..key(200))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    assert_eq!(union, expected, "seed {seed}");
+
+    // Each group leader holds two pins now.
+    match client.pin(Bytes::new(), Bytes::new(), 0).await {
+        Err(ClientError::Refused(reason)) => assert!(reason.contains("PINS_MAX"), "{reason}"),
+        other => panic!("seed {seed}: a third pin: {other:?}"),
+    }
+    for p in &first {
+        client.unpin(p).await.expect("unpin");
+    }
+    let third = client
+        .pin(Bytes::new(), Bytes::new(), 0)
+        .await
+        .expect("room again");
+    assert_eq!(
+        third.iter().map(|p| p.info.keys).sum::<u64>(),
+        0,
+        "seed {seed}: every key deleted"
+    );
+    s.shutdown().await;
+}
+
+// Goal: a pin is released when its group is dropped from the node
+// holding it: once group 2's shards moved back to group 1 and the holder
+// dropped group 2, its pin is gone, while group 1's pin still serves.
+#[tokio::test(start_paused = true)]
+async fn a_pin_is_released_when_its_group_is_dropped() {
+    let seed = common::seed("a_pin_is_released_when_its_group_is_dropped");
+    let mut s = Sharded::with_group_2_hosted(seed, PINS_MAX, true);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    s.host_group_2().await;
+    let config = s.two_groups(NSHARDS).await;
+    let client = s.client();
+    let data = fill(&client, 40, &mut rng).await;
+    let pins = client
+        .pin(Bytes::new(), Bytes::new(), 0)
+        .await
+        .expect("pin");
+    check_group_pins(&config, &pins);
+    let g2 = pins.iter().find(|p| p.group == 2).unwrap().clone();
+
+    // Group 2 leaves: its shards move back to group 1.
+    let ctrl = s.controller();
+    let without = leave(&config, &[2]).expect("leave");
+    assert_eq!(
+        ctrl.change_config_to(without).await.expect("change"),
+        ChangeOutcome::Changed
+    );
+    // The pin outlives the move (it is a view of before it).
+    assert!(client
+        .scan_pinned(&g2, Bytes::new(), Bytes::new(), 100)
+        .await
+        .is_ok());
+    let admin = s.admin();
+    let start = tokio::time::Instant::now();
+    loop {
+        match admin.drop_group(NodeId(g2.info.node), 2).await {
+            Ok(()) => break,
+            // Still applying the move's last step.
+            Err(e) => assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "seed {seed}: dropping group 2: {e}"
+            ),
+        }
+        sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        client
+            .scan_pinned(&g2, Bytes::new(), Bytes::new(), 10)
+            .await,
+        Err(ClientError::PinGone),
+        "seed {seed}: a dropped group's pin is gone"
+    );
+    let mut union = Data::new();
+    for p in pins.iter().filter(|p| p.group == 1) {
+        union.extend(read_pin(&client, p, (Bytes::new(), Bytes::new()), 50, || async {}).await);
+    }
+    assert!(union.iter().all(|(k, v)| data.get(k) == Some(v)));
+    client
+        .unpin(&g2)
+        .await
+        .expect("unpin a dropped group's pin");
+    s.shutdown().await;
 }
 
 /// A round trip through a serde format (postcard, as the wire uses).

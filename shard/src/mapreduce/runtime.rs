@@ -15,9 +15,9 @@
 //!   (see [`Client::pin`]): every map task reads its split at that point,
 //!   so no key is missed or read twice however the database changes
 //!   meanwhile, and the job's result is the sequential run over the pinned
-//!   snapshot. A pin lives on one node; if that node restarts, the map
-//!   tasks of its shards fail with the pin gone and the job fails (rerun
-//!   it: a new job pins anew).
+//!   snapshot (one pin per group, each at its own point). A pin lives on
+//!   one node; if that node restarts, the map tasks of its shards fail
+//!   with the pin gone and the job fails (rerun it: a new job pins anew).
 //! - **Survives its coordinator.** The job record (spec, pins, task table,
 //!   known workers) lives under [`JOB_KEY_PREFIX`]`<name>` and is written
 //!   with a versioned put after every change and before the answer that
@@ -132,7 +132,8 @@ pub struct JobRecord {
     pub header: JobHeader,
     /// The spec it was planned from.
     pub spec: JobSpec,
-    /// The input snapshot, one pin per shard (split keys dropped).
+    /// The input snapshot, one entry per shard (the shards of a group share
+    /// one pin; split keys dropped).
     pub pins: Vec<PinnedShard>,
     /// The task table.
     pub table: JobTable,
@@ -365,8 +366,14 @@ fn plan_from_pins(options: &JobOptions, pins: &[PinnedShard]) -> Result<JobTable
     )?)
 }
 
+/// Releases the job's input pins: one unpin per group pin (its shards
+/// share it; unpinning another of them would only answer that it is gone).
 async fn release_pins<C: RpcCaller<KvProtocol>>(db: &Client<C>, pins: &[PinnedShard]) {
+    let mut released = std::collections::BTreeSet::new();
     for pin in pins {
+        if !released.insert((pin.info.node, pin.info.pin)) {
+            continue;
+        }
         if let Err(e) = db.unpin(pin).await {
             tracing::warn!(shard = pin.shard, error = %e, "could not release an input pin; it expires when idle");
         }

@@ -130,6 +130,18 @@ impl<B: Backend> Group<B> {
         self.static_shards.contains(&shard) || self.record_of(shard).status == ShardStatus::Serving
     }
 
+    /// Whether the group serves every shard `request` reads: its shard,
+    /// and for a `Pin` every shard it pins.
+    pub(super) fn serves_all(&self, request: &crate::protocol::KvRequest) -> bool {
+        self.serves(request.shard)
+            && match &request.command {
+                crate::protocol::ClientCommand::Pin { shards, .. } => {
+                    shards.iter().all(|s| self.serves(*s))
+                }
+                _ => true,
+            }
+    }
+
     /// Every shard the group serves.
     pub(super) fn served_shards(&self) -> Vec<ShardId> {
         let mut shards: Vec<ShardId> = self
@@ -281,7 +293,7 @@ impl<B: Backend> Group<B> {
         self.reads_confirmed = waiting;
         for (_, reads) in ready {
             for (request, responder) in reads {
-                if !self.serves(request.shard) {
+                if !self.serves_all(&request) {
                     // Frozen or handed over at or before the read index.
                     responder.send(KvResponse::WrongGroup);
                     continue;

@@ -243,6 +243,10 @@ pub struct NodeConfig {
     /// judged at the loop's ticks on tokio's clock. Default
     /// [`PIN_IDLE_MS_DEFAULT`].
     pub pin_idle_ms: u64,
+    /// Most pins this node holds at once (each one holder, one engine
+    /// view, one long-lived task, whatever its number of shards); a `Pin`
+    /// beyond is refused (0: no pins at all). Default [`PINS_MAX`].
+    pub pins_max: usize,
 }
 
 impl NodeConfig {
@@ -261,6 +265,7 @@ impl NodeConfig {
             snapshot_dir: snapshot_dir.into(),
             leader_balance_every_ticks: Some(LEADER_BALANCE_EVERY_TICKS),
             pin_idle_ms: PIN_IDLE_MS_DEFAULT,
+            pins_max: PINS_MAX,
         }
     }
 }
@@ -763,7 +768,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             received: BTreeMap::new(),
             queued_admin: Vec::new(),
             peers_heard: HashMap::new(),
-            pins: Pins::new(config.id, config.seed, !config.blocking_io),
+            pins: Pins::new(config.id, config.seed, config.pins_max, !config.blocking_io),
             pin_tasks: JoinSet::new(),
             config,
         })
@@ -1411,6 +1416,12 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             self.on_pin_command(request, reply);
             return;
         }
+        if let crate::protocol::ClientCommand::Pin { shards, .. } = &request.command {
+            if let Err(reason) = pins::pin_shards_check(shards) {
+                reply.send(KvResponse::Refused { reason });
+                return;
+            }
+        }
         let Some(group) = self.groups.get_mut(&request.group) else {
             reply.send(KvResponse::UnknownGroup);
             return;
@@ -1421,7 +1432,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             });
             return;
         }
-        if !group.serves(request.shard) {
+        if !group.serves_all(&request) {
             // Checked again when applied (or read), in log order.
             reply.send(KvResponse::WrongGroup);
             return;
@@ -1496,27 +1507,29 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         }
     }
 
-    /// Starts a holder for each `Pin` read `gid` served (the group served
-    /// the shard at the read index), or refuses it beyond [`PINS_MAX`].
+    /// Starts one holder for each `Pin` read `gid` served (the group
+    /// served every shard of it at the read index), or refuses it beyond
+    /// [`NodeConfig::pins_max`].
     fn start_pins(&mut self, gid: GroupId, reads: Vec<(crate::protocol::KvRequest, Waiter)>) {
         for (request, waiter) in reads {
             let crate::protocol::ClientCommand::Pin {
                 start,
                 end,
                 split_bytes,
+                shards,
             } = request.command
             else {
                 unreachable!("only pins are handed back by serve_reads");
             };
             // Holders of released pins end at once; this bounds the
             // threads even if pins are released faster than that.
-            if self.pin_tasks.len() >= 2 * PINS_MAX {
+            if self.pin_tasks.len() >= 2 * self.pins.max().max(1) {
                 waiter.send(KvResponse::Busy);
                 continue;
             }
             let admitted = self.pins.admit(
                 gid,
-                request.shard,
+                shards.clone(),
                 start.clone(),
                 end.clone(),
                 Instant::now(),
@@ -1524,24 +1537,28 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             let Ok(admitted) = admitted else {
                 waiter.send(KvResponse::Refused {
                     reason: format!(
-                        "node {} holds {} pins, the most it may (PINS_MAX); unpin some or let idle ones expire",
+                        "node {} holds {} pins, the most it may (PINS_MAX, NodeConfig::pins_max); unpin some or let idle ones expire",
                         self.config.id,
                         self.pins.len()
                     ),
                 });
                 continue;
             };
-            let static_shard = self
-                .groups
-                .get(&gid)
-                .is_some_and(|g| g.static_shards.contains(&request.shard));
+            let static_shards = self.groups.get(&gid).map_or_else(Vec::new, |g| {
+                shards
+                    .iter()
+                    .copied()
+                    .filter(|s| g.static_shards.contains(s))
+                    .collect()
+            });
             let pin = admitted.pin;
+            let first_shard = shards[0];
             let spec = PinSpec {
                 pin,
                 node: self.config.id,
                 group: gid,
-                shard: request.shard,
-                static_shard,
+                shards,
+                static_shards,
                 start,
                 end,
                 split_bytes,
@@ -1564,7 +1581,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                     // The waiter went with the closure: the caller sees a
                     // lost reply and retries.
                     tracing::warn!(node = self.config.id, error = %e, "no thread for a pin holder");
-                    self.pins.release(pin, gid, request.shard);
+                    self.pins.release(pin, gid, first_shard);
                 }
             }
         }

@@ -1,22 +1,29 @@
-//! Input pins: a key range of one (group, shard) read at ONE point in time,
-//! page by page, while clients keep writing (the input of a MapReduce job).
+//! Input pins: a key range of some shards of ONE group read at ONE point
+//! in time, page by page, while clients keep writing (the input of a
+//! MapReduce job).
 //!
 //! # Protocol
-//! - `Pin { start, end, split_bytes }` is a read: it goes through ReadIndex
-//!   at the group's leader like `Scan`, and once the applied index reaches
-//!   the read index and the group still serves the shard, the node starts a
-//!   *holder* for it (the loop's `serve_reads`, then [`Pins::admit`]).
+//! - `Pin { start, end, split_bytes, shards }` is a read: it goes through
+//!   ReadIndex at the group's leader like `Scan`, and once the applied
+//!   index reaches the read index and the group still serves every shard
+//!   listed, the node starts one *holder* for the whole pin (the loop's
+//!   `serve_reads`, then [`Pins::admit`]). One pin per group, not per
+//!   shard: a sharded cluster has hundreds of shards (256 by default) and
+//!   a handful of groups, and every holder is a long-lived task.
 //! - The holder, off the loop, takes the engine's point-in-time view
 //!   ([`Engine::with_view`]) and keeps it for its whole life. Inside it, it
-//!   first scans the pinned range once for its size ([`PinInfo::bytes`],
-//!   [`PinInfo::keys`]) and split keys ([`SplitKeys`]), answers the `Pin`
-//!   with [`KvResponse::Pinned`], then serves pages ([`PinPage`]) from a
-//!   bounded channel until released.
+//!   first scans the pinned range of each shard once for its size
+//!   ([`PinnedShardInfo::bytes`], [`PinnedShardInfo::keys`]) and split
+//!   keys ([`SplitKeys`], at most [`pin_split_keys_max`] per shard),
+//!   answers the `Pin` with [`KvResponse::Pinned`], then serves pages
+//!   ([`PinPage`], each of one shard) from a bounded channel until
+//!   released.
 //! - `ScanPin` and `Unpin` go to the node named in [`PinInfo::node`] and are
 //!   served at once, whatever its Raft role: the loop checks the request
-//!   against the pin ([`pin_scan_bounds`]) and forwards it to the holder's
-//!   channel with its responder (a full channel answers `Busy`); the loop
-//!   itself never scans and never waits for a holder.
+//!   against the pin (its group, that the pin covers the request's shard,
+//!   [`pin_scan_bounds`]) and forwards it to the holder's channel with its
+//!   responder (a full channel answers `Busy`); the loop itself never scans
+//!   and never waits for a holder. `Unpin` releases the whole pin.
 //!
 //! # Why a pin is linearizable
 //! The view is taken when the holder starts, which may be slightly after
@@ -26,9 +33,11 @@
 //! sent. The read index was taken after the request arrived, and the view
 //! before the reply left: the pin's point lies inside the request's
 //! interval, as a linearizable read's must. The holder also checks, in the
-//! view, that the group still serves the shard (a move applied in between
-//! would make the view miss writes the shard's new group took); if not it
-//! answers `WrongGroup` and the client asks the controller again.
+//! view, that the group still serves every shard of the pin (a move
+//! applied in between would make the view miss writes the shard's new
+//! group took); if one is not, it answers `WrongGroup` for the whole pin,
+//! ends (the loop sweeps the pin at its next admission or tick), and the
+//! client asks the controller again.
 //!
 //! # Lifetime and limits
 //! A pin lives on the node that served it (the group's leader then) and
@@ -37,8 +46,10 @@
 //! `ScanPin` (judged by the loop's tick on tokio's clock), when its group is
 //! dropped or stops here, and at shutdown; a restart loses every pin
 //! (`PinGone`: pin ids are drawn afresh at every start, so an old id never
-//! names a new pin). At most [`PINS_MAX`] pins per node (beyond: `Refused`),
-//! each with at most [`PIN_QUEUE_MAX`] queued pages.
+//! names a new pin). At most [`super::NodeConfig::pins_max`] pins per node
+//! (default [`PINS_MAX`]; beyond: `Refused`), each of at most
+//! [`PIN_SHARDS_MAX`] shards and with at most [`PIN_QUEUE_MAX`] queued
+//! pages.
 //!
 //! A held view keeps every version it sees: RocksDB's compaction keeps the
 //! overwritten and deleted pairs of a snapshot, the in-memory backend
@@ -46,6 +57,7 @@
 //!
 //! [`NodeConfig::pin_idle_ms`]: super::NodeConfig::pin_idle_ms
 //! [`KvResponse::Pinned`]: crate::protocol::KvResponse::Pinned
+//! [`PinInfo::node`]: crate::protocol::PinInfo::node
 
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
@@ -61,11 +73,13 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::group::Waiter;
-use crate::protocol::{KvResponse, PinInfo, PIN_SPLIT_KEYS_MAX};
+use crate::protocol::{pin_split_keys_max, KvResponse, PinInfo, PinnedShardInfo, PIN_SHARDS_MAX};
 
-/// Most pins one node holds at once; a `Pin` beyond it is `Refused`. Each
-/// holds an engine view (old versions kept) and a thread of the blocking
-/// pool, so the bound is small: a job pins each shard once.
+/// Default [`super::NodeConfig::pins_max`]: most pins one node holds at
+/// once; a `Pin` beyond it is `Refused`. Each holds an engine view (old
+/// versions kept) and a thread of the blocking pool, so the bound is
+/// small: a job pins each group once, whatever its number of shards, so
+/// 64 is a few concurrent jobs on a node that leads a dozen groups.
 pub const PINS_MAX: usize = 64;
 /// Default [`super::NodeConfig::pin_idle_ms`]: five minutes, well above the
 /// pause between two pages of a job's map task.
@@ -127,6 +141,27 @@ impl SplitKeys {
     }
 }
 
+/// Whether a `Pin`'s `shards` are well formed: at least one, at most
+/// [`PIN_SHARDS_MAX`], strictly increasing; if not, why.
+pub fn pin_shards_check(shards: &[ShardId]) -> Result<(), String> {
+    if shards.is_empty() {
+        return Err("a pin names no shard".into());
+    }
+    if shards.len() > PIN_SHARDS_MAX {
+        return Err(format!(
+            "a pin of {} shards; at most {PIN_SHARDS_MAX} (PIN_SHARDS_MAX)",
+            shards.len()
+        ));
+    }
+    if let Some(w) = shards.windows(2).find(|w| w[0] >= w[1]) {
+        return Err(format!(
+            "a pin's shards must be strictly increasing: {} then {}",
+            w[0], w[1]
+        ));
+    }
+    Ok(())
+}
+
 /// The keys a `ScanPin` of `[start, end)` reads from a pin of
 /// `[pin_start, pin_end)` (an empty end: no bound; an empty `end` means
 /// the pin's end): the request's range, or why it leaves the pin's.
@@ -157,6 +192,8 @@ pub fn pin_scan_bounds(
 
 /// A page request forwarded to a holder.
 pub(super) struct PinPage {
+    /// One of the pin's shards.
+    pub(super) shard: ShardId,
     pub(super) start: Bytes,
     pub(super) end: Bytes,
     pub(super) limit: u64,
@@ -171,9 +208,10 @@ pub(super) struct PinSpec {
     pub(super) pin: u64,
     pub(super) node: NodeId,
     pub(super) group: GroupId,
-    pub(super) shard: ShardId,
-    /// The group serves the shard statically (it has no shard record).
-    pub(super) static_shard: bool,
+    /// The shards pinned, strictly increasing.
+    pub(super) shards: Vec<ShardId>,
+    /// Those of `shards` the group serves statically (no shard record).
+    pub(super) static_shards: Vec<ShardId>,
     pub(super) start: Bytes,
     pub(super) end: Bytes,
     pub(super) split_bytes: u64,
@@ -211,13 +249,17 @@ impl PinWork {
 /// One live pin, as the loop sees it.
 struct PinEntry {
     group: GroupId,
-    shard: ShardId,
+    /// Strictly increasing.
+    shards: Vec<ShardId>,
     start: Bytes,
     end: Bytes,
     pages: SyncSender<PinPage>,
     /// Set when the pin is released: the holder stops its first scan early
     /// and answers queued pages `PinGone`.
     released: Arc<AtomicBool>,
+    /// Set by the holder when it ends on its own (`WrongGroup`, an engine
+    /// error, a panic): the pin is swept without waiting for its expiry.
+    ended: Arc<AtomicBool>,
     last_used: Instant,
     /// The holder's own thread (without `blocking_io`), joined once the
     /// pin is released.
@@ -233,18 +275,30 @@ impl Drop for PinEntry {
 }
 
 /// A new pin's holder side: its id, its page channel, its release flag,
-/// and (without `blocking_io`) the sender to drop once the `Pin` is
-/// answered.
+/// its end flag, and (without `blocking_io`) the sender to drop once the
+/// `Pin` is answered.
 pub(super) struct Admitted {
     pub(super) pin: u64,
     pub(super) pages: Receiver<PinPage>,
     pub(super) released: Arc<AtomicBool>,
+    pub(super) ended: Arc<AtomicBool>,
     pub(super) done: Option<oneshot::Sender<()>>,
+}
+
+/// Sets a holder's end flag when the holder returns or unwinds.
+struct EndGuard(Arc<AtomicBool>);
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// The pins a node holds, by id.
 pub(super) struct Pins {
     pins: BTreeMap<u64, PinEntry>,
+    /// Most pins held at once ([`super::NodeConfig::pins_max`]).
+    pins_max: usize,
     /// Ids are `base` + a counter: `base` is drawn at every start, so an id
     /// from before a restart names no pin of this run.
     base: u64,
@@ -258,18 +312,19 @@ pub(super) struct Pins {
 
 /// Why a pin could not be admitted.
 pub(super) enum Refusal {
-    /// The node holds [`PINS_MAX`] pins.
+    /// The node holds [`super::NodeConfig::pins_max`] pins.
     Full,
 }
 
 impl Pins {
-    pub(super) fn new(node: NodeId, seed: u64, own_threads: bool) -> Pins {
+    pub(super) fn new(node: NodeId, seed: u64, pins_max: usize, own_threads: bool) -> Pins {
         // Random per start (std's hasher keys are), mixed with the node.
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u64(node);
         h.write_u64(seed);
         Pins {
             pins: BTreeMap::new(),
+            pins_max,
             base: h.finish() & !0xFFFF_FFFF,
             next: 1,
             own_threads,
@@ -297,32 +352,44 @@ impl Pins {
         })
     }
 
-    /// Registers a new pin of `[start, end)` of (`group`, `shard`), or
-    /// says why not.
+    /// Most pins held at once.
+    pub(super) fn max(&self) -> usize {
+        self.pins_max
+    }
+
+    /// Registers a new pin of `[start, end)` of `group`'s `shards`
+    /// (checked by [`pin_shards_check`]), or says why not.
     pub(super) fn admit(
         &mut self,
         group: GroupId,
-        shard: ShardId,
+        shards: Vec<ShardId>,
         start: Bytes,
         end: Bytes,
         now: Instant,
     ) -> Result<Admitted, Refusal> {
-        if self.pins.len() >= PINS_MAX {
+        debug_assert!(pin_shards_check(&shards).is_ok(), "{shards:?}");
+        if self.pins.len() >= self.pins_max {
+            // Holders that ended on their own make room at once.
+            self.release_where(|e| e.ended.load(Ordering::Relaxed));
+        }
+        if self.pins.len() >= self.pins_max {
             return Err(Refusal::Full);
         }
         let pin = self.base | (self.next & 0xFFFF_FFFF);
         self.next += 1;
         let (tx, pages) = std::sync::mpsc::sync_channel(PIN_QUEUE_MAX);
         let released = Arc::new(AtomicBool::new(false));
+        let ended = Arc::new(AtomicBool::new(false));
         self.pins.insert(
             pin,
             PinEntry {
                 group,
-                shard,
+                shards,
                 start,
                 end,
                 pages: tx,
                 released: released.clone(),
+                ended: ended.clone(),
                 last_used: now,
                 thread: None,
             },
@@ -331,6 +398,7 @@ impl Pins {
             pin,
             pages,
             released,
+            ended,
             done: self.await_done(),
         })
     }
@@ -343,7 +411,7 @@ impl Pins {
         }
     }
 
-    /// Forwards a `ScanPin` to its holder, or answers it.
+    /// Forwards a `ScanPin` of `shard` to its holder, or answers it.
     pub(super) fn scan(
         &mut self,
         pin: u64,
@@ -353,14 +421,16 @@ impl Pins {
         waiter: Waiter,
         now: Instant,
     ) {
-        let Some(entry) = self
-            .pins
-            .get_mut(&pin)
-            .filter(|e| e.group == group && e.shard == shard)
-        else {
+        let Some(entry) = self.pins.get_mut(&pin).filter(|e| e.group == group) else {
             waiter.send(KvResponse::PinGone);
             return;
         };
+        if entry.shards.binary_search(&shard).is_err() {
+            waiter.send(KvResponse::Refused {
+                reason: format!("pin {pin} of group {group} does not cover shard {shard}"),
+            });
+            return;
+        }
         let (start, end) = match pin_scan_bounds((&entry.start, &entry.end), &start, &end) {
             Ok(bounds) => bounds,
             Err(reason) => {
@@ -373,6 +443,7 @@ impl Pins {
         let done = self.await_done();
         let entry = self.pins.get_mut(&pin).expect("found above");
         let page = PinPage {
+            shard,
             start,
             end,
             limit,
@@ -399,12 +470,13 @@ impl Pins {
         }
     }
 
-    /// Releases `pin`; whether it was held.
+    /// Releases `pin` (all its shards), named by one of its shards;
+    /// whether it was held.
     pub(super) fn release(&mut self, pin: u64, group: GroupId, shard: ShardId) -> bool {
         let held = self
             .pins
             .get(&pin)
-            .is_some_and(|e| e.group == group && e.shard == shard);
+            .is_some_and(|e| e.group == group && e.shards.binary_search(&shard).is_ok());
         if held {
             self.remove(pin);
         }
@@ -430,9 +502,12 @@ impl Pins {
         self.release_where(|e| e.group == group);
     }
 
-    /// Releases every pin unused for `idle`; returns how many.
+    /// Releases every pin unused for `idle`, and every pin whose holder
+    /// ended on its own; returns how many.
     pub(super) fn expire(&mut self, idle: Duration, now: Instant) -> usize {
-        self.release_where(|e| now.saturating_duration_since(e.last_used) >= idle)
+        self.release_where(|e| {
+            e.ended.load(Ordering::Relaxed) || now.saturating_duration_since(e.last_used) >= idle
+        })
     }
 
     /// Releases every pin (shutdown).
@@ -441,43 +516,59 @@ impl Pins {
     }
 }
 
-/// A holder's whole life, on its own thread: takes the view, measures the
-/// range, answers the `Pin` (`answer`), then serves pages until released
-/// (its channel closes). See the module docs.
+/// A holder's whole life, on its own thread: takes the view, checks that
+/// the group serves every shard and measures the range in each, answers
+/// the `Pin` (`answer`), then serves pages until released (its channel
+/// closes). See the module docs.
 pub(super) fn hold<B: Backend>(engine: Engine<B>, spec: PinSpec, answer: Waiter, holder: Admitted) {
     let Admitted {
         pages,
         released,
+        ended,
         done,
         ..
     } = holder;
-    let (group, shard) = (spec.group, spec.shard);
+    let _ended = EndGuard(ended);
+    let group = spec.group;
     let mut answer = Some(answer);
     let mut done = done;
     let result = engine.with_view(&mut |view| {
-        if !spec.static_shard {
+        for &shard in &spec.shards {
+            if spec.static_shards.contains(&shard) {
+                continue;
+            }
             let serving = view
                 .shard_record(group, shard)?
                 .is_some_and(|r| r.status == ShardStatus::Serving);
             if !serving {
-                // A move applied since the read index.
+                // A move applied since the read index: nothing is pinned.
                 if let Some(a) = answer.take() {
                     a.send(KvResponse::WrongGroup);
                 }
                 return Ok(());
             }
         }
-        let mut split = SplitKeys::new(spec.split_bytes, PIN_SPLIT_KEYS_MAX);
-        let (mut bytes, mut keys) = (0u64, 0u64);
-        view.visit_sizes(group, shard, &spec.start, &spec.end, &mut |key, size| {
-            if released.load(Ordering::Relaxed) {
-                return Ok(false);
-            }
-            split.offer(key, size);
-            bytes += size;
-            keys += 1;
-            Ok(true)
-        })?;
+        let split_keys_max = pin_split_keys_max(spec.shards.len());
+        let mut measured = Vec::with_capacity(spec.shards.len());
+        for &shard in &spec.shards {
+            let mut split = SplitKeys::new(spec.split_bytes, split_keys_max);
+            let (mut bytes, mut keys) = (0u64, 0u64);
+            view.visit_sizes(group, shard, &spec.start, &spec.end, &mut |key, size| {
+                if released.load(Ordering::Relaxed) {
+                    return Ok(false);
+                }
+                split.offer(key, size);
+                bytes += size;
+                keys += 1;
+                Ok(true)
+            })?;
+            measured.push(PinnedShardInfo {
+                shard,
+                bytes,
+                keys,
+                split_keys: split.finish(),
+            });
+        }
         let Some(a) = answer.take() else {
             return Ok(());
         };
@@ -488,15 +579,15 @@ pub(super) fn hold<B: Backend>(engine: Engine<B>, spec: PinSpec, answer: Waiter,
         a.send(KvResponse::Pinned(PinInfo {
             pin: spec.pin,
             node: spec.node,
-            bytes,
-            keys,
-            split_keys: split.finish(),
+            shards: measured,
         }));
         drop(done.take());
         // Pages queued before a release are answered `PinGone`; the loop
-        // dropping the sender ends the wait.
+        // dropping the sender ends the wait. The loop checked each page's
+        // shard against the pin's.
         while let Ok(page) = pages.recv() {
             let PinPage {
+                shard,
                 start,
                 end,
                 limit,
@@ -520,7 +611,7 @@ pub(super) fn hold<B: Backend>(engine: Engine<B>, spec: PinSpec, answer: Waiter,
         Ok(())
     });
     if let Err(e) = result {
-        tracing::warn!(node = spec.node, group, shard, pin = spec.pin, error = %e, "pin holder failed");
+        tracing::warn!(node = spec.node, group, shards = spec.shards.len(), pin = spec.pin, error = %e, "pin holder failed");
         if let Some(a) = answer.take() {
             a.send(KvResponse::Refused {
                 reason: format!("pinning failed: {e}"),
@@ -532,6 +623,7 @@ pub(super) fn hold<B: Backend>(engine: Engine<B>, spec: PinSpec, answer: Waiter,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::PIN_SPLIT_KEYS_MAX;
 
     fn split(every: u64, max: usize, sizes: &[(u32, u64)]) -> Vec<u32> {
         let mut s = SplitKeys::new(every, max);
@@ -599,35 +691,68 @@ mod tests {
         assert!(pin_scan_bounds(open, &b(""), &b("z")).is_err());
     }
 
-    // Goal: ids of one run never collide and are never 0.
+    // Goal: a pin's shards are checked before anything is pinned.
+    #[test]
+    fn pin_shards_are_checked() {
+        assert!(pin_shards_check(&[0]).is_ok());
+        assert!(pin_shards_check(&[0, 3, 7]).is_ok());
+        let all: Vec<ShardId> = (0..PIN_SHARDS_MAX as ShardId).collect();
+        assert!(pin_shards_check(&all).is_ok());
+        let too_many: Vec<ShardId> = (0..=PIN_SHARDS_MAX as ShardId).collect();
+        assert!(pin_shards_check(&too_many)
+            .unwrap_err()
+            .contains("PIN_SHARDS_MAX"));
+        assert!(pin_shards_check(&[]).is_err());
+        assert!(pin_shards_check(&[1, 1]).is_err());
+        assert!(pin_shards_check(&[2, 1]).is_err());
+    }
+
+    // Goal: ids of one run never collide and are never 0; the limit is
+    // the configured one; a pin of several shards is released (once) by
+    // any of them, and only by its group.
     #[test]
     fn pin_ids_are_unique_and_released_pins_are_gone() {
-        let mut pins = Pins::new(1, 1, false);
+        let max = 5;
+        let mut pins = Pins::new(1, 1, max, false);
         let now = Instant::now();
-        let mut ids = Vec::new();
-        let mut holders = Vec::new();
-        for _ in 0..PINS_MAX {
-            let Ok(admitted) = pins.admit(1, 0, Bytes::new(), Bytes::new(), now) else {
+        let (mut ids, mut holders) = (Vec::new(), Vec::new());
+        for _ in 0..max {
+            let Ok(admitted) = pins.admit(1, vec![0, 4, 9], Bytes::new(), Bytes::new(), now) else {
                 panic!("below the limit");
             };
             ids.push(admitted.pin);
-            holders.push(admitted.pages);
+            holders.push(admitted);
         }
         assert!(matches!(
-            pins.admit(1, 0, Bytes::new(), Bytes::new(), now),
+            pins.admit(1, vec![0], Bytes::new(), Bytes::new(), now),
             Err(Refusal::Full)
         ));
-        ids.sort_unstable();
-        ids.dedup();
-        assert_eq!(ids.len(), PINS_MAX);
+        let mut unique = ids.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), max);
         assert!(ids.iter().all(|&i| i != 0));
+        // A holder that ended on its own makes room at once.
+        holders[1].ended.store(true, Ordering::Relaxed);
+        let Ok(replacement) = pins.admit(1, vec![3], Bytes::new(), Bytes::new(), now) else {
+            panic!("an ended holder's pin is swept");
+        };
+        assert!(!pins.release(ids[1], 1, 0), "swept");
         assert!(!pins.release(ids[0], 2, 0), "another group's pin");
-        assert!(pins.release(ids[0], 1, 0));
-        assert!(!pins.release(ids[0], 1, 0));
+        assert!(
+            !pins.release(ids[0], 1, 5),
+            "a shard the pin does not cover"
+        );
+        assert!(pins.release(ids[0], 1, 9));
+        assert!(
+            !pins.release(ids[0], 1, 0),
+            "released already, by another of its shards"
+        );
+        assert!(pins.release(replacement.pin, 1, 3));
         assert_eq!(pins.expire(Duration::from_secs(1), now), 0);
         assert_eq!(
             pins.expire(Duration::from_secs(1), now + Duration::from_secs(1)),
-            PINS_MAX - 1
+            max - 2
         );
         assert_eq!(pins.len(), 0);
     }
