@@ -42,7 +42,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use shoal_net::{Inbox, NodeId, RpcCaller, Transport};
+use shoal_net::{Inbox, NodeId, Peer, RpcCaller, Transport};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -691,7 +691,10 @@ where
                         last_ask = Instant::now();
                         told_done.insert(hello.node.0);
                     }
-                    let response = coordinator.handle(rpc.request).await?;
+                    let response = match refuse_impostor(&rpc.from, &rpc.request) {
+                        Some(refusal) => refusal,
+                        None => coordinator.handle(rpc.request).await?,
+                    };
                     rpc.reply.send(response);
                 }
             }
@@ -705,7 +708,10 @@ where
             MrRequest::Task { hello } => Some(hello.node.0),
             _ => None,
         };
-        let response = coordinator.handle(rpc.request).await?;
+        let response = match refuse_impostor(&rpc.from, &rpc.request) {
+            Some(refusal) => refusal,
+            None => coordinator.handle(rpc.request).await?,
+        };
         if let (Some(node), MrResponse::Task(TaskReply::Done)) = (asked, &response) {
             told_done.insert(node);
         }
@@ -719,6 +725,29 @@ where
         JobState::Failed(why) => Err(MrError::Failed(why)),
         _ => Ok(last),
     }
+}
+
+/// A request that speaks for a worker (every one but `Status`) must come
+/// from that worker's node certificate: whatever a caller claims in a
+/// hello, it can act only as itself. Returns the refusal, if any.
+pub fn refuse_impostor(from: &Peer, request: &MrRequest) -> Option<MrResponse> {
+    let claimed = match request {
+        MrRequest::Task { hello }
+        | MrRequest::MapDone { hello, .. }
+        | MrRequest::ReduceDone { hello, .. }
+        | MrRequest::Failed { hello, .. }
+        | MrRequest::FetchFailed { hello, .. }
+        | MrRequest::PinLost { hello, .. }
+        | MrRequest::SendRun { hello, .. } => hello.node,
+        MrRequest::Status => return None,
+    };
+    if *from == Peer::Node(claimed) {
+        return None;
+    }
+    tracing::warn!(?from, %claimed, "a caller spoke for another worker; refused");
+    Some(MrResponse::Refused {
+        reason: format!("{from:?} cannot speak for worker {claimed}"),
+    })
 }
 
 /// How a worker reaches others beyond its coordinator: a QUIC node learns
@@ -798,6 +827,10 @@ where
         tasks.spawn(async move {
             let mut sends = JoinSet::new();
             while let Some(rpc) = incoming.recv().await {
+                if let Some(refusal) = refuse_impostor(&rpc.from, &rpc.request) {
+                    rpc.reply.send(refusal);
+                    continue;
+                }
                 let MrRequest::SendRun { hello, run } = rpc.request else {
                     rpc.reply.send(MrResponse::Refused {
                         reason: "this is a worker; it only sends runs".into(),

@@ -424,6 +424,23 @@ mod tests {
         }
     }
 
+    /// Goal: a caller can speak only for the worker its certificate names.
+    #[test]
+    fn impostors_are_refused() {
+        use crate::mapreduce::runtime::refuse_impostor;
+        use shoal_net::Peer;
+        let hello = WorkerHello {
+            node: NodeId(7),
+            incarnation: 1,
+            addr: None,
+        };
+        let task = MrRequest::Task { hello };
+        assert!(refuse_impostor(&Peer::Node(NodeId(7)), &task).is_none());
+        assert!(refuse_impostor(&Peer::Node(NodeId(8)), &task).is_some());
+        assert!(refuse_impostor(&Peer::Client("client".into()), &task).is_some());
+        assert!(refuse_impostor(&Peer::Client("client".into()), &MrRequest::Status).is_none());
+    }
+
     /// Goal: worker ids carry the node id and the incarnation apart.
     #[test]
     fn worker_ids_split() {
