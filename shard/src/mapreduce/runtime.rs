@@ -93,6 +93,12 @@ pub const READ_PAGE_PAIRS: u64 = 1_000;
 /// Output puts in flight per reduce attempt.
 pub const OUTPUT_PUTS_INFLIGHT_MAX: usize = 128;
 
+/// Tries at fetching one run from an unresponsive holder.
+pub const FETCH_TRIES: u32 = 4;
+
+/// Pause between those tries (the lab restarts a crashed worker after 1 s).
+pub const FETCH_RETRY_MS: u64 = 1_000;
+
 /// Runs fetched at once by one reduce attempt.
 pub const FETCHES_INFLIGHT_MAX: usize = 8;
 
@@ -628,6 +634,9 @@ impl<C: RpcCaller<KvProtocol>> Coordinator<C> {
                 }
                 Ok(MrResponse::Ack)
             }
+            MrRequest::Locate { node } => Ok(MrResponse::Located(
+                self.record.workers.get(&node.0).copied(),
+            )),
             MrRequest::Status => Ok(MrResponse::Progress(self.record.progress())),
             MrRequest::SendRun { .. } => Ok(MrResponse::Refused {
                 reason: "this is a coordinator, not a worker".into(),
@@ -739,7 +748,7 @@ pub fn refuse_impostor(from: &Peer, request: &MrRequest) -> Option<MrResponse> {
         | MrRequest::FetchFailed { hello, .. }
         | MrRequest::PinLost { hello, .. }
         | MrRequest::SendRun { hello, .. } => hello.node,
-        MrRequest::Status => return None,
+        MrRequest::Status | MrRequest::Locate { .. } => return None,
     };
     if *from == Peer::Node(claimed) {
         return None;
@@ -897,6 +906,15 @@ struct Worker<T, C: RpcCaller<KvProtocol>> {
     options: WorkerOptions,
     waiters: RunWaiters,
     resolved: Mutex<HashMap<String, Arc<dyn MapReduceApp>>>,
+}
+
+/// Why one fetch of a run failed.
+enum FetchError {
+    /// The holder answered that it does not have the run (or it is
+    /// corrupt): it is lost.
+    Missing(String),
+    /// The holder did not answer: it may be restarting.
+    Unreachable(String),
 }
 
 /// Why one attempt stopped early.
@@ -1116,18 +1134,47 @@ impl<T: WorkerTransport + Clone, C: RpcCaller<KvProtocol>> Worker<T, C> {
         Ok(app)
     }
 
-    /// Gets one run: from our own directory, or from its holder.
+    /// Gets one run: from our own directory, or from its holder. A holder
+    /// that does not answer may be restarting (a new process under the
+    /// same node id keeps its directory): the reducer asks the coordinator
+    /// where that node is now and tries again, [`FETCH_TRIES`] times in
+    /// all, [`FETCH_RETRY_MS`] apart, before it reports the runs lost.
     async fn fetch(&self, source: RunSource, id: RunId) -> Result<Run, AttemptError> {
+        let mut reach = source.reach;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.fetch_from(reach, id).await {
+                Ok(run) => return Ok(run),
+                Err(FetchError::Missing(reason)) => {
+                    return Err(AttemptError::Fetch(source.holder, reason))
+                }
+                Err(FetchError::Unreachable(reason)) if tries >= FETCH_TRIES => {
+                    return Err(AttemptError::Fetch(source.holder, reason))
+                }
+                Err(FetchError::Unreachable(reason)) => {
+                    tracing::debug!(holder = %reach.node, %reason, "holder unreachable; asking where it is now");
+                    tokio::time::sleep(Duration::from_millis(FETCH_RETRY_MS)).await;
+                    let locate = MrRequest::Locate { node: reach.node };
+                    if let Ok(MrResponse::Located(Some(now))) = self.ask(locate).await {
+                        reach = now;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn fetch_from(&self, reach: WorkerHello, id: RunId) -> Result<Run, FetchError> {
         let local = self.options.dir.join(id.file_name());
-        if source.reach.node == self.options.hello.node {
+        if reach.node == self.options.hello.node {
             // Ours, or our predecessor's in the same directory.
             return read_run_blocking(local, false)
                 .await
-                .map_err(|e| AttemptError::Fetch(source.holder, e));
+                .map_err(FetchError::Missing);
         }
         let (tx, rx) = oneshot::channel();
         self.waiters.lock().expect("waiters lock").insert(id, tx);
-        self.node.learn(&source.reach);
+        self.node.learn(&reach);
         let request = MrRequest::SendRun {
             hello: self.options.hello,
             run: id,
@@ -1136,23 +1183,35 @@ impl<T: WorkerTransport + Clone, C: RpcCaller<KvProtocol>> Worker<T, C> {
         let fetched = async {
             match self
                 .node
-                .call_with_deadline(source.reach.node, request, deadline)
+                .call_with_deadline(reach.node, request, deadline)
                 .await
             {
                 Ok(MrResponse::RunSent) => {}
-                Ok(MrResponse::RunMissing) => return Err("the holder no longer has it".into()),
-                Ok(other) => return Err(format!("the holder answered {other:?}")),
-                Err(e) => return Err(format!("the holder is unreachable: {e}")),
+                Ok(MrResponse::RunMissing) => {
+                    return Err(FetchError::Missing("the holder no longer has it".into()))
+                }
+                Ok(other) => {
+                    return Err(FetchError::Unreachable(format!(
+                        "the holder answered {other:?}"
+                    )))
+                }
+                Err(e) => {
+                    return Err(FetchError::Unreachable(format!(
+                        "the holder is unreachable: {e}"
+                    )))
+                }
             }
             let path = tokio::time::timeout(deadline, rx)
                 .await
-                .map_err(|_| "the file did not arrive".to_string())?
-                .map_err(|_| "the worker is stopping".to_string())?;
-            read_run_blocking(path, true).await
+                .map_err(|_| FetchError::Unreachable("the file did not arrive".into()))?
+                .map_err(|_| FetchError::Unreachable("the worker is stopping".into()))?;
+            read_run_blocking(path, true)
+                .await
+                .map_err(FetchError::Missing)
         }
         .await;
         self.waiters.lock().expect("waiters lock").remove(&id);
-        fetched.map_err(|reason| AttemptError::Fetch(source.holder, reason))
+        fetched
     }
 
     async fn reduce(

@@ -209,6 +209,12 @@ pub enum MrRequest {
     },
     /// Anyone → coordinator: how far along is the job.
     Status,
+    /// Reducer → coordinator: where is worker node `node` now (its latest
+    /// incarnation and address)?
+    Locate {
+        /// The node.
+        node: NodeId,
+    },
 }
 
 /// A task handed to a worker.
@@ -285,6 +291,8 @@ pub enum MrResponse {
     RunMissing,
     /// Job progress.
     Progress(JobProgress),
+    /// The latest hello of the node asked about, if it ever registered.
+    Located(Option<WorkerHello>),
     /// The request was refused (wrong job, bad report, not a coordinator).
     Refused {
         /// Why.
