@@ -30,10 +30,11 @@
 //!   backup or re-run of a partition writes the same pairs: no duplicates,
 //!   no mix of attempts.
 //! - **Lost map output is recomputed.** Runs live on the worker that made
-//!   them, as in the MapReduce paper. A reducer that cannot fetch them
-//!   reports it, and a worker that restarts (a new incarnation under its
-//!   node id) is known to have lost them; either way those map tasks run
-//!   again.
+//!   them, as in the MapReduce paper. A worker process that restarts under
+//!   the same node id and directory still serves them; a reducer that
+//!   cannot reach a holder asks the coordinator where it is now and tries
+//!   again, and only when the runs stay out of reach (or the holder says
+//!   it has none) are they reported lost and those map tasks run again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
