@@ -40,8 +40,11 @@
 //!   output is durable and atomically visible (the lab's write to a
 //!   temporary file and rename).
 //! - **Failure.** A task that needs another attempt when it already had
-//!   [`JobConfig::attempts_max`] fails the job
-//!   ([`JobFailure::AttemptsExhausted`], naming the task).
+//!   [`JobConfig::attempts_max`] charged attempts fails the job
+//!   ([`JobFailure::AttemptsExhausted`], naming the task). Attempts that
+//!   ended because their worker was lost (`WorkerLost`, `OutputLost`) are
+//!   not charged (a crash storm is no fault of the task), but they are
+//!   stored, at most [`JobConfig::attempts_stored_max`] in all.
 //!
 //! # Persistence
 //! [`JobTable`] is serde-serializable; its encoded size is at most
@@ -71,6 +74,10 @@ pub const BACKUP_AFTER_MS_MIN: u64 = 10_000;
 /// third of all calls and stalls a third for up to 10 s, so an attempt
 /// fails about half the time; 16 in a row is 1 in 65,536 per task.
 pub const ATTEMPTS_DEFAULT: u32 = 16;
+
+/// [`JobConfig::attempts_stored_max`] over `attempts_max`: a task may see
+/// three times as many attempts lost with their workers as it may fail.
+pub const ATTEMPTS_STORED_FACTOR: usize = 4;
 
 /// Largest [`JobConfig::attempts_max`]: 32. Attempts are kept in the table,
 /// so this bounds its size.
@@ -118,6 +125,13 @@ impl Default for JobConfig {
 }
 
 impl JobConfig {
+    /// Most attempts of one task kept in the table, charged or not:
+    /// `ATTEMPTS_STORED_FACTOR × attempts_max`. Attempts lost with their
+    /// worker are not charged, but they are stored, and this bounds them.
+    pub fn attempts_stored_max(&self) -> usize {
+        ATTEMPTS_STORED_FACTOR * self.attempts_max as usize
+    }
+
     /// Checks every field against its bounds.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.task_lease_ms == 0 {
@@ -205,6 +219,9 @@ pub enum AttemptStatus {
     WorkerLost,
     /// It won a map task, then its worker (holding the output) was lost.
     OutputLost,
+    /// A reduce attempt that could not fetch a map output (its holder was
+    /// lost): ended, and no fault of the task.
+    InputLost,
 }
 
 /// One attempt of a task.
@@ -356,6 +373,30 @@ impl Task {
         }
     }
 
+    /// Attempts charged to the task: all but those that ended because
+    /// their worker was lost (`WorkerLost`, `OutputLost`), which were no
+    /// fault of the task (as Hadoop counts failed attempts, not killed
+    /// ones).
+    fn charged(&self) -> usize {
+        self.attempts
+            .iter()
+            .filter(|a| {
+                !matches!(
+                    a.status,
+                    AttemptStatus::WorkerLost
+                        | AttemptStatus::OutputLost
+                        | AttemptStatus::InputLost
+                )
+            })
+            .count()
+    }
+
+    /// Whether another attempt may be handed out under `config`.
+    fn may_attempt(&self, config: &JobConfig) -> bool {
+        self.charged() < config.attempts_max as usize
+            && self.attempts.len() < config.attempts_stored_max()
+    }
+
     fn running(&self) -> impl Iterator<Item = &Attempt> {
         self.attempts
             .iter()
@@ -390,13 +431,15 @@ pub struct JobTable {
 }
 
 /// An upper bound on the postcard encoding of a [`JobTable`] of `map_tasks`
-/// map tasks, `reduce_count` partitions, `attempts_max` attempts per task,
-/// whose split keys are at most `split_key_bytes_max` bytes:
-/// `128 + maps × (64 + 2·keys + 24·attempts + 256) + reduces × (16 +
-/// 24·attempts)`. At the limits ([`MAP_TASKS_MAX`],
-/// [`REDUCE_PARTITIONS_MAX`](super::REDUCE_PARTITIONS_MAX), 16 attempts)
-/// with 64-byte keys: about 1.9 MB, within one value of Shoal's default
-/// 4 MiB limit; a runtime facing more stores one record per task instead.
+/// map tasks, `reduce_count` partitions, `attempts_max` stored attempts
+/// per task (pass [`JobConfig::attempts_stored_max`]), whose split keys are
+/// at most `split_key_bytes_max` bytes: `128 + maps × (64 + 2·keys +
+/// 24·attempts + 256) + reduces × (16 + 24·attempts)`. With 64 stored
+/// attempts (the default config), 256 map tasks and 64 partitions of
+/// 64-byte keys: about 0.5 MB, well within one value of Shoal's default
+/// 4 MiB limit; at the extreme limits ([`MAP_TASKS_MAX`], 512 partitions)
+/// it exceeds it, and the runtime's store then refuses the record with a
+/// clear error.
 pub fn table_bytes_max(
     map_tasks: usize,
     reduce_count: u32,
@@ -511,9 +554,7 @@ impl JobTable {
             &mut self.maps[index]
         };
         assert!(
-            task.winner.is_none()
-                && task.running().count() <= 1
-                && task.attempts.len() < self.config.attempts_max as usize,
+            task.winner.is_none() && task.running().count() <= 1 && task.may_attempt(&self.config),
             "handing out a task that is finished, has two attempts running, or none left: {task:?}"
         );
         task.attempts.push(Attempt {
@@ -552,9 +593,7 @@ impl JobTable {
         tasks
             .iter()
             .enumerate()
-            .filter(|(_, task)| {
-                task.winner.is_none() && task.attempts.len() < self.config.attempts_max as usize
-            })
+            .filter(|(_, task)| task.winner.is_none() && task.may_attempt(&self.config))
             .filter_map(|(index, task)| {
                 let mut running = task.running();
                 match (running.next(), running.next()) {
@@ -590,9 +629,8 @@ impl JobTable {
         if self.failure.is_some() || self.is_done() {
             return;
         }
-        let attempts_max = self.config.attempts_max as usize;
-        let exhausted =
-            |task: &Task| task.state() == TaskState::Idle && task.attempts.len() >= attempts_max;
+        let config = self.config;
+        let exhausted = |task: &Task| task.state() == TaskState::Idle && !task.may_attempt(&config);
         let map = self.maps.iter().position(exhausted).map(Self::map_ref);
         let reduce = self
             .reduces
@@ -657,9 +695,10 @@ impl JobTable {
         let (entry, index) = self.attempt_of(worker, task, attempt)?;
         let outcome = match entry.attempts[index].status {
             AttemptStatus::Won | AttemptStatus::FinishedLate => Finish::AlreadyFinished,
-            AttemptStatus::Failed | AttemptStatus::WorkerLost | AttemptStatus::OutputLost => {
-                Finish::Ignored
-            }
+            AttemptStatus::Failed
+            | AttemptStatus::WorkerLost
+            | AttemptStatus::OutputLost
+            | AttemptStatus::InputLost => Finish::Ignored,
             AttemptStatus::Running | AttemptStatus::Expired if entry.winner.is_some() => {
                 entry.attempts[index].status = AttemptStatus::FinishedLate;
                 self.late_finishes += 1;
@@ -738,6 +777,29 @@ impl JobTable {
             AttemptStatus::Running | AttemptStatus::Expired
         ) {
             record.status = AttemptStatus::Failed;
+        }
+        self.check_exhausted();
+        Ok(())
+    }
+
+    /// `worker`'s reduce `attempt` of `task` could not fetch a map output
+    /// (report the holder with [`Self::worker_lost`]): it ends, uncharged,
+    /// so the partition is handed out again once the map has run again.
+    ///
+    /// Errors (nothing changed): as for [`Self::map_finished`].
+    pub fn attempt_input_lost(
+        &mut self,
+        worker: WorkerId,
+        task: TaskRef,
+        attempt: u32,
+    ) -> Result<(), ReportError> {
+        let (entry, index) = self.attempt_of(worker, task, attempt)?;
+        let record = &mut entry.attempts[index];
+        if matches!(
+            record.status,
+            AttemptStatus::Running | AttemptStatus::Expired
+        ) {
+            record.status = AttemptStatus::InputLost;
         }
         self.check_exhausted();
         Ok(())

@@ -95,12 +95,12 @@ pub const READ_PAGE_PAIRS: u64 = 1_000;
 pub const OUTPUT_PUTS_INFLIGHT_MAX: usize = 128;
 
 /// Tries at fetching one run from an unresponsive holder.
-pub const FETCH_TRIES: u32 = 4;
+pub const FETCH_TRIES: u32 = 3;
 
 /// Pause between those tries (the lab restarts a crashed worker after 1 s).
 pub const FETCH_RETRY_MS: u64 = 1_000;
 
-/// Runs fetched at once by one reduce attempt.
+/// Holders one reduce attempt fetches from at once.
 pub const FETCHES_INFLIGHT_MAX: usize = 8;
 
 /// Resolves an application name (from the job record) to the code that
@@ -615,12 +615,21 @@ impl<C: RpcCaller<KvProtocol>> Coordinator<C> {
             }
             MrRequest::FetchFailed {
                 hello,
+                partition,
+                attempt,
                 holder,
                 reason,
             } => {
-                let current = self.record.workers.get(&holder.node.0) == Some(&holder);
                 let loss = self.record.table.worker_lost(holder.worker());
-                tracing::warn!(reducer = %hello.node, holder = %holder.node, current, ?loss, %reason, "runs could not be fetched; their maps run again");
+                tracing::warn!(reducer = %hello.node, holder = %holder.node, ?loss, %reason, "runs could not be fetched; their maps run again");
+                if let Err(e) = self.record.table.attempt_input_lost(
+                    hello.worker(),
+                    TaskRef::Reduce(partition),
+                    attempt,
+                ) {
+                    tracing::info!(error = %e, "the reduce attempt's end was not taken");
+                }
+                self.finish_if_done();
                 self.save().await?;
                 Ok(MrResponse::Ack)
             }
@@ -1028,23 +1037,25 @@ impl<T: WorkerTransport + Clone, C: RpcCaller<KvProtocol>> Worker<T, C> {
                         reason,
                     }
                 }
-                (task, Err(AttemptError::Fetch(holder, reason))) => {
-                    summary.failures += 1;
+                (TaskRef::Reduce(partition), Err(AttemptError::Fetch(holder, reason))) => {
                     // The holder's maps run again; this attempt ends now
-                    // rather than at its lease.
-                    let lost = MrRequest::FetchFailed {
+                    // (uncharged) rather than at its lease.
+                    summary.failures += 1;
+                    MrRequest::FetchFailed {
                         hello,
+                        partition,
+                        attempt,
                         holder,
-                        reason: reason.clone(),
-                    };
-                    if let MrResponse::Refused { reason } = self.ask(lost).await? {
-                        tracing::info!(%reason, "fetch failure not taken");
+                        reason,
                     }
+                }
+                (task @ TaskRef::Map(_), Err(AttemptError::Fetch(_, reason))) => {
+                    summary.failures += 1;
                     MrRequest::Failed {
                         hello,
                         task,
                         attempt,
-                        reason: format!("fetching runs: {reason}"),
+                        reason,
                     }
                 }
                 (_, Err(AttemptError::PinLost(shard))) => {
@@ -1224,20 +1235,37 @@ impl<T: WorkerTransport + Clone, C: RpcCaller<KvProtocol>> Worker<T, C> {
         let app = self.app(header)?;
         let mut times = PhaseTimes::default();
         let started = Instant::now();
+        // One fetcher per holder, holders in parallel: a holder's runs come
+        // one after another over its one connection, and the first that
+        // cannot be had ends that holder's fetcher (and the attempt)
+        // without dialing a dead holder once per run.
+        let mut by_holder: BTreeMap<u64, Vec<(usize, RunSource)>> = BTreeMap::new();
+        for (index, source) in sources.iter().enumerate() {
+            by_holder
+                .entry(source.reach.node.0)
+                .or_default()
+                .push((index, *source));
+        }
         let mut runs: Vec<Option<Run>> = vec![None; sources.len()];
-        for (chunk_index, chunk) in sources.chunks(FETCHES_INFLIGHT_MAX).enumerate() {
-            let fetches = chunk.iter().map(|source| {
-                let id = RunId {
-                    job: header.job,
-                    task: source.task,
-                    attempt: source.attempt,
-                    partition,
-                };
-                self.fetch(*source, id)
+        let holders: Vec<Vec<(usize, RunSource)>> = by_holder.into_values().collect();
+        for group in holders.chunks(FETCHES_INFLIGHT_MAX) {
+            let fetchers = group.iter().map(|list| async move {
+                let mut got = Vec::with_capacity(list.len());
+                for (index, source) in list {
+                    let id = RunId {
+                        job: header.job,
+                        task: source.task,
+                        attempt: source.attempt,
+                        partition,
+                    };
+                    got.push((*index, self.fetch(*source, id).await?));
+                }
+                Ok::<_, AttemptError>(got)
             });
-            let fetched = join_all(fetches).await;
-            for (i, run) in fetched.into_iter().enumerate() {
-                runs[chunk_index * FETCHES_INFLIGHT_MAX + i] = Some(run?);
+            for fetched in join_all(fetchers).await {
+                for (index, run) in fetched? {
+                    runs[index] = Some(run);
+                }
             }
         }
         let runs: Vec<Run> = runs.into_iter().map(|r| r.unwrap_or_default()).collect();

@@ -357,6 +357,45 @@ fn worker_restarted_keeps_map_outputs() {
     assert_eq!(table.task_state(TaskRef::Map(task)), TaskState::Idle);
 }
 
+/// Attempts lost with their worker are not charged: a task whose workers
+/// keep dying is handed out past `attempts_max`, up to the stored bound,
+/// while failures are charged.
+#[test]
+fn lost_attempts_are_not_charged() {
+    let config = JobConfig {
+        attempts_max: 2,
+        ..JobConfig::default()
+    };
+    let mut table = table(1, 1, config);
+    for n in 0..config.attempts_stored_max() as u64 {
+        let worker = WorkerId(n);
+        let (task, _) = expect_map(table.request_task(worker, n).unwrap());
+        assert_eq!(task, 0);
+        table.worker_lost(worker);
+    }
+    assert_eq!(
+        table.failure(),
+        Some(&JobFailure::AttemptsExhausted {
+            task: TaskRef::Map(0),
+            attempts: 2
+        }),
+        "the stored bound ends it"
+    );
+    let mut table = self::table(1, 1, config);
+    let (_, attempt) = expect_map(table.request_task(WorkerId(1), 0).unwrap());
+    table.worker_lost(WorkerId(1));
+    let (_, second) = expect_map(table.request_task(WorkerId(2), 1).unwrap());
+    assert_eq!((attempt, second), (0, 1));
+    table
+        .attempt_failed(WorkerId(2), TaskRef::Map(0), 1)
+        .unwrap();
+    let (_, third) = expect_map(table.request_task(WorkerId(3), 2).unwrap());
+    table
+        .attempt_failed(WorkerId(3), TaskRef::Map(0), third)
+        .unwrap();
+    assert!(table.failure().is_some(), "two charged failures end it");
+}
+
 /// Once every reduce has finished, nothing reads map outputs: losing their
 /// worker changes nothing and the job stays done.
 #[test]
@@ -610,7 +649,22 @@ fn check_invariants(table: &JobTable, now_ms: u64) {
     for (task, state) in states(table) {
         let attempts = table.attempts(task);
         assert!(
-            attempts.len() <= config.attempts_max as usize,
+            attempts.len() <= config.attempts_stored_max(),
+            "{task}: {attempts:?}"
+        );
+        let charged = attempts
+            .iter()
+            .filter(|a| {
+                !matches!(
+                    a.status,
+                    AttemptStatus::WorkerLost
+                        | AttemptStatus::OutputLost
+                        | AttemptStatus::InputLost
+                )
+            })
+            .count();
+        assert!(
+            charged <= config.attempts_max as usize,
             "{task}: {attempts:?}"
         );
         let running = attempts
@@ -778,7 +832,23 @@ fn run_interleaving(maps: u32, reduces: u32, config: JobConfig, ops: &[Op]) {
             Ok(Assignment::Done) => break,
             Err(JobFailure::AttemptsExhausted { task, attempts }) => {
                 assert_eq!(attempts, config.attempts_max);
-                assert_eq!(table.attempts(task).len(), attempts as usize);
+                let all = table.attempts(task);
+                let charged = all
+                    .iter()
+                    .filter(|a| {
+                        !matches!(
+                            a.status,
+                            AttemptStatus::WorkerLost
+                                | AttemptStatus::OutputLost
+                                | AttemptStatus::InputLost
+                        )
+                    })
+                    .count();
+                assert!(
+                    charged == attempts as usize || all.len() == config.attempts_stored_max(),
+                    "{task} exhausted with {charged} charged of {} stored: {all:?}",
+                    all.len()
+                );
                 assert_ne!(table.task_state(task), TaskState::Finished);
                 return;
             }

@@ -183,10 +183,15 @@ pub enum MrRequest {
         /// Why, for the log.
         reason: String,
     },
-    /// Reducer → coordinator: the runs of `holder` could not be fetched.
+    /// Reducer → coordinator: the runs of `holder` could not be fetched,
+    /// so reduce `partition`'s attempt `attempt` ends (uncharged).
     FetchFailed {
         /// The caller.
         hello: WorkerHello,
+        /// The reduce partition of the attempt.
+        partition: u32,
+        /// The attempt.
+        attempt: u32,
         /// The worker that should have them.
         holder: WorkerHello,
         /// Why.
