@@ -99,6 +99,33 @@ pub fn error_answer(error: &ClientError) -> Value {
     }
 }
 
+/// Exit code of a one-shot command whose answer was not ok, when nothing
+/// more specific applies (a version mismatch, no key, ...).
+pub const EXIT_FAILED: i32 = 1;
+/// Exit code for bad input: the request (or the command line: clap uses
+/// 2 for usage errors too) was refused without effect.
+pub const EXIT_BAD_INPUT: i32 = 2;
+/// Exit code for a missing key.
+pub const EXIT_NOT_FOUND: i32 = 3;
+/// Exit code when the cluster did not answer in time (a write may or may
+/// not have been applied) or no node answered.
+pub const EXIT_UNAVAILABLE: i32 = 4;
+
+/// The exit code of a one-shot command that printed `answer`: 0 when it is
+/// ok, else by its `error` kind ([`EXIT_NOT_FOUND`], [`EXIT_UNAVAILABLE`],
+/// [`EXIT_BAD_INPUT`], or [`EXIT_FAILED`]).
+pub fn exit_code(answer: &Value) -> i32 {
+    if answer["ok"] == true {
+        return 0;
+    }
+    match answer["error"].as_str() {
+        Some("not_found") => EXIT_NOT_FOUND,
+        Some("timeout") => EXIT_UNAVAILABLE,
+        Some("bad_request") | Some("refused") => EXIT_BAD_INPUT,
+        _ => EXIT_FAILED,
+    }
+}
+
 /// An answer as one line of JSON, with `ok` first and `error` second (then
 /// the other fields in name order), as README.md shows them.
 pub fn render(answer: &Value) -> String {
@@ -167,6 +194,34 @@ pub async fn execute(client: &Client, request: Request) -> Value {
 
 #[cfg(test)]
 mod tests {
+    /// Goal: each failure kind exits with its own code, success with 0.
+    #[test]
+    fn exit_codes_by_error_kind() {
+        use super::*;
+        use serde_json::json;
+        assert_eq!(exit_code(&json!({"ok": true})), 0);
+        assert_eq!(
+            exit_code(&json!({"ok": false, "error": "not_found"})),
+            EXIT_NOT_FOUND
+        );
+        assert_eq!(
+            exit_code(&json!({"ok": false, "error": "timeout"})),
+            EXIT_UNAVAILABLE
+        );
+        assert_eq!(
+            exit_code(&json!({"ok": false, "error": "bad_request"})),
+            EXIT_BAD_INPUT
+        );
+        assert_eq!(
+            exit_code(&json!({"ok": false, "error": "refused"})),
+            EXIT_BAD_INPUT
+        );
+        assert_eq!(
+            exit_code(&json!({"ok": false, "error": "version_mismatch"})),
+            EXIT_FAILED
+        );
+    }
+
     use super::*;
 
     // Goal: the documented request forms parse, and malformed lines give a

@@ -233,7 +233,7 @@ enum Cmd {
     },
     /// Ask every node for its status: one JSON line per node,
     /// {"id","role","term","leader","commit","applied","pid"} (the status
-    /// file's schema) or {"id","error"}; exits 1 if no node answered.
+    /// file's schema) or {"id","error"}; exits 4 if no node answered.
     Status {
         #[command(flatten)]
         cluster: ClusterArgs,
@@ -269,10 +269,10 @@ enum Cmd {
 #[derive(Args)]
 struct ClusterArgs {
     /// The nodes: 1=ADDR,2=ADDR,...
-    #[arg(long)]
+    #[arg(long, env = "SHOAL_CLUSTER")]
     cluster: String,
     /// Certificate directory (from `shoal certs init`).
-    #[arg(long)]
+    #[arg(long, env = "SHOAL_TLS")]
     tls: PathBuf,
     /// Client certificate to use (client-<name>.pem).
     #[arg(long, default_value = cluster::CLIENT_NAME_DEFAULT)]
@@ -673,16 +673,17 @@ fn run_client(args: &ClusterArgs) -> Result<()> {
     Ok(())
 }
 
-/// A one-shot command: prints the answer; exits 1 if it is not ok.
+/// A one-shot command: prints the answer; exits with
+/// [`jsonl::exit_code`] if it is not ok.
 fn one_shot(args: &ClusterArgs, request: jsonl::Request) -> Result<()> {
     let (runtime, client) = connect(args)?;
     let answer = runtime.block_on(jsonl::execute(&client, request));
     runtime.block_on(client.close());
     println!("{}", jsonl::render(&answer));
-    if answer["ok"] != true {
-        std::process::exit(1);
+    match jsonl::exit_code(&answer) {
+        0 => Ok(()),
+        code => std::process::exit(code),
     }
-    Ok(())
 }
 
 /// `shoal status`: every member's status RPC, one JSON line each.
@@ -704,7 +705,7 @@ fn status(args: &ClusterArgs) -> Result<()> {
     }
     runtime.block_on(client.close());
     if answered == 0 {
-        std::process::exit(1);
+        std::process::exit(jsonl::EXIT_UNAVAILABLE);
     }
     Ok(())
 }

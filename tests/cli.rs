@@ -141,6 +141,22 @@ fn nodes_and_json_client_end_to_end() {
         one_shot(&cluster, &["get", "one"]),
         (false, json!({"ok": false, "error": "not_found"}))
     );
+    // SHOAL_CLUSTER / SHOAL_TLS stand for --cluster / --tls, and a
+    // missing key has its own exit code (3; bad input 2, unavailable 4).
+    let output = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["get", "one"])
+        .env("SHOAL_CLUSTER", cluster.cluster_arg())
+        .env("SHOAL_TLS", &cluster.tls)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run shoal");
+    assert_eq!(output.status.code(), Some(shoal::jsonl::EXIT_NOT_FOUND));
+    let output = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["get", "one", "--cluster", "not-a-member-list"])
+        .env("SHOAL_TLS", &cluster.tls)
+        .output()
+        .expect("run shoal");
+    assert!(!output.status.success(), "a bad member list is refused");
     assert_eq!(
         one_shot(&cluster, &["scan", "a", "b"]),
         (
