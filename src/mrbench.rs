@@ -262,11 +262,7 @@ fn check_output(
 ) -> Result<()> {
     let members = crate::cluster::parse_members(cluster)?;
     let client = crate::cluster::BlockingClient::connect(&members, tls)?;
-    let end = {
-        let mut e = prefix.as_bytes().to_vec();
-        *e.last_mut().expect("prefix not empty") += 1;
-        e
-    };
+    let end = shoal_shard::mapreduce::prefix_end(prefix.as_bytes());
     let got = client.scan(prefix.to_string(), end, u64::MAX)?;
     client.close();
     if got.len() != want.len() {

@@ -263,6 +263,17 @@ impl World {
         BlockingClient::connect_with(&self.cluster.members, &self.cluster.tls, options).unwrap()
     }
 
+    /// `shoal mapreduce status --job lab` (JSON; `Null` if it printed none).
+    fn status(&self) -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .arg("mapreduce")
+            .args(self.args())
+            .args(["status", "--job", "lab"])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    }
+
     /// `sort mr-out* | grep .`
     fn merged_files(&self) -> Vec<String> {
         let mut lines = Vec::new();
@@ -508,19 +519,9 @@ fn coordinator_killed_and_resumed() {
     let mut coordinator = world.coordinator("indexer", &[]);
     let workers: Vec<Child> = (1..=2).map(|n| world.worker(n)).collect();
     // Kill it once the job record shows some maps done.
-    let client = world.client();
     common::wait_for("some map tasks to finish", PROCESS_TIMEOUT, || {
-        let status = Command::new(env!("CARGO_BIN_EXE_shoal"))
-            .arg("mapreduce")
-            .args(world.args())
-            .args(["status", "--job", "lab"])
-            .output()
-            .unwrap();
-        serde_json::from_slice::<serde_json::Value>(&status.stdout)
-            .map(|v| v["maps_done"].as_u64().unwrap_or(0) >= 2)
-            .unwrap_or(false)
+        world.status()["maps_done"].as_u64().unwrap_or(0) >= 2
     });
-    client.close();
     coordinator.kill().unwrap();
     coordinator.wait().unwrap();
     let resumed = world.coordinator("indexer", &["--resume"]);
@@ -538,23 +539,14 @@ fn worker_killed_after_maps() {
     // when the maps are all done; the victim is whoever holds runs.
     let coordinator = world.coordinator("early_exit", &[]);
     let mut victim = world.worker(1);
-    let status = || -> serde_json::Value {
-        let out = Command::new(env!("CARGO_BIN_EXE_shoal"))
-            .arg("mapreduce")
-            .args(world.args())
-            .args(["status", "--job", "lab"])
-            .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap_or_default()
-    };
     common::wait_for("every map task to finish", PROCESS_TIMEOUT, || {
-        status()["maps_done"].as_u64() == Some(8)
+        world.status()["maps_done"].as_u64() == Some(8)
     });
     victim.kill().unwrap();
     victim.wait().unwrap();
     let workers = (2..=3).map(|n| world.worker(n)).collect();
     finish(coordinator, workers, PROCESS_TIMEOUT);
-    let progress = status();
+    let progress = world.status();
     assert!(
         progress["attempts"].as_u64().unwrap() > 8 + u64::from(REDUCE),
         "the victim's maps ran again: {progress}"
@@ -647,16 +639,7 @@ fn sharded_job_while_a_shard_moves() {
         60_000,
         &["move", "--shard", &shard.to_string(), "--to", to],
     );
-    let progress: serde_json::Value = serde_json::from_slice(
-        &Command::new(env!("CARGO_BIN_EXE_shoal"))
-            .arg("mapreduce")
-            .args(world.args())
-            .args(["status", "--job", "lab"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
+    let progress = world.status();
     // Maps sleep 500 ms each (8 maps on 2 workers: about 2 s), and a move
     // takes well under that.
     assert!(
@@ -782,13 +765,7 @@ fn lost_snapshot_fails_the_job_clearly() {
         !wait_within(&mut coordinator, PROCESS_TIMEOUT, "the coordinator"),
         "the job cannot succeed without its snapshot"
     );
-    let status = Command::new(env!("CARGO_BIN_EXE_shoal"))
-        .arg("mapreduce")
-        .args(world.args())
-        .args(["status", "--job", "lab"])
-        .output()
-        .unwrap();
-    let progress: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let progress = world.status();
     let failure = progress["failure"].as_str().unwrap_or_default();
     assert!(failure.contains("snapshot"), "{progress}");
     for mut w in workers {

@@ -770,16 +770,7 @@ impl JobTable {
         task: TaskRef,
         attempt: u32,
     ) -> Result<(), ReportError> {
-        let (entry, index) = self.attempt_of(worker, task, attempt)?;
-        let record = &mut entry.attempts[index];
-        if matches!(
-            record.status,
-            AttemptStatus::Running | AttemptStatus::Expired
-        ) {
-            record.status = AttemptStatus::Failed;
-        }
-        self.check_exhausted();
-        Ok(())
+        self.end_attempt(worker, task, attempt, AttemptStatus::Failed)
     }
 
     /// `worker`'s reduce `attempt` of `task` could not fetch a map output
@@ -793,13 +784,25 @@ impl JobTable {
         task: TaskRef,
         attempt: u32,
     ) -> Result<(), ReportError> {
+        self.end_attempt(worker, task, attempt, AttemptStatus::InputLost)
+    }
+
+    /// Ends a running or expired `attempt` of `task` as `status`; leaves
+    /// any other attempt as it is.
+    fn end_attempt(
+        &mut self,
+        worker: WorkerId,
+        task: TaskRef,
+        attempt: u32,
+        status: AttemptStatus,
+    ) -> Result<(), ReportError> {
         let (entry, index) = self.attempt_of(worker, task, attempt)?;
         let record = &mut entry.attempts[index];
         if matches!(
             record.status,
             AttemptStatus::Running | AttemptStatus::Expired
         ) {
-            record.status = AttemptStatus::InputLost;
+            record.status = status;
         }
         self.check_exhausted();
         Ok(())

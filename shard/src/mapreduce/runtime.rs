@@ -691,7 +691,8 @@ where
     let mut last_ask = Instant::now();
     let mut told_done: std::collections::BTreeSet<u64> = Default::default();
     loop {
-        if coordinator.record.state != JobState::Running {
+        // Once the job is over, linger only until every worker was told.
+        let linger_until = if coordinator.record.state != JobState::Running {
             let done = *finished_at.get_or_insert_with(Instant::now);
             let quiet = last_ask.max(done) + Duration::from_millis(DONE_LINGER_MS);
             let all_told = coordinator
@@ -702,31 +703,27 @@ where
             if all_told || Instant::now() >= quiet {
                 break;
             }
-            match tokio::time::timeout_at(quiet, inbox.rpcs.recv()).await {
-                Err(_) => break,
-                Ok(None) => break,
-                Ok(Some(rpc)) => {
-                    if let MrRequest::Task { hello } = &rpc.request {
-                        last_ask = Instant::now();
-                        told_done.insert(hello.node.0);
-                    }
-                    let response = match refuse_impostor(&rpc.from, &rpc.request) {
-                        Some(refusal) => refusal,
-                        None => coordinator.handle(rpc.request).await?,
-                    };
-                    rpc.reply.send(response);
-                }
-            }
-            continue;
-        }
-        let Some(rpc) = inbox.rpcs.recv().await else {
+            Some(quiet)
+        } else {
+            None
+        };
+        let received = match linger_until {
+            Some(quiet) => tokio::time::timeout_at(quiet, inbox.rpcs.recv())
+                .await
+                .ok()
+                .flatten(),
+            None => inbox.rpcs.recv().await,
+        };
+        let Some(rpc) = received else {
             break;
         };
-        last_ask = Instant::now();
         let asked = match &rpc.request {
             MrRequest::Task { hello } => Some(hello.node.0),
             _ => None,
         };
+        if asked.is_some() {
+            last_ask = Instant::now();
+        }
         let response = match refuse_impostor(&rpc.from, &rpc.request) {
             Some(refusal) => refusal,
             None => coordinator.handle(rpc.request).await?,
