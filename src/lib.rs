@@ -31,6 +31,7 @@ pub mod certs;
 pub mod cluster;
 pub mod crashtest;
 pub mod db;
+pub mod embench;
 pub mod jsonl;
 pub mod local_cluster;
 pub mod mapreduce;
@@ -38,7 +39,8 @@ pub mod mrbench;
 pub mod sharding;
 
 pub use cluster::{BlockingClient, Client, ClientError, ConnectError};
-pub use db::{AsyncDb, Db, DbError, DbOptions, MapReduceJob};
+pub use db::{AsyncDb, Db, DbBuilder, DbError, Durability, MapReduceJob, Scan};
+pub use shoal_shard::WriteBatch;
 
 pub use shoal_consensus as consensus;
 pub use shoal_engine as engine;

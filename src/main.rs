@@ -189,6 +189,22 @@ enum Cmd {
         /// spread) and keys routed by shard.
         #[arg(long, default_value_t = 1)]
         groups: u64,
+        /// Benchmark the embedded `Db` against RocksDB used directly and
+        /// redb instead (durable puts by --threads, gets by --get-threads;
+        /// --systems defaults to shoal,rocksdb,redb; --measure-secs per
+        /// cell; --keys loaded for the gets).
+        #[arg(long)]
+        embedded: bool,
+        /// (--embedded) thread counts of the durable put cells.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+        threads: Vec<usize>,
+        /// (--embedded) threads of the get cell.
+        #[arg(long, default_value_t = 8)]
+        get_threads: usize,
+        /// (--embedded) rounds; every round measures each cell on every
+        /// system in turn.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
     },
     /// Store files as keys: PREFIX + file name (a file over 1 MiB becomes
     /// keys NAME/000000, NAME/000001, ... cut at line ends). Prints
@@ -586,7 +602,23 @@ fn main() -> Result<()> {
             json,
             node_arg,
             groups,
+            embedded,
+            threads,
+            get_threads,
+            rounds,
         } => {
+            if embedded {
+                return embedded_bench(EmbeddedBenchArgs {
+                    systems,
+                    dir,
+                    threads,
+                    get_threads,
+                    keys,
+                    measure_secs,
+                    rounds,
+                    json,
+                });
+            }
             let systems = systems
                 .iter()
                 .map(|s| match s.as_str() {
@@ -759,6 +791,73 @@ fn shard_admin(args: &ClusterArgs, command: ShardCmd) -> Result<()> {
 }
 
 /// `shoal db-writer`: acknowledges each put on stdout once it returned.
+struct EmbeddedBenchArgs {
+    systems: Vec<String>,
+    dir: PathBuf,
+    threads: Vec<usize>,
+    get_threads: usize,
+    keys: u64,
+    measure_secs: f64,
+    rounds: u32,
+    json: Option<PathBuf>,
+}
+
+/// `shoal bench --embedded`: the table of `shoal::embench`, one JSON line
+/// per measurement on stderr and the summary (medians, ratios) on stdout.
+fn embedded_bench(args: EmbeddedBenchArgs) -> Result<()> {
+    use shoal::embench::{self, System};
+    let mut options = embench::BenchOptions::new(&args.dir);
+    // The cluster bench's default list means "not chosen".
+    if args.systems != ["shoal", "etcd"] {
+        options.systems = args
+            .systems
+            .iter()
+            .map(|s| match s.as_str() {
+                "shoal" => Ok(System::Shoal),
+                "rocksdb" => Ok(System::RocksDb),
+                "redb" => Ok(System::Redb),
+                other => bail!("unknown system {other:?} (want shoal, rocksdb or redb)"),
+            })
+            .collect::<Result<Vec<_>>>()?;
+    }
+    options.put_threads = args.threads;
+    options.get_threads = args.get_threads;
+    options.get_keys = args.keys.max(1);
+    options.cell = std::time::Duration::from_secs_f64(args.measure_secs);
+    options.rounds = args.rounds.max(1);
+    if args.dir.exists() {
+        std::fs::remove_dir_all(&args.dir)?;
+    }
+    let cells = embench::run(&options, &mut |op, system, threads, round, rate| {
+        eprintln!(
+            "{}",
+            serde_json::json!({"round": round, "op": op, "threads": threads,
+                "system": system.name(), "ops_per_sec": rate.round()})
+        );
+    })?;
+    let mut summary = Vec::new();
+    for cell in &cells {
+        let mut line = serde_json::json!({"op": cell.op, "threads": cell.threads});
+        for system in &options.systems {
+            line[format!("{}_ops_per_sec", system.name())] =
+                serde_json::json!(cell.median(*system).map(f64::round));
+        }
+        for other in [System::RocksDb, System::Redb] {
+            if let Some(ratio) = cell.ratio(other) {
+                line[format!("shoal_vs_{}", other.name())] =
+                    serde_json::json!((ratio * 1000.0).round() / 1000.0);
+            }
+        }
+        println!("{line}");
+        summary.push(line);
+    }
+    if let Some(path) = args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&summary)?)?;
+    }
+    std::fs::remove_dir_all(&args.dir).ok();
+    Ok(())
+}
+
 fn db_writer(dir: &Path) -> Result<()> {
     use std::io::Write;
     let db = shoal::Db::open(dir)?;

@@ -15,7 +15,7 @@ fn operations_and_close_reopen() {
     let db = Db::open(dir.path()).expect("open");
     assert_eq!(db.put("a", "1").expect("put"), 1);
     assert_eq!(db.append("a", "2").expect("append"), 2);
-    assert_eq!(db.get("a").expect("get").value, "12");
+    assert_eq!(db.get("a").expect("get").expect("present").value, "12");
     assert!(matches!(
         db.put_if_version("a", "x", 1),
         Err(DbError::VersionMismatch { current: 2 })
@@ -25,27 +25,27 @@ fn operations_and_close_reopen() {
         Err(DbError::NoKey)
     ));
     assert_eq!(db.put_if_version("b", "x", 0).expect("create"), 1);
-    assert!(matches!(db.get("zzz"), Err(DbError::NotFound)));
+    assert_eq!(db.get("zzz").expect("get"), None);
     for i in 0..50 {
         db.put(format!("k{i:02}"), format!("v{i}")).expect("put");
     }
-    assert_eq!(db.scan("k", "k10", 100).expect("scan").len(), 10);
+    assert_eq!(db.scan("k", "k10").count(), 10);
     assert!(db.delete("k00").expect("delete"));
     assert!(!db.delete("k00").expect("delete again"));
     db.close().expect("close");
 
     let db = Db::open(dir.path()).expect("reopen");
-    assert_eq!(db.get("a").expect("get").value, "12");
-    assert_eq!(db.get("b").expect("get").version, 1);
-    assert!(matches!(db.get("k00"), Err(DbError::NotFound)));
-    let pairs = db.scan("k", "", 100).expect("scan");
+    assert_eq!(db.get("a").expect("get").expect("present").value, "12");
+    assert_eq!(db.get("b").expect("get").expect("present").version, 1);
+    assert_eq!(db.get("k00").expect("get"), None);
+    let pairs: Vec<_> = db.scan("k", "").collect::<Result<_, _>>().expect("scan");
     assert_eq!(pairs.len(), 49);
     assert_eq!(pairs[0].0, "k01");
     // A write after reopening continues from the stored versions.
     assert_eq!(db.put("a", "3").expect("put"), 3);
     drop(db); // dropping closes too
     let db = Db::open(dir.path()).expect("reopen after drop");
-    assert_eq!(db.get("a").expect("get").value, "3");
+    assert_eq!(db.get("a").expect("get").expect("present").value, "3");
     db.close().expect("close");
 }
 
@@ -85,7 +85,8 @@ fn acknowledged_writes_survive_sigkill() {
         for i in 0..=last {
             let v = db
                 .get(format!("k{i}"))
-                .unwrap_or_else(|e| panic!("round {round}: acknowledged k{i} lost: {e}"));
+                .expect("get")
+                .unwrap_or_else(|| panic!("round {round}: acknowledged k{i} lost"));
             assert_eq!(v.value, format!("v{i}"));
         }
         db.close().expect("close");
@@ -111,12 +112,12 @@ fn log_is_compacted_and_stays_bounded_across_reopen() {
     const VALUE_BYTES: usize = 4 << 10;
     const WRITES_PER_OPEN: usize = 1_000;
     let dir = tempfile::tempdir().expect("tempdir");
-    let options = shoal::DbOptions {
-        max_raft_state_bytes: THRESHOLD_BYTES,
-    };
     let value = vec![b'x'; VALUE_BYTES];
     for round in 0..2 {
-        let db = Db::open_with(dir.path(), options.clone()).expect("open");
+        let db = Db::builder(dir.path())
+            .max_raft_state_bytes(THRESHOLD_BYTES)
+            .open()
+            .expect("open");
         for i in 0..WRITES_PER_OPEN {
             db.put(format!("k{round}-{i:04}"), value.clone())
                 .expect("put");
@@ -155,8 +156,13 @@ fn log_is_compacted_and_stays_bounded_across_reopen() {
         "the running log size must not undercount what is stored"
     );
     drop(engine);
-    let db = Db::open_with(dir.path(), options).expect("reopen");
-    assert_eq!(db.get("k0-0000").expect("get").value.len(), VALUE_BYTES);
-    assert_eq!(db.get("k1-0999").expect("get").value.len(), VALUE_BYTES);
+    let db = Db::builder(dir.path())
+        .max_raft_state_bytes(THRESHOLD_BYTES)
+        .open()
+        .expect("reopen");
+    for key in ["k0-0000", "k1-0999"] {
+        let value = db.get(key).expect("get").expect("present").value;
+        assert_eq!(value.len(), VALUE_BYTES);
+    }
     db.close().expect("close");
 }

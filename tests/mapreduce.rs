@@ -714,10 +714,11 @@ fn embedded_db_job() {
     let progress = db.mapreduce(&job, Arc::new(Lengths)).unwrap();
     writer.join().unwrap();
     let got: BTreeMap<Vec<u8>, Vec<u8>> = db
-        .scan("len/", "len0", 10_000)
-        .unwrap()
-        .into_iter()
-        .map(|(k, v)| (k[4..].to_vec(), v.value.to_vec()))
+        .scan_prefix("len/")
+        .map(|pair| {
+            let (k, v) = pair.unwrap();
+            (k[4..].to_vec(), v.value.to_vec())
+        })
         .collect();
     // The writes are sequential, so the pinned snapshot holds the first k
     // of them, for some k: the result is the sequential run over that.

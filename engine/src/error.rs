@@ -20,6 +20,9 @@ pub enum LimitKind {
     /// A [`crate::Command::ExpireSessions`] naming more than
     /// [`crate::kv::EXPIRE_SESSIONS_PER_ENTRY_MAX`] sessions.
     ExpireSessions,
+    /// A [`crate::Command::Batch`] with more than
+    /// [`crate::kv::BATCH_OPS_MAX`] conditions and writes.
+    BatchOps,
 }
 
 impl std::fmt::Display for LimitKind {
@@ -30,6 +33,7 @@ impl std::fmt::Display for LimitKind {
             LimitKind::BatchBytes => "batch size",
             LimitKind::ScanLimit => "scan limit",
             LimitKind::ExpireSessions => "sessions named by one expiry",
+            LimitKind::BatchOps => "conditions and writes of one batch",
         })
     }
 }

@@ -97,6 +97,18 @@ pub enum Command {
         /// Most pairs to return.
         limit: u64,
     },
+    /// An atomic write of several keys under conditions, like an etcd
+    /// `Txn` compare-and-write: if every condition holds in the state
+    /// before the batch, every write is applied in order
+    /// ([`Reply::BatchWritten`]); otherwise nothing is
+    /// ([`Reply::ConditionFailed`] names the first failed condition). At
+    /// most [`BATCH_OPS_MAX`] conditions and writes together.
+    Batch {
+        /// Versions keys must have (0: the key must be absent).
+        conditions: Vec<Condition>,
+        /// The writes, in order.
+        writes: Vec<BatchWrite>,
+    },
     /// Remove the named sessions of this shard, each only if its last
     /// sequence number is still the one named (a client that sent another
     /// request since keeps its session). At most
@@ -106,6 +118,46 @@ pub enum Command {
         sessions: Vec<(ClientId, u64)>,
     },
 }
+
+/// A condition of a [`Command::Batch`]: `key` is at `version` (0: absent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Condition {
+    /// The key.
+    pub key: Bytes,
+    /// Its expected version; 0 means the key must not exist.
+    pub version: u64,
+}
+
+/// A write of a [`Command::Batch`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BatchWrite {
+    /// Write a key.
+    Put {
+        /// The key.
+        key: Bytes,
+        /// The new value.
+        value: Bytes,
+    },
+    /// Remove a key (nothing if absent).
+    Delete {
+        /// The key.
+        key: Bytes,
+    },
+}
+
+impl BatchWrite {
+    /// The key written.
+    pub fn key(&self) -> &Bytes {
+        match self {
+            BatchWrite::Put { key, .. } | BatchWrite::Delete { key } => key,
+        }
+    }
+}
+
+/// Most conditions and writes one [`Command::Batch`] may hold together.
+/// Its bytes are bounded by the message size; this bounds the work of
+/// applying it.
+pub const BATCH_OPS_MAX: usize = 10_000;
 
 /// Most sessions one [`Command::ExpireSessions`] may name: bounds the entry
 /// (about 20 bytes each: 80 KiB) and the work of applying it.
@@ -167,6 +219,19 @@ pub enum Reply {
     },
     /// `Scan` results: one page in key order.
     Pairs(ScanPage),
+    /// A `Batch` was applied: per write, the key's new version (0 for a
+    /// delete).
+    BatchWritten {
+        /// One per write, in order.
+        versions: Vec<u64>,
+    },
+    /// A `Batch` condition did not hold; nothing was written.
+    ConditionFailed {
+        /// Index of the first failed condition.
+        index: u32,
+        /// The key's version then (0: absent).
+        current: u64,
+    },
     /// `ExpireSessions` removed this many sessions.
     SessionsExpired {
         /// Sessions removed.
@@ -440,6 +505,23 @@ impl<B: Backend> Engine<B> {
                 key_check(end)?;
                 EngineConfig::check(LimitKind::ScanLimit, *limit, c.scan_limit_max)
             }
+            Command::Batch { conditions, writes } => {
+                EngineConfig::check(
+                    LimitKind::BatchOps,
+                    (conditions.len() + writes.len()) as u64,
+                    BATCH_OPS_MAX as u64,
+                )?;
+                for c in conditions {
+                    key_check(&c.key)?;
+                }
+                for w in writes {
+                    key_check(w.key())?;
+                    if let BatchWrite::Put { value, .. } = w {
+                        value_check(value)?;
+                    }
+                }
+                Ok(())
+            }
             Command::ExpireSessions { sessions } => EngineConfig::check(
                 LimitKind::ExpireSessions,
                 sessions.len() as u64,
@@ -674,6 +756,40 @@ impl<B: Backend> Engine<B> {
                     txn.scan_page(&from, &to, &mut page)?;
                 }
                 Reply::Pairs(page.finish())
+            }
+            Command::Batch { conditions, writes } => {
+                // Every condition against the state before the batch; only
+                // then any write, so a failed one leaves nothing staged.
+                for (index, condition) in conditions.iter().enumerate() {
+                    let current = read(txn, &condition.key)?.map_or(0, |v| v.version);
+                    if current != condition.version {
+                        return Ok(Reply::ConditionFailed {
+                            index: index as u32,
+                            current,
+                        });
+                    }
+                }
+                let mut versions = Vec::with_capacity(writes.len());
+                for write in writes {
+                    match write {
+                        BatchWrite::Put { key, value } => {
+                            let version = read(txn, key)?.map_or(1, |v| v.version + 1);
+                            txn.put(
+                                Cf::Kv,
+                                kv_key(group, shard, key),
+                                encode_versioned(version, value),
+                            );
+                            versions.push(version);
+                        }
+                        BatchWrite::Delete { key } => {
+                            if read(txn, key)?.is_some() {
+                                txn.delete(Cf::Kv, kv_key(group, shard, key));
+                            }
+                            versions.push(0);
+                        }
+                    }
+                }
+                Reply::BatchWritten { versions }
             }
             Command::ExpireSessions { sessions } => {
                 let mut count = 0u64;

@@ -77,8 +77,8 @@ pub use config::EngineConfig;
 pub use engine::{Engine, MemStore, RocksEngine, FORMAT_VERSION};
 pub use error::{EngineError, LimitKind, Result};
 pub use kv::{
-    AppliedState, ApplyEntry, ClientId, Command, EngineView, Reply, Request, ScanPage, Session,
-    Versioned, EXPIRE_SESSIONS_PER_ENTRY_MAX,
+    AppliedState, ApplyEntry, BatchWrite, ClientId, Command, Condition, EngineView, Reply, Request,
+    ScanPage, Session, Versioned, EXPIRE_SESSIONS_PER_ENTRY_MAX,
 };
 pub use log::{GroupState, GroupStorage, GroupWrite, LogBatch};
 pub use shards::{ShardRecord, ShardStatus};

@@ -2,10 +2,20 @@
 //! within a deadline, and makes writes exactly-once with a session.
 //!
 //! # Exactly-once
-//! Every client has an id; every write gets the next sequence number and
-//! keeps it across retries. The node's session table (see `shoal_engine::kv`)
-//! applies a (client, seq) once and answers a retry from its cache, so a
-//! retried write never applies twice and gets the first attempt's answer.
+//! A write runs on a session: a session id and the next sequence number,
+//! kept across the write's retries. The node's session table (see
+//! `shoal_engine::kv`) applies a (session, seq) once and answers a retry
+//! from its cache, so a retried write never applies twice and gets the
+//! first attempt's answer.
+//!
+//! # Many operations at once
+//! A client and its clones run any number of operations at once. Reads
+//! need no session. Each write takes a session of its own for its whole
+//! run, from a pool of at most [`ClientConfig::sessions_max`] (the first
+//! has the client's id, the others ids derived from it, [`session_id`]),
+//! so a session never has two writes in flight and the node's one cached
+//! reply per session stays enough. Concurrent writes reach the leader
+//! together and share its synced log writes (group commit).
 //!
 //! # When the outcome is unknown
 //! A session expires once a leader has seen it idle for `session_idle_ms`
@@ -32,9 +42,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use shoal_engine::kv::ScanPage;
-use shoal_engine::{ClientId, GroupId, Reply, ShardId, Versioned};
+use shoal_engine::{BatchWrite, ClientId, Condition, GroupId, Reply, ShardId, Versioned};
 use shoal_net::{NodeId, RpcCaller, RpcError};
-use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::controller::{decode_config, ShardConfig, CURRENT_CONFIG_KEY};
@@ -70,7 +79,13 @@ pub struct ClientConfig {
     pub group: GroupId,
     /// The shard this client addresses.
     pub shard: ShardId,
+    /// Most writes of this client and its clones in flight at once: each
+    /// runs on a session of its own (see the module docs).
+    pub sessions_max: usize,
 }
+
+/// Default [`ClientConfig::sessions_max`].
+pub const SESSIONS_MAX_DEFAULT: usize = 64;
 
 /// Why a [`ClientConfig`] cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -88,6 +103,9 @@ pub enum ClientConfigError {
         /// The session idle time.
         session_idle_ms: u64,
     },
+    /// `sessions_max` is 0: no write could run.
+    #[error("sessions_max must be at least 1")]
+    NoSessions,
     /// A deadline or backoff of zero, or a backoff range upside down.
     #[error("{0} must be positive, and backoff_min at most backoff_max")]
     Timing(&'static str),
@@ -109,6 +127,9 @@ impl ClientConfig {
         }
         if self.backoff_min > self.backoff_max {
             return Err(ClientConfigError::Timing("backoff"));
+        }
+        if self.sessions_max == 0 {
+            return Err(ClientConfigError::NoSessions);
         }
         let op_deadline_ms = self.op_deadline.as_millis() as u64;
         if op_deadline_ms.saturating_mul(2) > self.session_idle_ms {
@@ -133,6 +154,7 @@ impl ClientConfig {
             session_idle_ms: SESSION_IDLE_MS_DEFAULT,
             group: KV_GROUP,
             shard: KV_SHARD,
+            sessions_max: SESSIONS_MAX_DEFAULT,
         }
     }
 }
@@ -172,6 +194,95 @@ pub enum ClientError {
     /// dropped, or the node restarted. Pin the range again.
     #[error("the pin is gone (released, expired, or its node restarted)")]
     PinGone,
+    /// A batch's condition did not hold: nothing of it was written.
+    #[error("condition {index} failed (the key is at version {current}); nothing was written")]
+    ConditionFailed {
+        /// Index of the first failed condition, in the order added.
+        index: u32,
+        /// That key's version (0: absent).
+        current: u64,
+    },
+    /// A batch names keys of several shards; until cross-shard
+    /// transactions exist, a batch must stay within one shard.
+    #[error("a batch must name keys of one shard (it names shards {first} and {other})")]
+    CrossShard {
+        /// The shard of the batch's first key.
+        first: ShardId,
+        /// The shard of a key that differs.
+        other: ShardId,
+    },
+}
+
+/// An atomic write of several keys under version conditions, like an etcd
+/// `Txn` compare-and-write: [`Client::write`] applies every write if every
+/// condition holds, and nothing otherwise. Conditions are judged against
+/// the state before the batch; writes apply in the order added. On a
+/// sharded cluster all keys must be in one shard. At most
+/// [`shoal_engine::kv::BATCH_OPS_MAX`] conditions and writes.
+///
+/// ```
+/// let mut batch = shoal_shard::WriteBatch::new();
+/// batch.check_version("account/a", 3).put("account/a", "70").put("account/b", "30");
+/// assert_eq!(batch.len(), 3);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteBatch {
+    conditions: Vec<Condition>,
+    writes: Vec<BatchWrite>,
+}
+
+impl WriteBatch {
+    /// An empty batch.
+    pub fn new() -> WriteBatch {
+        WriteBatch::default()
+    }
+
+    /// Adds a write of `key`.
+    pub fn put(&mut self, key: impl Into<Bytes>, value: impl Into<Bytes>) -> &mut WriteBatch {
+        self.writes.push(BatchWrite::Put {
+            key: key.into(),
+            value: value.into(),
+        });
+        self
+    }
+
+    /// Adds a delete of `key` (nothing if absent).
+    pub fn delete(&mut self, key: impl Into<Bytes>) -> &mut WriteBatch {
+        self.writes.push(BatchWrite::Delete { key: key.into() });
+        self
+    }
+
+    /// Adds a condition: `key` must be at `version` (0: absent).
+    pub fn check_version(&mut self, key: impl Into<Bytes>, version: u64) -> &mut WriteBatch {
+        self.conditions.push(Condition {
+            key: key.into(),
+            version,
+        });
+        self
+    }
+
+    /// Conditions and writes together.
+    pub fn len(&self) -> usize {
+        self.conditions.len() + self.writes.len()
+    }
+
+    /// No conditions and no writes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every key named, conditions first.
+    pub fn keys(&self) -> impl Iterator<Item = &Bytes> {
+        self.conditions
+            .iter()
+            .map(|c| &c.key)
+            .chain(self.writes.iter().map(BatchWrite::key))
+    }
+
+    /// The conditions and the writes.
+    pub fn into_parts(self) -> (Vec<Condition>, Vec<BatchWrite>) {
+        (self.conditions, self.writes)
+    }
 }
 
 /// One shard's part of a pinned range ([`Client::pin`]), held by the
@@ -224,13 +335,13 @@ impl PinnedShard {
     }
 }
 
-/// The async KV client. Cheap to clone (clones share the session, and
-/// operations from clones run one at a time).
+/// The async KV client. Cheap to clone; clones share the session pool,
+/// and operations of all clones run concurrently (see the module docs).
 #[derive(Clone)]
 pub struct Client<C: RpcCaller<KvProtocol>> {
     caller: C,
     config: Arc<ClientConfig>,
-    state: Arc<Mutex<State>>,
+    sessions: Arc<Sessions>,
     route: Route<C>,
 }
 
@@ -274,9 +385,86 @@ impl<C: RpcCaller<KvProtocol>> std::fmt::Debug for Client<C> {
     }
 }
 
-#[derive(Debug, Default)]
-struct State {
+/// The write sessions of a client and its clones. A write takes a free
+/// session for its whole run (its retries keep the session's sequence
+/// number) and gives it back when it ends, however it ends; a new session
+/// is opened when none is free, up to [`ClientConfig::sessions_max`], and
+/// beyond that a write waits for one. Free sessions are reused last in,
+/// first out, so a client that writes one at a time uses one session.
+struct Sessions {
+    free: std::sync::Mutex<Vec<Session>>,
+    permits: tokio::sync::Semaphore,
+    opened: AtomicU64,
+    base: ClientId,
+}
+
+/// A session: its id and the last sequence number it used.
+#[derive(Debug)]
+struct Session {
+    id: ClientId,
     seq: u64,
+}
+
+/// A session taken by one write; dropping it gives the session back.
+struct SessionGuard<'a> {
+    sessions: &'a Sessions,
+    session: Option<Session>,
+    _permit: tokio::sync::SemaphorePermit<'a>,
+}
+
+impl Sessions {
+    fn new(base: ClientId, max: usize) -> Sessions {
+        Sessions {
+            free: std::sync::Mutex::new(Vec::new()),
+            permits: tokio::sync::Semaphore::new(max),
+            opened: AtomicU64::new(0),
+            base,
+        }
+    }
+
+    /// A free session, with its next sequence number taken.
+    async fn take(&self) -> (SessionGuard<'_>, ClientId, u64) {
+        let permit = self.permits.acquire().await.expect("never closed");
+        let reused = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut session = reused.unwrap_or_else(|| Session {
+            id: session_id(self.base, self.opened.fetch_add(1, Ordering::Relaxed)),
+            seq: 0,
+        });
+        session.seq += 1;
+        let (id, seq) = (session.id, session.seq);
+        let guard = SessionGuard {
+            sessions: self,
+            session: Some(session),
+            _permit: permit,
+        };
+        (guard, id, seq)
+    }
+}
+
+impl Drop for SessionGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take() {
+            self.sessions
+                .free
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(session);
+        }
+    }
+}
+
+/// The id of session `n` of the client `base`: `base` itself for the
+/// first, then ids mixed from both (SplitMix64), never 0. Client ids are
+/// drawn at random from 64 bits, so these collide no more than they do.
+pub fn session_id(base: ClientId, n: u64) -> ClientId {
+    if n == 0 {
+        return base;
+    }
+    let mut z = base ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    z.max(1)
 }
 
 /// What a retry loop ended with.
@@ -335,8 +523,8 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
                 servers: Arc::new(servers),
                 leader: Arc::new(AtomicU64::new(0)),
             }),
+            sessions: Arc::new(Sessions::new(config.client_id, config.sessions_max)),
             config: Arc::new(config),
-            state: Arc::new(Mutex::new(State::default())),
         })
     }
 
@@ -366,8 +554,8 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
                 config: std::sync::Mutex::new(None),
                 targets: std::sync::Mutex::new(HashMap::new()),
             })),
+            sessions: Arc::new(Sessions::new(config.client_id, config.sessions_max)),
             config: Arc::new(config),
-            state: Arc::new(Mutex::new(State::default())),
         })
     }
 
@@ -533,6 +721,41 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
         }
     }
 
+    /// Applies `batch` atomically (see [`WriteBatch`]); returns, per write,
+    /// the key's new version (0 for a delete). An empty batch does nothing.
+    ///
+    /// # Errors
+    /// [`ClientError::ConditionFailed`] (nothing written),
+    /// [`ClientError::CrossShard`] (nothing sent), and those of any write.
+    pub async fn write(&self, batch: WriteBatch) -> Result<Vec<u64>, ClientError> {
+        let mut shard = None;
+        for key in batch.keys() {
+            let of_key = self.shard_of(key).await?;
+            match shard {
+                None => shard = Some(of_key),
+                Some(first) if first != of_key => {
+                    return Err(ClientError::CrossShard {
+                        first,
+                        other: of_key,
+                    })
+                }
+                Some(_) => {}
+            }
+        }
+        let Some(shard) = shard else {
+            return Ok(Vec::new());
+        };
+        let (conditions, writes) = batch.into_parts();
+        let command = ClientCommand::Batch { conditions, writes };
+        match self.run_on(Some(shard), command).await? {
+            Reply::BatchWritten { versions } => Ok(versions),
+            Reply::ConditionFailed { index, current } => {
+                Err(ClientError::ConditionFailed { index, current })
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Keys in `[start, end)` (empty `end`: no bound), at most `limit`, in
     /// order. Fetched in pages (each bounded by the nodes' scan byte limit,
     /// so no reply outgrows a frame); each page is a linearizable read, the
@@ -561,6 +784,20 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
             }
         }
         Ok(pairs)
+    }
+
+    /// Every key in `[start, end)` (empty `end`: no bound), in order, as a
+    /// [`Scanner`] that fetches pages of [`SCAN_PAGE_PAIRS_MAX`] pairs as
+    /// it goes: no cap on the range, memory of one page. Each page is a
+    /// linearizable read; the whole is not one snapshot when writes run
+    /// meanwhile (a pin is: [`Client::pin`]).
+    pub fn scanner(&self, start: impl Into<Bytes>, end: impl Into<Bytes>) -> Scanner<C> {
+        Scanner {
+            client: self.clone(),
+            next: Some(start.into()),
+            end: end.into(),
+            page: std::collections::VecDeque::new(),
+        }
     }
 
     /// One page of keys in `[start, end)` (empty `end`: no bound): at most
@@ -720,12 +957,9 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
                             shards: chunk.to_vec(),
                         },
                     };
-                    let attempted = {
-                        // Operations of clones run one at a time.
-                        let _state = self.state.lock().await;
-                        self.attempt_until_deadline(request, &target, deadline, &mut sends)
-                            .await
-                    };
+                    let attempted = self
+                        .attempt_until_deadline(request, &target, deadline, &mut sends)
+                        .await;
                     match attempted {
                         Attempted::Pinned(info, group) => {
                             let answered: Vec<ShardId> =
@@ -872,13 +1106,13 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
         shard: Option<ShardId>,
         command: ClientCommand,
     ) -> Result<Reply, ClientError> {
-        let mut state = self.state.lock().await;
         let read_only = command.is_read_only();
-        let seq = if read_only {
-            0
+        // A read needs no session; a write holds one until it ends.
+        let (_session, client, seq) = if read_only {
+            (None, self.config.client_id, 0)
         } else {
-            state.seq += 1;
-            state.seq
+            let (guard, id, seq) = self.sessions.take().await;
+            (Some(guard), id, seq)
         };
         let deadline = Instant::now() + self.config.op_deadline;
         let mut sends = Sends {
@@ -893,7 +1127,8 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
                 | ClientCommand::PutIfVersion { key, .. }
                 | ClientCommand::Append { key, .. }
                 | ClientCommand::Delete { key } => self.shard_of(key).await?,
-                ClientCommand::Scan { .. }
+                ClientCommand::Batch { .. }
+                | ClientCommand::Scan { .. }
                 | ClientCommand::Pin { .. }
                 | ClientCommand::ScanPin { .. }
                 | ClientCommand::Unpin { .. } => self.config.shard,
@@ -920,7 +1155,7 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
             let request = KvRequest {
                 group: target.group,
                 shard,
-                client: self.config.client_id,
+                client,
                 seq,
                 command: command.clone(),
             };
@@ -1065,6 +1300,37 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
                     return Attempted::Unanswered;
                 }
             }
+        }
+    }
+}
+
+/// The pairs of a range in key order, a page at a time; see
+/// [`Client::scanner`].
+pub struct Scanner<C: RpcCaller<KvProtocol>> {
+    client: Client<C>,
+    /// Where the next page starts; `None` once the range is exhausted.
+    next: Option<Bytes>,
+    end: Bytes,
+    page: std::collections::VecDeque<(Bytes, Versioned)>,
+}
+
+impl<C: RpcCaller<KvProtocol>> Scanner<C> {
+    /// The next pair, or `None` at the end of the range. After an error
+    /// the same call may be made again: it retries the same page.
+    pub async fn next(&mut self) -> Result<Option<(Bytes, Versioned)>, ClientError> {
+        loop {
+            if let Some(pair) = self.page.pop_front() {
+                return Ok(Some(pair));
+            }
+            let Some(start) = self.next.clone() else {
+                return Ok(None);
+            };
+            let page = self
+                .client
+                .scan_page(start, self.end.clone(), SCAN_PAGE_PAIRS_MAX)
+                .await?;
+            self.next = page.next;
+            self.page.extend(page.pairs);
         }
     }
 }

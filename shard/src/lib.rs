@@ -61,7 +61,8 @@ pub mod node;
 pub mod protocol;
 
 pub use client::{
-    AdminError, BlockingClient, Client, ClientConfig, ClientError, PinnedShard, ShardPin,
+    AdminError, BlockingClient, Client, ClientConfig, ClientError, PinnedShard, Scanner, ShardPin,
+    WriteBatch,
 };
 pub use node::{GroupSpec, Node, NodeConfig, NodeError, NodeHandle};
 pub use protocol::{

@@ -32,7 +32,9 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use shoal_consensus::{Index, Message, NodeId, Role, Term};
-use shoal_engine::{ClientId, Command, GroupId, Reply, ShardId, SnapshotManifest};
+use shoal_engine::{
+    BatchWrite, ClientId, Command, Condition, GroupId, Reply, ShardId, SnapshotManifest,
+};
 use shoal_net::Protocol;
 
 /// The protocol bundle of the KV service.
@@ -126,6 +128,14 @@ pub enum ClientCommand {
     Delete {
         /// The key.
         key: Bytes,
+    },
+    /// An atomic write of keys of the request's shard under version
+    /// conditions (see `shoal_engine::Command::Batch`).
+    Batch {
+        /// Versions keys must have (0: absent).
+        conditions: Vec<Condition>,
+        /// The writes, in order.
+        writes: Vec<BatchWrite>,
     },
     /// Keys in `[start, end)` in order (empty `end`: to the end of the
     /// shard), at most `limit` of them and at most the node's scan byte
@@ -230,6 +240,7 @@ impl ClientCommand {
                 value_bytes_max,
             },
             ClientCommand::Delete { key } => Command::Delete { key },
+            ClientCommand::Batch { conditions, writes } => Command::Batch { conditions, writes },
             ClientCommand::Scan { start, end, limit } => Command::Scan { start, end, limit },
             ClientCommand::Pin { .. }
             | ClientCommand::ScanPin { .. }

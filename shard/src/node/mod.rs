@@ -247,6 +247,18 @@ pub struct NodeConfig {
     /// view, one long-lived task, whatever its number of shards); a `Pin`
     /// beyond is refused (0: no pins at all). Default [`PINS_MAX`].
     pub pins_max: usize,
+    /// `None` (the default): every round that adds entries is synced
+    /// before anyone hears of it. `Some(ms)`: such rounds are written
+    /// unsynced and synced at the first round at least `ms` after the
+    /// first unsynced one (the next tick at the latest), so a crash of
+    /// the machine may lose writes acknowledged in the last window (a
+    /// crash of the process alone loses nothing: the writes are in the
+    /// OS). Terms, votes, snapshots and membership are still synced at
+    /// once ([`persist::sync_mode`]). Only for a node whose every group
+    /// has it as the only voter (an embedded `Db`): a replica
+    /// acknowledging unsynced entries to a leader would let a committed
+    /// entry be lost. [`Node::start`] refuses it otherwise.
+    pub log_sync_window_ms: Option<u64>,
 }
 
 impl NodeConfig {
@@ -266,6 +278,7 @@ impl NodeConfig {
             leader_balance_every_ticks: Some(LEADER_BALANCE_EVERY_TICKS),
             pin_idle_ms: PIN_IDLE_MS_DEFAULT,
             pins_max: PINS_MAX,
+            log_sync_window_ms: None,
         }
     }
 }
@@ -342,6 +355,17 @@ pub enum NodeError {
     /// The node's task panicked or was aborted.
     #[error("node task ended abnormally: {0}")]
     Task(String),
+    /// `log_sync_window_ms` is set on a node with a group of several
+    /// voters (see [`NodeConfig::log_sync_window_ms`]).
+    #[error(
+        "group {group} has voters {voters:?}: a log sync window needs this node as the only voter"
+    )]
+    SyncWindow {
+        /// The group.
+        group: GroupId,
+        /// Its voters.
+        voters: Vec<NodeId>,
+    },
     /// A replica could not apply a committed shard install: the files the
     /// freeze shipped to this node are missing or corrupt (lost in a crash
     /// between the net storing them and the node filing them, or damaged
@@ -530,6 +554,9 @@ pub struct Node<B: Backend, T: Transport<KvProtocol>> {
     groups: BTreeMap<GroupId, Group<B>>,
     next_read_context: u64,
     last_expiry: Instant,
+    /// When the first log write not yet synced was made (with
+    /// [`NodeConfig::log_sync_window_ms`] only).
+    unsynced_since: Option<std::time::Instant>,
     status: Arc<Mutex<HashMap<GroupId, GroupStatus>>>,
     /// Every task the loop started (transfers, verifications, exports).
     tasks: JoinSet<Done>,
@@ -750,6 +777,17 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             let group = Self::open_group(&config, &engine, &spec)?;
             groups.insert(gid, group);
         }
+        if config.log_sync_window_ms.is_some() {
+            for (gid, group) in &groups {
+                let voters = &group.raw.conf_state().voters;
+                if voters.as_slice() != [config.id] {
+                    return Err(NodeError::SyncWindow {
+                        group: *gid,
+                        voters: voters.clone(),
+                    });
+                }
+            }
+        }
         // Files of groups no longer hosted: a drop that a crash cut short.
         let hosted: BTreeSet<GroupId> = groups.keys().copied().collect();
         hosting::remove_unhosted_dirs(&config.snapshot_dir, &hosted);
@@ -759,6 +797,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             groups,
             next_read_context: 1,
             last_expiry: now,
+            unsynced_since: None,
             status: Arc::new(Mutex::new(HashMap::new())),
             tasks: JoinSet::new(),
             transfers: HashMap::new(),
@@ -839,6 +878,15 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         };
         if let Err(e) = &result {
             tracing::error!(node = self.config.id, error = %e, "node stopped on an error");
+        }
+        // A clean stop leaves nothing a sync window deferred unsynced.
+        if self.unsynced_since.is_some() {
+            if let Err(e) = self
+                .with_engine(|engine| engine.sync().map_err(engine_err(KV_GROUP)))
+                .await
+            {
+                tracing::error!(node = self.config.id, error = %e, "syncing the log at shutdown");
+            }
         }
         self.answer_all(|| KvResponse::ShuttingDown);
         // Stop what runs on our behalf: async tasks are aborted, blocking
@@ -1674,6 +1722,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             self.stop_transfers(gid);
         }
         self.run_pin_work();
+        self.sync_if_due().await?;
         self.publish_status();
         Ok(())
     }
@@ -2151,7 +2200,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             .iter()
             .map(|(gid, g)| (*gid, g.durable_term_vote))
             .collect();
-        let sync = persist::must_sync(&batch, &durable);
+        let mode = persist::sync_mode(&batch, &durable, self.config.log_sync_window_ms.is_some());
         let term_votes: Vec<(GroupId, (Term, NodeId))> = batch
             .groups
             .iter()
@@ -2159,7 +2208,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             .collect();
         let first = batch.groups[0].group;
         let batches = persist::split_batch(batch, self.engine.config().batch_bytes_max);
-        if sync {
+        if mode == persist::SyncMode::Now {
             self.with_engine(move |engine| {
                 batches
                     .into_iter()
@@ -2167,6 +2216,8 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                     .map_err(engine_err(first))
             })
             .await?;
+            // One ordered WAL: every earlier unsynced write is durable too.
+            self.unsynced_since = None;
             for (gid, term_vote) in term_votes {
                 if let Some(g) = self.groups.get_mut(&gid) {
                     g.durable_term_vote = term_vote;
@@ -2177,6 +2228,24 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 .into_iter()
                 .try_for_each(|b| self.engine.write_log_unsynced(b))
                 .map_err(engine_err(first))?;
+            if mode == persist::SyncMode::Deferred {
+                self.unsynced_since
+                    .get_or_insert_with(std::time::Instant::now);
+            }
+        }
+        Ok(())
+    }
+
+    /// Syncs the log writes deferred by a sync window once it has passed.
+    async fn sync_if_due(&mut self) -> Result<(), NodeError> {
+        let Some(window_ms) = self.config.log_sync_window_ms else {
+            return Ok(());
+        };
+        let window = Duration::from_millis(window_ms);
+        if persist::sync_due(self.unsynced_since, std::time::Instant::now(), window) {
+            self.with_engine(|engine| engine.sync().map_err(engine_err(KV_GROUP)))
+                .await?;
+            self.unsynced_since = None;
         }
         Ok(())
     }

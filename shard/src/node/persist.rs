@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use shoal_consensus::{Entry, HardState, NodeId, Term};
-use shoal_engine::{Command, GroupId, GroupWrite, LogBatch, Request};
+use shoal_engine::{BatchWrite, Command, GroupId, GroupWrite, LogBatch, Request};
 
 /// Most requests proposed as one log entry.
 pub const ENTRY_REQUESTS_MAX: usize = 256;
@@ -37,6 +37,56 @@ pub fn must_sync(batch: &LogBatch, durable_term_vote: &BTreeMap<GroupId, (Term, 
                 durable_term_vote.get(&g.group) != Some(&(hs.term, hs.vote))
             })
     })
+}
+
+/// How a round's log write reaches the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncMode {
+    /// Synced before anyone hears of it.
+    Now,
+    /// Written unsynced; synced within the node's sync window
+    /// (`NodeConfig::log_sync_window_ms`).
+    Deferred,
+    /// Written unsynced and never needs a sync of its own (only a commit
+    /// index moved; see [`must_sync`]).
+    NotNeeded,
+}
+
+/// How to write `batch`: [`must_sync`] decides whether it needs a sync;
+/// with a sync window (`window`), one that only adds entries (and moves
+/// the commit index) defers it. Terms, votes, snapshots and membership are
+/// synced at once whatever the window, so an election never rests on an
+/// unsynced vote.
+pub fn sync_mode(
+    batch: &LogBatch,
+    durable_term_vote: &BTreeMap<GroupId, (Term, NodeId)>,
+    window: bool,
+) -> SyncMode {
+    if !must_sync(batch, durable_term_vote) {
+        return SyncMode::NotNeeded;
+    }
+    let entries_only = batch.groups.iter().all(|g| {
+        g.snapshot.is_none()
+            && g.conf_state.is_none()
+            && g.hard_state.is_none_or(|hs: HardState| {
+                durable_term_vote.get(&g.group) == Some(&(hs.term, hs.vote))
+            })
+    });
+    if window && entries_only {
+        SyncMode::Deferred
+    } else {
+        SyncMode::Now
+    }
+}
+
+/// Whether deferred writes made at `unsynced_since` must be synced now,
+/// at `now`, with a sync window of `window`.
+pub fn sync_due(
+    unsynced_since: Option<std::time::Instant>,
+    now: std::time::Instant,
+    window: std::time::Duration,
+) -> bool {
+    unsynced_since.is_some_and(|since| now.saturating_duration_since(since) >= window)
 }
 
 /// Splits a round's log write that exceeds the engine's batch limit into
@@ -96,6 +146,16 @@ pub fn request_bytes(request: &Request) -> u64 {
         Command::Get { key } | Command::Delete { key } => key.len(),
         Command::Scan { start, end, .. } => start.len() + end.len(),
         Command::ExpireSessions { sessions } => sessions.len() * 16,
+        Command::Batch { conditions, writes } => {
+            conditions.iter().map(|c| c.key.len() + 8).sum::<usize>()
+                + writes
+                    .iter()
+                    .map(|w| match w {
+                        BatchWrite::Put { key, value } => key.len() + value.len() + 2,
+                        BatchWrite::Delete { key } => key.len() + 2,
+                    })
+                    .sum::<usize>()
+        }
     };
     payload as u64 + REQUEST_OVERHEAD_BYTES
 }
@@ -185,6 +245,39 @@ mod tests {
         let mut conf = write(None, vec![]);
         conf.groups[0].conf_state = Some(Default::default());
         assert!(must_sync(&conf, &durable));
+    }
+
+    // Goal: a sync window defers only rounds of entries and commit moves;
+    // a new term or vote, a snapshot or membership is synced at once, and
+    // without a window nothing is deferred.
+    #[test]
+    fn sync_mode_defers_only_entries_within_a_window() {
+        let durable = BTreeMap::from([(1, (3, 2))]);
+        let hs = |term, vote, commit| HardState { term, vote, commit };
+        let write = |hard_state, entries: Vec<Entry>| LogBatch {
+            groups: vec![GroupWrite {
+                group: 1,
+                entries,
+                hard_state,
+                ..Default::default()
+            }],
+        };
+        let entries = write(Some(hs(3, 2, 9)), vec![entry(10)]);
+        assert_eq!(sync_mode(&entries, &durable, true), SyncMode::Deferred);
+        assert_eq!(sync_mode(&entries, &durable, false), SyncMode::Now);
+        let commit_only = write(Some(hs(3, 2, 10)), vec![]);
+        assert_eq!(sync_mode(&commit_only, &durable, true), SyncMode::NotNeeded);
+        let new_term = write(Some(hs(4, 1, 9)), vec![entry(10)]);
+        assert_eq!(sync_mode(&new_term, &durable, true), SyncMode::Now);
+        let mut conf = write(None, vec![entry(10)]);
+        conf.groups[0].conf_state = Some(Default::default());
+        assert_eq!(sync_mode(&conf, &durable, true), SyncMode::Now);
+
+        let t0 = std::time::Instant::now();
+        let window = std::time::Duration::from_millis(5);
+        assert!(!sync_due(None, t0 + window, window));
+        assert!(!sync_due(Some(t0), t0 + window / 2, window));
+        assert!(sync_due(Some(t0), t0 + window, window));
     }
 
     // Goal: entries respect both caps, a lone oversized request still gets
