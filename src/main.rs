@@ -270,6 +270,9 @@ enum Cmd {
     DbWriter {
         #[arg(long)]
         dir: PathBuf,
+        /// Concurrent writer threads.
+        #[arg(long, default_value_t = 1)]
+        threads: u64,
     },
     /// (Crash workload) install snapshots until killed; prints `installed W`.
     #[command(hide = true)]
@@ -657,7 +660,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Status { cluster } => status(&cluster),
-        Cmd::DbWriter { dir } => db_writer(&dir),
+        Cmd::DbWriter { dir, threads } => db_writer(&dir, threads),
         Cmd::EngineWriter {
             dir,
             seed,
@@ -790,7 +793,7 @@ fn shard_admin(args: &ClusterArgs, command: ShardCmd) -> Result<()> {
     })
 }
 
-/// `shoal db-writer`: acknowledges each put on stdout once it returned.
+/// The options of `shoal bench --embedded`.
 struct EmbeddedBenchArgs {
     systems: Vec<String>,
     dir: PathBuf,
@@ -858,16 +861,42 @@ fn embedded_bench(args: EmbeddedBenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn db_writer(dir: &Path) -> Result<()> {
-    use std::io::Write;
+/// `shoal db-writer`: `threads` threads write to one `Db` until killed.
+/// Thread t's i-th write puts `k<t>-<i>` = `v<i>`, and every third is an
+/// atomic batch that also puts `m<t>-<i>`; once it returned, the thread
+/// prints `ack <t> <i>` (one line, written whole).
+fn db_writer(dir: &Path, threads: u64) -> Result<()> {
     let db = shoal::Db::open(dir)?;
-    let mut stdout = std::io::stdout().lock();
-    for i in 0u64.. {
-        db.put(format!("k{i}"), format!("v{i}"))?;
-        writeln!(stdout, "ack {i}")?;
-        stdout.flush()?;
-    }
-    Ok(())
+    let stdout = std::sync::Mutex::new(std::io::stdout());
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let (db, stdout) = (&db, &stdout);
+                scope.spawn(move || -> Result<()> {
+                    use std::io::Write;
+                    for i in 0u64.. {
+                        if i % 3 == 2 {
+                            let mut batch = shoal::WriteBatch::new();
+                            batch
+                                .put(format!("k{t}-{i}"), format!("v{i}"))
+                                .put(format!("m{t}-{i}"), format!("v{i}"));
+                            db.write(batch)?;
+                        } else {
+                            db.put(format!("k{t}-{i}"), format!("v{i}"))?;
+                        }
+                        let mut out = stdout.lock().unwrap_or_else(|p| p.into_inner());
+                        writeln!(out, "ack {t} {i}")?;
+                        out.flush()?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().expect("writer thread")?;
+        }
+        Ok(())
+    })
 }
 
 fn spawn_self(args: &[&str]) -> Result<Child> {

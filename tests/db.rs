@@ -1,13 +1,20 @@
 //! Goal: the embedded `Db` keeps every acknowledged write — across a clean
-//! close and reopen, and when its process is SIGKILLed right after writes
-//! were acknowledged (a child `shoal db-writer` prints `ack i` once
-//! `put(k<i>)` returned; we kill it, reopen the directory here, and every
-//! acknowledged key must be there).
+//! close and reopen, and when its process is SIGKILLed while several
+//! threads write (a child `shoal db-writer --threads 8` prints `ack t i`
+//! once thread t's i-th write returned; we kill it, reopen the directory
+//! here, and every acknowledged key must be there, and every batch, acked
+//! or not, must be there whole or not at all). `SHOAL_CRASH_ROUNDS` sets
+//! the number of kills (default 3).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
+use std::collections::BTreeMap;
+
 use shoal::{Db, DbError};
+
+/// Writer threads of the SIGKILL test's child.
+const WRITERS: u64 = 8;
 
 #[test]
 fn operations_and_close_reopen() {
@@ -51,26 +58,33 @@ fn operations_and_close_reopen() {
 
 #[test]
 fn acknowledged_writes_survive_sigkill() {
+    let rounds = std::env::var("SHOAL_CRASH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3u64);
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut acked: Option<u64> = None;
-    for round in 0..3u64 {
+    // Per writer thread, the highest write acknowledged so far.
+    let mut acked: BTreeMap<u64, u64> = BTreeMap::new();
+    for round in 0..rounds {
         let mut child = Command::new(env!("CARGO_BIN_EXE_shoal"))
-            .args(["db-writer", "--dir"])
+            .args(["db-writer", "--threads", &WRITERS.to_string(), "--dir"])
             .arg(dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start db-writer");
         let stdout = child.stdout.take().expect("stdout");
-        let target = 50 + round * 37;
+        let target = 60 + (round % 5) * 37;
         let mut seen = 0;
         for line in BufReader::new(stdout).lines() {
             let line = line.expect("line");
-            let i: u64 = line
-                .strip_prefix("ack ")
-                .and_then(|n| n.parse().ok())
-                .unwrap_or_else(|| panic!("unexpected line {line:?}"));
-            acked = Some(acked.map_or(i, |a| a.max(i)));
+            let parsed = line.strip_prefix("ack ").and_then(|rest| {
+                let (t, i) = rest.split_once(' ')?;
+                Some((t.parse::<u64>().ok()?, i.parse::<u64>().ok()?))
+            });
+            let (t, i) = parsed.unwrap_or_else(|| panic!("unexpected line {line:?}"));
+            let last = acked.entry(t).or_insert(i);
+            *last = (*last).max(i);
             seen += 1;
             if seen >= target {
                 break;
@@ -81,13 +95,32 @@ fn acknowledged_writes_survive_sigkill() {
         child.wait().expect("wait");
 
         let db = Db::open(dir.path()).expect("reopen after SIGKILL");
-        let last = acked.expect("some ack");
-        for i in 0..=last {
-            let v = db
-                .get(format!("k{i}"))
-                .expect("get")
-                .unwrap_or_else(|| panic!("round {round}: acknowledged k{i} lost"));
-            assert_eq!(v.value, format!("v{i}"));
+        for (&t, &last) in &acked {
+            for i in 0..=last {
+                let v = db
+                    .get(format!("k{t}-{i}"))
+                    .expect("get")
+                    .unwrap_or_else(|| panic!("round {round}: acknowledged k{t}-{i} lost"));
+                assert_eq!(v.value, format!("v{i}"));
+            }
+        }
+        // Batches are atomic whether or not they were acknowledged: each
+        // `m` key exists exactly when its `k` key of the same batch does.
+        for pair in db.scan_prefix("m") {
+            let (key, _) = pair.expect("scan");
+            let k = format!("k{}", std::str::from_utf8(&key[1..]).expect("utf-8"));
+            assert!(
+                db.get(&k).expect("get").is_some(),
+                "round {round}: half a batch: {key:?} without {k}"
+            );
+        }
+        for (&t, &last) in &acked {
+            // The batch after the last acknowledged write may have landed.
+            for i in (2..=last + 3).step_by(3) {
+                let k = db.get(format!("k{t}-{i}")).expect("get").is_some();
+                let m = db.get(format!("m{t}-{i}")).expect("get").is_some();
+                assert_eq!(k, m, "round {round}: half a batch at {t}-{i}");
+            }
         }
         db.close().expect("close");
     }

@@ -12,8 +12,8 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use shoal_consensus::{Entry, HardState, StorageError};
 use shoal_engine::{
-    ApplyEntry, Backend, Command, Engine, EngineConfig, GroupWrite, LogBatch, MemStore, Reply,
-    Request, RocksEngine, ScanPage, Versioned,
+    ApplyEntry, Backend, BatchWrite, Command, Condition, Engine, EngineConfig, GroupWrite,
+    LogBatch, MemStore, Reply, Request, RocksEngine, ScanPage, Versioned,
 };
 
 const GROUP: u64 = 3;
@@ -144,6 +144,39 @@ impl KvModel {
                 existed: self.kv.remove(&(s, key.to_vec())).is_some(),
             },
             Command::Scan { start, end, limit } => Reply::Pairs(self.page(s, start, end, *limit)),
+            Command::Batch { conditions, writes } => {
+                for (index, c) in conditions.iter().enumerate() {
+                    let current = self.kv.get(&(s, c.key.to_vec())).map_or(0, |v| v.version);
+                    if current != c.version {
+                        return Reply::ConditionFailed {
+                            index: index as u32,
+                            current,
+                        };
+                    }
+                }
+                let mut versions = Vec::new();
+                for w in writes {
+                    match w {
+                        BatchWrite::Put { key, value } => {
+                            let version =
+                                self.kv.get(&(s, key.to_vec())).map_or(1, |v| v.version + 1);
+                            self.kv.insert(
+                                (s, key.to_vec()),
+                                Versioned {
+                                    value: value.clone(),
+                                    version,
+                                },
+                            );
+                            versions.push(version);
+                        }
+                        BatchWrite::Delete { key } => {
+                            self.kv.remove(&(s, key.to_vec()));
+                            versions.push(0);
+                        }
+                    }
+                }
+                Reply::BatchWritten { versions }
+            }
             Command::ExpireSessions { sessions } => {
                 let mut count = 0;
                 for (client, seq) in sessions {
@@ -234,7 +267,7 @@ fn command_strategy() -> impl Strategy<Value = Command> {
                 version,
             }
         }),
-        (key_strategy(), value, 0u64..100).prop_map(|(key, value, value_bytes_max)| {
+        (key_strategy(), value.clone(), 0u64..100).prop_map(|(key, value, value_bytes_max)| {
             Command::Append {
                 key,
                 value,
@@ -249,6 +282,23 @@ fn command_strategy() -> impl Strategy<Value = Command> {
         }),
         proptest::collection::vec((0u64..3, 0u64..6), 0..4)
             .prop_map(|sessions| Command::ExpireSessions { sessions }),
+        (
+            proptest::collection::vec((key_strategy(), 0u64..3), 0..3),
+            proptest::collection::vec((key_strategy(), proptest::option::of(value)), 0..4)
+        )
+            .prop_map(|(conditions, writes)| Command::Batch {
+                conditions: conditions
+                    .into_iter()
+                    .map(|(key, version)| Condition { key, version })
+                    .collect(),
+                writes: writes
+                    .into_iter()
+                    .map(|(key, value)| match value {
+                        Some(value) => BatchWrite::Put { key, value },
+                        None => BatchWrite::Delete { key },
+                    })
+                    .collect(),
+            }),
     ]
 }
 
