@@ -118,8 +118,9 @@ fn redb_err(e: impl std::fmt::Display) -> BenchError {
     BenchError::Redb(e.to_string())
 }
 
-/// One store, opened on a fresh directory.
-enum Store {
+/// One system's store, opened on a directory of its own: what a
+/// benchmark calls.
+pub enum Store {
     Shoal(Db),
     RocksDb(rocksdb::DB, rocksdb::WriteOptions),
     Redb(redb::Database),
@@ -129,7 +130,8 @@ const REDB_TABLE: redb::TableDefinition<'static, &'static [u8], &'static [u8]> =
     redb::TableDefinition::new("kv");
 
 impl Store {
-    fn open(system: System, dir: &Path) -> Result<Store, BenchError> {
+    /// Opens (creating) `system`'s store in `dir`.
+    pub fn open(system: System, dir: &Path) -> Result<Store, BenchError> {
         std::fs::create_dir_all(dir)?;
         Ok(match system {
             System::Shoal => Store::Shoal(Db::open(dir)?),
@@ -150,7 +152,8 @@ impl Store {
         })
     }
 
-    fn name(&self) -> &'static str {
+    /// The system's name.
+    pub fn name(&self) -> &'static str {
         match self {
             Store::Shoal(_) => "shoal",
             Store::RocksDb(..) => "rocksdb",
@@ -159,7 +162,7 @@ impl Store {
     }
 
     /// One durable put.
-    fn put(&self, key: &[u8], value: &[u8]) -> Result<(), BenchError> {
+    pub fn put(&self, key: &[u8], value: &[u8]) -> Result<(), BenchError> {
         match self {
             Store::Shoal(db) => {
                 db.put(key.to_vec(), value.to_vec())?;
@@ -178,7 +181,7 @@ impl Store {
     }
 
     /// Loads keys `0..count` (batched; not measured).
-    fn load(&self, count: u64) -> Result<(), BenchError> {
+    pub fn load(&self, count: u64) -> Result<(), BenchError> {
         let value = vec![b'v'; VALUE_BYTES];
         const CHUNK: u64 = 1_000;
         for start in (0..count).step_by(CHUNK as usize) {
@@ -214,7 +217,7 @@ impl Store {
     }
 
     /// Reads key `n`; whether it was found.
-    fn get(&self, n: u64) -> Result<bool, BenchError> {
+    pub fn get(&self, n: u64) -> Result<bool, BenchError> {
         let k = key(n);
         Ok(match self {
             Store::Shoal(db) => db.get(k.to_vec())?.is_some(),
@@ -240,7 +243,7 @@ pub fn key(n: u64) -> [u8; KEY_BYTES] {
 
 /// Operations per second of `threads` threads running `op` (given the
 /// thread's index and its operation count so far) for `cell`.
-fn rate(
+pub fn rate(
     threads: usize,
     cell: Duration,
     op: &(dyn Fn(usize, u64) -> Result<(), BenchError> + Sync),

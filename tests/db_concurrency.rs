@@ -183,10 +183,8 @@ fn client(db: &Db, history: &HistoryRecorder, clock: &Clock, seed: u64, thread: 
             }
             _ => {
                 // A scan of every pair and single key: one engine page.
-                let pairs: BTreeMap<Bytes, shoal::engine::Versioned> = db
-                    .scan("", "")
-                    .collect::<Result<_, _>>()
-                    .expect("scan");
+                let pairs: BTreeMap<Bytes, shoal::engine::Versioned> =
+                    db.scan("", "").collect::<Result<_, _>>().expect("scan");
                 let at = (called, clock.now());
                 let keys = (0..PAIRS)
                     .flat_map(|n| [pair(n, 'a'), pair(n, 'b')])

@@ -1534,6 +1534,11 @@ impl<C: RpcCaller<KvProtocol>> BlockingClient<C> {
         self.runtime.block_on(self.client.delete(key))
     }
 
+    /// See [`Client::write`].
+    pub fn write(&self, batch: WriteBatch) -> Result<Vec<u64>, ClientError> {
+        self.runtime.block_on(self.client.write(batch))
+    }
+
     /// See [`Client::node_status`].
     pub fn node_status(&self, node: NodeId) -> Result<NodeReport, AdminError> {
         self.runtime.block_on(self.client.node_status(node))

@@ -99,6 +99,13 @@ async fn partitioner(
 }
 
 async fn generic_test(name: &str, g: Generic) {
+    generic_test_clerks(name, g, false).await
+}
+
+/// The generic test; with `one_client`, the `nclients` clerks are clones
+/// of ONE client, whose operations then run concurrently, each write on a
+/// session of its own from the client's pool.
+async fn generic_test_clerks(name: &str, g: Generic, one_client: bool) {
     let seed = seed(name);
     let mut cluster = Cluster::with_max_raft_state(g.nservers, g.reliable, seed, g.maxraftstate);
     let keys: Arc<Vec<String>> = Arc::new(if g.randomkeys {
@@ -106,7 +113,12 @@ async fn generic_test(name: &str, g: Generic) {
     } else {
         vec!["k".to_string()]
     });
-    let clerks: Vec<Clerk> = (0..g.nclients).map(|_| cluster.clerk()).collect();
+    let clerks: Vec<Clerk> = if one_client {
+        let clerk = cluster.clerk();
+        vec![clerk; g.nclients]
+    } else {
+        (0..g.nclients).map(|_| cluster.clerk()).collect()
+    };
     let mut total = Counts {
         ok: vec![0; keys.len()],
         maybe: vec![0; keys.len()],
@@ -804,6 +816,29 @@ async fn test_snapshot_unreliable_recover_concurrent_partition_linearizable_4c()
             randomkeys: true,
             maxraftstate: Some(MAXRAFTSTATE),
         },
+    )
+    .await;
+}
+
+// Beyond the lab (issue 13): five clerks that are clones of ONE client
+// run their operations at once (each write on its own session from the
+// client's pool) under an unreliable network, partitions and crashes:
+// every put still applies at most once (ok <= version <= ok + maybe) and
+// the history is linearizable.
+#[tokio::test(start_paused = true)]
+async fn concurrent_clones_of_one_client_unreliable_partitions_crash() {
+    generic_test_clerks(
+        "concurrent_clones_of_one_client",
+        Generic {
+            nclients: 5,
+            nservers: 5,
+            reliable: false,
+            crash: true,
+            partitions: true,
+            randomkeys: true,
+            maxraftstate: Some(1000),
+        },
+        true,
     )
     .await;
 }

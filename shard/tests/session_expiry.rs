@@ -36,7 +36,7 @@ use rand_chacha::ChaCha8Rng;
 use shoal_engine::Reply;
 use shoal_net::mem::{MemClient, MemNetwork};
 use shoal_net::{NodeId, RpcCaller, RpcError};
-use shoal_shard::client::{Client, ClientError};
+use shoal_shard::client::{Client, ClientError, SESSIONS_MAX_DEFAULT};
 use shoal_shard::protocol::{KvProtocol, KvResponse, Request, Response};
 use tokio::time::{sleep, Instant};
 
@@ -96,8 +96,18 @@ async fn setup(
     seed: u64,
     client_idle_ms: u64,
 ) -> (Cluster, Client<LossyCaller>, Arc<AtomicBool>, String) {
+    setup_with_sessions(seed, client_idle_ms, SESSIONS_MAX_DEFAULT).await
+}
+
+/// [`setup`] with a client of at most `sessions_max` writes in flight.
+async fn setup_with_sessions(
+    seed: u64,
+    client_idle_ms: u64,
+    sessions_max: usize,
+) -> (Cluster, Client<LossyCaller>, Arc<AtomicBool>, String) {
     let c = Cluster::with_session_idle_ms(3, seed, SESSION_IDLE_MS);
     let mut config = c.client_config();
+    config.sessions_max = sessions_max;
     config.session_idle_ms = client_idle_ms;
     config.op_deadline = Duration::from_millis(client_idle_ms / 2);
     config.rpc_deadline = Duration::from_millis(200);
@@ -266,14 +276,14 @@ async fn expiry_waits_for_a_full_period_watched_by_the_leader() {
 async fn a_mismatch_on_the_only_send_is_never_maybe() {
     // Goal: a put whose request was sent once, and answered with a
     // mismatch, reports VersionMismatch however long the operation took in
-    // total. Here the put waits behind a clone's slow operation (which holds
-    // the client for longer than a quarter of the idle time, so the slow
-    // one, retried that long, is itself Maybe) before it is sent:
-    // that wait is no retry, and nothing earlier of this put can have
-    // applied. (The client once measured from before that wait and answered
-    // Maybe.)
+    // total. Here the put waits for a session behind a clone's slow
+    // operation (the client has one session; the slow one holds it for
+    // longer than a quarter of the idle time, so it, retried that long, is
+    // itself Maybe) before it is sent: that wait is no retry, and nothing
+    // earlier of this put can have applied. (The client once measured from
+    // before that wait and answered Maybe.)
     for seed in seeds("a_mismatch_on_the_only_send_is_never_maybe") {
-        let (mut c, client, armed, name) = setup(seed, SESSION_IDLE_MS).await;
+        let (mut c, client, armed, name) = setup_with_sessions(seed, SESSION_IDLE_MS, 1).await;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let cut_for = Duration::from_millis(
             rng.random_range(SESSION_IDLE_MS * 3 / 10..SESSION_IDLE_MS * 4 / 10),
@@ -286,7 +296,7 @@ async fn a_mismatch_on_the_only_send_is_never_maybe() {
         while armed.load(Ordering::SeqCst) {
             sleep(Duration::from_millis(1)).await;
         }
-        // The slow put now holds the client; this one queues behind it.
+        // The slow put now holds the one session; this one waits for it.
         let started = Instant::now();
         let queued = tokio::spawn({
             let client = client.clone();

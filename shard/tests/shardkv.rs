@@ -1341,3 +1341,82 @@ async fn partition_recovery_reliable_clerks_5c() {
 async fn partition_recovery_unreliable_clerks_5c() {
     partition_recovery("partition_recovery_unreliable_clerks_5c", false, 3, 5).await;
 }
+
+// Beyond the lab (issue 13): an atomic batch on a sharded cluster. Keys of
+// one shard are written together, under a version condition, and a
+// failed condition writes nothing; keys of two shards are refused before
+// anything is sent (`CrossShard`). After the shard moves to another group
+// (a join), the versions moved with it: a batch conditioned on them
+// applies there, and a stale condition still fails.
+#[tokio::test(start_paused = true)]
+async fn batches_stay_in_one_shard_and_move_with_it() {
+    let c = ShardCluster::new(common::seed("batches_stay_in_one_shard"), true);
+    let ctrl = c.controller();
+    let config = c.init(&ctrl).await;
+    let client = c.clerk().client;
+    // Two keys of one shard, and one of another.
+    let keys: Vec<Bytes> = (0..200).map(|i| Bytes::from(format!("key-{i}"))).collect();
+    let shard = config.shard_of_key(&keys[0]);
+    let same = keys[1..]
+        .iter()
+        .find(|k| config.shard_of_key(k) == shard)
+        .expect("a second key of the shard")
+        .clone();
+    let other = keys
+        .iter()
+        .find(|k| config.shard_of_key(k) != shard)
+        .expect("a key of another shard")
+        .clone();
+    let a = keys[0].clone();
+
+    let mut batch = shoal_shard::WriteBatch::new();
+    batch
+        .check_version(a.clone(), 0)
+        .put(a.clone(), "1")
+        .put(same.clone(), "1");
+    assert_eq!(client.write(batch).await.expect("batch"), vec![1, 1]);
+
+    let mut stale = shoal_shard::WriteBatch::new();
+    stale.check_version(a.clone(), 0).put(same.clone(), "lost");
+    assert_eq!(
+        client.write(stale.clone()).await,
+        Err(ClientError::ConditionFailed {
+            index: 0,
+            current: 1
+        })
+    );
+    assert_eq!(client.get(same.clone()).await.expect("get").value, "1");
+
+    let mut across = shoal_shard::WriteBatch::new();
+    across.put(a.clone(), "x").put(other.clone(), "x");
+    assert!(matches!(
+        client.write(across).await,
+        Err(ClientError::CrossShard { .. })
+    ));
+    assert_eq!(client.get(a.clone()).await.expect("get").value, "1");
+    assert_eq!(client.get(other).await, Err(ClientError::NotFound));
+
+    // Group 2 joins; half the shards move to it, with their versions.
+    let moved = c.join(&ctrl, &[2]).await;
+    let mut next = shoal_shard::WriteBatch::new();
+    next.check_version(a.clone(), 1)
+        .check_version(same.clone(), 1)
+        .put(a.clone(), "2")
+        .delete(same.clone());
+    assert_eq!(
+        client.write(next).await.expect("batch after the move"),
+        vec![2, 0]
+    );
+    assert_eq!(
+        client.write(stale).await,
+        Err(ClientError::ConditionFailed {
+            index: 0,
+            current: 2
+        })
+    );
+    assert_eq!(client.get(same).await, Err(ClientError::NotFound));
+    eprintln!(
+        "shard {shard} is served by group {:?} after the join",
+        moved.group_of(shard)
+    );
+}
