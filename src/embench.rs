@@ -121,8 +121,11 @@ fn redb_err(e: impl std::fmt::Display) -> BenchError {
 /// One system's store, opened on a directory of its own: what a
 /// benchmark calls.
 pub enum Store {
+    /// A `shoal::Db` with its default (synced) durability.
     Shoal(Db),
+    /// RocksDB with default options, and write options that sync.
     RocksDb(rocksdb::DB, rocksdb::WriteOptions),
+    /// redb with its default (immediate) durability.
     Redb(redb::Database),
 }
 
@@ -220,7 +223,7 @@ impl Store {
     pub fn get(&self, n: u64) -> Result<bool, BenchError> {
         let k = key(n);
         Ok(match self {
-            Store::Shoal(db) => db.get(k.to_vec())?.is_some(),
+            Store::Shoal(db) => db.get(k)?.is_some(),
             Store::RocksDb(db, _) => db.get_pinned(k)?.is_some(),
             Store::Redb(db) => {
                 let txn = db.begin_read().map_err(redb_err)?;
