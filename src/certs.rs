@@ -7,11 +7,93 @@
 //! - `node-<id>.pem`, `node-<id>-key.pem`: each node's certificate and key;
 //! - `client-<name>.pem`, `client-<name>-key.pem`: each client's.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
 use shoal_net::certs::{ClusterCa, Identity};
-use shoal_net::{NodeId, Peer};
+use shoal_net::{CertError, NodeId, Peer};
+
+/// Why [`load`] could not read a peer's identity.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// A file of the identity could not be read.
+    #[error("reading {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the file system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The certificate names another peer than the one asked for (or
+    /// none Shoal knows).
+    #[error("{} names {found:?}, not {expected:?}", path.display())]
+    WrongPeer {
+        /// The certificate file.
+        path: PathBuf,
+        /// The peer asked for.
+        expected: Peer,
+        /// The peer the certificate names, if any.
+        found: Option<Peer>,
+    },
+}
+
+/// Why [`init`] or [`add`] could not issue certificates. Files written
+/// before the failure stay.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IssueError {
+    /// [`init`] found a CA in the directory already.
+    #[error("{} already holds a cluster CA (ca.pem); refusing to overwrite it", dir.display())]
+    CaExists {
+        /// The certificate directory.
+        dir: PathBuf,
+    },
+    /// [`add`] found the certificate it was to write already there.
+    #[error("{} exists; refusing to overwrite it", path.display())]
+    CertificateExists {
+        /// The certificate file.
+        path: PathBuf,
+    },
+    /// Node id 0 was asked for: it means "nobody" to Raft.
+    #[error("node ids start at 1 (0 means \"nobody\" to Raft)")]
+    NodeIdZero,
+    /// A file or the directory could not be read, created or written.
+    #[error("{action} {}", path.display())]
+    Io {
+        /// What was being done: `reading`, `writing`, `creating`.
+        action: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// What the file system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The CA could not be generated or read from `ca-key.pem`.
+    #[error("the cluster CA")]
+    Ca(#[source] CertError),
+    /// A certificate could not be issued (e.g. a client name that cannot
+    /// be a DNS name).
+    #[error("issuing a certificate for {peer:?}")]
+    Issue {
+        /// Whose certificate.
+        peer: Peer,
+        /// Why rcgen or the name check refused.
+        #[source]
+        source: CertError,
+    },
+}
+
+impl IssueError {
+    fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> IssueError {
+        let path = path.to_path_buf();
+        move |source| IssueError::Io {
+            action,
+            path,
+            source,
+        }
+    }
+}
 
 /// File-name stem of a peer's certificate (`node-3`, `client-admin`).
 pub fn stem(peer: &Peer) -> String {
@@ -21,99 +103,106 @@ pub fn stem(peer: &Peer) -> String {
     }
 }
 
-fn write_private(path: &Path, contents: &str) -> Result<()> {
+fn write_public(path: &Path, contents: &str) -> Result<(), IssueError> {
+    std::fs::write(path, contents).map_err(IssueError::io("writing", path))
+}
+
+fn write_private(path: &Path, contents: &str) -> Result<(), IssueError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(contents.as_bytes())?;
-    Ok(())
+        .and_then(|mut f| f.write_all(contents.as_bytes()))
+        .map_err(IssueError::io("writing", path))
 }
 
-fn write_identity(dir: &Path, peer: &Peer, identity: &Identity) -> Result<()> {
+fn write_identity(dir: &Path, peer: &Peer, identity: &Identity) -> Result<(), IssueError> {
     let stem = stem(peer);
-    std::fs::write(dir.join(format!("{stem}.pem")), &identity.cert_pem)?;
+    write_public(&dir.join(format!("{stem}.pem")), &identity.cert_pem)?;
     write_private(&dir.join(format!("{stem}-key.pem")), &identity.key_pem)
+}
+
+fn issue(ca: &ClusterCa, peer: &Peer) -> Result<Identity, IssueError> {
+    match peer {
+        Peer::Node(id) => ca.issue_node(*id),
+        Peer::Client(name) => ca.issue_client(name),
+    }
+    .map_err(|source| IssueError::Issue {
+        peer: peer.clone(),
+        source,
+    })
+}
+
+fn peers(nodes: &[u64], clients: &[String]) -> Result<Vec<Peer>, IssueError> {
+    if nodes.contains(&0) {
+        return Err(IssueError::NodeIdZero);
+    }
+    Ok(nodes
+        .iter()
+        .map(|&id| Peer::Node(NodeId(id)))
+        .chain(clients.iter().map(|name| Peer::Client(name.clone())))
+        .collect())
 }
 
 /// Creates a new CA in `dir` (which must not hold one already) and issues a
 /// certificate for every node and client named.
-pub fn init(dir: &Path, nodes: &[u64], clients: &[String]) -> Result<()> {
+pub fn init(dir: &Path, nodes: &[u64], clients: &[String]) -> Result<(), IssueError> {
     if dir.join("ca.pem").exists() {
-        bail!(
-            "{} already holds a cluster CA (ca.pem); refusing to overwrite it",
-            dir.display()
-        );
+        return Err(IssueError::CaExists {
+            dir: dir.to_path_buf(),
+        });
     }
-    if nodes.contains(&0) {
-        bail!("node ids start at 1 (0 means \"nobody\" to Raft)");
-    }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let ca = ClusterCa::generate()?;
-    std::fs::write(dir.join("ca.pem"), ca.cert_pem())?;
+    let peers = peers(nodes, clients)?;
+    std::fs::create_dir_all(dir).map_err(IssueError::io("creating", dir))?;
+    let ca = ClusterCa::generate().map_err(IssueError::Ca)?;
+    write_public(&dir.join("ca.pem"), &ca.cert_pem())?;
     write_private(&dir.join("ca-key.pem"), &ca.key_pem())?;
-    for &id in nodes {
-        let peer = Peer::Node(NodeId(id));
-        write_identity(dir, &peer, &ca.issue_node(NodeId(id))?)?;
-    }
-    for name in clients {
-        let identity = ca
-            .issue_client(name)
-            .with_context(|| format!("client name {name:?}"))?;
-        write_identity(dir, &Peer::Client(name.clone()), &identity)?;
+    for peer in &peers {
+        write_identity(dir, peer, &issue(&ca, peer)?)?;
     }
     Ok(())
 }
 
 /// Issues certificates for more nodes and clients with the CA in `dir`
 /// (its `ca-key.pem`). Refuses to overwrite an existing certificate.
-pub fn add(dir: &Path, nodes: &[u64], clients: &[String]) -> Result<()> {
-    if nodes.contains(&0) {
-        bail!("node ids start at 1 (0 means \"nobody\" to Raft)");
-    }
+pub fn add(dir: &Path, nodes: &[u64], clients: &[String]) -> Result<(), IssueError> {
+    let peers = peers(nodes, clients)?;
     let key_path = dir.join("ca-key.pem");
-    let key = std::fs::read_to_string(&key_path)
-        .with_context(|| format!("reading the CA key {}", key_path.display()))?;
-    let ca = ClusterCa::from_pem(&key)?;
-    let peers = nodes
-        .iter()
-        .map(|&id| Peer::Node(NodeId(id)))
-        .chain(clients.iter().map(|name| Peer::Client(name.clone())));
-    for peer in peers {
-        let cert = dir.join(format!("{}.pem", stem(&peer)));
-        if cert.exists() {
-            bail!("{} exists; refusing to overwrite it", cert.display());
+    let key = std::fs::read_to_string(&key_path).map_err(IssueError::io("reading", &key_path))?;
+    let ca = ClusterCa::from_pem(&key).map_err(IssueError::Ca)?;
+    for peer in &peers {
+        let path = dir.join(format!("{}.pem", stem(peer)));
+        if path.exists() {
+            return Err(IssueError::CertificateExists { path });
         }
-        let identity = match &peer {
-            Peer::Node(id) => ca.issue_node(*id)?,
-            Peer::Client(name) => ca
-                .issue_client(name)
-                .with_context(|| format!("client name {name:?}"))?,
-        };
-        write_identity(dir, &peer, &identity)?;
+        write_identity(dir, peer, &issue(&ca, peer)?)?;
     }
     Ok(())
 }
 
 /// Loads `peer`'s identity (certificate, key, CA) from `dir`.
-pub fn load(dir: &Path, peer: &Peer) -> Result<Identity> {
+pub fn load(dir: &Path, peer: &Peer) -> Result<Identity, LoadError> {
     let stem = stem(peer);
-    let read = |name: String| {
-        std::fs::read_to_string(dir.join(&name))
-            .with_context(|| format!("reading {}", dir.join(&name).display()))
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read_to_string(&path).map_err(|source| LoadError::Read { path, source })
     };
+    let cert = format!("{stem}.pem");
     let identity = Identity {
-        cert_pem: read(format!("{stem}.pem"))?,
-        key_pem: read(format!("{stem}-key.pem"))?,
-        ca_cert_pem: read("ca.pem".into())?,
+        cert_pem: read(&cert)?,
+        key_pem: read(&format!("{stem}-key.pem"))?,
+        ca_cert_pem: read("ca.pem")?,
     };
     match identity.peer() {
         Some(p) if &p == peer => Ok(identity),
-        other => bail!("{stem}.pem names {other:?}, not {peer:?}"),
+        found => Err(LoadError::WrongPeer {
+            path: dir.join(cert),
+            expected: peer.clone(),
+            found,
+        }),
     }
 }

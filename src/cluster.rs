@@ -27,14 +27,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use shoal_consensus::Role;
-use shoal_engine::{EngineConfig, RocksEngine};
+use shoal_engine::{EngineConfig, EngineError, RocksEngine};
 use shoal_net::quic::{QuicClient, QuicNode};
-use shoal_net::{Limits, NodeId, Peer};
+use shoal_net::{Limits, NodeId, Peer, SetupError};
 use shoal_shard::node::{
-    GroupSpec, Node, NodeConfig, CONTROLLER_GROUP, CONTROLLER_SHARD, KV_GROUP,
+    GroupSpec, Node, NodeConfig, NodeError, CONTROLLER_GROUP, CONTROLLER_SHARD, KV_GROUP,
 };
 use shoal_shard::protocol::{KvProtocol, NodeReport};
 pub use shoal_shard::ClientError;
@@ -42,32 +41,80 @@ pub use shoal_shard::ClientError;
 /// How often a node rewrites its status file.
 pub const STATUS_INTERVAL_MS: u64 = 100;
 
+/// Why [`parse_members`] refused a member list.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MembersError {
+    /// An item is not `ID=ADDRESS`.
+    #[error("member {item:?} is not ID=ADDRESS")]
+    NotIdEqualsAddress {
+        /// The item as written.
+        item: String,
+    },
+    /// An item's id is not a number.
+    #[error("member {item:?}: bad node id")]
+    BadId {
+        /// The item as written.
+        item: String,
+        /// Why it is not a number.
+        #[source]
+        source: std::num::ParseIntError,
+    },
+    /// An item's id is 0, which means "nobody" to Raft.
+    #[error("member {item:?}: node ids start at 1")]
+    IdZero {
+        /// The item as written.
+        item: String,
+    },
+    /// An item's address is not `IP:PORT`.
+    #[error("member {item:?}: bad address (want IP:PORT)")]
+    BadAddress {
+        /// The item as written.
+        item: String,
+        /// Why it is not an address.
+        #[source]
+        source: std::net::AddrParseError,
+    },
+    /// Two items have the same id.
+    #[error("node id {id} is listed twice")]
+    Duplicate {
+        /// The id.
+        id: u64,
+    },
+    /// The list names nobody.
+    #[error("the member list is empty")]
+    Empty,
+}
+
 /// Parses a member list `1=host:port,2=host:port` into (id, address) pairs,
 /// sorted by id. Ids must be distinct and non-zero.
-pub fn parse_members(list: &str) -> Result<Vec<(u64, SocketAddr)>> {
+pub fn parse_members(list: &str) -> Result<Vec<(u64, SocketAddr)>, MembersError> {
     let mut members = Vec::new();
     for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let (id, addr) = item
             .split_once('=')
-            .with_context(|| format!("member {item:?} is not ID=ADDRESS"))?;
-        let id: u64 = id
-            .trim()
-            .parse()
-            .with_context(|| format!("member {item:?}: bad node id"))?;
+            .ok_or_else(|| MembersError::NotIdEqualsAddress { item: item.into() })?;
+        let id: u64 = id.trim().parse().map_err(|source| MembersError::BadId {
+            item: item.into(),
+            source,
+        })?;
         if id == 0 {
-            bail!("member {item:?}: node ids start at 1");
+            return Err(MembersError::IdZero { item: item.into() });
         }
         let addr: SocketAddr = addr
             .trim()
             .parse()
-            .with_context(|| format!("member {item:?}: bad address (want IP:PORT)"))?;
+            .map_err(|source| MembersError::BadAddress {
+                item: item.into(),
+                source,
+            })?;
         if members.iter().any(|&(other, _)| other == id) {
-            bail!("node id {id} is listed twice");
+            return Err(MembersError::Duplicate { id });
         }
         members.push((id, addr));
     }
     if members.is_empty() {
-        bail!("the member list is empty");
+        return Err(MembersError::Empty);
     }
     members.sort_by_key(|&(id, _)| id);
     Ok(members)
@@ -182,34 +229,84 @@ fn write_status(data_dir: &Path, status: &NodeStatus) -> std::io::Result<()> {
     std::fs::rename(tmp, status_path(data_dir))
 }
 
+/// Why [`run_node`] could not start a node, or how it stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeRunError {
+    /// [`NodeOptions::peers`] does not list the node itself.
+    #[error("--peers must list every member, this node ({id}) included")]
+    NotAMember {
+        /// The node's id.
+        id: u64,
+    },
+    /// The data directory could not be created.
+    #[error("creating {}", path.display())]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// What the file system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The node's certificate could not be loaded.
+    #[error("loading the node's certificate")]
+    Certificates(#[source] crate::certs::LoadError),
+    /// The transport limits are inconsistent.
+    #[error("transport limits")]
+    Limits(#[source] shoal_net::ConfigError),
+    /// The QUIC endpoint could not be bound.
+    #[error("binding the QUIC endpoint")]
+    Bind(#[source] SetupError),
+    /// RocksDB could not be opened.
+    #[error("opening RocksDB")]
+    Engine(#[source] EngineError),
+    /// The node runtime refused to start (e.g. its stored state).
+    #[error("starting the node")]
+    Start(#[source] NodeError),
+    /// The async runtime, a signal handler or the bound address: what the
+    /// operating system refused.
+    #[error("{what}")]
+    Os {
+        /// What was being set up.
+        what: &'static str,
+        /// What the operating system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The node stopped on an error (before or during shutdown).
+    #[error("the node stopped on an error")]
+    Stopped(#[source] NodeError),
+}
+
+fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> NodeRunError {
+    move |source| NodeRunError::Os { what, source }
+}
+
 /// Runs a node until SIGTERM or SIGINT, then shuts it down gracefully (the
 /// node answers every waiting caller, then the transport drains its queues).
 /// `ready` is called once the node serves, with its bound address.
-pub fn run_node(options: NodeOptions, ready: impl FnOnce(SocketAddr)) -> Result<()> {
+pub fn run_node(options: NodeOptions, ready: impl FnOnce(SocketAddr)) -> Result<(), NodeRunError> {
     if !options.peers.iter().any(|&(id, _)| id == options.id) {
-        bail!(
-            "--peers must list every member, this node ({}) included",
-            options.id
-        );
+        return Err(NodeRunError::NotAMember { id: options.id });
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(options.worker_threads.max(1))
         .enable_all()
         .thread_name("shoal-node")
         .build()
-        .context("starting the runtime")?;
+        .map_err(os("starting the runtime"))?;
     runtime.block_on(async move {
-        let identity = crate::certs::load(&options.tls_dir, &Peer::Node(NodeId(options.id)))?;
-        std::fs::create_dir_all(&options.data_dir).with_context(|| format!("creating {}", options.data_dir.display()))?;
+        let identity = crate::certs::load(&options.tls_dir, &Peer::Node(NodeId(options.id))).map_err(NodeRunError::Certificates)?;
+        std::fs::create_dir_all(&options.data_dir).map_err(|source| NodeRunError::DataDir { path: options.data_dir.clone(), source })?;
         let members: HashMap<NodeId, SocketAddr> = options.peers.iter().map(|&(id, addr)| (NodeId(id), addr)).collect();
         let mut net_config = shoal_net::NodeConfig::new(NodeId(options.id), options.listen, members, options.data_dir.join("net-files"));
         net_config.fault_injection_enabled = options.fault_injection;
         if let Some(ms) = options.io_timeout_ms {
             net_config.limits.io_timeout_ms = ms;
         }
-        net_config.validate().context("transport limits")?;
-        let (quic, inbox) = QuicNode::<KvProtocol>::bind(net_config, &identity).context("binding the QUIC endpoint")?;
-        let engine = RocksEngine::open(options.data_dir.join("db"), EngineConfig::default()).context("opening RocksDB")?;
+        net_config.validate().map_err(NodeRunError::Limits)?;
+        let (quic, inbox) = QuicNode::<KvProtocol>::bind(net_config, &identity).map_err(NodeRunError::Bind)?;
+        let engine = RocksEngine::open(options.data_dir.join("db"), EngineConfig::default()).map_err(NodeRunError::Engine)?;
         let mut config = NodeConfig::new(
             options.id,
             options.peers.iter().map(|&(id, _)| id).collect(),
@@ -228,11 +325,11 @@ pub fn run_node(options: NodeOptions, ready: impl FnOnce(SocketAddr)) -> Result<
                 Vec::new()
             };
         }
-        let handle = Node::start(config, engine, quic.clone(), inbox).context("starting the node")?;
-        ready(quic.local_addr().context("local address")?);
+        let handle = Node::start(config, engine, quic.clone(), inbox).map_err(NodeRunError::Start)?;
+        ready(quic.local_addr().map_err(os("local address"))?);
 
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(os("handling SIGTERM"))?;
+        let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(os("handling SIGINT"))?;
         let mut ticker = tokio::time::interval(Duration::from_millis(STATUS_INTERVAL_MS));
         let pid = std::process::id();
         loop {
@@ -255,7 +352,7 @@ pub fn run_node(options: NodeOptions, ready: impl FnOnce(SocketAddr)) -> Result<
         tracing::info!(id = options.id, "shutting down");
         let stopped = handle.shutdown().await;
         quic.shutdown().await;
-        stopped.context("the node stopped on an error")
+        stopped.map_err(NodeRunError::Stopped)
     })
 }
 
@@ -305,17 +402,17 @@ impl Default for ClientOptions {
 #[non_exhaustive]
 pub enum ConnectError {
     /// The certificate directory could not be read or names someone else.
-    #[error("certificates: {0:#}")]
-    Certificates(anyhow::Error),
+    #[error("loading the client certificate")]
+    Certificates(#[source] crate::certs::LoadError),
     /// The QUIC endpoint could not be set up.
-    #[error("transport: {0}")]
-    Transport(#[from] shoal_net::SetupError),
+    #[error("setting up the QUIC client")]
+    Transport(#[from] SetupError),
     /// No member was given.
     #[error("no cluster member given")]
     NoMembers,
     /// The client options cannot be used (e.g. a deadline longer than half
     /// the session idle time).
-    #[error("client options: {0}")]
+    #[error("client options")]
     Options(#[from] shoal_shard::client::ClientConfigError),
 }
 

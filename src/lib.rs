@@ -15,27 +15,48 @@
 //!   RocksDB, durable on return of every write.
 //! - [`cluster`]: member lists, the node runner behind `shoal node`, and the
 //!   cluster [`Client`] / [`BlockingClient`] (QUIC, mutual TLS).
-//! - [`jsonl`]: the JSON-lines protocol of `shoal client`.
-//! - [`local_cluster`]: `shoal node` processes on loopback run by this
-//!   process (the demo, the load generator).
-//! - [`mapreduce`]: `shoal load` and `shoal mapreduce` (jobs over the
-//!   stored keys; the runtime is `shard::mapreduce`).
-//! - [`mrbench`]: `shoal bench-mapreduce` (word count: the job against
+//!
+//! # The `cli` feature
+//! Off by default: a program that links Shoal gets the modules above and
+//! none of the command line's crates (clap, indicatif, h2, http, anyhow).
+//! The feature builds the `shoal` binary and the tool modules behind its
+//! commands, which its tests and benchmarks use too:
+//! - `jsonl`: the JSON-lines protocol of `shoal client`.
+//! - `local_cluster`: `shoal node` processes on loopback run by this
+//!   process (the demo, the load generator, the cluster tests).
+//! - `sharding`: `shoal shard`, the admin client of a sharded cluster.
+//! - `mapreduce`: `shoal load` and `shoal mapreduce` (jobs over the
+//!   stored keys; the runtime is `shard::mapreduce`, and [`Db::mapreduce`]
+//!   runs one in-process without the feature).
+//! - `mrbench`: `shoal bench-mapreduce` (word count: the job against
 //!   a sequential run and coreutils).
-//! - [`bench`]: the load generator behind `shoal bench` (Shoal and etcd).
-//! - [`crashtest`]: the deterministic crash workload behind `shoal demo --engine`
-//!   and the crash tests.
+//! - `bench`: the load generator behind `shoal bench` (Shoal and etcd).
+//! - `embench`: `shoal bench --embedded` ([`Db`] beside RocksDB used
+//!   directly and redb; `benches/embedded.rs` too).
+//! - `crashtest`: the deterministic crash workload behind `shoal demo
+//!   --engine` and the crash tests.
+//!
+//! Errors: the always-on modules return typed errors (`thiserror` enums);
+//! the tool modules return `anyhow`, as the binary does.
 
+#[cfg(feature = "cli")]
 pub mod bench;
 pub mod certs;
 pub mod cluster;
+#[cfg(feature = "cli")]
 pub mod crashtest;
 pub mod db;
+#[cfg(feature = "cli")]
 pub mod embench;
+#[cfg(feature = "cli")]
 pub mod jsonl;
+#[cfg(feature = "cli")]
 pub mod local_cluster;
+#[cfg(feature = "cli")]
 pub mod mapreduce;
+#[cfg(feature = "cli")]
 pub mod mrbench;
+#[cfg(feature = "cli")]
 pub mod sharding;
 
 pub use cluster::{BlockingClient, Client, ClientError, ConnectError};

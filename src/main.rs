@@ -531,7 +531,8 @@ fn main() -> Result<()> {
             cluster::run_node(options, |addr| {
                 println!("node {id} listening on {addr}");
                 let _ = std::io::Write::flush(&mut std::io::stdout());
-            })
+            })?;
+            Ok(())
         }
         Cmd::Client { cluster } => run_client(&cluster),
         Cmd::Load {
