@@ -206,3 +206,48 @@ pub fn load(dir: &Path, peer: &Peer) -> Result<Identity, LoadError> {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_refusal_is_its_own_variant() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = dir.path().join("tls");
+        assert!(matches!(
+            init(&tls, &[1, 0], &[]),
+            Err(IssueError::NodeIdZero)
+        ));
+        assert!(!tls.exists(), "a refused init writes nothing");
+        init(&tls, &[1], &["client".into()]).unwrap();
+        assert!(matches!(
+            init(&tls, &[2], &[]),
+            Err(IssueError::CaExists { .. })
+        ));
+        assert!(matches!(
+            add(&tls, &[1], &[]),
+            Err(IssueError::CertificateExists { path }) if path.ends_with("node-1.pem")
+        ));
+        assert!(matches!(
+            add(&tls, &[], &["Not A DNS name".into()]),
+            Err(IssueError::Issue {
+                peer: Peer::Client(_),
+                ..
+            })
+        ));
+        add(&tls, &[2], &[]).unwrap();
+        load(&tls, &Peer::Node(NodeId(2))).unwrap();
+        assert!(matches!(
+            load(&tls, &Peer::Node(NodeId(3))),
+            Err(LoadError::Read { path, .. }) if path.ends_with("node-3.pem")
+        ));
+        assert!(matches!(
+            add(&dir.path().join("none"), &[3], &[]),
+            Err(IssueError::Io {
+                action: "reading",
+                ..
+            })
+        ));
+    }
+}

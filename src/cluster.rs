@@ -556,3 +556,39 @@ impl std::ops::Deref for BlockingClient {
         &self.inner
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn member_lists_parse_sorted_or_name_what_is_wrong() {
+        let members = parse_members(" 2=127.0.0.1:7002, 1=127.0.0.1:7001,").unwrap();
+        assert_eq!(
+            format_members(&members),
+            "1=127.0.0.1:7001,2=127.0.0.1:7002"
+        );
+        let refused = |list: &str| parse_members(list).unwrap_err();
+        assert!(matches!(
+            refused("1"),
+            MembersError::NotIdEqualsAddress { .. }
+        ));
+        assert!(matches!(
+            refused("x=127.0.0.1:1"),
+            MembersError::BadId { .. }
+        ));
+        assert!(matches!(
+            refused("0=127.0.0.1:1"),
+            MembersError::IdZero { .. }
+        ));
+        assert!(matches!(
+            refused("1=localhost"),
+            MembersError::BadAddress { .. }
+        ));
+        assert_eq!(
+            refused("1=127.0.0.1:1,1=127.0.0.1:2"),
+            MembersError::Duplicate { id: 1 }
+        );
+        assert_eq!(refused(" , "), MembersError::Empty);
+    }
+}

@@ -41,7 +41,13 @@ fn certs_init_writes_loadable_identities() {
     shoal::certs::load(&out, &Peer::Client("admin".into())).unwrap();
     // A certificate file under another peer's name is refused.
     std::fs::copy(out.join("node-2.pem"), out.join("node-1.pem")).unwrap();
-    assert!(shoal::certs::load(&out, &Peer::Node(NodeId(1))).is_err());
+    assert!(matches!(
+        shoal::certs::load(&out, &Peer::Node(NodeId(1))),
+        Err(shoal::certs::LoadError::WrongPeer {
+            found: Some(Peer::Node(NodeId(2))),
+            ..
+        })
+    ));
     let second = run();
     assert!(!second.status.success());
     assert!(String::from_utf8_lossy(&second.stderr).contains("refusing to overwrite"));
