@@ -13,6 +13,7 @@ const CLI_ONLY_CRATES: &[&str] = &[
     "h2",
     "http",
     "indicatif",
+    "redb",
     "tracing-subscriber",
 ];
 
