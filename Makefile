@@ -33,12 +33,13 @@ lint: setup
 	$(CARGO) clippy -p shoal --all-targets --no-default-features -- -D warnings
 
 ## test: the lint checks, then every test of every crate (what CI runs);
-## benchmarks are compiled, not run (`make bench` runs them); then
-## examples/cluster_client.rs against a 3-node cluster.
+## benchmarks are compiled, not run (`make bench` runs them); then the
+## examples: embedded.rs, and cluster_client.rs against a 3-node cluster.
 test: setup lint
 	$(CARGO) test --workspace --all-features --tests
 	$(CARGO) test --workspace --all-features --doc
 	$(CARGO) test --workspace --all-features --benches --no-run
+	$(CARGO) run --example embedded
 	CARGO=$(CARGO) FEATURES="--features cli" scripts/cluster-example.sh
 
 ## test-long: soak mode — 100,000 simulator seeds, more crash rounds.

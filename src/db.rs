@@ -2,9 +2,9 @@
 //!
 //! A `Db` is a Raft group of ONE running the same node runtime
 //! (`shoal_shard::node::Node`) as a cluster node, on a RocksDB engine in the
-//! directory it was opened on; writes reach it through the in-memory
-//! transport (`shoal_net::mem`, with no faults) by the same client a
-//! cluster uses. So the embedded database and the cluster share every line
+//! directory it was opened on; writes reach it by the same client a
+//! cluster uses, through a `shoal_net::mem::LocalCaller` that hands each
+//! request to the node's inbox (no encoding, no network). So the embedded database and the cluster share every line
 //! from the client's retries down to the engine.
 //!
 //! # Many threads
@@ -89,7 +89,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use shoal_engine::{EngineConfig, EngineError, RocksEngine, Versioned};
-use shoal_net::mem::{MemClient, MemConfig, MemNetwork};
+use shoal_net::mem::{LocalCaller, MemConfig, MemNetwork};
 use shoal_net::NodeId;
 use shoal_shard::mapreduce::runtime::{self, AppResolver, ClientFactory, JobOptions, MrError};
 use shoal_shard::mapreduce::wire::JobProgress;
@@ -290,8 +290,8 @@ fn read_err(e: EngineError) -> DbError {
 /// What every handle of one open database shares.
 #[derive(Debug)]
 struct Shared {
-    client: shoal_shard::Client<MemClient<KvProtocol>>,
-    caller: MemClient<KvProtocol>,
+    client: shoal_shard::Client<LocalCaller<KvProtocol>>,
+    caller: LocalCaller<KvProtocol>,
     /// The engine, for local reads (see the module docs).
     engine: RocksEngine,
     /// Set when the `Db` closes: every operation fails from then on.
@@ -319,7 +319,7 @@ pub struct AsyncDb {
 }
 
 impl AsyncDb {
-    fn client(&self) -> Result<&shoal_shard::Client<MemClient<KvProtocol>>, DbError> {
+    fn client(&self) -> Result<&shoal_shard::Client<LocalCaller<KvProtocol>>, DbError> {
         self.shared.check_open()?;
         Ok(&self.shared.client)
     }
@@ -408,7 +408,7 @@ impl AsyncDb {
         app: Arc<dyn MapReduceApp>,
     ) -> Result<JobProgress, DbError> {
         let caller = self.shared.caller.clone();
-        let clients: ClientFactory<MemClient<KvProtocol>> = Arc::new(move || {
+        let clients: ClientFactory<LocalCaller<KvProtocol>> = Arc::new(move || {
             shoal_shard::Client::new(
                 caller.clone(),
                 vec![NodeId(DB_NODE_ID)],
@@ -598,7 +598,9 @@ impl Db {
                 Durability::GroupCommit { window } => Some(window.as_millis() as u64),
             };
             let node = Node::start(config, engine.clone(), transport, inbox)?;
-            let caller = net.add_client("db");
+            let caller = net
+                .local_caller(NodeId(DB_NODE_ID), "db")
+                .expect("the node was just added");
             let mut client_config = ClientConfig::new(fresh_client_id());
             client_config.sessions_max = options.sessions_max;
             let client =

@@ -514,13 +514,18 @@ impl<B: Backend> Engine<B> {
                 for c in conditions {
                     key_check(&c.key)?;
                 }
+                let mut bytes = 0u64;
                 for w in writes {
                     key_check(w.key())?;
+                    bytes += w.key().len() as u64;
                     if let BatchWrite::Put { value, .. } = w {
                         value_check(value)?;
+                        bytes += value.len() as u64;
                     }
                 }
-                Ok(())
+                // Keys and values of one batch become one log entry and
+                // one apply write: within one write's limit.
+                EngineConfig::check(LimitKind::BatchBytes, bytes, c.batch_bytes_max)
             }
             Command::ExpireSessions { sessions } => EngineConfig::check(
                 LimitKind::ExpireSessions,

@@ -185,6 +185,7 @@ fn batch_limits_are_checked_when_proposing() {
         EngineConfig {
             key_bytes_max: 8,
             value_bytes_max: 16,
+            batch_bytes_max: 4096,
             ..EngineConfig::default()
         },
     )
@@ -225,4 +226,11 @@ fn batch_limits_are_checked_when_proposing() {
         Some(LimitKind::KeyBytes)
     );
     assert_eq!(limit(batch(vec![cond("a", 1)], vec![put("a", "v")])), None);
+    // Within every per-key limit, over the batch's byte limit in all.
+    let value = "v".repeat(16);
+    let big = batch(
+        vec![],
+        (0..300).map(|i| put(&format!("k{i}"), &value)).collect(),
+    );
+    assert_eq!(limit(big), Some(LimitKind::BatchBytes));
 }

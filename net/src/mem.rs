@@ -761,6 +761,95 @@ impl<P: Protocol> Transport<P> for MemNode<P> {
     }
 }
 
+/// A caller that hands requests straight to one node's inbox, in this
+/// process: no encoding, no fault injection, no lock shared with other
+/// callers. For a client that lives beside its node (the embedded
+/// database), where the simulated network's per-call costs would be the
+/// larger part of an operation. It calls only that node; any other is
+/// [`RpcError::Unreachable`]. Requests are not framed, so nothing bounds
+/// their size but what the node checks. Get one with
+/// [`MemNetwork::local_caller`].
+pub struct LocalCaller<P: Protocol> {
+    node: NodeId,
+    from: Peer,
+    rpcs: tokio::sync::mpsc::Sender<IncomingRpc<P>>,
+    deadline_default: Duration,
+}
+
+impl<P: Protocol> Clone for LocalCaller<P> {
+    fn clone(&self) -> Self {
+        LocalCaller {
+            node: self.node,
+            from: self.from.clone(),
+            rpcs: self.rpcs.clone(),
+            deadline_default: self.deadline_default,
+        }
+    }
+}
+
+impl<P: Protocol> std::fmt::Debug for LocalCaller<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalCaller")
+            .field("node", &self.node)
+            .field("from", &self.from)
+            .finish()
+    }
+}
+
+impl<P: Protocol> MemNetwork<P> {
+    /// A [`LocalCaller`] of node `node` (which must have been added),
+    /// calling as the client `name`; `None` if there is no such node.
+    pub fn local_caller(&self, node: NodeId, name: &str) -> Option<LocalCaller<P>> {
+        let st = self.lock();
+        let slot = st.nodes.get(&node)?;
+        Some(LocalCaller {
+            node,
+            from: Peer::Client(name.to_string()),
+            rpcs: slot.inbox.rpcs.clone(),
+            deadline_default: self.config.limits.rpc_deadline(),
+        })
+    }
+}
+
+impl<P: Protocol> RpcCaller<P> for LocalCaller<P> {
+    fn call_with_deadline(
+        &self,
+        to: NodeId,
+        request: P::Request,
+        deadline: Duration,
+    ) -> impl std::future::Future<Output = Result<P::Response, RpcError>> + Send {
+        let this = self.clone();
+        async move {
+            if to != this.node {
+                return Err(RpcError::Unreachable {
+                    node: to,
+                    reason: "a local caller reaches its own node only".into(),
+                });
+            }
+            let (reply, rx) = Responder::new();
+            let exchange = async {
+                this.rpcs
+                    .send(IncomingRpc {
+                        from: this.from.clone(),
+                        request,
+                        reply,
+                    })
+                    .await
+                    .map_err(|_| RpcError::Lost("the node stopped".into()))?;
+                rx.await
+                    .map_err(|_| RpcError::Lost("the node dropped the reply".into()))
+            };
+            tokio::time::timeout(deadline, exchange)
+                .await
+                .map_err(|_| RpcError::Timeout)?
+        }
+    }
+
+    fn default_deadline(&self) -> Duration {
+        self.deadline_default
+    }
+}
+
 /// A client on the in-memory network, identified as [`Peer::Client`].
 /// Clones are the same handle: they share its link state.
 pub struct MemClient<P: Protocol> {
