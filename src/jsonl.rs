@@ -50,6 +50,18 @@ pub enum Request {
         /// The key.
         key: String,
     },
+    /// `{"op":"batch","conditions":[{"key":K,"version":N}],"writes":[
+    /// {"op":"put","key":K,"value":V},{"op":"del","key":K}]}`: every write
+    /// if every key is at its version (0: absent), else nothing; keys of
+    /// one shard. Both lists are optional.
+    Batch {
+        /// Versions keys must have.
+        #[serde(default)]
+        conditions: Vec<BatchCondition>,
+        /// Writes, in order.
+        #[serde(default)]
+        writes: Vec<BatchWrite>,
+    },
     /// `{"op":"scan","start":S,"end":E,"limit":N}`; all optional: `start`
     /// defaults to "", `end` to "" (no bound), `limit` to [`SCAN_LIMIT_DEFAULT`].
     Scan {
@@ -62,6 +74,35 @@ pub enum Request {
         /// Most pairs returned.
         #[serde(default = "scan_limit_default")]
         limit: u64,
+    },
+}
+
+/// A condition of a `batch` request.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchCondition {
+    /// The key.
+    pub key: String,
+    /// Its expected version (0: absent).
+    pub version: u64,
+}
+
+/// A write of a `batch` request.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+pub enum BatchWrite {
+    /// `{"op":"put","key":K,"value":V}`
+    Put {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+    },
+    /// `{"op":"del","key":K}` (`"delete"` is accepted too).
+    #[serde(alias = "delete")]
+    Del {
+        /// The key.
+        key: String,
     },
 }
 
@@ -95,6 +136,9 @@ pub fn error_answer(error: &ClientError) -> Value {
         // either. Both are "timeout"; nothing else is.
         ClientError::Maybe | ClientError::Timeout => json!({"ok": false, "error": "timeout"}),
         ClientError::Refused(detail) => json!({"ok": false, "error": "refused", "detail": detail}),
+        ClientError::ConditionFailed { index, current } => {
+            json!({"ok": false, "error": "condition_failed", "index": index, "current": current})
+        }
         other => json!({"ok": false, "error": "refused", "detail": other.to_string()}),
     }
 }
@@ -179,6 +223,22 @@ pub async fn execute(client: &Client, request: Request) -> Value {
             .delete(key)
             .await
             .map(|existed| json!({"ok": true, "existed": existed})),
+        Request::Batch { conditions, writes } => {
+            let mut batch = shoal_shard::WriteBatch::new();
+            for c in conditions {
+                batch.check_version(c.key, c.version);
+            }
+            for w in writes {
+                match w {
+                    BatchWrite::Put { key, value } => batch.put(key, value),
+                    BatchWrite::Del { key } => batch.delete(key),
+                };
+            }
+            client
+                .write(batch)
+                .await
+                .map(|versions| json!({"ok": true, "versions": versions}))
+        }
         Request::Scan { start, end, limit } => client.scan(start, end, limit).await.map(|pairs| {
             let pairs: Vec<Value> = pairs
                 .iter()

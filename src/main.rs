@@ -264,8 +264,8 @@ enum Cmd {
         #[arg(long)]
         stop_after: Option<u64>,
     },
-    /// (Crash workload) open a `Db` and put k<i> = v<i> from i = 0 until
-    /// killed; prints `ack i` once each put returned.
+    /// (Crash workload) open a `Db` and write from --threads threads until
+    /// killed; prints `ack t i` once thread t's i-th write returned.
     #[command(hide = true)]
     DbWriter {
         #[arg(long)]
@@ -273,6 +273,10 @@ enum Cmd {
         /// Concurrent writer threads.
         #[arg(long, default_value_t = 1)]
         threads: u64,
+        /// Open with `Durability::GroupCommit` of this window instead of
+        /// syncing every write.
+        #[arg(long)]
+        group_commit_ms: Option<u64>,
     },
     /// (Crash workload) install snapshots until killed; prints `installed W`.
     #[command(hide = true)]
@@ -661,7 +665,11 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Status { cluster } => status(&cluster),
-        Cmd::DbWriter { dir, threads } => db_writer(&dir, threads),
+        Cmd::DbWriter {
+            dir,
+            threads,
+            group_commit_ms,
+        } => db_writer(&dir, threads, group_commit_ms),
         Cmd::EngineWriter {
             dir,
             seed,
@@ -866,8 +874,14 @@ fn embedded_bench(args: EmbeddedBenchArgs) -> Result<()> {
 /// Thread t's i-th write puts `k<t>-<i>` = `v<i>`, and every third is an
 /// atomic batch that also puts `m<t>-<i>`; once it returned, the thread
 /// prints `ack <t> <i>` (one line, written whole).
-fn db_writer(dir: &Path, threads: u64) -> Result<()> {
-    let db = shoal::Db::open(dir)?;
+fn db_writer(dir: &Path, threads: u64, group_commit_ms: Option<u64>) -> Result<()> {
+    let durability = match group_commit_ms {
+        Some(ms) => shoal::Durability::GroupCommit {
+            window: std::time::Duration::from_millis(ms),
+        },
+        None => shoal::Durability::Synced,
+    };
+    let db = shoal::Db::builder(dir).durability(durability).open()?;
     let stdout = std::sync::Mutex::new(std::io::stdout());
     std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)

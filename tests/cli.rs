@@ -86,9 +86,12 @@ fn nodes_and_json_client_end_to_end() {
             r#"{"op":"del","key":"a1"}"#,
             r#"{"op":"get"}"#,
             r#"{"op":"scan","start":"a","end":"z","limit":10}"#,
+            r#"{"op":"batch","conditions":[{"key":"bk","version":0}],"writes":[{"op":"put","key":"bk","value":"b"},{"op":"del","key":"absent"}]}"#,
+            r#"{"op":"batch","conditions":[{"key":"bk","version":0}],"writes":[{"op":"put","key":"bk","value":"c"}]}"#,
+            r#"{"op":"get","key":"bk"}"#,
         ],
     );
-    assert_eq!(answers.len(), 15, "{answers:?}");
+    assert_eq!(answers.len(), 18, "{answers:?}");
     assert_eq!(answers[0], json!({"ok": true, "version": 1}));
     assert_eq!(answers[1], json!({"ok": true, "value": "v", "version": 1}));
     assert_eq!(answers[2], json!({"ok": true, "version": 2}));
@@ -113,6 +116,12 @@ fn nodes_and_json_client_end_to_end() {
         answers[14],
         json!({"ok": true, "pairs": [{"key": "a2", "value": "2", "version": 1}, {"key": "k", "value": "w!", "version": 3}]})
     );
+    assert_eq!(answers[15], json!({"ok": true, "versions": [1, 0]}));
+    assert_eq!(
+        answers[16],
+        json!({"ok": false, "error": "condition_failed", "index": 0, "current": 1})
+    );
+    assert_eq!(answers[17], json!({"ok": true, "value": "b", "version": 1}));
 
     assert_eq!(
         one_shot(&cluster, &["put", "one", "1"]),

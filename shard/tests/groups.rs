@@ -112,3 +112,36 @@ async fn two_groups_on_one_node_set() {
     }
     cluster.shutdown_all().await;
 }
+
+// Goal (issue 13): a log sync window (writes acknowledged before their
+// fsync) is refused on a node whose group has other voters: a replica
+// acknowledging unsynced entries could let a committed entry be lost. A
+// group of one takes it.
+#[tokio::test]
+async fn a_log_sync_window_needs_a_group_of_one() {
+    use shoal_engine::{EngineConfig, MemStore};
+    use shoal_net::mem::{MemConfig, MemNetwork};
+    use shoal_net::NodeId;
+    use shoal_shard::node::{Node, NodeConfig, NodeError};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = MemNetwork::<shoal_shard::KvProtocol>::new(MemConfig::with_seed(1));
+    let start = |id: u64, voters: Vec<u64>| {
+        let (transport, inbox) = net.add_node(NodeId(id));
+        let mut config = NodeConfig::new(id, voters, dir.path().join(id.to_string()));
+        config.blocking_io = false;
+        config.log_sync_window_ms = Some(5);
+        let engine = MemStore::new_in_memory(EngineConfig::default()).expect("engine");
+        Node::start(config, engine, transport, inbox)
+    };
+    match start(1, vec![1, 2, 3]) {
+        Err(NodeError::SyncWindow { group, voters }) => {
+            assert_eq!(group, shoal_shard::node::KV_GROUP);
+            assert_eq!(voters, vec![1, 2, 3]);
+        }
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("a sync window on a group of three was accepted"),
+    }
+    let node = start(4, vec![4]).expect("a group of one takes a sync window");
+    node.shutdown().await.expect("shutdown");
+}
