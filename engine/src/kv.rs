@@ -668,20 +668,32 @@ impl<B: Backend> Engine<B> {
                 None => Ok(None),
             }
         };
+        // An unconditional write: the key's new version.
+        let put = |txn: &mut Txn<'_>, key: &[u8], value: &[u8]| -> Result<u64> {
+            let version = read(txn, key)?.map_or(1, |v| v.version + 1);
+            txn.put(
+                Cf::Kv,
+                kv_key(group, shard, key),
+                encode_versioned(version, value),
+            );
+            Ok(version)
+        };
+        // A delete: whether the key existed.
+        let delete = |txn: &mut Txn<'_>, key: &[u8]| -> Result<bool> {
+            let existed = read(txn, key)?.is_some();
+            if existed {
+                txn.delete(Cf::Kv, kv_key(group, shard, key));
+            }
+            Ok(existed)
+        };
         Ok(match &request.command {
             Command::Get { key } => match read(txn, key)? {
                 Some(v) => Reply::Value(v),
                 None => Reply::NotFound,
             },
-            Command::Put { key, value } => {
-                let version = read(txn, key)?.map_or(1, |v| v.version + 1);
-                txn.put(
-                    Cf::Kv,
-                    kv_key(group, shard, key),
-                    encode_versioned(version, value),
-                );
-                Reply::Written { version }
-            }
+            Command::Put { key, value } => Reply::Written {
+                version: put(txn, key, value)?,
+            },
             Command::PutIfVersion {
                 key,
                 value,
@@ -739,13 +751,9 @@ impl<B: Backend> Engine<B> {
                 );
                 Reply::Written { version }
             }
-            Command::Delete { key } => {
-                let existed = read(txn, key)?.is_some();
-                if existed {
-                    txn.delete(Cf::Kv, kv_key(group, shard, key));
-                }
-                Reply::Deleted { existed }
-            }
+            Command::Delete { key } => Reply::Deleted {
+                existed: delete(txn, key)?,
+            },
             Command::Scan { start, end, limit } => {
                 // Bounded by this replica's limits although it is applied:
                 // a scan is read-only, its reply is never stored (no
@@ -777,19 +785,9 @@ impl<B: Backend> Engine<B> {
                 let mut versions = Vec::with_capacity(writes.len());
                 for write in writes {
                     match write {
-                        BatchWrite::Put { key, value } => {
-                            let version = read(txn, key)?.map_or(1, |v| v.version + 1);
-                            txn.put(
-                                Cf::Kv,
-                                kv_key(group, shard, key),
-                                encode_versioned(version, value),
-                            );
-                            versions.push(version);
-                        }
+                        BatchWrite::Put { key, value } => versions.push(put(txn, key, value)?),
                         BatchWrite::Delete { key } => {
-                            if read(txn, key)?.is_some() {
-                                txn.delete(Cf::Kv, kv_key(group, shard, key));
-                            }
+                            delete(txn, key)?;
                             versions.push(0);
                         }
                     }

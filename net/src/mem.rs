@@ -818,9 +818,9 @@ impl<P: Protocol> RpcCaller<P> for LocalCaller<P> {
         request: P::Request,
         deadline: Duration,
     ) -> impl std::future::Future<Output = Result<P::Response, RpcError>> + Send {
-        let this = self.clone();
+        let (node, from, rpcs) = (self.node, self.from.clone(), self.rpcs.clone());
         async move {
-            if to != this.node {
+            if to != node {
                 return Err(RpcError::Unreachable {
                     node: to,
                     reason: "a local caller reaches its own node only".into(),
@@ -828,14 +828,13 @@ impl<P: Protocol> RpcCaller<P> for LocalCaller<P> {
             }
             let (reply, rx) = Responder::new();
             let exchange = async {
-                this.rpcs
-                    .send(IncomingRpc {
-                        from: this.from.clone(),
-                        request,
-                        reply,
-                    })
-                    .await
-                    .map_err(|_| RpcError::Lost("the node stopped".into()))?;
+                rpcs.send(IncomingRpc {
+                    from,
+                    request,
+                    reply,
+                })
+                .await
+                .map_err(|_| RpcError::Lost("the node stopped".into()))?;
                 rx.await
                     .map_err(|_| RpcError::Lost("the node dropped the reply".into()))
             };

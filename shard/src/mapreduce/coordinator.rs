@@ -224,6 +224,19 @@ pub enum AttemptStatus {
     InputLost,
 }
 
+impl AttemptStatus {
+    /// Whether an attempt that ended so counts against the task's attempt
+    /// limit: all but those whose worker or input was lost (`WorkerLost`,
+    /// `OutputLost`, `InputLost`), which were no fault of the task (as
+    /// Hadoop counts failed attempts, not killed ones).
+    pub fn is_charged(self) -> bool {
+        !matches!(
+            self,
+            AttemptStatus::WorkerLost | AttemptStatus::OutputLost | AttemptStatus::InputLost
+        )
+    }
+}
+
 /// One attempt of a task.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attempt {
@@ -373,21 +386,11 @@ impl Task {
         }
     }
 
-    /// Attempts charged to the task: all but those that ended because
-    /// their worker was lost (`WorkerLost`, `OutputLost`), which were no
-    /// fault of the task (as Hadoop counts failed attempts, not killed
-    /// ones).
+    /// Attempts charged to the task ([`AttemptStatus::is_charged`]).
     fn charged(&self) -> usize {
         self.attempts
             .iter()
-            .filter(|a| {
-                !matches!(
-                    a.status,
-                    AttemptStatus::WorkerLost
-                        | AttemptStatus::OutputLost
-                        | AttemptStatus::InputLost
-                )
-            })
+            .filter(|a| a.status.is_charged())
             .count()
     }
 

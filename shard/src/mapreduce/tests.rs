@@ -652,17 +652,7 @@ fn check_invariants(table: &JobTable, now_ms: u64) {
             attempts.len() <= config.attempts_stored_max(),
             "{task}: {attempts:?}"
         );
-        let charged = attempts
-            .iter()
-            .filter(|a| {
-                !matches!(
-                    a.status,
-                    AttemptStatus::WorkerLost
-                        | AttemptStatus::OutputLost
-                        | AttemptStatus::InputLost
-                )
-            })
-            .count();
+        let charged = attempts.iter().filter(|a| a.status.is_charged()).count();
         assert!(
             charged <= config.attempts_max as usize,
             "{task}: {attempts:?}"
@@ -833,17 +823,7 @@ fn run_interleaving(maps: u32, reduces: u32, config: JobConfig, ops: &[Op]) {
             Err(JobFailure::AttemptsExhausted { task, attempts }) => {
                 assert_eq!(attempts, config.attempts_max);
                 let all = table.attempts(task);
-                let charged = all
-                    .iter()
-                    .filter(|a| {
-                        !matches!(
-                            a.status,
-                            AttemptStatus::WorkerLost
-                                | AttemptStatus::OutputLost
-                                | AttemptStatus::InputLost
-                        )
-                    })
-                    .count();
+                let charged = all.iter().filter(|a| a.status.is_charged()).count();
                 assert!(
                     charged == attempts as usize || all.len() == config.attempts_stored_max(),
                     "{task} exhausted with {charged} charged of {} stored: {all:?}",

@@ -881,10 +881,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         }
         // A clean stop leaves nothing a sync window deferred unsynced.
         if self.unsynced_since.is_some() {
-            if let Err(e) = self
-                .with_engine(|engine| engine.sync().map_err(engine_err(KV_GROUP)))
-                .await
-            {
+            if let Err(e) = self.sync_deferred().await {
                 tracing::error!(node = self.config.id, error = %e, "syncing the log at shutdown");
             }
         }
@@ -2243,10 +2240,16 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         };
         let window = Duration::from_millis(window_ms);
         if persist::sync_due(self.unsynced_since, std::time::Instant::now(), window) {
-            self.with_engine(|engine| engine.sync().map_err(engine_err(KV_GROUP)))
-                .await?;
-            self.unsynced_since = None;
+            self.sync_deferred().await?;
         }
+        Ok(())
+    }
+
+    /// Syncs every log write so far (those a sync window deferred).
+    async fn sync_deferred(&mut self) -> Result<(), NodeError> {
+        self.with_engine(|engine| engine.sync().map_err(engine_err(KV_GROUP)))
+            .await?;
+        self.unsynced_since = None;
         Ok(())
     }
 

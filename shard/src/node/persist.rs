@@ -186,6 +186,22 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
+    fn hs(term: u64, vote: u64, commit: u64) -> HardState {
+        HardState { term, vote, commit }
+    }
+
+    /// A round's write of group 1.
+    fn write(hard_state: Option<HardState>, entries: Vec<Entry>) -> LogBatch {
+        LogBatch {
+            groups: vec![GroupWrite {
+                group: 1,
+                entries,
+                hard_state,
+                ..Default::default()
+            }],
+        }
+    }
+
     fn entry(index: u64) -> Entry {
         Entry {
             term: 1,
@@ -225,15 +241,6 @@ mod tests {
     #[test]
     fn must_sync_only_skips_commit_only_rounds() {
         let durable = BTreeMap::from([(1, (3, 2))]);
-        let hs = |term, vote, commit| HardState { term, vote, commit };
-        let write = |hard_state, entries: Vec<Entry>| LogBatch {
-            groups: vec![GroupWrite {
-                group: 1,
-                entries,
-                hard_state,
-                ..Default::default()
-            }],
-        };
         assert!(!must_sync(&write(Some(hs(3, 2, 9)), vec![]), &durable));
         assert!(must_sync(&write(Some(hs(4, 2, 9)), vec![]), &durable));
         assert!(must_sync(&write(Some(hs(3, 1, 9)), vec![]), &durable));
@@ -253,15 +260,6 @@ mod tests {
     #[test]
     fn sync_mode_defers_only_entries_within_a_window() {
         let durable = BTreeMap::from([(1, (3, 2))]);
-        let hs = |term, vote, commit| HardState { term, vote, commit };
-        let write = |hard_state, entries: Vec<Entry>| LogBatch {
-            groups: vec![GroupWrite {
-                group: 1,
-                entries,
-                hard_state,
-                ..Default::default()
-            }],
-        };
         let entries = write(Some(hs(3, 2, 9)), vec![entry(10)]);
         assert_eq!(sync_mode(&entries, &durable, true), SyncMode::Deferred);
         assert_eq!(sync_mode(&entries, &durable, false), SyncMode::Now);
