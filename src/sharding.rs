@@ -141,9 +141,10 @@ impl Admin {
     /// Makes every node of `voters` drop its replica of `group` (which
     /// must hold no shards any more). First waits (up to
     /// [`DROP_WAIT_MS_MAX`]) until every replica applied everything the
-    /// group committed — the deletes that moved its last shards away —
-    /// because once a majority has dropped, a lagging replica could never
-    /// catch up. A replica that still refuses is asked again until then.
+    /// group committed — the deletes that moved its last shards away — and
+    /// everything in its own log, because once a majority has dropped, a
+    /// lagging replica could never catch up, nor settle an uncommitted
+    /// tail (the node refuses to drop a replica with one). A replica that still refuses is asked again until then.
     pub async fn drop_group(&self, group: GroupId, voters: &[u64]) -> Result<()> {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(DROP_WAIT_MS_MAX);
         // The highest commit index any replica reported, ever: it only
@@ -159,11 +160,16 @@ impl Admin {
                 if let Some(g) = &g {
                     target = target.max(g.commit);
                 }
-                applied.push((node, g.map(|g| g.applied)));
+                applied.push((node, g.map(|g| (g.applied, g.last))));
             }
+            // Behind: not reporting, short of the target, or holding log
+            // entries it has not applied (say a killed leader's last
+            // proposal). Such a tail is settled only while the group still
+            // has a majority, so it must be settled before any replica is
+            // dropped (a replica refuses the drop until it is).
             let behind: Vec<u64> = applied
                 .into_iter()
-                .filter(|(_, a)| a.is_none_or(|a| a < target))
+                .filter(|(_, a)| a.is_none_or(|(applied, last)| applied < target || applied < last))
                 .map(|(node, _)| node)
                 .collect();
             if behind.is_empty() {

@@ -612,6 +612,10 @@ pub struct GroupReport {
     pub commit: Index,
     /// Applied index.
     pub applied: Index,
+    /// Last index of its log, committed or not (`Index::MAX` if it could
+    /// not be read): a replica whose applied index is below it holds
+    /// entries it has not applied, and refuses to be dropped.
+    pub last: Index,
 }
 
 #[cfg(test)]

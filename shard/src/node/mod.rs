@@ -1656,6 +1656,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                     leader: g.raw.leader_id(),
                     commit: g.raw.commit_index(),
                     applied: g.raw.applied_index(),
+                    last: g.raw.last_index().unwrap_or(Index::MAX),
                 })
                 .collect(),
         }
