@@ -20,7 +20,7 @@
 //!   reordering, disconnect, partition, heal), works on tokio's paused clock.
 //! - [`error`]: one error enum per area.
 //!
-//! Wire format: ALPN [`config::ALPN`] (`shoal/5`) is the version. Every stream
+//! Wire format: ALPN [`config::ALPN`] (`shoal/6`) is the version. Every stream
 //! starts with one kind byte. Peer messages travel on one long-lived
 //! unidirectional stream per connection, which opens with a hello naming the
 //! sender's node id (checked against its certificate) and then carries frames,
@@ -282,6 +282,13 @@ pub trait Transport<P: Protocol>: RpcCaller<P> {
 
     /// A snapshot of this node's counters.
     fn stats(&self) -> Stats;
+
+    /// Adds a member that joined at runtime, or changes a member's address.
+    /// A transport whose peers need no address (the in-memory one) ignores
+    /// it, which is the default.
+    fn set_member_addr(&self, id: NodeId, addr: std::net::SocketAddr) {
+        let _ = (id, addr);
+    }
 
     /// Test and admin hook: drops all traffic between this node and
     /// `blocked` (messages, RPCs, files, both directions), as a partition

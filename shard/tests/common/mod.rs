@@ -262,6 +262,15 @@ impl Cluster {
         }
     }
 
+    /// Shuts node `i` down gracefully (a leader hands off first).
+    #[allow(dead_code)]
+    pub async fn shutdown_node(&mut self, i: usize) {
+        if let Some(h) = self.nodes[i].take() {
+            h.shutdown().await.expect("clean shutdown");
+        }
+        self.net.remove_node(self.id(i));
+    }
+
     /// Shuts every node down gracefully.
     pub async fn shutdown_all(&mut self) {
         for i in 0..self.n {
