@@ -62,6 +62,9 @@ pub struct LocalCluster {
     extra_args: Vec<String>,
     inherit_stderr: bool,
     children: BTreeMap<u64, Child>,
+    /// Nodes started with `--join`: not members at first (see
+    /// [`LocalCluster::set_joining`]).
+    joining: std::collections::BTreeSet<u64>,
 }
 
 impl LocalCluster {
@@ -85,6 +88,7 @@ impl LocalCluster {
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             inherit_stderr: false,
             children: BTreeMap::new(),
+            joining: Default::default(),
         })
     }
 
@@ -92,6 +96,13 @@ impl LocalCluster {
     /// instead of `DIR/node-N.log` (tests, so a failure shows the logs).
     pub fn inherit_stderr(&mut self) {
         self.inherit_stderr = true;
+    }
+
+    /// Node `id` is not a member at first: it starts with `--join` (its
+    /// certificate and address exist) and the others' `--peers` leave it
+    /// out, until `shoal member add` adds it.
+    pub fn set_joining(&mut self, id: u64) {
+        self.joining.insert(id);
     }
 
     /// Every member's id.
@@ -112,6 +123,18 @@ impl LocalCluster {
     /// The member list as `--cluster` / `--peers` take it.
     pub fn cluster_arg(&self) -> String {
         cluster::format_members(&self.members)
+    }
+
+    /// The initial members (without the joining nodes), as `--peers`
+    /// takes them.
+    fn peers_arg(&self) -> String {
+        let initial: Vec<(u64, SocketAddr)> = self
+            .members
+            .iter()
+            .filter(|(id, _)| !self.joining.contains(id))
+            .copied()
+            .collect();
+        cluster::format_members(&initial)
     }
 
     /// Node `id`'s data directory.
@@ -184,10 +207,11 @@ impl LocalCluster {
                 "--listen",
                 &addr.to_string(),
                 "--peers",
-                &self.cluster_arg(),
+                &self.peers_arg(),
                 "--tls",
             ])
             .arg(&self.tls)
+            .args(self.joining.contains(&id).then_some("--join"))
             .args(&self.extra_args)
             .stdout(Stdio::piped())
             .stderr(stderr)

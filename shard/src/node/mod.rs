@@ -650,8 +650,8 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
     ) -> Result<Group<B>, NodeError> {
         let group_id = spec.group;
         let err = engine_err(group_id);
-        let state = engine.group_state(group_id).map_err(&err)?;
-        if state.conf_state.voters.is_empty() && !config.join {
+        let stored = engine.conf_state(group_id).map_err(&err)?;
+        if stored.voters.is_empty() && !config.join {
             // A brand-new group: record its membership so a restart does not
             // depend on the configuration again.
             let conf = shoal_consensus::ConfState {
