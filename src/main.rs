@@ -254,6 +254,28 @@ enum Cmd {
         #[command(flatten)]
         cluster: ClusterArgs,
     },
+    /// Create a new data directory from a backup (`Db::backup` or
+    /// `shoal backup`): for an embedded `Db` (default), or with --node-id
+    /// for `shoal node`. Verifies every file first; a bad backup creates
+    /// nothing. Prints one JSON line: the groups restored and their applied
+    /// index.
+    Restore {
+        /// The backup directory.
+        backup: PathBuf,
+        /// The data directory to create (must not exist).
+        #[arg(long)]
+        data: PathBuf,
+        /// Restore for `shoal node --id N`: the groups with N among their
+        /// voters. Without it: the KV group, for `Db::open`.
+        #[arg(long)]
+        node_id: Option<u64>,
+        /// With --node-id: the new cluster's members (the `--peers` list of
+        /// `shoal node`), which become every restored group's voters.
+        /// Without it each group keeps the voters it had (a sharded
+        /// cluster restored onto nodes of the same ids).
+        #[arg(long, requires = "node_id")]
+        peers: Option<String>,
+    },
     /// (Crash workload) append and apply until killed; prints `ack N`.
     #[command(hide = true)]
     EngineWriter {
@@ -539,6 +561,12 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Client { cluster } => run_client(&cluster),
+        Cmd::Restore {
+            backup,
+            data,
+            node_id,
+            peers,
+        } => restore(&backup, &data, node_id, peers.as_deref()),
         Cmd::Load {
             cluster,
             prefix,
@@ -728,6 +756,45 @@ fn one_shot(args: &ClusterArgs, request: jsonl::Request) -> Result<()> {
         0 => Ok(()),
         code => std::process::exit(code),
     }
+}
+
+/// `shoal restore`: a new data directory from a backup.
+fn restore(backup: &Path, data: &Path, node_id: Option<u64>, peers: Option<&str>) -> Result<()> {
+    let summary = match node_id {
+        None => shoal::backup::restore_db(backup, data)?,
+        Some(node) => {
+            let voters = peers
+                .map(cluster::parse_members)
+                .transpose()?
+                .map(|members| members.into_iter().map(|(id, _)| id).collect::<Vec<_>>());
+            if let Some(voters) = voters.as_ref().filter(|v| !v.contains(&node)) {
+                anyhow::bail!("--peers {voters:?} does not include --node-id {node}");
+            }
+            let options = shoal::engine::RestoreOptions {
+                voters,
+                node: Some(node),
+                ..Default::default()
+            };
+            shoal::backup::restore_data_dir(backup, data, &options)?
+        }
+    };
+    let groups: Vec<_> = summary
+        .groups
+        .iter()
+        .map(|(group, applied, voters)| {
+            serde_json::json!({
+                "group": group,
+                "applied_index": applied.index,
+                "applied_term": applied.term,
+                "voters": voters,
+            })
+        })
+        .collect();
+    println!(
+        "{}",
+        serde_json::json!({ "ok": true, "data": data.display().to_string(), "groups": groups })
+    );
+    Ok(())
 }
 
 /// `shoal status`: every member's status RPC, one JSON line each.
