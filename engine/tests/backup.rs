@@ -149,7 +149,7 @@ fn source_and_backup(root: &Path) -> (PathBuf, BTreeMap<u64, GroupImage>) {
     assert_eq!(manifest.groups[0].shards.len(), 3);
     assert!(manifest.groups[1].hosted && !manifest.groups[0].hosted);
     // Changes after the backup point.
-    extend(&source, STATIC_GROUP, 31, 5, "after");
+    extend(&source, STATIC_GROUP, 32, 5, "after");
     assert_ne!(image(&source, STATIC_GROUP), images[&STATIC_GROUP]);
     (backup, images)
 }
