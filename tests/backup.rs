@@ -188,7 +188,7 @@ fn restore_equals_the_source_with_versions_and_sessions() {
     }
     let missing = client.get("new-key");
     assert!(
-        matches!(missing, Err(shoal::shard::ClientError::NoKey)),
+        matches!(missing, Err(shoal::shard::ClientError::NotFound)),
         "{missing:?}"
     );
     cluster.stop_all(WAIT).unwrap();

@@ -20,7 +20,7 @@
 //!   reordering, disconnect, partition, heal), works on tokio's paused clock.
 //! - [`error`]: one error enum per area.
 //!
-//! Wire format: ALPN [`config::ALPN`] (`shoal/5`) is the version. Every stream
+//! Wire format: ALPN [`config::ALPN`] (`shoal/6`) is the version. Every stream
 //! starts with one kind byte. Peer messages travel on one long-lived
 //! unidirectional stream per connection, which opens with a hello naming the
 //! sender's node id (checked against its certificate) and then carries frames,
