@@ -61,22 +61,18 @@ pub fn restore_data_dir(
         _ => {}
     }
     std::fs::create_dir(&staging).map_err(io(&staging))?;
-    let result = restore_verified_backup(
-        backup,
-        &manifest,
-        &staging.join(ENGINE_DIR_NAME),
-        options,
-    )
-    .and_then(|summary| {
-        std::fs::File::open(&staging)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&staging))?;
-        std::fs::rename(&staging, data_dir).map_err(io(data_dir))?;
-        std::fs::File::open(&parent)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&parent))?;
-        Ok(summary)
-    });
+    let result =
+        restore_verified_backup(backup, &manifest, &staging.join(ENGINE_DIR_NAME), options)
+            .and_then(|summary| {
+                std::fs::File::open(&staging)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io(&staging))?;
+                std::fs::rename(&staging, data_dir).map_err(io(data_dir))?;
+                std::fs::File::open(&parent)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io(&parent))?;
+                Ok(summary)
+            });
     if result.is_err() {
         if let Err(e) = std::fs::remove_dir_all(&staging) {
             if e.kind() != std::io::ErrorKind::NotFound {

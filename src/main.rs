@@ -1,9 +1,9 @@
 //! The `shoal` command.
 
 use std::io::{BufRead, BufReader};
-use std::time::Duration;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command as Process, Stdio};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -808,7 +808,12 @@ fn backup_cluster(args: &ClusterArgs, out: &Path, export_timeout: Duration) -> R
                 let reports = node_reports(&client, &members).await;
                 let leader = reports
                     .iter()
-                    .flat_map(|r| r.groups.iter().filter(|g| g.group == group).map(move |g| (r.id, g)))
+                    .flat_map(|r| {
+                        r.groups
+                            .iter()
+                            .filter(|g| g.group == group)
+                            .map(move |g| (r.id, g))
+                    })
                     .filter(|(_, g)| g.role == shoal::consensus::Role::Leader)
                     .max_by_key(|(_, g)| g.term)
                     .map(|(id, _)| id);
@@ -830,7 +835,8 @@ fn backup_cluster(args: &ClusterArgs, out: &Path, export_timeout: Duration) -> R
                 }
             };
             let (id, backup) = backup;
-            let fetched = fetch_backup_files(&client, node, id, &backup, &writer.group_dir(group)?).await;
+            let fetched =
+                fetch_backup_files(&client, node, id, &backup, &writer.group_dir(group)?).await;
             if let Err(e) = client.backup_release(shoal_net::NodeId(node), id).await {
                 tracing::warn!(node, id, error = %e, "could not release the export (it expires)");
             }
@@ -881,8 +887,8 @@ async fn fetch_backup_files(
     use std::io::Write;
     for f in &backup.files {
         let path = dir.join(&f.name);
-        let mut file = std::fs::File::create(&path)
-            .with_context(|| format!("creating {}", path.display()))?;
+        let mut file =
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
         let mut offset = 0;
         loop {
             let chunk = client

@@ -95,7 +95,11 @@ fn backup_under_concurrent_writers_is_a_consistent_prefix() {
         .arg(&restored)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(line["ok"], true, "{line}");
     let restored = Db::open(&restored).unwrap();
@@ -115,8 +119,16 @@ fn backup_under_concurrent_writers_is_a_consistent_prefix() {
         // Everything acknowledged before the backup began is in it; at most
         // the one write in flight when it returned is beyond what was
         // acknowledged by then.
-        assert!(n >= before[w as usize], "writer {w}: {n} < {}", before[w as usize]);
-        assert!(n <= after[w as usize] + 1, "writer {w}: {n} > {} + 1", after[w as usize]);
+        assert!(
+            n >= before[w as usize],
+            "writer {w}: {n} < {}",
+            before[w as usize]
+        );
+        assert!(
+            n <= after[w as usize] + 1,
+            "writer {w}: {n} > {} + 1",
+            after[w as usize]
+        );
     }
     assert!(per_writer.is_empty());
     // The restored database takes writes.
@@ -175,7 +187,11 @@ fn restore_equals_the_source_with_versions_and_sessions() {
         .arg(cluster.cluster_arg())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     cluster.start_all().unwrap();
     cluster.wait_for_leader(WAIT).unwrap();
     let client = shoal::BlockingClient::connect(
@@ -232,4 +248,145 @@ fn shoal_restore_refuses_a_damaged_backup_naming_the_file() {
         .filter(|n| n.to_string_lossy().starts_with('.'))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// Runs `shoal backup` against `cluster`; returns its JSON line.
+fn shoal_backup(cluster: &LocalCluster, out: &Path) -> serde_json::Value {
+    let output = Command::new(shoal_exe())
+        .arg("backup")
+        .args(["--cluster", &cluster.cluster_arg(), "--tls"])
+        .arg(cluster.tls_dir())
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[test]
+fn shoal_backup_of_a_cluster_under_writes_restores_into_a_new_cluster() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut source =
+        LocalCluster::create(&shoal_exe(), &tmp.path().join("source"), 3, &[]).unwrap();
+    source.inherit_stderr();
+    source.start_all().unwrap();
+    source.wait_for_leader(WAIT).unwrap();
+    let members = shoal::cluster::parse_members(&source.cluster_arg()).unwrap();
+    let client = shoal::BlockingClient::connect(&members, source.tls_dir()).unwrap();
+    for i in 0..100 {
+        client
+            .put(format!("fixed/{i:03}"), format!("v{i}"))
+            .unwrap();
+    }
+    client.append("fixed/000", "+more").unwrap();
+
+    // Backups read everything: a client without the admin certificate is
+    // refused.
+    let denied = client.block_on(client.client().backup_export(
+        shoal_net::NodeId(1),
+        shoal::shard::node::KV_GROUP,
+        WAIT,
+    ));
+    assert!(
+        matches!(
+            denied,
+            Err(shoal::shard::AdminError::Denied(
+                shoal::shard::protocol::Denied::NotAdmin
+            ))
+        ),
+        "{denied:?}"
+    );
+
+    // A writer keeps writing keys in order during the backup.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (stop, acked) = (stop.clone(), acked.clone());
+        let members = members.clone();
+        let tls = source.tls_dir().to_path_buf();
+        std::thread::spawn(move || {
+            let client = shoal::BlockingClient::connect(&members, &tls).unwrap();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                client.put(writer_key(0, i), i.to_string()).unwrap();
+                i += 1;
+                acked.store(i, Ordering::Release);
+            }
+        })
+    };
+    common::wait_for("the writer to get going", WAIT, || {
+        acked.load(Ordering::Acquire) >= WRITES_BEFORE_BACKUP
+    });
+    let before = acked.load(Ordering::Acquire);
+    let backup = tmp.path().join("backup");
+    let line = shoal_backup(&source, &backup);
+    let after = acked.load(Ordering::Acquire);
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    assert_eq!(line["ok"], true, "{line}");
+    assert_eq!(line["groups"].as_array().unwrap().len(), 1, "{line}");
+    source.stop_all(WAIT).unwrap();
+
+    // A new cluster: other addresses, same ids, seeded from the backup.
+    let mut restored =
+        LocalCluster::create(&shoal_exe(), &tmp.path().join("restored"), 3, &[]).unwrap();
+    restored.inherit_stderr();
+    for id in restored.ids() {
+        let out = Command::new(shoal_exe())
+            .arg("restore")
+            .arg(&backup)
+            .arg("--data")
+            .arg(restored.data_dir(id))
+            .args([
+                "--node-id",
+                &id.to_string(),
+                "--peers",
+                &restored.cluster_arg(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    restored.start_all().unwrap();
+    restored.wait_for_leader(WAIT).unwrap();
+    let members = shoal::cluster::parse_members(&restored.cluster_arg()).unwrap();
+    let client = shoal::BlockingClient::connect(&members, restored.tls_dir()).unwrap();
+    assert_eq!(
+        client.get("fixed/000").unwrap().value,
+        Bytes::from("v0+more")
+    );
+    for i in 1..100 {
+        assert_eq!(
+            client.get(format!("fixed/{i:03}")).unwrap().value,
+            Bytes::from(format!("v{i}"))
+        );
+    }
+    let written: Vec<u64> = client
+        .scan(writer_key(0, 0), "w0/~", 100_000)
+        .unwrap()
+        .into_iter()
+        .map(|(key, value)| {
+            let i: u64 = std::str::from_utf8(&key[3..]).unwrap().parse().unwrap();
+            assert_eq!(value.value, Bytes::from(i.to_string()));
+            i
+        })
+        .collect();
+    let n = written.len() as u64;
+    assert_eq!(written, (0..n).collect::<Vec<_>>(), "not a prefix");
+    assert!(
+        n >= before,
+        "{n} < {before}: an acknowledged write is missing"
+    );
+    assert!(n <= after + 1, "{n} > {after} + 1");
+    client.put("after-restore", "yes").unwrap();
+    restored.stop_all(WAIT).unwrap();
 }

@@ -332,7 +332,10 @@ pub enum RestoreError {
     },
 }
 
-fn io_err<E>(path: &Path, make: impl FnOnce(PathBuf, std::io::Error) -> E) -> impl FnOnce(std::io::Error) -> E {
+fn io_err<E>(
+    path: &Path,
+    make: impl FnOnce(PathBuf, std::io::Error) -> E,
+) -> impl FnOnce(std::io::Error) -> E {
     let path = path.to_path_buf();
     move |source| make(path, source)
 }
@@ -534,10 +537,7 @@ impl<B: Backend> Engine<B> {
         if state.conf_state.voters.is_empty() {
             return Err(BackupError::NoSuchGroup { group });
         }
-        let hosted = self
-            .hosted_groups()
-            .map_err(export)?
-            .contains_key(&group);
+        let hosted = self.hosted_groups().map_err(export)?.contains_key(&group);
         let (snapshot, shards) = self
             .export_snapshot_with_records(group, dir)
             .map_err(export)?;
@@ -608,11 +608,10 @@ pub fn read_backup_manifest(backup: &Path) -> Result<BackupManifest, RestoreErro
             bytes: bytes.len() as u64,
         }));
     }
-    let manifest: BackupManifest =
-        decode_record(BACKUP_MANIFEST_CONTEXT, &bytes, &|| {
-            format!("backup manifest {}", path.display())
-        })
-        .map_err(|e| bad(ManifestProblem::Corrupt(e)))?;
+    let manifest: BackupManifest = decode_record(BACKUP_MANIFEST_CONTEXT, &bytes, &|| {
+        format!("backup manifest {}", path.display())
+    })
+    .map_err(|e| bad(ManifestProblem::Corrupt(e)))?;
     if manifest.format_version != BACKUP_FORMAT_VERSION {
         return Err(bad(ManifestProblem::Version {
             found: manifest.format_version,
@@ -657,10 +656,12 @@ pub fn verify_backup(backup: &Path) -> Result<BackupManifest, RestoreError> {
             problem,
         };
         let snapshot = read_manifest(&dir).map_err(|e| mismatch(ManifestProblem::Corrupt(e)))?;
-        let names_match = snapshot
-            .files
-            .iter()
-            .all(|s| group.files.iter().any(|f| f.name == s.name && f.crc32 == s.crc32));
+        let names_match = snapshot.files.iter().all(|s| {
+            group
+                .files
+                .iter()
+                .any(|f| f.name == s.name && f.crc32 == s.crc32)
+        });
         if snapshot.group != group.group
             || snapshot.applied != group.applied
             || snapshot.scope != SnapshotScope::Group
@@ -740,7 +741,10 @@ pub fn restore_verified_backup(
         })
         .filter(|(g, voters)| {
             options.node.is_none_or(|n| voters.contains(&n))
-                && options.groups.as_ref().is_none_or(|gs| gs.contains(&g.group))
+                && options
+                    .groups
+                    .as_ref()
+                    .is_none_or(|gs| gs.contains(&g.group))
         })
         .collect();
     if chosen.is_empty() {
@@ -781,12 +785,11 @@ fn build_engine(
     chosen: &[(&GroupBackup, Vec<NodeId>)],
     options: &RestoreOptions,
 ) -> Result<(), RestoreError> {
-    let engine = RocksEngine::open(dir, options.engine.clone()).map_err(|source| {
-        RestoreError::Open {
+    let engine =
+        RocksEngine::open(dir, options.engine.clone()).map_err(|source| RestoreError::Open {
             path: dir.to_path_buf(),
             source,
-        }
-    })?;
+        })?;
     let snapshots = dir.join(RESTORE_SNAPSHOTS_DIR);
     std::fs::create_dir_all(&snapshots).map_err(restore_io(&snapshots))?;
     for (group, voters) in chosen {

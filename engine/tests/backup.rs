@@ -172,7 +172,10 @@ fn restore_equals_the_source_at_the_backup_point() {
         assert_eq!(restored.last_index(group).unwrap(), expected.applied.index);
     }
     let hosted = restored.hosted_groups().unwrap();
-    assert_eq!(hosted.keys().copied().collect::<Vec<_>>(), vec![HOSTED_GROUP]);
+    assert_eq!(
+        hosted.keys().copied().collect::<Vec<_>>(),
+        vec![HOSTED_GROUP]
+    );
     // Nothing staged is left next to the target.
     let names: Vec<String> = std::fs::read_dir(tmp.path())
         .unwrap()
@@ -210,7 +213,10 @@ fn restore_for_one_node_of_a_new_membership() {
         ..Default::default()
     };
     let err = restore_backup(&backup, &tmp.path().join("node-4"), &none).unwrap_err();
-    assert!(matches!(err, RestoreError::NothingToRestore { node: Some(4), .. }), "{err}");
+    assert!(
+        matches!(err, RestoreError::NothingToRestore { node: Some(4), .. }),
+        "{err}"
+    );
     assert!(!tmp.path().join("node-4").exists());
 }
 
@@ -224,7 +230,10 @@ fn backup_and_restore_refuse_existing_targets_and_unknown_groups() {
     assert!(matches!(err, BackupError::Exists { .. }), "{err}");
     let fresh = tmp.path().join("fresh-backup");
     let err = source.backup(&[STATIC_GROUP, 77], &fresh).unwrap_err();
-    assert!(matches!(err, BackupError::NoSuchGroup { group: 77 }), "{err}");
+    assert!(
+        matches!(err, BackupError::NoSuchGroup { group: 77 }),
+        "{err}"
+    );
     assert!(!fresh.exists());
     assert!(!tmp.path().join(".fresh-backup.partial").exists());
     let target = tmp.path().join("occupied");
@@ -352,13 +361,22 @@ fn a_bad_manifest_is_refused_naming_it() {
         let copy = case.path().join("backup");
         copy_dir(&backup, &copy);
         std::fs::write(copy.join(BACKUP_MANIFEST_FILE_NAME), bytes).unwrap();
-        assert_refused(case.path(), &copy, &copy.join(BACKUP_MANIFEST_FILE_NAME), label);
+        assert_refused(
+            case.path(),
+            &copy,
+            &copy.join(BACKUP_MANIFEST_FILE_NAME),
+            label,
+        );
     }
     let case = tempfile::tempdir().unwrap();
     let empty = case.path().join("backup");
     std::fs::create_dir(&empty).unwrap();
-    let err = restore_backup(&empty, &case.path().join("target"), &RestoreOptions::default())
-        .unwrap_err();
+    let err = restore_backup(
+        &empty,
+        &case.path().join("target"),
+        &RestoreOptions::default(),
+    )
+    .unwrap_err();
     assert!(
         matches!(
             &err,

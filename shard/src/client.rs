@@ -1390,7 +1390,11 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
         deadline: Duration,
     ) -> Result<(u64, shoal_engine::GroupBackup), AdminError> {
         let request = Request::Backup(BackupRequest::Export { group });
-        match self.caller.call_with_deadline(node, request, deadline).await {
+        match self
+            .caller
+            .call_with_deadline(node, request, deadline)
+            .await
+        {
             Ok(Response::BackupExported { id, backup }) => Ok((id, *backup)),
             Ok(Response::Denied(denied)) => Err(AdminError::Denied(denied)),
             Ok(Response::BackupRefused(refusal)) => Err(AdminError::BackupRefused(refusal)),

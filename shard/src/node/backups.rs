@@ -146,11 +146,8 @@ impl Backups {
             .filter(|(_, h)| h.files.is_some() && now.duration_since(h.last_used) >= idle)
             .map(|(&id, _)| id)
             .collect();
-        gone.into_iter()
-            .filter_map(|id| self.release(id))
-            .collect()
+        gone.into_iter().filter_map(|id| self.release(id)).collect()
     }
-
 }
 
 /// Reads `len` bytes of `path` from `offset` (blocking).
@@ -218,7 +215,10 @@ mod tests {
         assert_eq!(len, BACKUP_CHUNK_BYTES_MAX);
         assert_eq!(b.read(id, "kv.sst", big - 5, now).unwrap().1, 5);
         assert_eq!(b.read(id, "kv.sst", big, now).unwrap().1, 0);
-        assert_eq!(b.read(id, "kv.sst", big + 1, now), Err(BackupRefusal::BadRead));
+        assert_eq!(
+            b.read(id, "kv.sst", big + 1, now),
+            Err(BackupRefusal::BadRead)
+        );
         assert_eq!(b.read(id, "../x", 0, now), Err(BackupRefusal::BadRead));
         // Idle: only finished exports expire.
         let idle = Duration::from_millis(BACKUP_IDLE_MS_MAX);
