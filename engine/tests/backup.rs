@@ -392,3 +392,64 @@ fn a_bad_manifest_is_refused_naming_it() {
     assert!(manifest.exists());
     restore_backup(&backup, &tmp.path().join("ok"), &RestoreOptions::default()).unwrap();
 }
+
+/// Files received from elsewhere (a node, for `shoal backup`) are checked
+/// against the sender's sizes and CRC32s before they join a backup, and a
+/// writer dropped unfinished leaves nothing behind.
+#[test]
+fn received_files_are_checked_and_an_unfinished_backup_leaves_nothing() {
+    use shoal_engine::backup::{BackupWriter, FileProblem};
+    let tmp = tempfile::tempdir().unwrap();
+    let source = open(&tmp.path().join("source"));
+    fill(&source, STATIC_GROUP, false, 5, "s");
+    // What a node sends: an export somewhere else, and its record.
+    let exported_dir = tmp.path().join("exported");
+    let record = source
+        .export_group_backup(STATIC_GROUP, &exported_dir)
+        .unwrap();
+    let target = tmp.path().join("backup");
+    let copy_into = |writer: &BackupWriter| {
+        let dir = writer.group_dir(STATIC_GROUP).unwrap();
+        for f in &record.files {
+            std::fs::copy(exported_dir.join(&f.name), dir.join(&f.name)).unwrap();
+        }
+        dir
+    };
+    // A corrupt file: refused naming it; nothing at the target afterwards.
+    let mut writer = BackupWriter::create(&target).unwrap();
+    let dir = copy_into(&writer);
+    let bad = dir.join(&record.files[0].name);
+    damage(&bad, Damage::FlipByte);
+    let err = writer.add_received(record.clone()).unwrap_err();
+    match &err {
+        BackupError::BadFile {
+            path,
+            problem: FileProblem::Checksum { .. },
+        } => assert_eq!(path, &bad),
+        other => panic!("unexpected {other}"),
+    }
+    drop(writer);
+    assert!(!target.exists());
+    assert!(!tmp.path().join(".backup.partial").exists());
+    // Intact: a backup that restores to the source's state.
+    let mut writer = BackupWriter::create(&target).unwrap();
+    copy_into(&writer);
+    writer.add_received(record.clone()).unwrap();
+    let err = writer.add_received(record).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BackupError::DuplicateGroup {
+                group: STATIC_GROUP
+            }
+        ),
+        "{err}"
+    );
+    writer.finish().unwrap();
+    let restored_dir = tmp.path().join("restored");
+    restore_backup(&target, &restored_dir, &RestoreOptions::default()).unwrap();
+    assert_eq!(
+        image(&open(&restored_dir), STATIC_GROUP),
+        image(&source, STATIC_GROUP)
+    );
+}
