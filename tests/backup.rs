@@ -390,3 +390,90 @@ fn shoal_backup_of_a_cluster_under_writes_restores_into_a_new_cluster() {
     client.put("after-restore", "yes").unwrap();
     restored.stop_all(WAIT).unwrap();
 }
+
+/// A sharded cluster (a controller group and a replica group hosted at
+/// runtime): `shoal backup` takes both groups, and `shoal restore
+/// --node-id N` without `--peers` gives each node of a new cluster with
+/// the same ids its groups, hosting records included.
+#[test]
+fn a_sharded_cluster_restores_onto_nodes_of_the_same_ids() {
+    const CONTROLLER: &str = "1,2,3";
+    let tmp = tempfile::tempdir().unwrap();
+    let source =
+        common::Cluster::start_args(&tmp.path().join("source"), 3, &["--controller", CONTROLLER]);
+    source.shard(
+        CONTROLLER,
+        60_000,
+        &["init", "--shards", "4", "--group", "7=1,2,3"],
+    );
+    let sharded = |members: &[(u64, std::net::SocketAddr)], tls: &Path| {
+        let options = shoal::cluster::ClientOptions {
+            op_deadline: WAIT,
+            controller: Some(vec![1, 2, 3]),
+            ..Default::default()
+        };
+        shoal::BlockingClient::connect_with(members, tls, options).unwrap()
+    };
+    let client = sharded(&source.members, &source.tls);
+    for i in 0..40 {
+        client.put(format!("k{i}"), format!("v{i}")).unwrap();
+    }
+    let backup = tmp.path().join("backup");
+    let output = Command::new(shoal_exe())
+        .arg("backup")
+        .args(["--cluster", &source.cluster_arg(), "--tls"])
+        .arg(&source.tls)
+        .arg("--out")
+        .arg(&backup)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let line: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let groups: Vec<u64> = line["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["group"].as_u64().unwrap())
+        .collect();
+    assert_eq!(groups, vec![0, 7], "{line}");
+    drop(client);
+    drop(source);
+
+    let mut restored = LocalCluster::create(
+        &shoal_exe(),
+        &tmp.path().join("restored"),
+        3,
+        &["--controller", CONTROLLER],
+    )
+    .unwrap();
+    restored.inherit_stderr();
+    for id in restored.ids() {
+        let out = Command::new(shoal_exe())
+            .arg("restore")
+            .arg(&backup)
+            .arg("--data")
+            .arg(restored.data_dir(id))
+            .args(["--node-id", &id.to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    restored.start_all().unwrap();
+    let client = sharded(restored.members(), restored.tls_dir());
+    for i in 0..40 {
+        assert_eq!(
+            client.get(format!("k{i}")).unwrap().value,
+            Bytes::from(format!("v{i}"))
+        );
+    }
+    client.put("after-restore", "yes").unwrap();
+    restored.stop_all(WAIT).unwrap();
+}
