@@ -88,7 +88,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use shoal_engine::{EngineConfig, EngineError, RocksEngine, Versioned};
+use shoal_engine::{BackupManifest, EngineConfig, EngineError, RocksEngine, Versioned};
 use shoal_net::mem::{LocalCaller, MemConfig, MemNetwork};
 use shoal_net::NodeId;
 use shoal_shard::mapreduce::runtime::{self, AppResolver, ClientFactory, JobOptions, MrError};
@@ -99,7 +99,7 @@ use shoal_shard::protocol::KvProtocol;
 use shoal_shard::{ClientConfig, ClientError, WriteBatch};
 
 /// The node id of the one member of an embedded database's group.
-const DB_NODE_ID: u64 = 1;
+pub const DB_NODE_ID: u64 = 1;
 
 /// How long [`Db::open`] waits for the group of one to elect itself and
 /// apply what its log holds.
@@ -261,6 +261,9 @@ pub enum DbError {
     /// A MapReduce job was refused or failed.
     #[error("mapreduce: {0}")]
     MapReduce(#[from] MrError),
+    /// A backup failed; nothing was left at its target.
+    #[error("backup: {0}")]
+    Backup(#[from] shoal_engine::BackupError),
 }
 
 impl From<ClientError> for DbError {
@@ -394,6 +397,25 @@ impl AsyncDb {
             Bytes::copy_from_slice(prefix),
             Bytes::from(prefix_end(prefix)),
         )
+    }
+
+    /// Writes a backup of the database into `dir`, a new directory whose
+    /// parent exists: the key/value data with every version and the
+    /// sessions, as SST files with a checksummed manifest
+    /// ([`shoal_engine::backup`]), written under a staging name and renamed
+    /// when complete. It is one point in time, taken without stopping
+    /// writes: it holds every write acknowledged before the call and none
+    /// acknowledged after it returns. Runs on the blocking pool.
+    /// [`crate::backup::restore_db`] (or `shoal restore`) turns it into a
+    /// directory [`Db::open`] opens.
+    pub async fn backup(&self, dir: impl AsRef<Path>) -> Result<BackupManifest, DbError> {
+        self.shared.check_open()?;
+        let shared = self.shared.clone();
+        let dir = dir.as_ref().to_path_buf();
+        tokio::task::spawn_blocking(move || shared.engine.backup(&[KV_GROUP], &dir))
+            .await
+            .map_err(|e| DbError::Io(std::io::Error::other(e)))?
+            .map_err(DbError::from)
     }
 
     /// Runs a MapReduce job over this database's keys in this process:
@@ -729,6 +751,25 @@ impl Db {
     /// Every pair whose key starts with `prefix`, in key order.
     pub fn scan_prefix(&self, prefix: impl AsRef<[u8]>) -> Scan {
         self.db.scan_prefix(prefix)
+    }
+
+    /// Writes a backup of the database into `dir`, a new directory (see
+    /// [`AsyncDb::backup`]). Runs on the calling thread; reads go on and
+    /// writes go on meanwhile.
+    ///
+    /// ```no_run
+    /// let db = shoal::Db::open("./my-data")?;
+    /// db.put("k", "v")?;
+    /// db.backup("./my-backup")?;
+    /// db.close()?;
+    /// shoal::backup::restore_db("./my-backup".as_ref(), "./restored".as_ref())
+    ///     .expect("restored");
+    /// assert_eq!(shoal::Db::open("./restored")?.get("k")?.map(|v| v.value), Some("v".into()));
+    /// # Ok::<(), shoal::DbError>(())
+    /// ```
+    pub fn backup(&self, dir: impl AsRef<Path>) -> Result<BackupManifest, DbError> {
+        self.db.shared.check_open()?;
+        Ok(self.db.shared.engine.backup(&[KV_GROUP], dir.as_ref())?)
     }
 
     /// Runs a MapReduce job over this database's keys in this process (see

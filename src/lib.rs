@@ -13,6 +13,8 @@
 //! - [`certs`]: the certificate directory `shoal certs init` writes.
 //! - [`db`]: [`Db`], the database in-process — a Raft group of one on
 //!   RocksDB, durable on return of every write.
+//! - [`backup`]: restoring a backup ([`Db::backup`], `shoal backup`) into
+//!   a new data directory for a `Db` or a `shoal node`.
 //! - [`cluster`]: member lists, the node runner behind `shoal node`, and the
 //!   cluster [`Client`] / [`BlockingClient`] (QUIC, mutual TLS).
 //!
@@ -39,6 +41,7 @@
 //! Errors: the always-on modules return typed errors (`thiserror` enums);
 //! the tool modules return `anyhow`, as the binary does.
 
+pub mod backup;
 #[cfg(feature = "cli")]
 pub mod bench;
 pub mod certs;

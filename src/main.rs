@@ -3,6 +3,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command as Process, Stdio};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -269,6 +270,43 @@ enum Cmd {
     Status {
         #[command(flatten)]
         cluster: ClusterArgs,
+    },
+    /// Back up a running cluster into a new directory (admin certificate):
+    /// every group the nodes report, each exported by its leader at one
+    /// point in time (every write acknowledged before the command started
+    /// is in it; groups are not one cross-group point in time) and fetched
+    /// in checksummed chunks. Prints one JSON line.
+    Backup {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        /// The backup directory to create (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+        /// Longest one group's export may take, in milliseconds.
+        #[arg(long, default_value_t = 600_000)]
+        export_timeout_ms: u64,
+    },
+    /// Create a new data directory from a backup (`Db::backup` or
+    /// `shoal backup`): for an embedded `Db` (default), or with --node-id
+    /// for `shoal node`. Verifies every file first; a bad backup creates
+    /// nothing. Prints one JSON line: the groups restored and their applied
+    /// index.
+    Restore {
+        /// The backup directory.
+        backup: PathBuf,
+        /// The data directory to create (must not exist).
+        #[arg(long)]
+        data: PathBuf,
+        /// Restore for `shoal node --id N`: the groups with N among their
+        /// voters. Without it: the KV group, for `Db::open`.
+        #[arg(long)]
+        node_id: Option<u64>,
+        /// With --node-id: the new cluster's members (the `--peers` list of
+        /// `shoal node`), which become every restored group's voters.
+        /// Without it each group keeps the voters it had (a sharded
+        /// cluster restored onto nodes of the same ids).
+        #[arg(long, requires = "node_id")]
+        peers: Option<String>,
     },
     /// (Crash workload) append and apply until killed; prints `ack N`.
     #[command(hide = true)]
@@ -587,6 +625,17 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Client { cluster } => run_client(&cluster),
+        Cmd::Backup {
+            cluster,
+            out,
+            export_timeout_ms,
+        } => backup_cluster(&cluster, &out, Duration::from_millis(export_timeout_ms)),
+        Cmd::Restore {
+            backup,
+            data,
+            node_id,
+            peers,
+        } => restore(&backup, &data, node_id, peers.as_deref()),
         Cmd::Load {
             cluster,
             prefix,
@@ -781,6 +830,178 @@ fn one_shot(args: &ClusterArgs, request: jsonl::Request) -> Result<()> {
         0 => Ok(()),
         code => std::process::exit(code),
     }
+}
+
+/// `shoal backup`: every group of a running cluster, from its leader.
+fn backup_cluster(args: &ClusterArgs, out: &Path, export_timeout: Duration) -> Result<()> {
+    let members = cluster::parse_members(&args.cluster)?;
+    let options = ClientOptions {
+        // Backups are admin requests (they read every key and session).
+        name: shoal_net::ADMIN_CLIENT_NAME.into(),
+        op_deadline: Duration::from_millis(args.timeout_ms),
+        ..ClientOptions::default()
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let client =
+        runtime.block_on(async { cluster::Client::connect_with(&members, &args.tls, options) })?;
+    let deadline = std::time::Instant::now() + Duration::from_millis(args.timeout_ms);
+    let result = runtime.block_on(async {
+        let mut writer = shoal::engine::backup::BackupWriter::create(out)?;
+        let mut lines = Vec::new();
+        let reports = node_reports(&client, &members).await;
+        let groups: std::collections::BTreeSet<u64> = reports
+            .iter()
+            .flat_map(|r| r.groups.iter().map(|g| g.group))
+            .collect();
+        anyhow::ensure!(!groups.is_empty(), "no node answered with a group");
+        for group in groups {
+            let (node, backup) = loop {
+                let reports = node_reports(&client, &members).await;
+                let leader = reports
+                    .iter()
+                    .flat_map(|r| {
+                        r.groups
+                            .iter()
+                            .filter(|g| g.group == group)
+                            .map(move |g| (r.id, g))
+                    })
+                    .filter(|(_, g)| g.role == shoal::consensus::Role::Leader)
+                    .max_by_key(|(_, g)| g.term)
+                    .map(|(id, _)| id);
+                let attempt = match leader {
+                    Some(node) => client
+                        .backup_export(shoal_net::NodeId(node), group, export_timeout)
+                        .await
+                        .map(|exported| (node, exported))
+                        .map_err(anyhow::Error::from),
+                    None => Err(anyhow::anyhow!("group {group} has no leader")),
+                };
+                match attempt {
+                    Ok(found) => break found,
+                    Err(e) if std::time::Instant::now() < deadline => {
+                        tracing::debug!(group, error = %e, "retrying the export");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(e) => return Err(e.context(format!("exporting group {group}"))),
+                }
+            };
+            let (id, backup) = backup;
+            let fetched =
+                fetch_backup_files(&client, node, id, &backup, &writer.group_dir(group)?).await;
+            if let Err(e) = client.backup_release(shoal_net::NodeId(node), id).await {
+                tracing::warn!(node, id, error = %e, "could not release the export (it expires)");
+            }
+            fetched?;
+            lines.push(serde_json::json!({
+                "group": group,
+                "node": node,
+                "applied_index": backup.applied.index,
+                "applied_term": backup.applied.term,
+                "bytes": backup.size_bytes(),
+            }));
+            writer.add_received(backup)?;
+        }
+        writer.finish()?;
+        Ok(lines)
+    });
+    runtime.block_on(client.close());
+    let groups = result?;
+    println!(
+        "{}",
+        serde_json::json!({ "ok": true, "out": out.display().to_string(), "groups": groups })
+    );
+    Ok(())
+}
+
+/// Every member's status report that answered.
+async fn node_reports(
+    client: &cluster::Client,
+    members: &[(u64, std::net::SocketAddr)],
+) -> Vec<shoal::shard::protocol::NodeReport> {
+    let mut reports = Vec::new();
+    for &(id, _) in members {
+        if let Ok(report) = client.node_status(shoal_net::NodeId(id)).await {
+            reports.push(report);
+        }
+    }
+    reports
+}
+
+/// Reads every file of export `id` from `node` into `dir`, in chunks.
+async fn fetch_backup_files(
+    client: &cluster::Client,
+    node: u64,
+    id: u64,
+    backup: &shoal::engine::GroupBackup,
+    dir: &Path,
+) -> Result<()> {
+    use std::io::Write;
+    for f in &backup.files {
+        let path = dir.join(&f.name);
+        let mut file =
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let mut offset = 0;
+        loop {
+            let chunk = client
+                .backup_read(shoal_net::NodeId(node), id, &f.name, offset)
+                .await
+                .with_context(|| format!("reading {} from node {node}", f.name))?;
+            if chunk.is_empty() {
+                break;
+            }
+            offset += chunk.len() as u64;
+            anyhow::ensure!(
+                offset <= f.size_bytes,
+                "node {node} sent more of {} than its {} bytes",
+                f.name,
+                f.size_bytes
+            );
+            file.write_all(&chunk)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// `shoal restore`: a new data directory from a backup.
+fn restore(backup: &Path, data: &Path, node_id: Option<u64>, peers: Option<&str>) -> Result<()> {
+    let summary = match node_id {
+        None => shoal::backup::restore_db(backup, data)?,
+        Some(node) => {
+            let voters = peers
+                .map(cluster::parse_members)
+                .transpose()?
+                .map(|members| members.into_iter().map(|(id, _)| id).collect::<Vec<_>>());
+            if let Some(voters) = voters.as_ref().filter(|v| !v.contains(&node)) {
+                anyhow::bail!("--peers {voters:?} does not include --node-id {node}");
+            }
+            let options = shoal::engine::RestoreOptions {
+                voters,
+                node: Some(node),
+                ..Default::default()
+            };
+            shoal::backup::restore_data_dir(backup, data, &options)?
+        }
+    };
+    let groups: Vec<_> = summary
+        .groups
+        .iter()
+        .map(|(group, applied, voters)| {
+            serde_json::json!({
+                "group": group,
+                "applied_index": applied.index,
+                "applied_term": applied.term,
+                "voters": voters,
+            })
+        })
+        .collect();
+    println!(
+        "{}",
+        serde_json::json!({ "ok": true, "data": data.display().to_string(), "groups": groups })
+    );
+    Ok(())
 }
 
 /// `shoal status`: every member's status RPC, one JSON line each.

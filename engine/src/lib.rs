@@ -19,6 +19,8 @@
 //! - [`snapshot`]: export to SST files (a whole group, or one shard renamed
 //!   for another group) and crash-atomic install, redo-logged relative to
 //!   the data directory.
+//! - [`backup`]: backups of groups (their snapshot files and a checksummed
+//!   manifest, written atomically) and restoring one into a new engine.
 //! - [`shards`]: each group's shard ownership records, changed atomically
 //!   with the applied index.
 //! - [`hosting`]: the groups a node hosts beyond its configuration, and
@@ -54,6 +56,7 @@
 //! ```
 
 pub mod backend;
+pub mod backup;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -74,6 +77,7 @@ pub type GroupId = u64;
 pub type ShardId = u32;
 
 pub use backend::{Backend, Cf};
+pub use backup::{BackupError, BackupManifest, GroupBackup, RestoreError, RestoreOptions};
 pub use config::EngineConfig;
 pub use engine::{Engine, MemStore, RocksEngine, FORMAT_VERSION};
 pub use error::{EngineError, LimitKind, Result};

@@ -115,6 +115,15 @@ impl<B: Backend> Engine<B> {
         }
     }
 
+    /// Empties the address book (a restored backup names the addresses
+    /// of the cluster it came from). Synced.
+    pub fn clear_member_addrs(&self) -> Result<()> {
+        let (start, end) = meta_member_addr_range();
+        let mut set = WriteSet::new();
+        set.delete_range(Cf::Meta, start, end);
+        self.backend().write(set, true)
+    }
+
     /// The address book: every member's address recorded by an applied
     /// change.
     pub fn member_addrs(&self) -> Result<BTreeMap<NodeId, String>> {

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, Cf, WriteSet};
+use crate::backend::{Backend, Cf, View, WriteSet};
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
 use crate::keys::{
@@ -49,26 +49,7 @@ pub struct ShardRecord {
 impl<B: Backend> Engine<B> {
     /// Every shard record of `group`, by shard.
     pub fn shard_records(&self, group: GroupId) -> Result<BTreeMap<ShardId, ShardRecord>> {
-        let (start, end) = meta_shard_group_range(group);
-        let mut out = BTreeMap::new();
-        self.backend().scan(Cf::Meta, &start, &end, &mut |k, v| {
-            let shard = k
-                .get(1 + 8..1 + SHARD_PREFIX_BYTES)
-                .and_then(|s| <[u8; 4]>::try_from(s).ok())
-                .map(u32::from_be_bytes)
-                .ok_or_else(|| {
-                    EngineError::Corrupt(format!(
-                        "a shard record key of {} bytes in group {group}",
-                        k.len()
-                    ))
-                })?;
-            let record: ShardRecord = decode_record(k, v, &|| {
-                format!("record of shard {shard} in group {group}")
-            })?;
-            out.insert(shard, record);
-            Ok(true)
-        })?;
-        Ok(out)
+        read_shard_records(self.backend(), group)
     }
 
     /// Applies committed entry `at` of `group` whose effect is that
@@ -123,4 +104,31 @@ impl<B: Backend> Engine<B> {
         cache.clear();
         self.backend().write(set, false)
     }
+}
+
+/// Every shard record of `group` as `view` holds it, by shard.
+pub(crate) fn read_shard_records(
+    view: &(impl View + ?Sized),
+    group: GroupId,
+) -> Result<BTreeMap<ShardId, ShardRecord>> {
+    let (start, end) = meta_shard_group_range(group);
+    let mut out = BTreeMap::new();
+    view.scan(Cf::Meta, &start, &end, &mut |k, v| {
+        let shard = k
+            .get(1 + 8..1 + SHARD_PREFIX_BYTES)
+            .and_then(|s| <[u8; 4]>::try_from(s).ok())
+            .map(u32::from_be_bytes)
+            .ok_or_else(|| {
+                EngineError::Corrupt(format!(
+                    "a shard record key of {} bytes in group {group}",
+                    k.len()
+                ))
+            })?;
+        let record: ShardRecord = decode_record(k, v, &|| {
+            format!("record of shard {shard} in group {group}")
+        })?;
+        out.insert(shard, record);
+        Ok(true)
+    })?;
+    Ok(out)
 }

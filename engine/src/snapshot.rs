@@ -75,6 +75,7 @@
 //!   the directory, or rebuilding the replica from the cluster, is an
 //!   operator's decision.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -90,7 +91,7 @@ use crate::keys::{
     shard_prefix, shard_range,
 };
 use crate::kv::AppliedState;
-use crate::shards::ShardRecord;
+use crate::shards::{read_shard_records, ShardRecord};
 use crate::{GroupId, ShardId};
 
 /// Name of the manifest file inside a snapshot directory.
@@ -335,7 +336,20 @@ impl<B: Backend> Engine<B> {
     /// [`SnapshotScope::Group`]) into the empty or new directory `dir`, at
     /// one point in time. Returns the manifest (also written to `dir`).
     pub fn export_snapshot(&self, group: GroupId, dir: &Path) -> Result<SnapshotManifest> {
-        self.export_scope(group, SnapshotScope::Group, dir)
+        self.export_scope(group, SnapshotScope::Group, dir, None)
+    }
+
+    /// [`Self::export_snapshot`], also returning the group's shard records
+    /// read in the same point-in-time view as the files (for a backup's
+    /// manifest).
+    pub(crate) fn export_snapshot_with_records(
+        &self,
+        group: GroupId,
+        dir: &Path,
+    ) -> Result<(SnapshotManifest, BTreeMap<ShardId, ShardRecord>)> {
+        let mut records = BTreeMap::new();
+        let manifest = self.export_scope(group, SnapshotScope::Group, dir, Some(&mut records))?;
+        Ok((manifest, records))
     }
 
     /// Exports `shard` of `group`, renamed into `target`'s key range, for
@@ -348,7 +362,7 @@ impl<B: Backend> Engine<B> {
         target: GroupId,
         dir: &Path,
     ) -> Result<SnapshotManifest> {
-        self.export_scope(group, SnapshotScope::Shard { shard, target }, dir)
+        self.export_scope(group, SnapshotScope::Shard { shard, target }, dir, None)
     }
 
     fn export_scope(
@@ -356,6 +370,7 @@ impl<B: Backend> Engine<B> {
         group: GroupId,
         scope: SnapshotScope,
         dir: &Path,
+        mut records: Option<&mut BTreeMap<ShardId, ShardRecord>>,
     ) -> Result<SnapshotManifest> {
         std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
         let mut manifest = SnapshotManifest {
@@ -374,6 +389,9 @@ impl<B: Backend> Engine<B> {
             if let Some(b) = view.get(Cf::Meta, &key)? {
                 manifest.applied =
                     decode_record(&key, &b, &|| format!("applied index of group {group}"))?;
+            }
+            if let Some(records) = records.as_deref_mut() {
+                *records = read_shard_records(view, group)?;
             }
             for (cf, name, (start, end)) in scope_ranges(group, scope) {
                 let name = name.to_string();

@@ -51,9 +51,9 @@ use crate::node::{
     CONTROLLER_GROUP, CONTROLLER_SHARD, KV_GROUP, KV_SHARD, SESSION_IDLE_MS_DEFAULT,
 };
 use crate::protocol::{
-    ClientCommand, Denied, GroupRefusal, KvProtocol, KvRequest, KvResponse, MemberChange,
-    MemberReply, MemberRequest, NodeReport, PinInfo, PinnedShardInfo, Request, Response,
-    PIN_SHARDS_MAX,
+    BackupRefusal, BackupRequest, ClientCommand, Denied, GroupRefusal, KvProtocol, KvRequest,
+    KvResponse, MemberChange, MemberReply, MemberRequest, NodeReport, PinInfo, PinnedShardInfo,
+    Request, Response, PIN_SHARDS_MAX,
 };
 
 /// Most pairs [`Client::scan`] asks for in one page (the nodes' default
@@ -1358,6 +1358,9 @@ pub enum AdminError {
     /// The node refused to host or drop a group; nothing changed.
     #[error("group refused: {0}")]
     GroupRefused(GroupRefusal),
+    /// The node refused a backup step.
+    #[error("backup refused: {0}")]
+    BackupRefused(BackupRefusal),
     /// The node could not be reached or did not answer in time.
     #[error("rpc: {0}")]
     Rpc(RpcError),
@@ -1452,8 +1455,63 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
         {
             Ok(Response::Denied(denied)) => Err(AdminError::Denied(denied)),
             Ok(Response::GroupRefused(refusal)) => Err(AdminError::GroupRefused(refusal)),
+            Ok(Response::BackupRefused(refusal)) => Err(AdminError::BackupRefused(refusal)),
             Ok(response) => Ok(response),
             Err(e) => Err(AdminError::Rpc(e)),
+        }
+    }
+
+    /// Admin: asks `node`, the leader of `group`, to export the group for
+    /// a backup, waiting up to `deadline` (an export reads the whole
+    /// group); the export's id and its files. See `node::backups`.
+    pub async fn backup_export(
+        &self,
+        node: NodeId,
+        group: GroupId,
+        deadline: Duration,
+    ) -> Result<(u64, shoal_engine::GroupBackup), AdminError> {
+        let request = Request::Backup(BackupRequest::Export { group });
+        match self
+            .caller
+            .call_with_deadline(node, request, deadline)
+            .await
+        {
+            Ok(Response::BackupExported { id, backup }) => Ok((id, *backup)),
+            Ok(Response::Denied(denied)) => Err(AdminError::Denied(denied)),
+            Ok(Response::BackupRefused(refusal)) => Err(AdminError::BackupRefused(refusal)),
+            Ok(other) => Err(AdminError::Unexpected(format!("{other:?}"))),
+            Err(e) => Err(AdminError::Rpc(e)),
+        }
+    }
+
+    /// Admin: bytes of `file` of `node`'s export `id` from `offset` (at
+    /// most [`crate::protocol::BACKUP_CHUNK_BYTES_MAX`]; empty at the end).
+    pub async fn backup_read(
+        &self,
+        node: NodeId,
+        id: u64,
+        file: &str,
+        offset: u64,
+    ) -> Result<Bytes, AdminError> {
+        let request = Request::Backup(BackupRequest::Read {
+            id,
+            file: file.to_string(),
+            offset,
+        });
+        match self.call_node(node, request).await? {
+            Response::BackupChunk(bytes) => Ok(bytes),
+            other => Err(AdminError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Admin: releases `node`'s export `id` (its files are removed).
+    pub async fn backup_release(&self, node: NodeId, id: u64) -> Result<(), AdminError> {
+        match self
+            .call_node(node, Request::Backup(BackupRequest::Release { id }))
+            .await?
+        {
+            Response::AdminDone => Ok(()),
+            other => Err(AdminError::Unexpected(format!("{other:?}"))),
         }
     }
 

@@ -382,6 +382,79 @@ pub enum Request {
         /// The group.
         group: GroupId,
     },
+    /// Admin: a backup of a group, in steps (see `node::backups`). Needs
+    /// the admin client: a backup reads every key and session.
+    Backup(BackupRequest),
+}
+
+/// The steps of backing up one group from a node ([`Request::Backup`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BackupRequest {
+    /// Export `group` (its snapshot files, at one point in time) and hold
+    /// the files for reading: answered [`Response::BackupExported`] by the
+    /// group's leader once it has committed an entry of its term and
+    /// applied everything committed (so the export holds every write
+    /// acknowledged before the request), [`BackupRefusal::NotLeader`] or
+    /// [`BackupRefusal::NotReady`] otherwise.
+    Export {
+        /// The group.
+        group: GroupId,
+    },
+    /// Bytes of a file of a held export from `offset`: at most
+    /// [`BACKUP_CHUNK_BYTES_MAX`], empty at the end of the file
+    /// ([`Response::BackupChunk`]).
+    Read {
+        /// The export ([`Response::BackupExported`]'s id).
+        id: u64,
+        /// A file name of the export's [`shoal_engine::GroupBackup`].
+        file: String,
+        /// Where to start.
+        offset: u64,
+    },
+    /// Release a held export (its files are removed): [`Response::AdminDone`].
+    Release {
+        /// The export.
+        id: u64,
+    },
+}
+
+/// Most bytes one [`BackupRequest::Read`] answers: well below the frame
+/// limit.
+pub const BACKUP_CHUNK_BYTES_MAX: u64 = 1 << 20;
+
+/// Why a node refused a [`BackupRequest`]. Nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackupRefusal {
+    /// The node does not host the group.
+    #[error("the node does not host the group")]
+    UnknownGroup,
+    /// The node does not lead the group; try `leader_hint` (0: unknown).
+    #[error("not the group's leader (leader hint {leader_hint})")]
+    NotLeader {
+        /// The leader this node knows of, or 0.
+        leader_hint: NodeId,
+    },
+    /// The leader has not yet committed an entry of its term or applied
+    /// everything committed; retry shortly.
+    #[error("the leader is catching up; retry")]
+    NotReady,
+    /// The node holds as many exports as it may (`BACKUPS_HELD_MAX`).
+    #[error("too many backups held on this node; release one or wait")]
+    TooMany,
+    /// No such held export (never made, released, idle too long, or lost
+    /// with a restart).
+    #[error("no such backup export on this node")]
+    Gone,
+    /// The file is not one of the export's, or the offset is past its end.
+    #[error("no such file or offset in the export")]
+    BadRead,
+    /// Exporting or reading failed on the node.
+    #[error("the node failed: {reason}")]
+    Failed {
+        /// What failed.
+        reason: String,
+    },
 }
 
 /// A membership change addressed to one group ([`Request::Member`]).
@@ -551,6 +624,17 @@ pub enum Response {
     /// A [`Request::HostGroup`] or [`Request::DropGroup`] was refused; the
     /// node is unchanged.
     GroupRefused(GroupRefusal),
+    /// A [`BackupRequest::Export`] is done: the export's id and contents.
+    BackupExported {
+        /// Names the export in [`BackupRequest::Read`] / `Release`.
+        id: u64,
+        /// The group's backup record (files with sizes and CRC32s).
+        backup: Box<shoal_engine::GroupBackup>,
+    },
+    /// Bytes of a file ([`BackupRequest::Read`]); empty: end of file.
+    BackupChunk(bytes::Bytes),
+    /// A [`Request::Backup`] was refused.
+    BackupRefused(BackupRefusal),
 }
 
 /// Why a node refused to host or drop a group. Nothing changed.

@@ -136,6 +136,7 @@
 //! by resetting the log to the applied index (which is committed by
 //! definition).
 
+pub mod backups;
 pub mod group;
 pub mod hosting;
 pub mod leaders;
@@ -172,9 +173,9 @@ use self::pins::{PinSpec, Pins};
 use self::sessions::SessionTracker;
 use self::snapshots::{export_dir, recv_dir, remove_dirs, SnapshotFileError};
 use crate::protocol::{
-    Denied, GroupRefusal, GroupReport, KvProtocol, KvResponse, MemberChange, MemberReply,
-    NodeReport, PeerMessage, Request as RpcRequest, Response, ShardCommand, ShardReply,
-    SnapshotFileMeta,
+    BackupRefusal, BackupRequest, Denied, GroupRefusal, GroupReport, KvProtocol, KvResponse,
+    MemberChange, MemberReply, NodeReport, PeerMessage, Request as RpcRequest, Response,
+    ShardCommand, ShardReply, SnapshotFileMeta,
 };
 
 pub use self::hosting::GROUPS_PER_NODE_MAX;
@@ -556,6 +557,14 @@ enum Done {
     },
     /// Shipped shard files were moved into their incoming directory.
     Placed,
+    /// A backup export ([`backups`]) finished (or failed); `reply` waits
+    /// for it.
+    BackupExported {
+        id: u64,
+        dir: PathBuf,
+        result: Result<shoal_engine::GroupBackup, shoal_engine::BackupError>,
+        reply: Responder<Response>,
+    },
 }
 
 /// The node runtime; see the module docs.
@@ -598,6 +607,8 @@ pub struct Node<B: Backend, T: Transport<KvProtocol>> {
     /// A holder ends once its pin is released; shutdown releases every pin
     /// and waits for them all.
     pin_tasks: JoinSet<()>,
+    /// Backup exports held for the admin client (see [`backups`]).
+    backups: backups::Backups,
 }
 
 /// A change to the set of groups the node hosts.
@@ -773,6 +784,8 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         // Members added at runtime: their addresses are in the book.
         let addrs = engine.member_addrs().map_err(engine_err(KV_GROUP))?;
         learn_member_addrs(&transport, config.id, addrs);
+        // Backup exports of an earlier start can never be read again.
+        backups::remove_all(&config.snapshot_dir);
         let mut groups = BTreeMap::new();
         let now = Instant::now();
         for spec in &config.groups {
@@ -834,6 +847,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             peers_heard: HashMap::new(),
             pins: Pins::new(config.id, config.seed, config.pins_max, !config.blocking_io),
             pin_tasks: JoinSet::new(),
+            backups: backups::Backups::new(config.seed ^ config.id),
             config,
         })
     }
@@ -976,6 +990,14 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         if self.ticks % PRUNE_EVERY_TICKS == 0 {
             self.prune_received();
             self.prune_moves();
+        }
+        let idle_backups = self.backups.expire(
+            Duration::from_millis(backups::BACKUP_IDLE_MS_MAX),
+            Instant::now(),
+        );
+        for dir in idle_backups {
+            tracing::info!(node = self.config.id, dir = %dir.display(), "idle backup export released");
+            self.prune(move || drop(std::fs::remove_dir_all(dir)));
         }
         let released = self.pins.expire(
             Duration::from_millis(self.config.pin_idle_ms),
@@ -1189,6 +1211,76 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         }
     }
 
+    /// Serves one step of a backup (see [`backups`]); the caller is the
+    /// admin client. The export and every read run on the blocking pool.
+    fn on_backup(&mut self, request: BackupRequest, reply: Responder<Response>) {
+        let refuse = |reply: Responder<Response>, refusal| {
+            let _ = reply.send(Response::BackupRefused(refusal));
+        };
+        match request {
+            BackupRequest::Export { group: gid } => {
+                let Some(group) = self.groups.get(&gid) else {
+                    return refuse(reply, BackupRefusal::UnknownGroup);
+                };
+                let raw = &group.raw;
+                if !raw.is_leader() {
+                    let leader_hint = raw.leader_id();
+                    return refuse(reply, BackupRefusal::NotLeader { leader_hint });
+                }
+                // Committed in its own term, so its commit index covers
+                // everything any leader acknowledged; applied through it,
+                // so the export (a later view) holds all of that.
+                let commit = raw.commit_index();
+                let ready = raw.term_at(commit).is_ok_and(|t| t == raw.term())
+                    && raw.applied_index() >= commit;
+                if !ready {
+                    return refuse(reply, BackupRefusal::NotReady);
+                }
+                let (id, dir) =
+                    match self
+                        .backups
+                        .admit(gid, &self.config.snapshot_dir, Instant::now())
+                    {
+                        Ok(admitted) => admitted,
+                        Err(refusal) => return refuse(reply, refusal),
+                    };
+                let engine = self.engine.clone();
+                self.run_blocking(move || {
+                    let result = engine.export_group_backup(gid, &dir);
+                    Done::BackupExported {
+                        id,
+                        dir,
+                        result,
+                        reply,
+                    }
+                });
+            }
+            BackupRequest::Read { id, file, offset } => {
+                let (path, len) = match self.backups.read(id, &file, offset, Instant::now()) {
+                    Ok(found) => found,
+                    Err(refusal) => return refuse(reply, refusal),
+                };
+                self.run_blocking(move || {
+                    let answer = match backups::read_chunk(&path, offset, len) {
+                        Ok(bytes) => Response::BackupChunk(bytes),
+                        Err(e) => Response::BackupRefused(BackupRefusal::Failed {
+                            reason: format!("reading {}: {e}", path.display()),
+                        }),
+                    };
+                    let _ = reply.send(answer);
+                    Done::Pruned
+                });
+            }
+            BackupRequest::Release { id } => match self.backups.release(id) {
+                Some(dir) => {
+                    self.prune(move || drop(std::fs::remove_dir_all(dir)));
+                    let _ = reply.send(Response::AdminDone);
+                }
+                None => refuse(reply, BackupRefusal::Gone),
+            },
+        }
+    }
+
     /// Removes files off the loop (a large snapshot takes a while to
     /// delete).
     fn prune(&mut self, work: impl FnOnce() + Send + 'static) {
@@ -1307,6 +1399,39 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 }
             }
             Done::Pruned | Done::Placed => {}
+            Done::BackupExported {
+                id,
+                dir,
+                result,
+                reply,
+            } => {
+                let answer = match result {
+                    Ok(backup) => {
+                        if self
+                            .backups
+                            .exported(id, backup.files.clone(), Instant::now())
+                        {
+                            Response::BackupExported {
+                                id,
+                                backup: Box::new(backup),
+                            }
+                        } else {
+                            // Released meanwhile (shutdown of the client).
+                            self.prune(move || drop(std::fs::remove_dir_all(dir)));
+                            Response::BackupRefused(BackupRefusal::Gone)
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = self.config.id, id, error = %e, "backup export failed");
+                        self.backups.release(id);
+                        self.prune(move || drop(std::fs::remove_dir_all(dir)));
+                        Response::BackupRefused(BackupRefusal::Failed {
+                            reason: e.to_string(),
+                        })
+                    }
+                };
+                let _ = reply.send(answer);
+            }
             Done::Shipped {
                 group,
                 shard,
@@ -1481,6 +1606,19 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                     }
                 }
                 group.queued_member.push((request.change, reply));
+                return;
+            }
+            RpcRequest::Backup(_) if !from.is_admin() => {
+                tracing::warn!(
+                    node = self.config.id,
+                    ?from,
+                    "backup request from a non-admin refused"
+                );
+                let _ = reply.send(Response::Denied(Denied::NotAdmin));
+                return;
+            }
+            RpcRequest::Backup(request) => {
+                self.on_backup(request, reply);
                 return;
             }
             RpcRequest::Shard(request) => {
