@@ -443,69 +443,84 @@ async fn serve_node(
     ready: impl FnOnce(SocketAddr),
     readiness: &tokio::sync::watch::Sender<Readiness>,
 ) -> Result<(), NodeRunError> {
-    {
-        let identity = crate::certs::load(&options.tls_dir, &Peer::Node(NodeId(options.id))).map_err(NodeRunError::Certificates)?;
-        std::fs::create_dir_all(&options.data_dir).map_err(|source| NodeRunError::DataDir { path: options.data_dir.clone(), source })?;
-        let members: HashMap<NodeId, SocketAddr> = options.peers.iter().map(|&(id, addr)| (NodeId(id), addr)).collect();
-        let mut net_config = shoal_net::NodeConfig::new(NodeId(options.id), options.listen, members, options.data_dir.join("net-files"));
-        net_config.fault_injection_enabled = options.fault_injection;
-        if let Some(ms) = options.io_timeout_ms {
-            net_config.limits.io_timeout_ms = ms;
-        }
-        net_config.validate().map_err(NodeRunError::Limits)?;
-        let (quic, inbox) = QuicNode::<KvProtocol>::bind(net_config, &identity).map_err(NodeRunError::Bind)?;
-        let engine = RocksEngine::open(options.data_dir.join("db"), EngineConfig::default()).map_err(NodeRunError::Engine)?;
-        let mut config = NodeConfig::new(
-            options.id,
-            options.peers.iter().map(|&(id, _)| id).collect(),
-            options.data_dir.join("db").join("snapshots"),
-        );
-        config.blocking_io = true;
-        config.max_raft_state_bytes = options.max_raft_state_bytes;
-        if let Some(controller) = &options.controller {
-            config.groups = if controller.contains(&options.id) {
-                vec![GroupSpec {
-                    group: CONTROLLER_GROUP,
-                    static_shards: vec![CONTROLLER_SHARD],
-                    voters: controller.clone(),
-                }]
-            } else {
-                Vec::new()
-            };
-        }
-        let handle = Node::start(config, engine, quic.clone(), inbox).map_err(NodeRunError::Start)?;
-        ready(quic.local_addr().map_err(os("local address"))?);
+    let identity = crate::certs::load(&options.tls_dir, &Peer::Node(NodeId(options.id)))
+        .map_err(NodeRunError::Certificates)?;
+    std::fs::create_dir_all(&options.data_dir).map_err(|source| NodeRunError::DataDir {
+        path: options.data_dir.clone(),
+        source,
+    })?;
+    let members: HashMap<NodeId, SocketAddr> = options
+        .peers
+        .iter()
+        .map(|&(id, addr)| (NodeId(id), addr))
+        .collect();
+    let mut net_config = shoal_net::NodeConfig::new(
+        NodeId(options.id),
+        options.listen,
+        members,
+        options.data_dir.join("net-files"),
+    );
+    net_config.fault_injection_enabled = options.fault_injection;
+    if let Some(ms) = options.io_timeout_ms {
+        net_config.limits.io_timeout_ms = ms;
+    }
+    net_config.validate().map_err(NodeRunError::Limits)?;
+    let (quic, inbox) =
+        QuicNode::<KvProtocol>::bind(net_config, &identity).map_err(NodeRunError::Bind)?;
+    let engine = RocksEngine::open(options.data_dir.join("db"), EngineConfig::default())
+        .map_err(NodeRunError::Engine)?;
+    let mut config = NodeConfig::new(
+        options.id,
+        options.peers.iter().map(|&(id, _)| id).collect(),
+        options.data_dir.join("db").join("snapshots"),
+    );
+    config.blocking_io = true;
+    config.max_raft_state_bytes = options.max_raft_state_bytes;
+    if let Some(controller) = &options.controller {
+        config.groups = if controller.contains(&options.id) {
+            vec![GroupSpec {
+                group: CONTROLLER_GROUP,
+                static_shards: vec![CONTROLLER_SHARD],
+                voters: controller.clone(),
+            }]
+        } else {
+            Vec::new()
+        };
+    }
+    let handle = Node::start(config, engine, quic.clone(), inbox).map_err(NodeRunError::Start)?;
+    ready(quic.local_addr().map_err(os("local address"))?);
 
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(os("handling SIGTERM"))?;
-        let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(os("handling SIGINT"))?;
-        let mut ticker = tokio::time::interval(Duration::from_millis(STATUS_INTERVAL_MS));
-        let pid = std::process::id();
-        loop {
-            tokio::select! {
-                _ = term.recv() => break,
-                _ = interrupt.recv() => break,
-                _ = ticker.tick() => {
-                    readiness.send_replace(Readiness::of(&handle));
-                    if !handle.is_running() {
-                        break;
-                    }
-                    let s = handle.status(KV_GROUP);
-                    let role = role_name(s.role);
-                    let status = NodeStatus { id: options.id, role, term: s.term, leader: s.leader, commit: s.commit, applied: s.applied, pid };
-                    if let Err(e) = write_status(&options.data_dir, &status) {
-                        tracing::warn!(error = %e, "writing the status file");
-                    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(os("handling SIGTERM"))?;
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(os("handling SIGINT"))?;
+    let mut ticker = tokio::time::interval(Duration::from_millis(STATUS_INTERVAL_MS));
+    let pid = std::process::id();
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = interrupt.recv() => break,
+            _ = ticker.tick() => {
+                readiness.send_replace(Readiness::of(&handle));
+                if !handle.is_running() {
+                    break;
+                }
+                let s = handle.status(KV_GROUP);
+                let role = role_name(s.role);
+                let status = NodeStatus { id: options.id, role, term: s.term, leader: s.leader, commit: s.commit, applied: s.applied, pid };
+                if let Err(e) = write_status(&options.data_dir, &status) {
+                    tracing::warn!(error = %e, "writing the status file");
                 }
             }
         }
-        tracing::info!(id = options.id, "shutting down");
-        if handle.is_running() {
-            readiness.send_replace(Readiness::ShuttingDown);
-        }
-        let stopped = handle.shutdown().await;
-        quic.shutdown().await;
-        stopped.map_err(NodeRunError::Stopped)
     }
+    tracing::info!(id = options.id, "shutting down");
+    if handle.is_running() {
+        readiness.send_replace(Readiness::ShuttingDown);
+    }
+    let stopped = handle.shutdown().await;
+    quic.shutdown().await;
+    stopped.map_err(NodeRunError::Stopped)
 }
 
 /// Which certificate a client presents: `client-<name>.pem` from the TLS

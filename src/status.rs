@@ -72,10 +72,7 @@ const TEXT_CONTENT_TYPE: &str = "text/plain; charset=utf-8";
 /// starts: handles registered before it record nothing.
 pub fn install_recorder() -> Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            Matcher::Suffix("_seconds".into()),
-            LATENCY_BUCKETS_SECONDS,
-        )
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS_SECONDS)
         .context("histogram buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
@@ -221,8 +218,9 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 fn response(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     response
 }

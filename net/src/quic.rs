@@ -880,7 +880,7 @@ async fn accept_loop<P: Protocol>(inner: Arc<NodeInner<P>>) {
 fn refuse<P: Protocol>(inner: &NodeInner<P>, conn: &Connection, reason: &str) {
     warn!(node = %inner.id, remote = %conn.remote_address(), reason, "refused connection");
     bump(&inner.counters.connections_refused);
-                    metrics::refused();
+    metrics::refused();
     conn.close(VarInt::from_u32(codes::REFUSED), reason.as_bytes());
 }
 

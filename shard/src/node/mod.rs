@@ -1380,11 +1380,8 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                     let _ = reply.send(Response::Denied(Denied::NotAdmin));
                     return;
                 }
-                let trace = RequestTrace::start(
-                    self.config.id,
-                    request.group,
-                    telemetry::SHARD_STEP_KIND,
-                );
+                let trace =
+                    RequestTrace::start(self.config.id, request.group, telemetry::SHARD_STEP_KIND);
                 let reply = Waiter::client(reply, trace);
                 let Some(group) = self.groups.get_mut(&request.group) else {
                     reply.send(KvResponse::UnknownGroup);

@@ -195,7 +195,9 @@ pub async fn transfer<T: Transport<KvProtocol>>(
             .send_file(shoal_net::NodeId(to), dir.join(&name), meta)
             .await;
         match sent {
-            Ok(bytes) => super::telemetry::snapshot_sent(super::telemetry::snapshot_kind(false), bytes),
+            Ok(bytes) => {
+                super::telemetry::snapshot_sent(super::telemetry::snapshot_kind(false), bytes)
+            }
             Err(_) => return false,
         }
     }

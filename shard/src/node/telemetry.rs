@@ -101,10 +101,17 @@ pub fn describe() {
         "1 for this node's role in the group, 0 for the other roles"
     );
     describe_gauge!(TERM, "Current Raft term, by group");
-    describe_gauge!(LEADER_ID, "The leader this node knows of (0: none), by group");
+    describe_gauge!(
+        LEADER_ID,
+        "The leader this node knows of (0: none), by group"
+    );
     describe_gauge!(COMMIT_INDEX, "Commit index, by group");
     describe_gauge!(APPLIED_INDEX, "Applied index, by group");
-    describe_gauge!(LOG_BYTES, Unit::Bytes, "Bytes of entries in the stored Raft log, by group");
+    describe_gauge!(
+        LOG_BYTES,
+        Unit::Bytes,
+        "Bytes of entries in the stored Raft log, by group"
+    );
     describe_counter!(LEADER_CHANGES, "New leaders this node learned of, by group");
     describe_counter!(
         ELECTIONS_STARTED,
@@ -220,7 +227,8 @@ impl GroupMetrics {
             leader_changes: counter(LEADER_CHANGES),
             elections: counter(ELECTIONS_STARTED),
             snapshots_installed: counter(SNAPSHOTS_INSTALLED),
-            roles: ROLES.map(|(_, role)| ::metrics::gauge!(ROLE, "group" => g.clone(), "role" => role)),
+            roles: ROLES
+                .map(|(_, role)| ::metrics::gauge!(ROLE, "group" => g.clone(), "role" => role)),
             term: gauge(TERM),
             leader: gauge(LEADER_ID),
             commit: gauge(COMMIT_INDEX),
