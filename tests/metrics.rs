@@ -172,15 +172,16 @@ fn wait_scrape<T>(
     }
 }
 
-/// Waits until node `id` answers `path` with `status`; returns the body.
-fn wait_answer(cluster: &Cluster, id: u64, path: &str, status: u16) -> String {
+/// Waits until node `id` answers `path` with `status` and a body that
+/// contains `text`; returns the body.
+fn wait_answer(cluster: &Cluster, id: u64, path: &str, status: u16, text: &str) -> String {
     let addr = cluster.status_addr(id);
     let mut body = String::new();
     wait_for(
-        &format!("node {id}: {path} answering {status}"),
+        &format!("node {id}: {path} answering {status} {text:?}"),
         WAIT,
         || match get(addr, path) {
-            Some((s, b)) if s == status => {
+            Some((s, b)) if s == status && b.contains(text) => {
                 body = b;
                 true
             }
@@ -231,8 +232,8 @@ fn status_endpoint_serves_metrics_health_and_readiness() {
     let cluster = Cluster::with_status(dir.path(), 3, &[], &ids);
 
     for id in ids {
-        assert_eq!(wait_answer(&cluster, id, "/health", 200), "ok\n");
-        let ready = wait_answer(&cluster, id, "/ready", 200);
+        assert_eq!(wait_answer(&cluster, id, "/health", 200, ""), "ok\n");
+        let ready = wait_answer(&cluster, id, "/ready", 200, "ready");
         assert!(ready.starts_with("ready"), "node {id}: {ready:?}");
     }
     let leader = wait_one_leader(&cluster, &ids);
@@ -265,7 +266,10 @@ fn status_endpoint_serves_metrics_health_and_readiness() {
     });
     let s = scrape(cluster.status_addr(leader));
     let proposals = s.or_zero("shoal_raft_proposals_total", &[("group", GROUP)]);
-    assert!(proposals >= 1.0, "the leader proposed: {proposals}");
+    assert!(
+        proposals >= WRITES as f64,
+        "one entry per sequential put: {proposals}"
+    );
     let puts_timed = s.or_zero(
         "shoal_client_request_duration_seconds_count",
         &[("kind", "put")],
@@ -349,13 +353,13 @@ fn readiness_follows_the_leader_and_snapshots_and_leader_changes_are_counted() {
         Cluster::with_status(dir.path(), 3, &["--max-raft-state-bytes", "4096"], &[1]);
 
     // Alone, node 1 is up but cannot serve: no leader without a majority.
-    assert_eq!(wait_answer(&cluster, 1, "/health", 200), "ok\n");
-    let why = wait_answer(&cluster, 1, "/ready", 503);
-    assert!(why.contains("knows no leader"), "{why:?}");
+    assert_eq!(wait_answer(&cluster, 1, "/health", 200, ""), "ok\n");
+    let why = wait_answer(&cluster, 1, "/ready", 503, "knows no leader");
+    assert_eq!(why, "not ready: group 1 knows no leader\n");
 
     cluster.start_node(2);
     for id in [1, 2] {
-        wait_answer(&cluster, id, "/ready", 200);
+        wait_answer(&cluster, id, "/ready", 200, "ready");
     }
     let client = shoal::BlockingClient::connect(&cluster.members, &cluster.tls).expect("client");
     for i in 0..WRITES {
@@ -381,13 +385,14 @@ fn readiness_follows_the_leader_and_snapshots_and_leader_changes_are_counted() {
         sent > 0.0,
         "the leader counted the snapshot it sent: {sent}"
     );
-    wait_answer(&cluster, 3, "/ready", 200);
+    wait_answer(&cluster, 3, "/ready", 200, "ready");
     assert_eq!(
         client.get("key000").expect("get").expect("found").value,
         vec![b'v'; VALUE_BYTES]
     );
 
     // A killed leader: the survivors elect another and count the change.
+    let leader = wait_one_leader(&cluster, &[1, 2, 3]);
     let survivors: Vec<u64> = [1, 2, 3].into_iter().filter(|&id| id != leader).collect();
     let before: Vec<(u64, f64, f64)> = survivors
         .iter()
@@ -416,7 +421,7 @@ fn readiness_follows_the_leader_and_snapshots_and_leader_changes_are_counted() {
     }
     assert!(elections >= 1.0, "the new leader's election was counted");
     for id in &survivors {
-        wait_answer(&cluster, *id, "/ready", 200);
+        wait_answer(&cluster, *id, "/ready", 200, "ready");
     }
     client.close();
 }
