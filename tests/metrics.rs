@@ -251,7 +251,7 @@ fn status_endpoint_serves_metrics_health_and_readiness() {
         client.put(format!("key{i}"), "value").expect("put");
     }
     assert_eq!(
-        client.get("key0").expect("get").expect("found").value,
+        client.get("key0").expect("get").value,
         "value"
     );
     client.close();
@@ -387,7 +387,7 @@ fn readiness_follows_the_leader_and_snapshots_and_leader_changes_are_counted() {
     );
     wait_answer(&cluster, 3, "/ready", 200, "ready");
     assert_eq!(
-        client.get("key000").expect("get").expect("found").value,
+        client.get("key000").expect("get").value,
         vec![b'v'; VALUE_BYTES]
     );
 
