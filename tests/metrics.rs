@@ -250,10 +250,7 @@ fn status_endpoint_serves_metrics_health_and_readiness() {
     for i in 0..WRITES {
         client.put(format!("key{i}"), "value").expect("put");
     }
-    assert_eq!(
-        client.get("key0").expect("get").value,
-        "value"
-    );
+    assert_eq!(client.get("key0").expect("get").value, "value");
     client.close();
 
     // The leader proposed the writes and timed them as client requests.

@@ -30,6 +30,16 @@ pub(crate) enum DropReason {
 }
 
 impl DropReason {
+    const ALL: [DropReason; 7] = [
+        DropReason::QueueFull,
+        DropReason::ConnectionLost,
+        DropReason::FaultFilter,
+        DropReason::Shutdown,
+        DropReason::UnknownPeer,
+        DropReason::TooLarge,
+        DropReason::Unencodable,
+    ];
+
     fn label(self) -> &'static str {
         match self {
             DropReason::QueueFull => "queue_full",
@@ -58,8 +68,15 @@ pub(crate) fn refused() {
 }
 
 /// Describes the transport's series to the installed recorder (the
-/// `# HELP` lines of a Prometheus scrape).
+/// `# HELP` lines of a Prometheus scrape) and registers each at zero, so
+/// a dashboard or alert sees `0`, not an absent series, until the first
+/// event.
 pub fn describe() {
+    for reason in DropReason::ALL {
+        ::metrics::counter!(MESSAGES_DROPPED, "reason" => reason.label()).absolute(0);
+    }
+    ::metrics::counter!(MALFORMED_INPUTS).absolute(0);
+    ::metrics::counter!(CONNECTIONS_REFUSED).absolute(0);
     ::metrics::describe_counter!(
         MESSAGES_DROPPED,
         "Peer messages dropped, by reason (queue_full: a peer's bounded queue overflowed)"

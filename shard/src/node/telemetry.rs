@@ -83,9 +83,14 @@ pub const GROUPS: &str = "shoal_node_groups";
 pub const SHARD_STEP_KIND: &str = "shard_step";
 
 /// Describes the node's series to the installed recorder (the `# HELP`
-/// lines of a Prometheus scrape).
+/// lines of a Prometheus scrape), and registers at zero those without a
+/// group label, so they are present before their first event.
 pub fn describe() {
     use ::metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    for kind in [snapshot_kind(false), snapshot_kind(true)] {
+        ::metrics::counter!(SNAPSHOT_SENT_BYTES, "kind" => kind).absolute(0);
+        ::metrics::counter!(SNAPSHOT_RECEIVED_BYTES, "kind" => kind).absolute(0);
+    }
     describe_counter!(PROPOSALS, "Entries this node proposed as leader, by group");
     describe_counter!(
         PROPOSALS_DROPPED,
