@@ -7,12 +7,14 @@
 //! role gauge, proposals counted on the leader, synced log writes timed
 //! on every node, client requests timed by kind, a snapshot's bytes
 //! counted on both ends, and a killed leader counted as a leader change by
-//! the survivors. Every wait polls a condition with a deadline.
+//! the survivors. The endpoint is bounded: a connection beyond its limit is
+//! closed unanswered. Every wait polls a condition with a deadline.
 
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::{wait_for, Cluster};
@@ -191,6 +193,32 @@ fn wait_answer(cluster: &Cluster, id: u64, path: &str, status: u16, text: &str) 
     body
 }
 
+/// Opens a connection to `addr`, GETs `/health` on it (HTTP/1.1,
+/// keep-alive) and reads the whole answer; the open connection if it was
+/// `200 ok`.
+fn served_keep_alive(addr: SocketAddr) -> Option<TcpStream> {
+    let mut stream = TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(HTTP_TIMEOUT)).ok()?;
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: shoal\r\n\r\n")
+        .ok()?;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        answer.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&answer);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            if body.len() >= 3 {
+                return (head.starts_with("HTTP/1.1 200") && body == "ok\n").then_some(stream);
+            }
+        }
+    }
+}
+
 /// Which nodes report themselves leader of the group (role gauge).
 fn leaders(cluster: &Cluster, ids: &[u64]) -> Vec<u64> {
     ids.iter()
@@ -337,6 +365,40 @@ fn status_endpoint_serves_metrics_health_and_readiness() {
         .send_empty()
         .expect("POST answered");
     assert_eq!(post.status().as_u16(), 405);
+    // Its connection holds a slot until closed.
+    drop(post);
+
+    // Bounded: with every connection slot held by a keep-alive client
+    // (each served once, so it holds a slot), one more connection is closed
+    // unanswered; once they go, the endpoint serves again.
+    let held: Vec<TcpStream> = (0..shoal::status::CONNECTIONS_MAX)
+        .map(|_| {
+            let mut stream = None;
+            // A slot still held by an earlier client frees once the server
+            // sees it closed: retry until served.
+            wait_for("a served keep-alive connection", WAIT, || {
+                stream = served_keep_alive(addr);
+                stream.is_some()
+            });
+            stream.expect("served")
+        })
+        .collect();
+    let mut extra = TcpStream::connect(addr).expect("connect");
+    extra.set_read_timeout(Some(HTTP_TIMEOUT)).expect("timeout");
+    let _ = extra.write_all(b"GET /health HTTP/1.1\r\nHost: shoal\r\n\r\n");
+    let mut answer = Vec::new();
+    match extra.read_to_end(&mut answer) {
+        Ok(_) => assert!(answer.is_empty(), "answered beyond the limit: {answer:?}"),
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
+            ),
+            "the connection beyond the limit: {e}"
+        ),
+    }
+    drop(held);
+    wait_answer(&cluster, leader, "/health", 200, "ok");
 }
 
 #[test]
