@@ -236,8 +236,13 @@ pub struct NodeOptions {
     pub data_dir: PathBuf,
     /// UDP address to listen on.
     pub listen: SocketAddr,
-    /// Every member, this node included.
+    /// Every member, this node included (with [`Self::join`]: the members
+    /// to reach; this node need not be listed).
     pub peers: Vec<(u64, SocketAddr)>,
+    /// Join the existing cluster of `peers` (see `NodeConfig::join`): the
+    /// node starts with no state and serves once `shoal member add` has
+    /// added it and it has caught up. Ignored once it holds state.
+    pub join: bool,
     /// Certificate directory (`ca.pem`, `node-<id>.pem`, `node-<id>-key.pem`).
     pub tls_dir: PathBuf,
     /// Compact the log beyond this many bytes (None: never).
@@ -402,7 +407,7 @@ where
     S: FnOnce(NodeProbe) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
-    if !options.peers.iter().any(|&(id, _)| id == options.id) {
+    if !options.join && !options.peers.iter().any(|&(id, _)| id == options.id) {
         return Err(NodeRunError::NotAMember { id: options.id });
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -475,6 +480,7 @@ async fn serve_node(
         options.data_dir.join("db").join("snapshots"),
     );
     config.blocking_io = true;
+    config.join = options.join;
     config.max_raft_state_bytes = options.max_raft_state_bytes;
     if let Some(controller) = &options.controller {
         config.groups = if controller.contains(&options.id) {
@@ -758,4 +764,62 @@ mod tests {
         );
         assert_eq!(refused(" , "), MembersError::Empty);
     }
+}
+
+/// One member of a group as `shoal member list` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberLine {
+    /// The member's id.
+    pub id: u64,
+    /// `voter` or `learner`.
+    pub member: String,
+    /// Whether it leads the group.
+    pub leader: bool,
+    /// The highest log index the leader knows it holds (None: the leader's
+    /// own line, or no leader answered).
+    pub matched: Option<u64>,
+}
+
+/// The membership of `group` as the leader among `nodes` reports it (or,
+/// without an answering leader, the node of the highest term): one line
+/// per member.
+pub async fn member_lines(
+    client: &shoal_shard::Client<QuicClient<KvProtocol>>,
+    group: u64,
+    nodes: &[NodeId],
+) -> Result<Vec<MemberLine>, shoal_shard::client::AdminError> {
+    let mut best: Option<shoal_shard::protocol::GroupReport> = None;
+    let mut last_error = None;
+    for &node in nodes {
+        match client.node_status(node).await {
+            Ok(report) => {
+                let Some(g) = report.groups.into_iter().find(|g| g.group == group) else {
+                    continue;
+                };
+                let better = best.as_ref().is_none_or(|b| {
+                    (g.role == Role::Leader, g.term) > (b.role == Role::Leader, b.term)
+                });
+                if better {
+                    best = Some(g);
+                }
+            }
+            Err(e) => last_error = Some(e),
+        }
+    }
+    let Some(g) = best else {
+        return Err(last_error.unwrap_or_else(|| {
+            shoal_shard::client::AdminError::Unexpected(format!("no node hosts group {group}"))
+        }));
+    };
+    let line = |id: u64, member: &str| MemberLine {
+        id,
+        member: member.into(),
+        leader: g.leader == id,
+        matched: g.matched.iter().find(|(m, _)| *m == id).map(|(_, i)| *i),
+    };
+    Ok(g.voters
+        .iter()
+        .map(|&v| line(v, "voter"))
+        .chain(g.learners.iter().map(|&l| line(l, "learner")))
+        .collect())
 }

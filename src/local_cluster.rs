@@ -64,6 +64,9 @@ pub struct LocalCluster {
     /// Each node's `--status-addr`, once [`LocalCluster::serve_status`].
     status_addrs: BTreeMap<u64, SocketAddr>,
     children: BTreeMap<u64, Child>,
+    /// Nodes started with `--join`: not members at first (see
+    /// [`LocalCluster::set_joining`]).
+    joining: std::collections::BTreeSet<u64>,
 }
 
 impl LocalCluster {
@@ -88,6 +91,7 @@ impl LocalCluster {
             inherit_stderr: false,
             status_addrs: BTreeMap::new(),
             children: BTreeMap::new(),
+            joining: Default::default(),
         })
     }
 
@@ -112,6 +116,13 @@ impl LocalCluster {
         self.status_addrs.get(&id).copied()
     }
 
+    /// Node `id` is not a member at first: it starts with `--join` (its
+    /// certificate and address exist) and the others' `--peers` leave it
+    /// out, until `shoal member add` adds it.
+    pub fn set_joining(&mut self, id: u64) {
+        self.joining.insert(id);
+    }
+
     /// Every member's id.
     pub fn ids(&self) -> Vec<u64> {
         self.members.iter().map(|&(id, _)| id).collect()
@@ -130,6 +141,18 @@ impl LocalCluster {
     /// The member list as `--cluster` / `--peers` take it.
     pub fn cluster_arg(&self) -> String {
         cluster::format_members(&self.members)
+    }
+
+    /// The initial members (without the joining nodes), as `--peers`
+    /// takes them.
+    fn peers_arg(&self) -> String {
+        let initial: Vec<(u64, SocketAddr)> = self
+            .members
+            .iter()
+            .filter(|(id, _)| !self.joining.contains(id))
+            .copied()
+            .collect();
+        cluster::format_members(&initial)
     }
 
     /// Node `id`'s data directory.
@@ -206,10 +229,11 @@ impl LocalCluster {
                 "--listen",
                 &addr.to_string(),
                 "--peers",
-                &self.cluster_arg(),
+                &self.peers_arg(),
                 "--tls",
             ])
             .arg(&self.tls)
+            .args(self.joining.contains(&id).then_some("--join"))
             .args(&self.extra_args)
             .args(&status)
             .stdout(Stdio::piped())

@@ -60,9 +60,14 @@ enum Cmd {
         /// UDP address to listen on.
         #[arg(long)]
         listen: std::net::SocketAddr,
-        /// Every member, this node included: 1=ADDR,2=ADDR,...
+        /// Every member, this node included: 1=ADDR,2=ADDR,... (with
+        /// --join: the members to reach).
         #[arg(long)]
         peers: String,
+        /// Start empty and join the cluster of --peers: serves once
+        /// `shoal member add` has added this node and it has caught up.
+        #[arg(long)]
+        join: bool,
         /// Certificate directory (from `shoal certs init`).
         #[arg(long)]
         tls: PathBuf,
@@ -98,6 +103,17 @@ enum Cmd {
         cluster: ClusterArgs,
         #[command(subcommand)]
         command: ShardCmd,
+    },
+    /// Membership of a group (admin certificate): list, add, promote,
+    /// remove. One member changes at a time.
+    Member {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        /// The group (the single-group cluster's KV group by default).
+        #[arg(long, default_value_t = shoal_shard::node::KV_GROUP)]
+        group: u64,
+        #[command(subcommand)]
+        command: MemberCmd,
     },
     /// Read JSON requests from stdin, one per line; write one JSON answer
     /// per line to stdout (schema in README.md).
@@ -394,6 +410,36 @@ enum MapreduceCmd {
 }
 
 #[derive(Subcommand)]
+enum MemberCmd {
+    /// Print the membership as the group's nodes see it: one JSON line per
+    /// member, {"id","role","voter","matched"}.
+    List,
+    /// Add node ID at ADDR (ip:port, a `shoal node --join` there): it joins
+    /// as a learner, catches up (from a snapshot if the log was cut), and
+    /// is then promoted to voter (unless --learner).
+    Add {
+        /// The new member's id.
+        id: u64,
+        /// Its address.
+        addr: std::net::SocketAddr,
+        /// Leave it a learner.
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Promote a caught-up learner to voter.
+    Promote {
+        /// The learner's id.
+        id: u64,
+    },
+    /// Remove a member (to remove the leader, it first hands leadership
+    /// to another voter).
+    Remove {
+        /// The member's id.
+        id: u64,
+    },
+}
+
+#[derive(Subcommand)]
 enum ShardCmd {
     /// Post the first configuration: SHARDS shards, all on GROUP=NODES
     /// (whose nodes start hosting it).
@@ -536,11 +582,13 @@ fn main() -> Result<()> {
             fault_injection,
             controller,
             status_addr,
+            join,
         } => {
             let options = NodeOptions {
                 id,
                 data_dir: data,
                 listen,
+                join,
                 peers: cluster::parse_members(&peers)?,
                 tls_dir: tls,
                 max_raft_state_bytes: (max_raft_state_bytes > 0).then_some(max_raft_state_bytes),
@@ -596,6 +644,11 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Shard { cluster, command } => shard_admin(&cluster, command),
+        Cmd::Member {
+            cluster,
+            group,
+            command,
+        } => member_admin(&cluster, group, command),
         Cmd::Get { cluster, key } => one_shot(&cluster, jsonl::Request::Get { key }),
         Cmd::Put {
             cluster,
@@ -779,6 +832,51 @@ fn status(args: &ClusterArgs) -> Result<()> {
         std::process::exit(jsonl::EXIT_UNAVAILABLE);
     }
     Ok(())
+}
+
+/// `shoal member ...`: prints the membership after the change as one JSON
+/// line ({"ok","voters","learners"}); `list`: one line per member.
+fn member_admin(args: &ClusterArgs, group: u64, command: MemberCmd) -> Result<()> {
+    use shoal_shard::protocol::MemberChange;
+    let (runtime, client) = connect(args)?;
+    let nodes: Vec<shoal_net::NodeId> = cluster::parse_members(&args.cluster)?
+        .into_iter()
+        .map(|(id, _)| shoal_net::NodeId(id))
+        .collect();
+    let result = runtime.block_on(async {
+        let inner: &shoal_shard::Client<_> = &client;
+        let change = |change| inner.change_members(group, change, &nodes);
+        let (voters, learners) = match command {
+            MemberCmd::List => {
+                for line in cluster::member_lines(inner, group, &nodes).await? {
+                    println!("{}", serde_json::to_string(&line)?);
+                }
+                return anyhow::Ok(());
+            }
+            MemberCmd::Add { id, addr, learner } => {
+                let (voters, learners) = change(MemberChange::AddLearner {
+                    node: id,
+                    addr: addr.to_string(),
+                })
+                .await?;
+                if learner {
+                    (voters, learners)
+                } else {
+                    eprintln!("node {id} added as a learner; promoting it once caught up");
+                    change(MemberChange::Promote { node: id }).await?
+                }
+            }
+            MemberCmd::Promote { id } => change(MemberChange::Promote { node: id }).await?,
+            MemberCmd::Remove { id } => change(MemberChange::Remove { node: id }).await?,
+        };
+        println!(
+            "{}",
+            serde_json::json!({ "ok": true, "voters": voters, "learners": learners })
+        );
+        anyhow::Ok(())
+    });
+    runtime.block_on(client.close());
+    result
 }
 
 /// `shoal shard ...`: one admin operation; prints the resulting

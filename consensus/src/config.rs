@@ -26,8 +26,13 @@ pub const ELECTION_TICK_MAX: u32 = 100_000;
 pub const INFLIGHT_MSGS_MAX: usize = 65_536;
 /// Upper bound accepted for `max_size_per_msg_bytes` (64 MiB).
 pub const SIZE_PER_MSG_BYTES_MAX: u64 = 64 << 20;
-/// Upper bound accepted for the number of voters.
+/// Upper bound accepted for the number of voters, and of members (voters
+/// and learners) after a membership change.
 pub const VOTERS_MAX: usize = 64;
+/// A learner is promoted only when its log is at most this many entries
+/// behind the leader's commit index, so a new voter does not stall commits
+/// while it catches up.
+pub const PROMOTE_LAG_ENTRIES_MAX: u64 = 1_000;
 
 /// Configuration of one node. Build with [`Config::new`] and adjust fields.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,6 +42,11 @@ pub struct Config {
     /// Voters of a brand-new group. Ignored when storage already holds a
     /// membership ([`crate::RaftState::conf_state`] with voters).
     pub voters: Vec<NodeId>,
+    /// The node joins an existing group: it may start with no membership
+    /// at all (empty `voters` and storage), and learns it from the log or a
+    /// snapshot once the group's leader replicates to it (after the group
+    /// added it as a learner). Until then it never campaigns.
+    pub join: bool,
     /// Minimum election timeout in ticks; the actual timeout is drawn from
     /// `[election_tick, 2 * election_tick)` after every reset. Also the
     /// check-quorum period and the leadership-transfer timeout.
@@ -78,6 +88,7 @@ impl Config {
         Config {
             id,
             voters,
+            join: false,
             election_tick: DEFAULT_ELECTION_TICK,
             heartbeat_tick: DEFAULT_HEARTBEAT_TICK,
             pre_vote: true,
@@ -90,6 +101,15 @@ impl Config {
             max_pending_read_index: 4096,
             applied: 0,
             seed: id,
+        }
+    }
+
+    /// A configuration for node `id` joining an existing group (see
+    /// [`Config::join`]).
+    pub fn joining(id: NodeId) -> Config {
+        Config {
+            join: true,
+            ..Config::new(id, Vec::new())
         }
     }
 
@@ -184,7 +204,8 @@ pub enum ConfigError {
         /// Limit.
         max: usize,
     },
-    /// Neither the config nor storage names any voter.
+    /// Neither the config nor storage names any voter, and the node is not
+    /// joining ([`Config::join`]).
     #[error("no voters: neither the config nor storage names any")]
     NoVoters,
     /// `heartbeat_tick` is 0.

@@ -52,10 +52,10 @@ pub mod storage;
 pub mod types;
 
 pub use config::{Config, ConfigError};
-pub use error::Error;
+pub use error::{ConfChangeError, Error};
 pub use mem_storage::MemStorage;
 pub use message::{Message, MessageBody};
 pub use progress::{Progress, ProgressState};
-pub use raw_node::{RawNode, ReadState, Ready, Role, SoftState};
+pub use raw_node::{next_conf, RawNode, ReadState, Ready, Role, SoftState};
 pub use storage::{Storage, StorageError};
 pub use types::*;

@@ -215,15 +215,16 @@ impl<S: Storage> RaftLog<S> {
     }
 
     /// The follower's append rule (Figure 2, AppendEntries 2–5). Returns
-    /// the index of the last new entry, or `None` when the log does not
-    /// contain `prev_index` at `prev_term`.
+    /// the index of the last new entry and the index from which the log was
+    /// replaced by `entries` (0 if it already held them all), or `None`
+    /// when the log does not contain `prev_index` at `prev_term`.
     pub(crate) fn maybe_append(
         &mut self,
         prev_index: Index,
         prev_term: Term,
         commit: Index,
         entries: &[Entry],
-    ) -> Result<Option<Index>, StorageError> {
+    ) -> Result<Option<(Index, Index)>, StorageError> {
         if !self.match_term(prev_index, prev_term)? {
             return Ok(None);
         }
@@ -241,7 +242,7 @@ impl<S: Storage> RaftLog<S> {
             self.append(&entries[start..])?;
         }
         self.commit_to(commit.min(last_new));
-        Ok(Some(last_new))
+        Ok(Some((last_new, conflict)))
     }
 
     pub(crate) fn commit_to(&mut self, commit: Index) {

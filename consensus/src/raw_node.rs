@@ -7,14 +7,15 @@ use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::config::{Config, ConfigError};
-use crate::error::Error;
+use crate::config::{Config, ConfigError, PROMOTE_LAG_ENTRIES_MAX, VOTERS_MAX};
+use crate::error::{ConfChangeError, Error};
 use crate::log::RaftLog;
 use crate::message::{Message, MessageBody};
 use crate::progress::{Progress, ProgressState};
 use crate::storage::{Storage, StorageError};
 use crate::types::{
-    ConfState, Entry, EntryKind, HardState, Index, NodeId, Snapshot, Term, NO_NODE,
+    ConfChange, ConfChangeKind, ConfState, Entry, EntryKind, HardState, Index, NodeId, Snapshot,
+    Term, NO_NODE,
 };
 
 /// A node's role in its group. Serializable: nodes report it to tools
@@ -62,7 +63,14 @@ pub struct ReadState {
 /// 2. send `messages` (these may also go *before* or *during* step 1);
 /// 3. send `persisted_messages` — only *after* step 1 is durable;
 /// 4. restore the state machine from `snapshot`, then apply
-///    `committed_entries` in order (after step 1);
+///    `committed_entries` in order (after step 1). An entry of kind
+///    [`EntryKind::ConfigChange`] carries a [`ConfChange`]: applying it means
+///    persisting its `conf_after` as the group's membership together with
+///    the applied index (so [`Storage::initial_state`] returns the
+///    membership as of the applied index), and a snapshot's membership is
+///    the one as of its index ([`RawNode::conf_state_applied`]). The core
+///    itself runs with a change as soon as the entry is in its log (see
+///    [`RawNode::propose_conf_change`]);
 /// 5. serve `read_states` once the applied index reaches each one's index.
 ///
 /// `ready()` may not be called again before `advance()`. If a `Ready` has
@@ -125,7 +133,14 @@ pub struct RawNode<S: Storage> {
     role: Role,
     leader_id: NodeId,
     log: RaftLog<S>,
+    /// The membership in force: that of the last change in the log,
+    /// committed or not (the Raft dissertation, §4.1).
     conf: ConfState,
+    /// The membership as of the applied index.
+    conf_applied: ConfState,
+    /// The changes in the log above the applied index, in log order, with
+    /// the membership each results in.
+    conf_log: Vec<(Index, ConfState)>,
     progress: BTreeMap<NodeId, Progress>,
     votes: BTreeMap<NodeId, bool>,
     election_elapsed: u32,
@@ -146,6 +161,9 @@ pub struct RawNode<S: Storage> {
     /// so reads issued between two `ready` calls share one round).
     read_heartbeat_pending: bool,
     ready_in_progress: bool,
+    /// Leader: index of the last membership change proposed (or of its
+    /// term's first entry); no other change is proposed until it is applied.
+    pending_conf_index: Index,
     fatal: Option<StorageError>,
 }
 
@@ -174,7 +192,7 @@ impl<S: Storage> RawNode<S> {
     pub fn new(config: Config, storage: S) -> Result<RawNode<S>, Error> {
         config.validate()?;
         let state = storage.initial_state()?;
-        let conf = if state.conf_state.voters.is_empty() {
+        let conf_applied = if state.conf_state.voters.is_empty() {
             ConfState {
                 voters: config.voters.clone(),
                 learners: Vec::new(),
@@ -182,7 +200,7 @@ impl<S: Storage> RawNode<S> {
         } else {
             state.conf_state.clone()
         };
-        if conf.voters.is_empty() {
+        if conf_applied.voters.is_empty() && !config.join {
             return Err(ConfigError::NoVoters.into());
         }
         let snapshot_index = storage.first_index()? - 1;
@@ -211,7 +229,9 @@ impl<S: Storage> RawNode<S> {
             role: Role::Follower,
             leader_id: NO_NODE,
             log,
-            conf,
+            conf: conf_applied.clone(),
+            conf_applied,
+            conf_log: Vec::new(),
             progress: BTreeMap::new(),
             votes: BTreeMap::new(),
             election_elapsed: 0,
@@ -234,9 +254,19 @@ impl<S: Storage> RawNode<S> {
             broadcast_pending: false,
             read_heartbeat_pending: false,
             ready_in_progress: false,
+            pending_conf_index: 0,
             fatal: None,
         };
         node.become_follower(hs.term, NO_NODE);
+        // Changes in the log above the applied index are in force already.
+        let mut next = node.log.applied + 1;
+        while next <= last {
+            let entries = node
+                .log
+                .entries(next, last + 1, node.cfg.max_size_per_msg_bytes)?;
+            next = entries.last().map_or(last + 1, |e| e.index + 1);
+            node.track_conf_entries(&entries)?;
+        }
         Ok(node)
     }
 
@@ -302,9 +332,15 @@ impl<S: Storage> RawNode<S> {
             role: self.role,
         }
     }
-    /// Current membership.
+    /// The membership in force: that of the last change in the log,
+    /// committed or not.
     pub fn conf_state(&self) -> &ConfState {
         &self.conf
+    }
+    /// The membership as of the applied index: the one a snapshot taken at
+    /// the applied index records.
+    pub fn conf_state_applied(&self) -> &ConfState {
+        &self.conf_applied
     }
     /// The leader's view of `peer` (None on non-leaders and unknown peers).
     pub fn progress(&self, peer: NodeId) -> Option<&Progress> {
@@ -398,6 +434,66 @@ impl<S: Storage> RawNode<S> {
             self.broadcast_pending = true;
         }
         Ok(last)
+    }
+
+    /// Proposes a membership change of one member; returns the index of its
+    /// entry. Every member runs with the change as soon as the entry is in
+    /// its log, committed or not, and falls back to the previous membership
+    /// if the entry is replaced (the Raft dissertation's single-server
+    /// changes: the majorities of two memberships one change apart always
+    /// intersect). Refused, with nothing proposed,
+    /// while an earlier change is not applied, before this leader has
+    /// applied its own term's first entry (so a change never follows one
+    /// that a previous leader left uncommitted), for a learner that is
+    /// behind ([`PROMOTE_LAG_ENTRIES_MAX`]), or for the leader itself.
+    /// `context` travels in the entry for the layer above.
+    pub fn propose_conf_change(
+        &mut self,
+        kind: ConfChangeKind,
+        node: NodeId,
+        context: Bytes,
+    ) -> Result<Index, Error> {
+        self.check_fatal()?;
+        if self.role != Role::Leader {
+            return Err(Error::NotLeader {
+                leader_hint: self.leader_id,
+            });
+        }
+        if self.lead_transferee.is_some() {
+            return Err(Error::ProposalDropped);
+        }
+        if self.pending_conf_index > self.log.applied {
+            return Err(ConfChangeError::Pending {
+                pending_index: self.pending_conf_index,
+                applied: self.log.applied,
+            }
+            .into());
+        }
+        let matched = self.progress.get(&node).map_or(0, |pr| pr.match_index);
+        let conf_after = next_conf(&self.conf, kind, node, self.id, matched, self.log.committed)?;
+        let last = self.log.last_index()?;
+        if last - self.log.committed >= self.cfg.max_uncommitted_entries {
+            return Err(Error::ProposalDropped);
+        }
+        let change = ConfChange {
+            kind,
+            node,
+            conf_after,
+            context,
+        };
+        let entry = Entry {
+            term: self.term,
+            index: last + 1,
+            kind: EntryKind::ConfigChange,
+            data: change.encode(),
+        };
+        let r = self.log.append(std::slice::from_ref(&entry));
+        self.record(r)?;
+        let r = self.track_conf_entries(&[entry]);
+        self.record(r)?;
+        self.pending_conf_index = last + 1;
+        self.broadcast_pending = true;
+        Ok(last + 1)
     }
 
     /// Requests a linearizable read. When leadership is confirmed (a quorum
@@ -556,8 +652,18 @@ impl<S: Storage> RawNode<S> {
             self.log.stable_snapshot_to(s.meta.index);
             self.log.applied = self.log.applied.max(s.meta.index);
         }
+        if let Some(s) = &ready.snapshot {
+            if !s.meta.conf_state.voters.is_empty() {
+                self.conf_applied = s.meta.conf_state.clone();
+            }
+        }
         if let Some(e) = ready.committed_entries.last() {
             self.log.applied = self.log.applied.max(e.index);
+        }
+        let applied = self.log.applied;
+        let done = self.conf_log.partition_point(|(i, _)| *i <= applied);
+        if let Some((_, conf)) = self.conf_log.drain(..done).next_back() {
+            self.conf_applied = conf;
         }
         if let Some(e) = ready.entries.last() {
             self.log.stable_to(e.index, e.term);
@@ -601,6 +707,79 @@ impl<S: Storage> RawNode<S> {
 
     fn quorum(&self) -> usize {
         self.conf.voters.len() / 2 + 1
+    }
+
+    /// Records the membership changes among `entries`, which the log now
+    /// ends with (everything from their first index on was replaced by
+    /// them), and switches to the membership in force.
+    fn track_conf_entries(&mut self, entries: &[Entry]) -> Result<(), StorageError> {
+        let Some(first) = entries.first().map(|e| e.index) else {
+            return Ok(());
+        };
+        let before = self.conf_log.len();
+        self.conf_log.retain(|(i, _)| *i < first);
+        let mut changed = self.conf_log.len() != before;
+        for e in entries {
+            if e.kind != EntryKind::ConfigChange || e.index <= self.log.applied {
+                continue;
+            }
+            let change = ConfChange::decode(&e.data).map_err(|err| {
+                StorageError::Corrupt(format!(
+                    "node {}: entry {} term {}: {err}",
+                    self.id, e.index, e.term
+                ))
+            })?;
+            self.conf_log.push((e.index, change.conf_after));
+            changed = true;
+        }
+        if changed {
+            self.switch_conf()?;
+        }
+        Ok(())
+    }
+
+    /// Runs with the membership of the last change in the log (or the
+    /// applied one). A leader starts or stops replicating to the members
+    /// that came or went, and counts its commit index anew.
+    fn switch_conf(&mut self) -> Result<(), StorageError> {
+        let conf = match self.conf_log.last() {
+            Some((_, c)) => c.clone(),
+            None => self.conf_applied.clone(),
+        };
+        if conf.voters.is_empty() || conf == self.conf {
+            // No proposal produces an empty membership (`next_conf` refuses
+            // it); keep one that can still elect a leader.
+            return Ok(());
+        }
+        self.conf = conf;
+        if self.role != Role::Leader {
+            return Ok(());
+        }
+        if !self.conf.voters.contains(&self.id) {
+            // Unreachable while a leader never proposes its own removal;
+            // stepping down keeps a non-member from leading.
+            let term = self.term;
+            self.become_follower(term, NO_NODE);
+            return Ok(());
+        }
+        let last = self.log.last_index()?;
+        let conf = &self.conf;
+        self.progress.retain(|&id, _| conf.contains(id));
+        for id in conf.members() {
+            self.progress
+                .entry(id)
+                .or_insert_with(|| Progress::new(last + 1));
+        }
+        if self
+            .lead_transferee
+            .is_some_and(|t| !self.conf.voters.contains(&t))
+        {
+            self.lead_transferee = None;
+        }
+        // A smaller quorum may already hold more entries.
+        self.maybe_commit()?;
+        self.broadcast_pending = true;
+        Ok(())
     }
 
     fn promotable(&self) -> bool {
@@ -700,8 +879,8 @@ impl<S: Storage> RawNode<S> {
         self.leader_id = self.id;
         self.role = Role::Leader;
         let last = self.log.last_index()?;
-        for &v in &self.conf.voters {
-            self.progress.insert(v, Progress::new(last + 1));
+        for id in self.conf.members() {
+            self.progress.insert(id, Progress::new(last + 1));
         }
         let persisted = self.log.persisted_index();
         if let Some(pr) = self.progress.get_mut(&self.id) {
@@ -719,6 +898,11 @@ impl<S: Storage> RawNode<S> {
             data: Bytes::new(),
         };
         self.log.append(&[noop])?;
+        // No membership change until everything up to the no-op is
+        // applied: a change proposed by an earlier leader and not yet
+        // committed is settled first (the dissertation's fix for
+        // single-server changes across leader changes).
+        self.pending_conf_index = last + 1;
         self.broadcast_pending = true;
         Ok(())
     }
@@ -777,7 +961,7 @@ impl<S: Storage> RawNode<S> {
     fn quorum_active(&mut self) -> bool {
         let mut active = 0;
         for (&id, pr) in self.progress.iter_mut() {
-            if id == self.id || pr.recent_active {
+            if (id == self.id || pr.recent_active) && self.conf.voters.contains(&id) {
                 active += 1;
             }
             if id != self.id {
@@ -841,8 +1025,14 @@ impl<S: Storage> RawNode<S> {
             return VoteResult::Pending;
         }
         self.votes.entry(from).or_insert(granted);
-        let yes = self.votes.values().filter(|&&g| g).count();
-        let no = self.votes.len() - yes;
+        // Only current voters count (the membership may change while a
+        // campaign runs, when the node applies a change).
+        let voters = &self.conf.voters;
+        let counted = self.votes.iter().filter(|(id, _)| voters.contains(id));
+        let (yes, no) = counted.fold(
+            (0, 0),
+            |(y, n), (_, &g)| if g { (y + 1, n) } else { (y, n + 1) },
+        );
         if yes >= self.quorum() {
             VoteResult::Won
         } else if no > self.conf.voters.len() - self.quorum() {
@@ -1059,7 +1249,10 @@ impl<S: Storage> RawNode<S> {
             .log
             .maybe_append(prev_index, prev_term, commit, entries)?
         {
-            Some(last_new) => {
+            Some((last_new, conflict)) => {
+                if conflict != 0 {
+                    self.track_conf_entries(&entries[(conflict - prev_index - 1) as usize..])?;
+                }
                 self.send(
                     from,
                     MessageBody::AppendResponse {
@@ -1099,9 +1292,11 @@ impl<S: Storage> RawNode<S> {
             // A snapshot without voters carries no membership (a caller
             // that did not record it); keep ours rather than lose quorum.
             if !snapshot.meta.conf_state.voters.is_empty() {
-                self.conf = snapshot.meta.conf_state.clone();
+                self.conf_applied = snapshot.meta.conf_state.clone();
             }
+            self.conf_log.clear();
             self.log.restore(snapshot);
+            self.switch_conf()?;
             index
         };
         self.send(
@@ -1406,9 +1601,10 @@ impl<S: Storage> RawNode<S> {
         let Some(pos) = self.reads.iter().position(|r| r.context == context) else {
             return;
         };
+        let voters = &self.conf.voters;
         let req = &mut self.reads[pos];
         req.acks.insert(from);
-        if req.acks.len() >= quorum {
+        if req.acks.iter().filter(|id| voters.contains(id)).count() >= quorum {
             // The quorum answered a heartbeat sent after every earlier
             // request too, so those are confirmed as well.
             for r in self.reads.drain(..=pos) {
@@ -1419,4 +1615,66 @@ impl<S: Storage> RawNode<S> {
             }
         }
     }
+}
+
+/// The membership after one change, or why the change is refused. Pure:
+/// `leader` is the proposing leader, `matched` the highest index `node` is
+/// known to hold, `committed` the leader's commit index.
+pub fn next_conf(
+    conf: &ConfState,
+    kind: ConfChangeKind,
+    node: NodeId,
+    leader: NodeId,
+    matched: Index,
+    committed: Index,
+) -> Result<ConfState, ConfChangeError> {
+    if node == NO_NODE {
+        return Err(ConfChangeError::ZeroNode);
+    }
+    let mut after = conf.clone();
+    match kind {
+        ConfChangeKind::AddLearner => {
+            if conf.contains(node) {
+                return Err(ConfChangeError::AlreadyMember(node));
+            }
+            let count = conf.voters.len() + conf.learners.len() + 1;
+            if count > VOTERS_MAX {
+                return Err(ConfChangeError::TooManyMembers {
+                    count,
+                    max: VOTERS_MAX,
+                });
+            }
+            after.learners.push(node);
+            after.learners.sort_unstable();
+        }
+        ConfChangeKind::PromoteLearner => {
+            if !conf.learners.contains(&node) {
+                return Err(ConfChangeError::NotLearner(node));
+            }
+            if matched.saturating_add(PROMOTE_LAG_ENTRIES_MAX) < committed {
+                return Err(ConfChangeError::LearnerBehind {
+                    node,
+                    matched,
+                    committed,
+                });
+            }
+            after.learners.retain(|&l| l != node);
+            after.voters.push(node);
+            after.voters.sort_unstable();
+        }
+        ConfChangeKind::Remove => {
+            if !conf.contains(node) {
+                return Err(ConfChangeError::NotMember(node));
+            }
+            if node == leader {
+                return Err(ConfChangeError::RemoveLeader(node));
+            }
+            if conf.voters == [node] {
+                return Err(ConfChangeError::LastVoter(node));
+            }
+            after.voters.retain(|&v| v != node);
+            after.learners.retain(|&l| l != node);
+        }
+    }
+    Ok(after)
 }

@@ -28,7 +28,7 @@ use crate::mem_storage::MemStorage;
 use crate::message::{Message, MessageBody};
 use crate::raw_node::{RawNode, Role};
 use crate::storage::Storage;
-use crate::types::{Entry, Index, NodeId, Term};
+use crate::types::{ConfChange, ConfChangeKind, ConfState, Entry, EntryKind, Index, NodeId, Term};
 
 /// Network fault rates (per mille) and delays (ms).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -70,6 +70,10 @@ impl NetFaults {
 pub struct SimOptions {
     /// Number of nodes (ids `1..=nodes`).
     pub nodes: usize,
+    /// How many of them (the first) form the group at the start; the others
+    /// start empty, joining ([`Config::join`]), until a membership change
+    /// adds them.
+    pub voters_initial: usize,
     /// Seed of everything.
     pub seed: u64,
     /// Virtual milliseconds per tick.
@@ -87,6 +91,7 @@ impl SimOptions {
     pub fn new(nodes: usize, seed: u64) -> SimOptions {
         SimOptions {
             nodes,
+            voters_initial: nodes,
             seed,
             tick_ms: DEFAULT_TICK_MS,
             faults: NetFaults::reliable(),
@@ -126,6 +131,13 @@ pub struct Checker {
     reads: HashMap<Bytes, Index>,
     /// Reads confirmed.
     pub reads_confirmed: u64,
+}
+
+/// How many voters one membership has that the other has not.
+fn voters_moved(a: &ConfState, b: &ConfState) -> usize {
+    let gone = a.voters.iter().filter(|v| !b.voters.contains(v)).count();
+    let came = b.voters.iter().filter(|v| !a.voters.contains(v)).count();
+    gone + came
 }
 
 fn fnv(mut h: u64, data: &[u8]) -> u64 {
@@ -290,6 +302,9 @@ pub struct SimNode {
     persisted_vote: NodeId,
     /// Highest in-memory commit index seen in this incarnation.
     commit_seen: Index,
+    /// The membership as of the applied index, replayed by the simulator
+    /// to check that every change moves one member.
+    conf_applied: ConfState,
 }
 
 /// A simulated cluster.
@@ -342,10 +357,16 @@ impl Cluster {
             read_seq: 0,
             opts,
         };
+        let voters: Vec<NodeId> = (1..=c.opts.voters_initial as NodeId).collect();
         for _ in 0..n {
+            let storage = if c.nodes.len() < c.opts.voters_initial {
+                MemStorage::with_voters(voters.clone())
+            } else {
+                MemStorage::new()
+            };
             c.nodes.push(SimNode {
                 raft: None,
-                storage: Some(MemStorage::with_voters((1..=n as NodeId).collect())),
+                storage: Some(storage),
                 sm: StateMachine::default(),
                 applied_log: BTreeMap::new(),
                 incarnation: 0,
@@ -353,6 +374,7 @@ impl Cluster {
                 persisted_term: 0,
                 persisted_vote: 0,
                 commit_seen: 0,
+                conf_applied: ConfState::default(),
             });
         }
         for i in 0..n {
@@ -400,7 +422,12 @@ impl Cluster {
         };
         let mut cfg = self.opts.config.clone();
         cfg.id = i as NodeId + 1;
-        cfg.voters = (1..=self.opts.nodes as NodeId).collect();
+        cfg.join = i >= self.opts.voters_initial;
+        cfg.voters = if cfg.join {
+            Vec::new()
+        } else {
+            (1..=self.opts.voters_initial as NodeId).collect()
+        };
         cfg.seed = self
             .opts
             .seed
@@ -415,6 +442,7 @@ impl Cluster {
             )
         });
         node.commit_seen = raft.commit_index();
+        node.conf_applied = raft.conf_state_applied().clone();
         node.raft = Some(raft);
         if !snap.is_empty() {
             let (idx, hash) = (self.nodes[i].sm.applied, self.nodes[i].sm.hash);
@@ -528,6 +556,68 @@ impl Cluster {
         Some(ctx)
     }
 
+    /// Proposes a membership change of node `node` (0-based) at node `i`;
+    /// the result of [`RawNode::propose_conf_change`].
+    pub fn propose_conf_change(
+        &mut self,
+        i: usize,
+        kind: ConfChangeKind,
+        node: usize,
+    ) -> Option<Result<Index, crate::Error>> {
+        let raft = self.nodes[i].raft.as_mut()?;
+        let r = raft.propose_conf_change(kind, node as NodeId + 1, Bytes::new());
+        self.process(i);
+        Some(r)
+    }
+
+    /// The membership node `i` runs with (None while it is down).
+    pub fn conf_state(&self, i: usize) -> Option<&ConfState> {
+        self.raft(i).map(|r| r.conf_state())
+    }
+
+    /// The term of the entry at `index` in node `i`'s persisted log (alive
+    /// or crashed); an index covered by its snapshot counts as held (0).
+    fn persisted_term(&self, i: usize, index: Index) -> Option<Term> {
+        let node = &self.nodes[i];
+        let st = match (&node.raft, &node.storage) {
+            (Some(r), _) => r.storage(),
+            (None, Some(s)) => s,
+            (None, None) => return None,
+        };
+        let snap = &st.current_snapshot().meta;
+        if index <= snap.index {
+            return Some(0);
+        }
+        st.term(index).ok()
+    }
+
+    /// A leader's commit index must be held by a majority of the voters of
+    /// the membership it runs with.
+    fn check_commit_quorum(&self, i: usize) {
+        let Some(raft) = self.raft(i) else { return };
+        let commit = raft.commit_index();
+        if !raft.is_leader() || commit <= self.nodes[i].commit_seen {
+            return;
+        }
+        let Ok(term) = raft.term_at(commit) else {
+            return;
+        };
+        let voters = &raft.conf_state().voters;
+        let holding = voters
+            .iter()
+            .filter(|&&v| {
+                self.persisted_term(v as usize - 1, commit)
+                    .is_some_and(|t| t == term || t == 0)
+            })
+            .count();
+        if holding < voters.len() / 2 + 1 {
+            self.checker.fail(format!(
+                "node {} committed index {commit} held by only {holding} of its voters {voters:?}",
+                i + 1
+            ));
+        }
+    }
+
     /// Asks node `i` to transfer leadership to node `to` (0-based).
     pub fn transfer_leader(&mut self, i: usize, to: usize) -> bool {
         let Some(raft) = self.nodes[i].raft.as_mut() else {
@@ -566,6 +656,7 @@ impl Cluster {
                 self.crash(i);
                 return;
             }
+            self.check_commit_quorum(i);
             let raft = self.nodes[i].raft.as_mut().expect("alive");
             let commit = raft.commit_index();
             let node = &mut self.nodes[i];
@@ -610,6 +701,7 @@ impl Cluster {
                 let sm = StateMachine::decode(&snap.data);
                 self.checker.on_restore(id, snap.meta.index, sm.hash);
                 node.sm = sm;
+                node.conf_applied = snap.meta.conf_state.clone();
                 let idx = node.sm.applied;
                 self.fill_applied_log(i, idx);
             }
@@ -617,6 +709,20 @@ impl Cluster {
             for e in &ready.committed_entries {
                 self.checker.on_apply(id, e, &mut node.sm);
                 node.applied_log.insert(e.index, e.data.clone());
+                if e.kind == EntryKind::ConfigChange {
+                    let change = ConfChange::decode(&e.data).unwrap_or_else(|err| {
+                        self.checker
+                            .fail(format!("node {id}: entry {}: {err}", e.index))
+                    });
+                    let before = &node.conf_applied;
+                    if !before.voters.is_empty() && voters_moved(before, &change.conf_after) > 1 {
+                        self.checker.fail(format!(
+                            "node {id}: change at {} moves more than one voter: {before:?} -> {:?}",
+                            e.index, change.conf_after
+                        ));
+                    }
+                    node.conf_applied = change.conf_after;
+                }
             }
             for rs in &ready.read_states {
                 self.checker.reads_confirmed += 1;
@@ -632,12 +738,19 @@ impl Cluster {
             let node = &mut self.nodes[i];
             let raft = node.raft.as_mut().expect("alive");
             raft.advance(ready).expect("advance");
+            if raft.conf_state_applied() != &node.conf_applied {
+                self.checker.fail(format!(
+                    "node {id}: core's applied membership {:?} differs from the applied log's {:?}",
+                    raft.conf_state_applied(),
+                    node.conf_applied
+                ));
+            }
             if let Some(interval) = self.opts.snapshot_interval {
                 let snap_index = raft.storage().current_snapshot().meta.index;
                 if node.sm.applied >= snap_index + interval {
                     let data = node.sm.encode();
                     let applied = node.sm.applied;
-                    let conf = raft.conf_state().clone();
+                    let conf = raft.conf_state_applied().clone();
                     let st = raft.storage_mut();
                     st.create_snapshot(applied, conf, data).expect("snapshot");
                     st.compact(applied).expect("compact");

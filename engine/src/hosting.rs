@@ -22,7 +22,7 @@ use crate::backend::{Backend, Cf, WriteSet};
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
 use crate::keys::{
-    decode_record, encode_record, group_key, group_range, log_key, meta_applied_key,
+    decode_record, encode_record, group_key, group_range, log_key, meta_applied_key, meta_conf_key,
     meta_dropped_key, meta_hosted_key, meta_hosted_range, meta_install_key, meta_shard_group_range,
 };
 use crate::log::{stage_group_write, GroupWrite};
@@ -125,6 +125,7 @@ impl<B: Backend> Engine<B> {
         let (start, end) = meta_shard_group_range(group);
         set.delete_range(Cf::Meta, start, end);
         set.delete(Cf::Meta, meta_applied_key(group).to_vec());
+        set.delete(Cf::Meta, meta_conf_key(group).to_vec());
         set.delete(Cf::Meta, meta_install_key(group).to_vec());
         set.delete(Cf::Meta, meta_hosted_key(group).to_vec());
         let tombstone = meta_dropped_key(group);

@@ -111,6 +111,8 @@ const META_SHARD: u8 = b's';
 const META_FORMAT: u8 = b'f';
 const META_HOSTED: u8 = b'h';
 const META_DROPPED: u8 = b'd';
+const META_CONF: u8 = b'c';
+const META_MEMBER_ADDR: u8 = b'm';
 
 /// Key of the on-disk format marker in `meta`.
 pub fn meta_format_key() -> [u8; 1] {
@@ -154,6 +156,25 @@ pub fn meta_dropped_key(group: GroupId) -> [u8; 9] {
     let mut k = [META_DROPPED; 9];
     k[1..].copy_from_slice(&group.to_be_bytes());
     k
+}
+
+/// Key of `group`'s last applied membership change in `meta`.
+pub fn meta_conf_key(group: GroupId) -> [u8; 9] {
+    let mut k = [META_CONF; 9];
+    k[1..].copy_from_slice(&group.to_be_bytes());
+    k
+}
+
+/// Key of a member's address in this node's address book, in `meta`.
+pub fn meta_member_addr_key(node: u64) -> [u8; 9] {
+    let mut k = [META_MEMBER_ADDR; 9];
+    k[1..].copy_from_slice(&node.to_be_bytes());
+    k
+}
+
+/// `[start, end)` of the address book.
+pub fn meta_member_addr_range() -> (Vec<u8>, Vec<u8>) {
+    (vec![META_MEMBER_ADDR], vec![META_MEMBER_ADDR + 1])
 }
 
 /// Key of the ownership record of `shard` of `group` in `meta`.

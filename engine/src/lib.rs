@@ -64,6 +64,7 @@ pub mod keys;
 pub mod kv;
 pub mod log;
 pub mod mem;
+pub mod membership;
 pub mod metrics;
 pub mod rocks;
 pub mod shards;
@@ -84,5 +85,6 @@ pub use kv::{
     ScanPage, Session, Versioned, EXPIRE_SESSIONS_PER_ENTRY_MAX,
 };
 pub use log::{GroupState, GroupStorage, GroupWrite, LogBatch};
+pub use membership::{AppliedConf, MEMBER_ADDR_BYTES_MAX};
 pub use shards::{ShardRecord, ShardStatus};
 pub use snapshot::{SnapshotFile, SnapshotManifest, SnapshotScope};

@@ -517,7 +517,7 @@ impl<B: Backend> Storage for GroupStorage<B> {
         let state = self.engine.group_state(self.group)?;
         Ok(RaftState {
             hard_state: state.hard_state,
-            conf_state: state.conf_state,
+            conf_state: self.engine.conf_state(self.group)?,
         })
     }
     fn entries(&self, low: Index, high: Index, max_bytes: u64) -> Result<Vec<Entry>, StorageError> {

@@ -595,6 +595,10 @@ impl<P: Protocol> Transport<P> for QuicNode<P> {
         self.inner.id
     }
 
+    fn set_member_addr(&self, id: NodeId, addr: SocketAddr) {
+        self.set_member(id, addr);
+    }
+
     fn set_fault_filter(&self, blocked: &[NodeId]) -> Result<(), FaultFilterError> {
         if !self.inner.config.fault_injection_enabled {
             return Err(FaultFilterError::Disabled);

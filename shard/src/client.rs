@@ -51,8 +51,9 @@ use crate::node::{
     CONTROLLER_GROUP, CONTROLLER_SHARD, KV_GROUP, KV_SHARD, SESSION_IDLE_MS_DEFAULT,
 };
 use crate::protocol::{
-    ClientCommand, Denied, GroupRefusal, KvProtocol, KvRequest, KvResponse, NodeReport, PinInfo,
-    PinnedShardInfo, Request, Response, PIN_SHARDS_MAX,
+    ClientCommand, Denied, GroupRefusal, KvProtocol, KvRequest, KvResponse, MemberChange,
+    MemberReply, MemberRequest, NodeReport, PinInfo, PinnedShardInfo, Request, Response,
+    PIN_SHARDS_MAX,
 };
 
 /// Most pairs [`Client::scan`] asks for in one page (the nodes' default
@@ -1269,6 +1270,11 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
                         "unexpected shard step reply {reply:?}"
                     )))
                 }
+                Ok(KvResponse::Member(reply)) => {
+                    return Attempted::Failed(ClientError::Refused(format!(
+                        "unexpected membership reply {reply:?}"
+                    )))
+                }
                 Ok(KvResponse::Refused { reason }) => {
                     return Attempted::Failed(ClientError::Refused(reason))
                 }
@@ -1358,6 +1364,81 @@ pub enum AdminError {
     /// The node answered something else (a bug or a version mismatch).
     #[error("unexpected response {0}")]
     Unexpected(String),
+}
+
+/// Why a membership change ([`Client::change_members`]) failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MemberError {
+    /// The leader refused the change; nothing was proposed.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// A node refused the caller (not the admin client).
+    #[error("refused: {0}")]
+    Denied(Denied),
+    /// No leader carried the change out within the operation deadline;
+    /// it may still be applied. The last answer is given.
+    #[error("no leader applied the change in time (last answer: {0})")]
+    Unavailable(String),
+}
+
+impl<C: RpcCaller<KvProtocol>> Client<C> {
+    /// Admin: has `group`'s leader, found among `nodes` (following leader
+    /// hints), carry out one membership change, and returns the membership
+    /// once the change is applied there: (voters, learners). A change
+    /// refused as pending (an earlier one, or a new leader's first entry,
+    /// not applied yet) or a learner not caught up yet is retried until
+    /// the operation deadline. Needs the admin client's certificate.
+    pub async fn change_members(
+        &self,
+        group: GroupId,
+        change: MemberChange,
+        nodes: &[NodeId],
+    ) -> Result<(Vec<u64>, Vec<u64>), MemberError> {
+        let deadline = Instant::now() + self.config.op_deadline;
+        let mut backoff = self.config.backoff_min;
+        let mut next = 0;
+        let mut hint: Option<NodeId> = None;
+        let mut last = String::from("no node tried");
+        while Instant::now() < deadline {
+            let node = match hint.take() {
+                Some(h) => h,
+                None if nodes.is_empty() => break,
+                None => {
+                    next += 1;
+                    nodes[(next - 1) % nodes.len()]
+                }
+            };
+            let request = Request::Member(MemberRequest {
+                group,
+                change: change.clone(),
+            });
+            let rpc_deadline = self.config.rpc_deadline.max(self.config.op_deadline / 4);
+            match self
+                .caller
+                .call_with_deadline(node, request, rpc_deadline)
+                .await
+            {
+                Ok(Response::Kv(KvResponse::Member(MemberReply::Done { voters, learners }))) => {
+                    return Ok((voters, learners))
+                }
+                Ok(Response::Kv(KvResponse::Member(MemberReply::Refused { reason }))) => {
+                    return Err(MemberError::Refused(reason))
+                }
+                Ok(Response::Denied(d)) => return Err(MemberError::Denied(d)),
+                Ok(Response::Kv(KvResponse::NotLeader { leader_hint })) if leader_hint != 0 => {
+                    hint = Some(NodeId(leader_hint));
+                    last = format!("node {node}: not the leader");
+                    continue;
+                }
+                Ok(other) => last = format!("node {node}: {other:?}"),
+                Err(e) => last = format!("node {node}: {e}"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(self.config.backoff_max);
+        }
+        Err(MemberError::Unavailable(last))
+    }
 }
 
 /// Status and admin calls: one attempt at one node, no retries (the

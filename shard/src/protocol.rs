@@ -23,6 +23,9 @@
 //!     partition tests. A node accepts them only from the admin client
 //!     (`Peer::is_admin`) and only with fault injection enabled; otherwise
 //!     it answers [`Response::Denied`] and carries on.
+//!   - [`Request::Member`]: an admin request (the admin client only) for
+//!     a group's leader to add a learner, promote one or remove a member,
+//!     answered [`KvResponse::Member`] once applied.
 //!   - [`Request::HostGroup`] / [`Request::DropGroup`]: admin requests
 //!     (the admin client only, fault injection or not) that make a node
 //!     start or stop hosting a replica of a group, answered
@@ -343,6 +346,8 @@ pub enum KvResponse {
         /// Why.
         reason: String,
     },
+    /// The outcome of a membership change ([`Request::Member`]).
+    Member(MemberReply),
     /// The range is pinned: the answer to [`ClientCommand::Pin`].
     Pinned(PinInfo),
     /// The node holds no such pin: never made, released (`Unpin`, idle
@@ -363,6 +368,7 @@ impl KvResponse {
             KvResponse::ShuttingDown => "shutting_down",
             KvResponse::Busy => "busy",
             KvResponse::Refused { .. } => "refused",
+            KvResponse::Member(_) => "member",
             KvResponse::Pinned(_) => "pinned",
             KvResponse::PinGone => "pin_gone",
         }
@@ -400,6 +406,10 @@ pub enum Request {
         /// including this node's.
         voters: Vec<NodeId>,
     },
+    /// Admin: a membership change of `group` (one member at a time), for
+    /// the group's leader to propose; answered [`KvResponse::Member`] once
+    /// applied, or refused unproposed. Needs the admin client.
+    Member(MemberRequest),
     /// Admin: stop hosting `group` and delete its log, raft state and data
     /// on this node. Refused while the group holds any shard here (a shard
     /// record that is not `Absent`, or static shards) and for a group of
@@ -408,6 +418,58 @@ pub enum Request {
     DropGroup {
         /// The group.
         group: GroupId,
+    },
+}
+
+/// A membership change addressed to one group ([`Request::Member`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberRequest {
+    /// The group.
+    pub group: GroupId,
+    /// The change.
+    pub change: MemberChange,
+}
+
+/// One member joins, is promoted or leaves (see
+/// `shoal_consensus::ConfChangeKind`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberChange {
+    /// `node` joins as a learner, reachable at `addr` (`ip:port`, at most
+    /// `shoal_engine::MEMBER_ADDR_BYTES_MAX` bytes), which every member
+    /// records in its address book when it applies the change.
+    AddLearner {
+        /// The new member.
+        node: NodeId,
+        /// Its address.
+        addr: String,
+    },
+    /// The learner `node`, caught up, becomes a voter.
+    Promote {
+        /// The learner.
+        node: NodeId,
+    },
+    /// `node` (a voter other than the leader, or a learner) leaves.
+    Remove {
+        /// The member.
+        node: NodeId,
+    },
+}
+
+/// How a membership change ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberReply {
+    /// Applied; the group's membership from then on.
+    Done {
+        /// Its voters.
+        voters: Vec<NodeId>,
+        /// Its learners.
+        learners: Vec<NodeId>,
+    },
+    /// Refused without being proposed (another change pending, a learner
+    /// behind, the leader's own removal, a bad address...).
+    Refused {
+        /// Why.
+        reason: String,
     },
 }
 
@@ -634,7 +696,7 @@ pub struct NodeReport {
 }
 
 /// One group's state as a node sees it (part of a [`NodeReport`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupReport {
     /// The group.
     pub group: GroupId,
@@ -652,6 +714,14 @@ pub struct GroupReport {
     /// not be read): a replica whose applied index is below it holds
     /// entries it has not applied, and refuses to be dropped.
     pub last: Index,
+    /// The voters it runs with (the last membership change in its log).
+    pub voters: Vec<NodeId>,
+    /// The learners it runs with.
+    pub learners: Vec<NodeId>,
+    /// On the leader: the highest index each other member is known to
+    /// hold (a learner is caught up once this nears `commit`). Empty on
+    /// other nodes.
+    pub matched: Vec<(NodeId, Index)>,
 }
 
 #[cfg(test)]

@@ -83,7 +83,7 @@ async fn status_rpc_answers_any_client() {
     assert_eq!(report.pid, std::process::id());
     assert!(report.blocked.is_empty());
     assert_eq!(report.groups.len(), 1);
-    let group = report.groups[0];
+    let group = report.groups[0].clone();
     assert_eq!(group.role, Role::Leader);
     assert_eq!(group.leader, NODES[l].0);
     assert!(group.term >= 1);

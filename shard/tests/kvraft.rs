@@ -842,3 +842,42 @@ async fn concurrent_clones_of_one_client_unreliable_partitions_crash() {
     )
     .await;
 }
+
+/// Not a lab test: a leader asked to stop hands leadership to another voter
+/// first, so the group has a new leader (one term later) within a few
+/// ticks of the old one stopping, instead of after an election timeout.
+#[tokio::test(start_paused = true)]
+async fn a_stopping_leader_hands_off_leadership() {
+    use shoal_shard::node::KV_GROUP;
+    /// A few ticks: well below the shortest election timeout.
+    const AFTER_STOP_MS_MAX: u64 = 150;
+    assert!(Duration::from_millis(AFTER_STOP_MS_MAX) < ELECTION_TIMEOUT / 2);
+    for seed in common::seeds_or("a_stopping_leader_hands_off_leadership", 10) {
+        let mut c = Cluster::new(3, true, seed);
+        let clerk = c.clerk();
+        clerk.put("k", "v", 0).await.expect("put");
+        let l = c.wait_for_leader(ELECTION_TIMEOUT).await;
+        let term = c.nodes[l].as_ref().expect("running").status(KV_GROUP).term;
+        c.shutdown_node(l).await;
+        let stopped = Instant::now();
+        let new = loop {
+            if let Some(n) = c.leader() {
+                break n;
+            }
+            assert!(
+                stopped.elapsed() <= Duration::from_millis(AFTER_STOP_MS_MAX),
+                "seed {seed}: no leader {AFTER_STOP_MS_MAX} ms after the old one stopped"
+            );
+            sleep(Duration::from_millis(5)).await;
+        };
+        assert_ne!(new, l);
+        let new_term = c.nodes[new]
+            .as_ref()
+            .expect("running")
+            .status(KV_GROUP)
+            .term;
+        assert_eq!(new_term, term + 1, "seed {seed}: one campaign, no election");
+        assert_eq!(clerk.get("k").await.expect("get").0, "v");
+        c.shutdown_all().await;
+    }
+}

@@ -67,6 +67,49 @@ impl Cluster {
         Cluster::start_args(root, n, args)
     }
 
+    /// Creates certificates for `n` nodes and starts them, the nodes of
+    /// `joining` with `--join`: not members until `shoal member add`.
+    #[allow(dead_code)]
+    pub fn start_joining(root: &Path, n: u64, joining: &[u64]) -> Cluster {
+        let mut nodes = LocalCluster::create(env!("CARGO_BIN_EXE_shoal").as_ref(), root, n, &[])
+            .expect("certificates and ports");
+        nodes.inherit_stderr();
+        for &id in joining {
+            nodes.set_joining(id);
+        }
+        nodes.start_all().expect("start the nodes");
+        Cluster {
+            tls: nodes.tls_dir().to_path_buf(),
+            members: nodes.members().to_vec(),
+            nodes,
+        }
+    }
+
+    /// `shoal member ARGS` as the admin; returns its JSON lines (it must
+    /// succeed).
+    #[allow(dead_code)]
+    pub fn member(&self, args: &[&str]) -> Vec<serde_json::Value> {
+        let output = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .arg("member")
+            .args(["--cluster", &self.cluster_arg(), "--tls"])
+            .arg(&self.tls)
+            .args(["--name", "admin", "--timeout-ms", "30000"])
+            .args(args)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run shoal member");
+        assert!(
+            output.status.success(),
+            "shoal member {args:?} failed: {:?}",
+            output.status
+        );
+        String::from_utf8(output.stdout)
+            .expect("utf-8")
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?} is not JSON: {e}")))
+            .collect()
+    }
+
     /// [`Cluster::start`], every node with the extra arguments `args`.
     pub fn start_args(root: &Path, n: u64, args: &[&str]) -> Cluster {
         let mut nodes = LocalCluster::create(env!("CARGO_BIN_EXE_shoal").as_ref(), root, n, args)

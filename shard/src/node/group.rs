@@ -18,7 +18,7 @@ use super::persist::{entry_chunks, request_bytes};
 use super::sessions::SessionTracker;
 use super::telemetry::{GroupMetrics, RequestTrace};
 use super::NodeError;
-use crate::protocol::{KvRequest, KvResponse, Response, ShardCommand};
+use crate::protocol::{KvRequest, KvResponse, MemberChange, MemberReply, Response, ShardCommand};
 
 /// Whoever waits for a request's answer: a client RPC (with its trace:
 /// latency, outcome, span), or nobody (the leader's own session-expiry
@@ -85,6 +85,9 @@ pub(super) struct Group<B: Backend> {
     pub(super) queued_writes: Vec<(Request, Waiter)>,
     /// Shard move steps received this turn, one entry each.
     pub(super) queued_shard: Vec<(ShardCommand, Waiter)>,
+    /// Membership changes received this turn (the core takes one at a
+    /// time; the others are refused as pending).
+    pub(super) queued_member: Vec<(MemberChange, Waiter)>,
     /// Reads received this turn, sent as one ReadIndex at the round start.
     pub(super) queued_reads: Waiting,
     /// Proposals by log index.
@@ -137,6 +140,7 @@ impl<B: Backend> Group<B> {
             raw,
             queued_writes: Vec::new(),
             queued_shard: Vec::new(),
+            queued_member: Vec::new(),
             queued_reads: Vec::new(),
             proposals: BTreeMap::new(),
             reads_unconfirmed: BTreeMap::new(),
@@ -199,6 +203,9 @@ impl<B: Backend> Group<B> {
                 });
             }
         }
+        for (change, waiter) in std::mem::take(&mut self.queued_member) {
+            self.propose_member(change, waiter);
+        }
         if !self.queued_writes.is_empty() {
             let queued = std::mem::take(&mut self.queued_writes);
             if !self.raw.is_leader() {
@@ -240,6 +247,79 @@ impl<B: Backend> Group<B> {
             }
         }
         Ok(())
+    }
+
+    fn propose_member(&mut self, change: MemberChange, waiter: Waiter) {
+        use shoal_consensus::ConfChangeKind;
+        let (kind, node, context) = match change {
+            MemberChange::AddLearner { node, addr } => {
+                (ConfChangeKind::AddLearner, node, Bytes::from(addr))
+            }
+            MemberChange::Promote { node } => (ConfChangeKind::PromoteLearner, node, Bytes::new()),
+            MemberChange::Remove { node } => (ConfChangeKind::Remove, node, Bytes::new()),
+        };
+        if kind == ConfChangeKind::Remove && node == self.raw.id() {
+            // The leader leaves only as a follower: it hands leadership to
+            // the voter with the longest log, and the caller, told to
+            // retry, finds the new leader, which proposes the removal.
+            let voters = self.raw.conf_state().voters.clone();
+            let raw = &self.raw;
+            let target = super::leaders::handoff_target(node, &voters, |v| {
+                raw.progress(v)
+                    .filter(|p| p.state == shoal_consensus::ProgressState::Replicate)
+                    .map(|p| p.match_index)
+            });
+            if let Some(to) = target {
+                if self.raw.lead_transferee().is_none() {
+                    let _ = self.raw.transfer_leader(to);
+                }
+                waiter.send(KvResponse::Busy);
+                return;
+            }
+        }
+        // A retried change that is in force already is done (so retries
+        // after a lost answer are harmless); "in force" is the membership
+        // the core runs with, which a leader's own log decides.
+        let conf = self.raw.conf_state();
+        let done = match kind {
+            ConfChangeKind::AddLearner => conf.learners.contains(&node),
+            ConfChangeKind::PromoteLearner => conf.voters.contains(&node),
+            ConfChangeKind::Remove => !conf.contains(node),
+        };
+        if done && self.raw.conf_state() == self.raw.conf_state_applied() {
+            waiter.send(KvResponse::Member(MemberReply::Done {
+                voters: conf.voters.clone(),
+                learners: conf.learners.clone(),
+            }));
+            return;
+        }
+        match self.raw.propose_conf_change(kind, node, context) {
+            Ok(index) => {
+                self.leader_term.get_or_insert(self.raw.term());
+                self.proposals.insert(
+                    index,
+                    Proposal {
+                        term: self.raw.term(),
+                        responders: vec![waiter],
+                    },
+                );
+            }
+            Err(shoal_consensus::Error::NotLeader { leader_hint }) => {
+                waiter.send(KvResponse::NotLeader { leader_hint });
+            }
+            // Retryable: the earlier change or the learner's catch-up
+            // finishes by itself.
+            Err(shoal_consensus::Error::ConfChange(
+                shoal_consensus::ConfChangeError::Pending { .. }
+                | shoal_consensus::ConfChangeError::LearnerBehind { .. },
+            )) => waiter.send(KvResponse::Busy),
+            Err(shoal_consensus::Error::ConfChange(e)) => {
+                waiter.send(KvResponse::Member(MemberReply::Refused {
+                    reason: e.to_string(),
+                }));
+            }
+            Err(_) => waiter.send(KvResponse::Busy),
+        }
     }
 
     fn propose(&mut self, entry: Entry, responders: Vec<Waiter>) {
@@ -405,6 +485,9 @@ impl<B: Backend> Group<B> {
             r.send(response());
         }
         for (_, r) in self.queued_shard.drain(..) {
+            r.send(response());
+        }
+        for (_, r) in self.queued_member.drain(..) {
             r.send(response());
         }
         for (_, p) in std::mem::take(&mut self.proposals) {

@@ -29,6 +29,11 @@
 //! Nodes hosting different sets of groups judge by different views; the
 //! rule still only moves a group to a node that, as far as the sender
 //! knows, leads at least two fewer, at most one per node per period.
+//!
+//! # Handing off at shutdown
+//! A node asked to stop first hands every group it leads to another voter
+//! ([`handoff_target`]), so a rolling restart costs no election timeout:
+//! the new leader campaigns at once on the old one's `TimeoutNow`.
 
 use std::collections::BTreeMap;
 
@@ -45,6 +50,30 @@ pub const LEADER_BALANCE_EVERY_TICKS: u64 = 40;
 /// from it within this many ticks (5 heartbeat intervals at the default
 /// ticks): a crashed member is not handed a group it could not lead.
 pub const PEER_HEARD_WITHIN_TICKS: u64 = 10;
+
+/// Ticks a stopping node spends handing off its groups' leadership before
+/// it stops anyway (2 s at the default 50 ms tick: two transfers, each
+/// given up by the core after one election timeout, 10 to 20 ticks).
+pub const SHUTDOWN_HANDOFF_TICKS_MAX: u64 = 40;
+
+/// The voter a stopping leader hands a group to: among the voters other
+/// than `me` that can take over (`match_of` gives the highest log index a
+/// voter is known to hold, None for one that cannot take over now: not
+/// heard from recently, or not replicating), the one with the longest log,
+/// so the transfer waits least for it to catch up; ties go to the lowest
+/// id. None if no voter can.
+pub fn handoff_target(
+    me: NodeId,
+    voters: &[NodeId],
+    match_of: impl Fn(NodeId) -> Option<u64>,
+) -> Option<NodeId> {
+    voters
+        .iter()
+        .filter(|&&v| v != me)
+        .filter_map(|&v| match_of(v).map(|m| (m, v)))
+        .max_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)))
+        .map(|(_, v)| v)
+}
 
 /// What a node knows about one group it hosts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,6 +155,23 @@ mod tests {
 
     fn anyone(_: GroupId, _: NodeId) -> bool {
         true
+    }
+
+    #[test]
+    fn handoff_goes_to_the_longest_log_that_can_take_over() {
+        let matches = |m: &'static [(NodeId, Option<u64>)]| {
+            move |v: NodeId| m.iter().find(|(id, _)| *id == v).and_then(|(_, m)| *m)
+        };
+        let m = matches(&[(2, Some(7)), (3, Some(9)), (4, None)]);
+        assert_eq!(handoff_target(1, &[1, 2, 3, 4], m), Some(3));
+        let tie = matches(&[(2, Some(9)), (3, Some(9))]);
+        assert_eq!(handoff_target(1, &[1, 3, 2], tie), Some(2));
+        let dead = matches(&[(2, None), (3, None)]);
+        assert_eq!(handoff_target(1, &[1, 2, 3], dead), None);
+        assert_eq!(handoff_target(1, &[1], matches(&[])), None);
+        // Never itself, even if it has the longest log.
+        let me = matches(&[(1, Some(99)), (2, Some(1))]);
+        assert_eq!(handoff_target(1, &[1, 2], me), Some(2));
     }
 
     /// The sum of squares of the counts: every transfer lowers it.

@@ -92,7 +92,12 @@
 //! operation deadline must stay well below it.
 //!
 //! # Shutdown
-//! [`NodeHandle::shutdown`] signals the loop, which stops taking events,
+//! [`NodeHandle::shutdown`] signals the loop. A node that leads a group
+//! with other voters first hands it off (`leaders::handoff_target`: the
+//! voter that can take over with the longest log is told to campaign at
+//! once), serving as usual meanwhile, until it leads none or
+//! `SHUTDOWN_HANDOFF_TICKS_MAX` ticks have passed; so a rolling restart
+//! costs no election timeout. Then the loop stops taking events,
 //! answers every waiting caller with [`KvResponse::ShuttingDown`], stops its
 //! tasks, drops its inbox (RPCs still queued there fail at the caller with
 //! a lost reply) and returns. Nothing is left to persist: every round's log
@@ -164,15 +169,16 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use self::group::{decode_entry, updates_session, Group, Waiter};
 use self::hosting::HostDecision;
-use self::leaders::{GroupLeadership, PEER_HEARD_WITHIN_TICKS};
+use self::leaders::{GroupLeadership, PEER_HEARD_WITHIN_TICKS, SHUTDOWN_HANDOFF_TICKS_MAX};
 use self::moves::{Effect, Entry};
 use self::pins::{PinSpec, Pins};
 use self::sessions::SessionTracker;
 use self::snapshots::{export_dir, recv_dir, remove_dirs, SnapshotFileError};
 use self::telemetry::{Observed, RequestTrace};
 use crate::protocol::{
-    Denied, GroupRefusal, GroupReport, KvProtocol, KvResponse, NodeReport, PeerMessage,
-    Request as RpcRequest, Response, ShardCommand, ShardReply, SnapshotFileMeta,
+    Denied, GroupRefusal, GroupReport, KvProtocol, KvResponse, MemberChange, MemberReply,
+    NodeReport, PeerMessage, Request as RpcRequest, Response, ShardCommand, ShardReply,
+    SnapshotFileMeta,
 };
 
 pub use self::hosting::GROUPS_PER_NODE_MAX;
@@ -211,6 +217,11 @@ pub struct NodeConfig {
     /// The voters of every group in [`Self::groups`] that names none of
     /// its own, this node included.
     pub voters: Vec<NodeId>,
+    /// The node joins the groups of [`Self::groups`] that it holds nothing
+    /// of yet: it starts them with no membership and waits until their
+    /// leader adds it as a learner (`Request::Member`) and replicates to
+    /// it (`shoal_consensus::Config::join`). Default: false.
+    pub join: bool,
     /// The Raft groups this node always hosts. Default: [`KV_GROUP`]
     /// serving [`KV_SHARD`] without a shard controller. Groups hosted at
     /// runtime (`Request::HostGroup`) are recorded in the engine and
@@ -272,6 +283,7 @@ impl NodeConfig {
         NodeConfig {
             id,
             voters,
+            join: false,
             groups: vec![GroupSpec::new(KV_GROUP, vec![KV_SHARD])],
             tick_ms: shoal_consensus::config::DEFAULT_TICK_MS,
             seed: id,
@@ -642,8 +654,8 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
     ) -> Result<Group<B>, NodeError> {
         let group_id = spec.group;
         let err = engine_err(group_id);
-        let state = engine.group_state(group_id).map_err(&err)?;
-        if state.conf_state.voters.is_empty() {
+        let stored = engine.conf_state(group_id).map_err(&err)?;
+        if stored.voters.is_empty() && !config.join {
             // A brand-new group: record its membership so a restart does not
             // depend on the configuration again.
             let conf = shoal_consensus::ConfState {
@@ -688,7 +700,10 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 meta: SnapshotMeta {
                     index: applied.index,
                     term: applied.term,
-                    conf_state: state.conf_state.clone(),
+                    // The membership as of the applied index as far as this
+                    // node recorded it: an install does not carry the
+                    // snapshot's membership into `meta`.
+                    conf_state: engine.conf_state(group_id).map_err(&err)?,
                 },
                 data: Bytes::new(),
             };
@@ -713,7 +728,8 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 Err(_) => {
                     let manifest = snapshots::export(engine, &config.snapshot_dir, group_id)
                         .map_err(files_err(group_id))?;
-                    record_snapshot(engine, group_id, &manifest, state.conf_state.clone())?;
+                    let conf = engine.conf_state(group_id).map_err(&err)?;
+                    record_snapshot(engine, group_id, &manifest, conf)?;
                     remove_dirs(
                         &config.snapshot_dir,
                         &format!("export-g{group_id}-"),
@@ -729,7 +745,13 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             .map_err(&err)?
             .snapshot
             .map_or(0, |s| s.meta.index);
-        let mut raft_config = Config::new(config.id, spec.voters_or(&config.voters));
+        let voters = if config.join {
+            Vec::new()
+        } else {
+            spec.voters_or(&config.voters)
+        };
+        let mut raft_config = Config::new(config.id, voters);
+        raft_config.join = config.join;
         raft_config.applied = applied.index;
         raft_config.seed = config.seed ^ config.id.rotate_left(32) ^ group_id.rotate_left(16);
         let raw = RawNode::new(raft_config, engine.group_storage(group_id))
@@ -752,6 +774,20 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
     }
 
     fn open(config: NodeConfig, engine: Engine<B>, transport: T) -> Result<Self, NodeError> {
+        // Members added at runtime: their addresses are in the book.
+        for (id, addr) in engine.member_addrs().map_err(engine_err(KV_GROUP))? {
+            match member_addr(&addr) {
+                Ok(a) => transport.set_member_addr(shoal_net::NodeId(id), a),
+                Err(reason) => {
+                    tracing::warn!(
+                        node = config.id,
+                        member = id,
+                        reason,
+                        "unusable member address"
+                    )
+                }
+            }
+        }
         let mut groups = BTreeMap::new();
         let now = Instant::now();
         for spec in &config.groups {
@@ -824,12 +860,19 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
     ) -> Result<(), NodeError> {
         let mut ticker = tokio::time::interval(Duration::from_millis(self.config.tick_ms));
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Set once asked to stop: the tick by which the node stops even if
+        // it still leads a group it could not hand off.
+        let mut handoff_until: Option<u64> = None;
         let result = loop {
             let event = tokio::select! {
                 biased;
-                changed = shutdown.changed() => {
+                changed = shutdown.changed(), if handoff_until.is_none() => {
                     if changed.is_err() || *shutdown.borrow() {
-                        break Ok(());
+                        if !self.hand_off_leadership() {
+                            break Ok(());
+                        }
+                        tracing::info!(node = self.config.id, "handing off leadership before stopping");
+                        handoff_until = Some(self.ticks + SHUTDOWN_HANDOFF_TICKS_MAX);
                     }
                     Ok(())
                 }
@@ -881,6 +924,11 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 break Err(e);
             }
             telemetry::round(turn.elapsed().as_secs_f64());
+            if let Some(until) = handoff_until {
+                if !self.hand_off_leadership() || self.ticks >= until {
+                    break Ok(());
+                }
+            }
         };
         if let Err(e) = &result {
             tracing::error!(node = self.config.id, error = %e, "node stopped on an error");
@@ -992,6 +1040,42 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
     /// node leads more than its share ([`leaders::choose_transfer`]). A
     /// member may take over if it was heard from lately and its log is
     /// being replicated (not probed, not waiting for a snapshot).
+    /// Stopping: asks every group this node leads, with other voters, to
+    /// elect the voter [`leaders::handoff_target`] picks (again for a group
+    /// whose earlier transfer ran out). Returns whether the node still
+    /// leads such a group.
+    fn hand_off_leadership(&mut self) -> bool {
+        let me = self.config.id;
+        let (heard, ticks) = (&self.peers_heard, self.ticks);
+        let mut leads = false;
+        for (gid, group) in &mut self.groups {
+            let voters = group.raw.conf_state().voters.clone();
+            if !group.raw.is_leader() || voters.len() < 2 {
+                continue;
+            }
+            leads = true;
+            if group.raw.lead_transferee().is_some() {
+                continue;
+            }
+            let raw = &group.raw;
+            let target = leaders::handoff_target(me, &voters, |v| {
+                let recent = heard
+                    .get(&v)
+                    .is_some_and(|&t| ticks.saturating_sub(t) <= PEER_HEARD_WITHIN_TICKS);
+                raw.progress(v)
+                    .filter(|p| recent && p.state == ProgressState::Replicate)
+                    .map(|p| p.match_index)
+            });
+            if let Some(to) = target {
+                tracing::info!(node = me, group = gid, to, "handing off leadership");
+                if let Err(e) = group.raw.transfer_leader(to) {
+                    tracing::warn!(node = me, group = gid, error = %e, "leadership hand-off");
+                }
+            }
+        }
+        leads
+    }
+
     fn balance_leaders(&mut self) {
         let me = self.config.id;
         if self
@@ -1314,8 +1398,19 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                     }
                 };
                 let index = manifest.applied.index;
+                let changed_since = self
+                    .engine
+                    .applied_conf(gid)
+                    .map_err(engine_err(gid))?
+                    .is_some_and(|c| c.index > index);
+                if changed_since {
+                    // A membership change was applied after the export's
+                    // index: its membership is not known here; export anew.
+                    group.export_pending = true;
+                    return Ok(());
+                }
                 if index > group.snapshot_index {
-                    let conf = group.raw.conf_state().clone();
+                    let conf = self.engine.conf_state(gid).map_err(engine_err(gid))?;
                     let recorded = manifest.clone();
                     self.with_engine(move |engine| record_snapshot(engine, gid, &recorded, conf))
                         .await?;
@@ -1368,6 +1463,46 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             }
             RpcRequest::DropGroup { group } => {
                 self.queued_admin.push((GroupAdmin::Drop { group }, reply));
+                return;
+            }
+            RpcRequest::Member(request) => {
+                if !from.is_admin() {
+                    tracing::warn!(
+                        node = self.config.id,
+                        ?from,
+                        "membership change from a non-admin refused"
+                    );
+                    let _ = reply.send(Response::Denied(Denied::NotAdmin));
+                    return;
+                }
+                let trace = RequestTrace::start(
+                    self.config.id,
+                    request.group,
+                    telemetry::MEMBER_CHANGE_KIND,
+                );
+                let reply = Waiter::client(reply, trace);
+                let Some(group) = self.groups.get_mut(&request.group) else {
+                    reply.send(KvResponse::UnknownGroup);
+                    return;
+                };
+                if !group.raw.is_leader() {
+                    reply.send(KvResponse::NotLeader {
+                        leader_hint: group.raw.leader_id(),
+                    });
+                    return;
+                }
+                if let MemberChange::AddLearner { node, addr } = &request.change {
+                    // The leader replicates to the learner as soon as the
+                    // change is in its log: it needs the address now.
+                    match member_addr(addr) {
+                        Ok(a) => self.transport.set_member_addr(shoal_net::NodeId(*node), a),
+                        Err(reason) => {
+                            reply.send(KvResponse::Member(MemberReply::Refused { reason }));
+                            return;
+                        }
+                    }
+                }
+                group.queued_member.push((request.change, reply));
                 return;
             }
             RpcRequest::Shard(request) => {
@@ -1666,6 +1801,15 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                     commit: g.raw.commit_index(),
                     applied: g.raw.applied_index(),
                     last: g.raw.last_index().unwrap_or(Index::MAX),
+                    voters: g.raw.conf_state().voters.clone(),
+                    learners: g.raw.conf_state().learners.clone(),
+                    matched: g
+                        .raw
+                        .conf_state()
+                        .members()
+                        .filter(|&m| m != self.config.id)
+                        .filter_map(|m| g.raw.progress(m).map(|p| (m, p.match_index)))
+                        .collect(),
                 })
                 .collect(),
         }
@@ -1961,6 +2105,11 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         let mut run = Vec::new();
         let mut kept = Vec::new();
         for e in entries {
+            if e.kind == shoal_consensus::EntryKind::ConfigChange {
+                self.apply_run(gid, std::mem::take(&mut run), std::mem::take(&mut kept))?;
+                self.apply_membership(gid, e)?;
+                continue;
+            }
             match decode_entry(gid, e.index, e.kind, &e.data) {
                 Entry::Requests(requests) => {
                     let group = &self.groups[&gid];
@@ -1986,6 +2135,63 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             }
         }
         self.apply_run(gid, run, kept)
+    }
+
+    /// Applies a membership change (see `shoal_engine::membership`): the
+    /// membership it results in and the added member's address are stored
+    /// with the applied index, the transport learns the address, and the
+    /// caller that proposed it is answered. (The consensus core runs with
+    /// the change since it entered the log.)
+    fn apply_membership(
+        &mut self,
+        gid: GroupId,
+        e: &shoal_consensus::Entry,
+    ) -> Result<(), NodeError> {
+        let change = match shoal_consensus::ConfChange::decode(&e.data) {
+            Ok(c) => c,
+            // Written only by the core and checksummed by the engine (see
+            // `decode_entry`): applying around it would diverge replicas.
+            Err(err) => panic!(
+                "group {gid}: committed entry {} does not decode: {err}",
+                e.index
+            ),
+        };
+        let addr = (change.kind == shoal_consensus::ConfChangeKind::AddLearner)
+            .then(|| String::from_utf8_lossy(&change.context).into_owned())
+            .filter(|a| !a.is_empty());
+        let at = AppliedState {
+            index: e.index,
+            term: e.term,
+        };
+        self.engine
+            .apply_conf_change(
+                gid,
+                at,
+                &change.conf_after,
+                addr.as_deref().map(|a| (change.node, a)),
+            )
+            .map_err(engine_err(gid))?;
+        if let Some(a) = addr.as_deref().and_then(|a| member_addr(a).ok()) {
+            self.transport
+                .set_member_addr(shoal_net::NodeId(change.node), a);
+        }
+        tracing::info!(
+            node = self.config.id,
+            group = gid,
+            index = e.index,
+            kind = ?change.kind,
+            member = change.node,
+            conf = ?change.conf_after,
+            "membership change applied"
+        );
+        let reply = KvResponse::Member(MemberReply::Done {
+            voters: change.conf_after.voters,
+            learners: change.conf_after.learners,
+        });
+        if let Some(group) = self.groups.get_mut(&gid) {
+            group.answer_applied(e.index, e.term, vec![reply]);
+        }
+        Ok(())
     }
 
     /// Applies request entries and answers their callers; `served[i][j]`
@@ -2535,4 +2741,18 @@ fn record_snapshot<B: Backend>(
     engine
         .compact_log(group, manifest.applied.index)
         .map_err(&err)
+}
+
+/// A member's address as a change names it: `ip:port`. (Host names are not
+/// resolved: the node's loop must not wait on a resolver.)
+fn member_addr(addr: &str) -> Result<std::net::SocketAddr, String> {
+    if addr.len() > shoal_engine::MEMBER_ADDR_BYTES_MAX {
+        return Err(format!(
+            "the address is {} bytes, over {}",
+            addr.len(),
+            shoal_engine::MEMBER_ADDR_BYTES_MAX
+        ));
+    }
+    addr.parse()
+        .map_err(|e| format!("the address {addr:?} is not ip:port: {e}"))
 }

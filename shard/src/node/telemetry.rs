@@ -81,6 +81,8 @@ pub const GROUPS: &str = "shoal_node_groups";
 
 /// The request kind of a shard move step (`Request::Shard`).
 pub const SHARD_STEP_KIND: &str = "shard_step";
+/// The request kind of a membership change (`Request::Member`).
+pub const MEMBER_CHANGE_KIND: &str = "member_change";
 
 /// Describes the node's series to the installed recorder (the `# HELP`
 /// lines of a Prometheus scrape), and registers at zero those without a

@@ -90,6 +90,9 @@ pub struct Cluster {
     pub groups: Vec<GroupSpec>,
     /// The nodes' session idle time (`NodeConfig::session_idle_ms`).
     pub session_idle_ms: u64,
+    /// The last this many nodes are not members at first: they start
+    /// joining (`NodeConfig::join`), and the group's voters are the others.
+    pub joiners: usize,
 }
 
 impl Drop for Cluster {
@@ -143,6 +146,33 @@ impl Cluster {
             max_raft_state,
             groups,
             SESSION_IDLE_MS_DEFAULT,
+            0,
+        )
+    }
+
+    /// A cluster of `n` nodes of which the last `joiners` start joining
+    /// (not members until added); the log is cut beyond `max_raft_state`.
+    #[allow(dead_code)]
+    pub fn with_joiners(
+        n: usize,
+        joiners: usize,
+        reliable: bool,
+        seed: u64,
+        max_raft_state: Option<u64>,
+    ) -> Cluster {
+        let groups = vec![GroupSpec {
+            group: KV_GROUP,
+            static_shards: vec![0],
+            voters: Vec::new(),
+        }];
+        Cluster::build(
+            n,
+            reliable,
+            seed,
+            max_raft_state,
+            groups,
+            SESSION_IDLE_MS_DEFAULT,
+            joiners,
         )
     }
 
@@ -153,7 +183,7 @@ impl Cluster {
             static_shards: vec![0],
             voters: Vec::new(),
         }];
-        Cluster::build(n, true, seed, None, groups, session_idle_ms)
+        Cluster::build(n, true, seed, None, groups, session_idle_ms, 0)
     }
 
     fn build(
@@ -163,6 +193,7 @@ impl Cluster {
         max_raft_state: Option<u64>,
         groups: Vec<GroupSpec>,
         session_idle_ms: u64,
+        joiners: usize,
     ) -> Cluster {
         static CLUSTERS: AtomicU64 = AtomicU64::new(0);
         // Snapshot exports fsync every file; on tmpfs that costs nothing.
@@ -199,6 +230,7 @@ impl Cluster {
             dir,
             groups,
             session_idle_ms,
+            joiners,
         };
         for i in 0..n {
             cluster.start_node(i);
@@ -220,9 +252,10 @@ impl Cluster {
         let (transport, inbox) = self.net.add_node(self.id(i));
         let mut config = NodeConfig::new(
             i as u64 + 1,
-            (1..=self.n as u64).collect(),
+            (1..=(self.n - self.joiners) as u64).collect(),
             self.dir.join(format!("node-{}", i + 1)),
         );
+        config.join = i >= self.n - self.joiners;
         config.seed = self
             .seed
             .wrapping_add(self.incarnation.wrapping_mul(0x9E37_79B9_7F4A_7C15));
@@ -260,6 +293,15 @@ impl Cluster {
                 self.start_node(i);
             }
         }
+    }
+
+    /// Shuts node `i` down gracefully (a leader hands off first).
+    #[allow(dead_code)]
+    pub async fn shutdown_node(&mut self, i: usize) {
+        if let Some(h) = self.nodes[i].take() {
+            h.shutdown().await.expect("clean shutdown");
+        }
+        self.net.remove_node(self.id(i));
     }
 
     /// Shuts every node down gracefully.
