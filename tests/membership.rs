@@ -71,3 +71,47 @@ fn run(seed: u64) {
     workload.wait_progress("progress on two of {1, 2, 4}", OPS_BETWEEN_STEPS, WAIT);
     workload.finish(&cluster, WAIT);
 }
+
+/// Goal (issue 14, part 6): an embedded database grows into a cluster in
+/// place. A directory written through `shoal::Db` (its log cut, so new
+/// members need a snapshot) is served by `shoal node` as the only member;
+/// `shoal member add` grows it to three (each joins as a learner, catches
+/// up from an SST snapshot, and is promoted); node 1 is then SIGKILLed and
+/// every key is read back through the cluster client from the other two.
+#[test]
+fn a_db_grows_into_a_cluster_in_place() {
+    const KEYS: usize = 300;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = Cluster::start_joining_after(dir.path(), 3, &[2, 3], |data_dir| {
+        let db = shoal::Db::builder(data_dir(1))
+            .max_raft_state_bytes(4 << 10)
+            .open()
+            .expect("open the Db");
+        for i in 0..KEYS {
+            db.put(format!("k{i:04}"), format!("v{i}")).expect("put");
+        }
+        db.close().expect("close");
+    });
+    assert_eq!(cluster.wait_for_leader(WAIT), 1);
+    for id in [2u64, 3] {
+        let addr = cluster.members[id as usize - 1].1.to_string();
+        let added = cluster.member(&["add", &id.to_string(), &addr]);
+        assert!(
+            added[0]["voters"].as_array().unwrap().contains(&id.into()),
+            "{added:?}"
+        );
+    }
+    cluster.wait_caught_up(WAIT);
+    cluster.kill(1);
+    let client = cluster.admin();
+    for i in 0..KEYS {
+        let key = format!("k{i:04}");
+        let got = client
+            .get(key.clone())
+            .unwrap_or_else(|e| panic!("{key}: {e}"));
+        assert_eq!(got.value, format!("v{i}").as_bytes(), "{key}");
+    }
+    let pairs = client.scan("k", "l", 1_000).expect("scan");
+    assert_eq!(pairs.len(), KEYS);
+    client.close();
+}

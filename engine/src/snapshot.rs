@@ -26,7 +26,9 @@
 //! Inside one point-in-time view: the exporting group's applied state,
 //! then each range of the scope into its own file (RocksDB's
 //! SstFileWriter): `kv.sst`, `dedup.sst` and, for a group, `meta.sst` with
-//! its shard records (an empty range has no file); then a `MANIFEST`
+//! its shard records, `meta-conf.sst` with its last applied membership
+//! change and `meta-members.sst` with the node's address book (an empty
+//! range has no file); then a `MANIFEST`
 //! naming the scope and every file with its size and CRC32, itself
 //! checksummed.
 //!
@@ -83,8 +85,9 @@ use crate::backend::{Backend, Cf, View, WriteSet};
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
 use crate::keys::{
-    decode_record, encode_record, group_range, meta_applied_key, meta_install_key,
-    meta_install_range, meta_shard_group_range, meta_shard_key, shard_prefix, shard_range,
+    decode_record, encode_record, group_range, meta_applied_key, meta_conf_key, meta_install_key,
+    meta_install_range, meta_member_addr_range, meta_shard_group_range, meta_shard_key,
+    shard_prefix, shard_range,
 };
 use crate::kv::AppliedState;
 use crate::shards::ShardRecord;
@@ -93,7 +96,7 @@ use crate::{GroupId, ShardId};
 /// Name of the manifest file inside a snapshot directory.
 pub const MANIFEST_FILE_NAME: &str = "MANIFEST";
 /// Format version written into every manifest.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
 /// Read buffer for checksumming snapshot files.
 const CHECKSUM_BUFFER_BYTES: usize = 1024 * 1024;
 const MANIFEST_CONTEXT: &[u8] = b"shoal-snapshot-manifest";
@@ -196,20 +199,31 @@ fn cf_by_name(name: &str) -> Result<Cf> {
         })
 }
 
-/// A column family and a `[start, end)` key range in it.
-type CfRange = (Cf, (Vec<u8>, Vec<u8>));
+/// A column family, the name of the file its range is exported to, and a
+/// `[start, end)` key range in it.
+type CfRange = (Cf, &'static str, (Vec<u8>, Vec<u8>));
 
-/// Every range a scope covers in `group`'s key space.
+/// Every range a scope covers in `group`'s key space. A whole group also
+/// carries its last applied membership change and the node's address book
+/// (`crate::membership`): a member that catches up from a snapshot never
+/// applied the changes before it, and needs the addresses they named.
 fn scope_ranges(group: GroupId, scope: SnapshotScope) -> Vec<CfRange> {
     match scope {
-        SnapshotScope::Group => vec![
-            (Cf::Kv, group_range(group)),
-            (Cf::Dedup, group_range(group)),
-            (Cf::Meta, meta_shard_group_range(group)),
-        ],
+        SnapshotScope::Group => {
+            let conf = meta_conf_key(group).to_vec();
+            let mut conf_end = conf.clone();
+            conf_end.push(0);
+            vec![
+                (Cf::Kv, "kv.sst", group_range(group)),
+                (Cf::Dedup, "dedup.sst", group_range(group)),
+                (Cf::Meta, "meta.sst", meta_shard_group_range(group)),
+                (Cf::Meta, "meta-conf.sst", (conf, conf_end)),
+                (Cf::Meta, "meta-members.sst", meta_member_addr_range()),
+            ]
+        }
         SnapshotScope::Shard { shard, .. } => vec![
-            (Cf::Kv, shard_range(group, shard)),
-            (Cf::Dedup, shard_range(group, shard)),
+            (Cf::Kv, "kv.sst", shard_range(group, shard)),
+            (Cf::Dedup, "dedup.sst", shard_range(group, shard)),
         ],
     }
 }
@@ -361,8 +375,8 @@ impl<B: Backend> Engine<B> {
                 manifest.applied =
                     decode_record(&key, &b, &|| format!("applied index of group {group}"))?;
             }
-            for (cf, (start, end)) in scope_ranges(group, scope) {
-                let name = format!("{}.sst", cf.name());
+            for (cf, name, (start, end)) in scope_ranges(group, scope) {
+                let name = name.to_string();
                 let path = dir.join(&name);
                 // Only kv and dedup keys start with the shard prefix.
                 let rename = prefix.as_ref().map(|p| &p[..]).filter(|_| cf != Cf::Meta);
@@ -611,7 +625,7 @@ impl<B: Backend> Engine<B> {
         if !marker.cleared {
             marker.cleared = true;
             let mut clear = WriteSet::new();
-            for (cf, (start, end)) in scope_ranges(marker.group, marker.manifest.scope) {
+            for (cf, _, (start, end)) in scope_ranges(marker.group, marker.manifest.scope) {
                 clear.delete_range(cf, start, end);
             }
             put_marker(&mut clear, marker);

@@ -71,12 +71,25 @@ impl Cluster {
     /// `joining` with `--join`: not members until `shoal member add`.
     #[allow(dead_code)]
     pub fn start_joining(root: &Path, n: u64, joining: &[u64]) -> Cluster {
+        Cluster::start_joining_after(root, n, joining, |_| {})
+    }
+
+    /// [`Cluster::start_joining`], running `prepare` (given each node's
+    /// data directory) before any node starts.
+    #[allow(dead_code)]
+    pub fn start_joining_after(
+        root: &Path,
+        n: u64,
+        joining: &[u64],
+        prepare: impl FnOnce(&dyn Fn(u64) -> PathBuf),
+    ) -> Cluster {
         let mut nodes = LocalCluster::create(env!("CARGO_BIN_EXE_shoal").as_ref(), root, n, &[])
             .expect("certificates and ports");
         nodes.inherit_stderr();
         for &id in joining {
             nodes.set_joining(id);
         }
+        prepare(&|id| nodes.data_dir(id));
         nodes.start_all().expect("start the nodes");
         Cluster {
             tls: nodes.tls_dir().to_path_buf(),

@@ -775,19 +775,8 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
 
     fn open(config: NodeConfig, engine: Engine<B>, transport: T) -> Result<Self, NodeError> {
         // Members added at runtime: their addresses are in the book.
-        for (id, addr) in engine.member_addrs().map_err(engine_err(KV_GROUP))? {
-            match member_addr(&addr) {
-                Ok(a) => transport.set_member_addr(shoal_net::NodeId(id), a),
-                Err(reason) => {
-                    tracing::warn!(
-                        node = config.id,
-                        member = id,
-                        reason,
-                        "unusable member address"
-                    )
-                }
-            }
-        }
+        let addrs = engine.member_addrs().map_err(engine_err(KV_GROUP))?;
+        learn_member_addrs(&transport, config.id, addrs);
         let mut groups = BTreeMap::new();
         let now = Instant::now();
         for spec in &config.groups {
@@ -2184,6 +2173,18 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             conf = ?change.conf_after,
             "membership change applied"
         );
+        // A log cut without an export (a group of one never exports) has
+        // no snapshot to send a new member: export one.
+        let truncated = self
+            .engine
+            .first_index(gid)
+            .map_err(engine_err(gid))?
+            .saturating_sub(1);
+        if let Some(group) = self.groups.get_mut(&gid) {
+            if truncated > group.snapshot_index {
+                group.export_pending = true;
+            }
+        }
         let reply = KvResponse::Member(MemberReply::Done {
             voters: change.conf_after.voters,
             learners: change.conf_after.learners,
@@ -2192,6 +2193,10 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             group.answer_applied(e.index, e.term, vec![reply]);
         }
         Ok(())
+    }
+
+    fn learn_member_addrs(&self, addrs: BTreeMap<NodeId, String>) {
+        learn_member_addrs(&self.transport, self.config.id, addrs);
     }
 
     /// Applies request entries and answers their callers; `served[i][j]`
@@ -2578,7 +2583,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         };
         group.verified.retain(|i, _| *i > index);
         let static_shards = group.static_shards.clone();
-        let (manifest, records, sessions) = self
+        let (manifest, records, sessions, addrs) = self
             .with_engine(move |engine| {
                 let err = engine_err(gid);
                 let manifest = engine.install_snapshot(&dir).map_err(&err)?;
@@ -2592,9 +2597,12 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 for &shard in &static_shards {
                     sessions.push((shard, engine.sessions(gid, shard).map_err(&err)?));
                 }
-                Ok((manifest, records, sessions))
+                // The snapshot carries the sender's address book.
+                let addrs = engine.member_addrs().map_err(&err)?;
+                Ok((manifest, records, sessions, addrs))
             })
             .await?;
+        self.learn_member_addrs(addrs);
         let now = Instant::now();
         let group = self.groups.get_mut(&gid).expect("group exists");
         group.records = records;
@@ -2755,4 +2763,21 @@ fn member_addr(addr: &str) -> Result<std::net::SocketAddr, String> {
     }
     addr.parse()
         .map_err(|e| format!("the address {addr:?} is not ip:port: {e}"))
+}
+
+/// Tells the transport the address of every member in `addrs` (the
+/// engine's address book).
+fn learn_member_addrs<T: Transport<KvProtocol>>(
+    transport: &T,
+    me: NodeId,
+    addrs: BTreeMap<NodeId, String>,
+) {
+    for (id, addr) in addrs {
+        match member_addr(&addr) {
+            Ok(a) => transport.set_member_addr(shoal_net::NodeId(id), a),
+            Err(reason) => {
+                tracing::warn!(node = me, member = id, reason, "unusable member address")
+            }
+        }
+    }
 }
