@@ -15,6 +15,13 @@
 //! status RPC instead ([`shoal_shard::Client::node_status`], `shoal
 //! status`), which [`NodeStatus::from_report`] turns into the same schema.
 //!
+//! # Readiness and services beside the node
+//! [`run_node_with`] runs a service next to the node on its runtime (the
+//! `shoal` binary's status endpoint, `--status-addr`), handing it a
+//! [`NodeProbe`]: the node's [`Readiness`], re-judged with every status
+//! file write, and the signal to stop. The service only reads what the
+//! runner publishes; it never touches the node's event loop.
+//!
 //! # Admin client
 //! A [`Client`] connected with the `admin` certificate
 //! ([`ClientOptions::name`] = [`shoal_net::ADMIN_CLIENT_NAME`]) may also set
@@ -23,23 +30,113 @@
 //! which is how the real-process tests partition a cluster.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use shoal_consensus::Role;
-use shoal_engine::{EngineConfig, EngineError, RocksEngine};
+use shoal_engine::{EngineConfig, EngineError, GroupId, RocksEngine};
 use shoal_net::quic::{QuicClient, QuicNode};
 use shoal_net::{Limits, NodeId, Peer, SetupError};
 use shoal_shard::node::{
-    GroupSpec, Node, NodeConfig, NodeError, CONTROLLER_GROUP, CONTROLLER_SHARD, KV_GROUP,
+    GroupSpec, Node, NodeConfig, NodeError, NodeHandle, CONTROLLER_GROUP, CONTROLLER_SHARD,
+    KV_GROUP,
 };
 use shoal_shard::protocol::{KvProtocol, NodeReport};
 pub use shoal_shard::ClientError;
 
-/// How often a node rewrites its status file.
+/// How often a node rewrites its status file (and re-judges its
+/// [`Readiness`]).
 pub const STATUS_INTERVAL_MS: u64 = 100;
+
+/// How long a service run beside the node ([`run_node_with`]) has to
+/// return once told to stop, before it is aborted.
+pub const SERVICE_STOP_MS: u64 = 1_000;
+
+/// Whether a node can serve, as its status endpoint's `/ready` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Readiness {
+    /// The node is opening its engine or starting its groups.
+    Starting,
+    /// The engine is open and every group the node hosts knows its leader
+    /// (a node hosting no group yet is ready too: it answers what it can).
+    Ready {
+        /// The groups hosted.
+        groups: usize,
+    },
+    /// A group the node hosts knows no leader: an election is under way,
+    /// or this node is cut off from a majority.
+    NoLeader {
+        /// The first such group.
+        group: GroupId,
+    },
+    /// The node is shutting down (SIGTERM or SIGINT).
+    ShuttingDown,
+    /// The node's loop stopped on an error; the process is exiting.
+    Stopped,
+}
+
+impl Readiness {
+    /// Whether the node can serve.
+    pub fn is_ready(&self) -> bool {
+        matches!(self, Readiness::Ready { .. })
+    }
+
+    /// Judges a running node from the status its loop last published.
+    pub fn of(handle: &NodeHandle) -> Readiness {
+        if !handle.is_running() {
+            return Readiness::Stopped;
+        }
+        let groups = handle.groups();
+        for &group in &groups {
+            let status = handle.status(group);
+            if status.leader == 0 && status.role != Some(Role::Leader) {
+                return Readiness::NoLeader { group };
+            }
+        }
+        Readiness::Ready {
+            groups: groups.len(),
+        }
+    }
+}
+
+impl std::fmt::Display for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Readiness::Starting => write!(f, "starting: opening the engine and the groups"),
+            Readiness::Ready { groups } => {
+                write!(f, "ready: every group hosted ({groups}) knows its leader")
+            }
+            Readiness::NoLeader { group } => write!(f, "not ready: group {group} knows no leader"),
+            Readiness::ShuttingDown => write!(f, "not ready: shutting down"),
+            Readiness::Stopped => write!(f, "not ready: the node stopped on an error"),
+        }
+    }
+}
+
+/// What a service run beside a node ([`run_node_with`]) may see of it.
+/// Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct NodeProbe {
+    readiness: tokio::sync::watch::Receiver<Readiness>,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+impl NodeProbe {
+    /// The node's readiness as last judged (every [`STATUS_INTERVAL_MS`]).
+    pub fn readiness(&self) -> Readiness {
+        self.readiness.borrow().clone()
+    }
+
+    /// Resolves once the service should stop: the node has shut down.
+    pub async fn stopped(&mut self) {
+        // A dropped sender means the runner is gone: stop too.
+        let _ = self.stop.wait_for(|stop| *stop).await;
+    }
+}
 
 /// Why [`parse_members`] refused a member list.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -291,6 +388,25 @@ fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> NodeRunError {
 /// node answers every waiting caller, then the transport drains its queues).
 /// `ready` is called once the node serves, with its bound address.
 pub fn run_node(options: NodeOptions, ready: impl FnOnce(SocketAddr)) -> Result<(), NodeRunError> {
+    run_node_with(options, ready, |_| async {})
+}
+
+/// [`run_node`], with `service` run beside the node on its runtime: it is
+/// started first (before the engine opens, so it can report
+/// [`Readiness::Starting`]), given a [`NodeProbe`], and owned by the
+/// runner: once the node and its transport have shut down (or failed to
+/// start), the probe's [`NodeProbe::stopped`] resolves and the service has
+/// [`SERVICE_STOP_MS`] to return before it is aborted. A service must not
+/// block its thread.
+pub fn run_node_with<S, F>(
+    options: NodeOptions,
+    ready: impl FnOnce(SocketAddr),
+    service: S,
+) -> Result<(), NodeRunError>
+where
+    S: FnOnce(NodeProbe) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
     if !options.join && !options.peers.iter().any(|&(id, _)| id == options.id) {
         return Err(NodeRunError::NotAMember { id: options.id });
     }
@@ -301,65 +417,116 @@ pub fn run_node(options: NodeOptions, ready: impl FnOnce(SocketAddr)) -> Result<
         .build()
         .map_err(os("starting the runtime"))?;
     runtime.block_on(async move {
-        let identity = crate::certs::load(&options.tls_dir, &Peer::Node(NodeId(options.id))).map_err(NodeRunError::Certificates)?;
-        std::fs::create_dir_all(&options.data_dir).map_err(|source| NodeRunError::DataDir { path: options.data_dir.clone(), source })?;
-        let members: HashMap<NodeId, SocketAddr> = options.peers.iter().map(|&(id, addr)| (NodeId(id), addr)).collect();
-        let mut net_config = shoal_net::NodeConfig::new(NodeId(options.id), options.listen, members, options.data_dir.join("net-files"));
-        net_config.fault_injection_enabled = options.fault_injection;
-        if let Some(ms) = options.io_timeout_ms {
-            net_config.limits.io_timeout_ms = ms;
+        let (readiness, readiness_rx) = tokio::sync::watch::channel(Readiness::Starting);
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let mut services = tokio::task::JoinSet::new();
+        services.spawn(service(NodeProbe {
+            readiness: readiness_rx,
+            stop: stop_rx,
+        }));
+        let result = serve_node(options, ready, &readiness).await;
+        if result.is_err() {
+            readiness.send_replace(Readiness::Stopped);
         }
-        net_config.validate().map_err(NodeRunError::Limits)?;
-        let (quic, inbox) = QuicNode::<KvProtocol>::bind(net_config, &identity).map_err(NodeRunError::Bind)?;
-        let engine = RocksEngine::open(options.data_dir.join("db"), EngineConfig::default()).map_err(NodeRunError::Engine)?;
-        let mut config = NodeConfig::new(
-            options.id,
-            options.peers.iter().map(|&(id, _)| id).collect(),
-            options.data_dir.join("db").join("snapshots"),
-        );
-        config.blocking_io = true;
-        config.join = options.join;
-        config.max_raft_state_bytes = options.max_raft_state_bytes;
-        if let Some(controller) = &options.controller {
-            config.groups = if controller.contains(&options.id) {
-                vec![GroupSpec {
-                    group: CONTROLLER_GROUP,
-                    static_shards: vec![CONTROLLER_SHARD],
-                    voters: controller.clone(),
-                }]
-            } else {
-                Vec::new()
-            };
+        let _ = stop.send(true);
+        let stopped = tokio::time::timeout(Duration::from_millis(SERVICE_STOP_MS), async {
+            while services.join_next().await.is_some() {}
+        })
+        .await;
+        if stopped.is_err() {
+            tracing::warn!("a service beside the node did not stop in time; aborted");
+            services.abort_all();
+            while services.join_next().await.is_some() {}
         }
-        let handle = Node::start(config, engine, quic.clone(), inbox).map_err(NodeRunError::Start)?;
-        ready(quic.local_addr().map_err(os("local address"))?);
+        result
+    })
+}
 
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(os("handling SIGTERM"))?;
-        let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(os("handling SIGINT"))?;
-        let mut ticker = tokio::time::interval(Duration::from_millis(STATUS_INTERVAL_MS));
-        let pid = std::process::id();
-        loop {
-            tokio::select! {
-                _ = term.recv() => break,
-                _ = interrupt.recv() => break,
-                _ = ticker.tick() => {
-                    if !handle.is_running() {
-                        break;
-                    }
-                    let s = handle.status(KV_GROUP);
-                    let role = role_name(s.role);
-                    let status = NodeStatus { id: options.id, role, term: s.term, leader: s.leader, commit: s.commit, applied: s.applied, pid };
-                    if let Err(e) = write_status(&options.data_dir, &status) {
-                        tracing::warn!(error = %e, "writing the status file");
-                    }
+/// The node itself: opens everything, serves until a signal, shuts down.
+async fn serve_node(
+    options: NodeOptions,
+    ready: impl FnOnce(SocketAddr),
+    readiness: &tokio::sync::watch::Sender<Readiness>,
+) -> Result<(), NodeRunError> {
+    let identity = crate::certs::load(&options.tls_dir, &Peer::Node(NodeId(options.id)))
+        .map_err(NodeRunError::Certificates)?;
+    std::fs::create_dir_all(&options.data_dir).map_err(|source| NodeRunError::DataDir {
+        path: options.data_dir.clone(),
+        source,
+    })?;
+    let members: HashMap<NodeId, SocketAddr> = options
+        .peers
+        .iter()
+        .map(|&(id, addr)| (NodeId(id), addr))
+        .collect();
+    let mut net_config = shoal_net::NodeConfig::new(
+        NodeId(options.id),
+        options.listen,
+        members,
+        options.data_dir.join("net-files"),
+    );
+    net_config.fault_injection_enabled = options.fault_injection;
+    if let Some(ms) = options.io_timeout_ms {
+        net_config.limits.io_timeout_ms = ms;
+    }
+    net_config.validate().map_err(NodeRunError::Limits)?;
+    let (quic, inbox) =
+        QuicNode::<KvProtocol>::bind(net_config, &identity).map_err(NodeRunError::Bind)?;
+    let engine = RocksEngine::open(options.data_dir.join("db"), EngineConfig::default())
+        .map_err(NodeRunError::Engine)?;
+    let mut config = NodeConfig::new(
+        options.id,
+        options.peers.iter().map(|&(id, _)| id).collect(),
+        options.data_dir.join("db").join("snapshots"),
+    );
+    config.blocking_io = true;
+    config.join = options.join;
+    config.max_raft_state_bytes = options.max_raft_state_bytes;
+    if let Some(controller) = &options.controller {
+        config.groups = if controller.contains(&options.id) {
+            vec![GroupSpec {
+                group: CONTROLLER_GROUP,
+                static_shards: vec![CONTROLLER_SHARD],
+                voters: controller.clone(),
+            }]
+        } else {
+            Vec::new()
+        };
+    }
+    let handle = Node::start(config, engine, quic.clone(), inbox).map_err(NodeRunError::Start)?;
+    ready(quic.local_addr().map_err(os("local address"))?);
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(os("handling SIGTERM"))?;
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(os("handling SIGINT"))?;
+    let mut ticker = tokio::time::interval(Duration::from_millis(STATUS_INTERVAL_MS));
+    let pid = std::process::id();
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = interrupt.recv() => break,
+            _ = ticker.tick() => {
+                readiness.send_replace(Readiness::of(&handle));
+                if !handle.is_running() {
+                    break;
+                }
+                let s = handle.status(KV_GROUP);
+                let role = role_name(s.role);
+                let status = NodeStatus { id: options.id, role, term: s.term, leader: s.leader, commit: s.commit, applied: s.applied, pid };
+                if let Err(e) = write_status(&options.data_dir, &status) {
+                    tracing::warn!(error = %e, "writing the status file");
                 }
             }
         }
-        tracing::info!(id = options.id, "shutting down");
-        let stopped = handle.shutdown().await;
-        quic.shutdown().await;
-        stopped.map_err(NodeRunError::Stopped)
-    })
+    }
+    tracing::info!(id = options.id, "shutting down");
+    if handle.is_running() {
+        readiness.send_replace(Readiness::ShuttingDown);
+    }
+    let stopped = handle.shutdown().await;
+    quic.shutdown().await;
+    stopped.map_err(NodeRunError::Stopped)
 }
 
 /// Which certificate a client presents: `client-<name>.pem` from the TLS

@@ -20,7 +20,10 @@
 //!
 //! # The `cli` feature
 //! Off by default: a program that links Shoal gets the modules above and
-//! none of the command line's crates (clap, indicatif, h2, http, anyhow).
+//! none of the command line's crates (clap, indicatif, h2, http, hyper,
+//! metrics-exporter-prometheus, anyhow). The libraries record metrics through
+//! the `metrics` facade, which records nothing until a program installs a
+//! recorder.
 //! The feature builds the `shoal` binary and the tool modules behind its
 //! commands, which its tests and benchmarks use too:
 //! - `jsonl`: the JSON-lines protocol of `shoal client`.
@@ -37,6 +40,8 @@
 //!   directly and redb; `benches/embedded.rs` too).
 //! - `crashtest`: the deterministic crash workload behind `shoal demo
 //!   --engine` and the crash tests.
+//! - `status`: `shoal node --status-addr`, the node's Prometheus metrics,
+//!   `/health` and `/ready` over HTTP (hyper, metrics-exporter-prometheus).
 //!
 //! Errors: the always-on modules return typed errors (`thiserror` enums);
 //! the tool modules return `anyhow`, as the binary does.
@@ -61,6 +66,8 @@ pub mod mapreduce;
 pub mod mrbench;
 #[cfg(feature = "cli")]
 pub mod sharding;
+#[cfg(feature = "cli")]
+pub mod status;
 
 pub use cluster::{BlockingClient, Client, ClientError, ConnectError};
 pub use db::{AsyncDb, Db, DbBuilder, DbError, Durability, MapReduceJob, Scan};

@@ -61,6 +61,8 @@ pub struct LocalCluster {
     members: Vec<(u64, SocketAddr)>,
     extra_args: Vec<String>,
     inherit_stderr: bool,
+    /// Each node's `--status-addr`, once [`LocalCluster::serve_status`].
+    status_addrs: BTreeMap<u64, SocketAddr>,
     children: BTreeMap<u64, Child>,
     /// Nodes started with `--join`: not members at first (see
     /// [`LocalCluster::set_joining`]).
@@ -87,6 +89,7 @@ impl LocalCluster {
             members,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             inherit_stderr: false,
+            status_addrs: BTreeMap::new(),
             children: BTreeMap::new(),
             joining: Default::default(),
         })
@@ -96,6 +99,21 @@ impl LocalCluster {
     /// instead of `DIR/node-N.log` (tests, so a failure shows the logs).
     pub fn inherit_stderr(&mut self) {
         self.inherit_stderr = true;
+    }
+
+    /// Nodes started from now on serve their metrics, `/health` and
+    /// `/ready` (`shoal node --status-addr`), each on a free TCP port of
+    /// 127.0.0.1 picked now ([`LocalCluster::status_addr`]).
+    pub fn serve_status(&mut self) -> Result<()> {
+        for id in self.ids() {
+            self.status_addrs.insert(id, free_tcp_addr()?);
+        }
+        Ok(())
+    }
+
+    /// Node `id`'s status address (see [`LocalCluster::serve_status`]).
+    pub fn status_addr(&self, id: u64) -> Option<SocketAddr> {
+        self.status_addrs.get(&id).copied()
     }
 
     /// Node `id` is not a member at first: it starts with `--join` (its
@@ -200,6 +218,10 @@ impl LocalCluster {
             let log = self.dir.join(format!("node-{id}.log"));
             File::options().create(true).append(true).open(log)?.into()
         };
+        let status: Vec<String> = self
+            .status_addr(id)
+            .map(|addr| vec!["--status-addr".into(), addr.to_string()])
+            .unwrap_or_default();
         Command::new(&self.exe)
             .args(["node", "--id", &id.to_string(), "--data"])
             .arg(&data)
@@ -213,6 +235,7 @@ impl LocalCluster {
             .arg(&self.tls)
             .args(self.joining.contains(&id).then_some("--join"))
             .args(&self.extra_args)
+            .args(&status)
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()

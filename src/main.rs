@@ -90,6 +90,11 @@ enum Cmd {
         /// (see `shoal shard`). Without it every node serves one KV group.
         #[arg(long, value_delimiter = ',')]
         controller: Option<Vec<u64>>,
+        /// Serve Prometheus metrics (/metrics), liveness (/health) and
+        /// readiness (/ready) over plain HTTP on this TCP address, e.g.
+        /// 127.0.0.1:9100. Off by default.
+        #[arg(long)]
+        status_addr: Option<std::net::SocketAddr>,
     },
     /// Operate a sharded cluster (admin certificate): create groups, post
     /// the first configuration, join, leave, move a shard, rebalance, and
@@ -549,11 +554,22 @@ enum CertsCmd {
 }
 
 fn main() -> Result<()> {
+    let cli = Cli::parse();
+    // A node logs at info unless RUST_LOG says otherwise; the tools, whose
+    // output is on stdout, only report errors by default.
+    let default_level = match cli.command {
+        Cmd::Node { .. } => tracing_subscriber::filter::LevelFilter::INFO,
+        _ => tracing_subscriber::filter::LevelFilter::ERROR,
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::builder()
+                .with_default_directive(default_level.into())
+                .from_env_lossy(),
+        )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    match cli.command {
         Cmd::Demo {
             engine: false, dir, ..
         } => cluster_demo::run(&dir),
@@ -603,6 +619,7 @@ fn main() -> Result<()> {
             worker_threads,
             fault_injection,
             controller,
+            status_addr,
             join,
         } => {
             let options = NodeOptions {
@@ -618,10 +635,20 @@ fn main() -> Result<()> {
                 worker_threads,
                 controller,
             };
-            cluster::run_node(options, |addr| {
+            let ready = |addr| {
                 println!("node {id} listening on {addr}");
                 let _ = std::io::Write::flush(&mut std::io::stdout());
-            })?;
+            };
+            match status_addr {
+                Some(addr) => {
+                    let listener = shoal::status::bind(addr)?;
+                    let metrics = shoal::status::install_recorder()?;
+                    cluster::run_node_with(options, ready, move |probe| {
+                        shoal::status::serve(listener, metrics, probe)
+                    })?
+                }
+                None => cluster::run_node(options, ready)?,
+            }
             Ok(())
         }
         Cmd::Client { cluster } => run_client(&cluster),

@@ -12,7 +12,12 @@ const CLI_ONLY_CRATES: &[&str] = &[
     "clap",
     "h2",
     "http",
+    "http-body-util",
+    "hyper",
+    "hyper-util",
     "indicatif",
+    "metrics-exporter-prometheus",
+    "metrics-util",
     "redb",
     "tracing-subscriber",
 ];

@@ -250,7 +250,10 @@ impl<B: Backend> Engine<B> {
     /// Makes every write so far durable (applies and compactions are
     /// otherwise durable only with the next synced log write).
     pub fn sync(&self) -> Result<()> {
-        self.inner.backend.sync()
+        let started = std::time::Instant::now();
+        self.inner.backend.sync()?;
+        crate::metrics::wal_sync(started.elapsed());
+        Ok(())
     }
 
     /// Bytes of every key and value stored in every column family, read in

@@ -561,6 +561,13 @@ impl<B: Backend> Engine<B> {
     /// the applied index, increasing. Returns each entry's replies. Not
     /// synced: the log is the durable record (see the crate docs).
     pub fn apply(&self, group: GroupId, entries: &[ApplyEntry]) -> Result<Vec<Vec<Reply>>> {
+        let started = std::time::Instant::now();
+        let replies = self.apply_entries(group, entries)?;
+        crate::metrics::apply(started.elapsed());
+        Ok(replies)
+    }
+
+    fn apply_entries(&self, group: GroupId, entries: &[ApplyEntry]) -> Result<Vec<Vec<Reply>>> {
         let mut applied = self.applied(group)?;
         let mut previous = applied.index;
         for entry in entries {

@@ -26,6 +26,8 @@
 //! - [`hosting`]: the groups a node hosts beyond its configuration, and
 //!   dropping a group's whole storage (each one synced write).
 //! - [`keys`]: key layouts and the checksummed record codec.
+//! - [`metrics`]: the names of the series the engine records (log write
+//!   and sync latency, apply) through the `metrics` facade.
 //!
 //! # Durability
 //! [`Engine::write_log`] is synced: on return the entries and hard state are
@@ -66,6 +68,7 @@ pub mod kv;
 pub mod log;
 pub mod mem;
 pub mod membership;
+pub mod metrics;
 pub mod rocks;
 pub mod shards;
 pub mod snapshot;

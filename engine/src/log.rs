@@ -223,7 +223,10 @@ impl<B: Backend> Engine<B> {
             stage_group_write(&mut set, &mut log, write)?;
             updated.push(log);
         }
+        let bytes = set.bytes;
+        let started = std::time::Instant::now();
         self.backend().write(set, sync)?;
+        crate::metrics::log_write(sync, started.elapsed(), bytes);
         for log in updated {
             self.cache_group(log);
         }

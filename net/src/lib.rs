@@ -19,6 +19,8 @@
 //! - [`mem`]: [`mem::MemNetwork`], seeded faults (delay, drops, long
 //!   reordering, disconnect, partition, heal), works on tokio's paused clock.
 //! - [`error`]: one error enum per area.
+//! - [`metrics`]: the series the QUIC transport records (drops by reason,
+//!   malformed input, refused connections) through the `metrics` facade.
 //!
 //! Wire format: ALPN [`config::ALPN`] (`shoal/6`) is the version. Every stream
 //! starts with one kind byte. Peer messages travel on one long-lived
@@ -80,6 +82,7 @@ pub mod config;
 pub mod error;
 pub mod frame;
 pub mod mem;
+pub mod metrics;
 pub mod quic;
 
 mod bulk;

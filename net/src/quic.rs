@@ -24,6 +24,7 @@ use crate::certs::{self, Identity};
 use crate::config::ALPN;
 use crate::error::{BulkError, FaultFilterError, RpcError, SetupError};
 use crate::frame::{push_record, read_frame, split_records, write_frame};
+use crate::metrics::{self, DropReason};
 use crate::{
     bump, inbox, Counters, Inbox, InboxSenders, IncomingRpc, Limits, NodeConfig, NodeId, Peer,
     Protocol, ReceivedFile, Responder, RpcCaller, Stats, Transport,
@@ -637,10 +638,12 @@ impl<P: Protocol> Transport<P> for QuicNode<P> {
         let Some(link) = link else {
             debug!(node = %inner.id, peer = %to, "message to unknown peer dropped");
             bump(&inner.counters.messages_dropped_other);
+            metrics::dropped(DropReason::UnknownPeer, 1);
             return;
         };
         if inner.dialer.shutting_down.load(Ordering::Relaxed) || *inner.shutdown.borrow() {
             bump(&inner.counters.messages_dropped_other);
+            metrics::dropped(DropReason::Shutdown, 1);
             return;
         }
         let bytes = match postcard::to_stdvec(&message) {
@@ -648,11 +651,13 @@ impl<P: Protocol> Transport<P> for QuicNode<P> {
             Ok(bytes) => {
                 warn!(node = %inner.id, peer = %to, bytes = bytes.len(), "message larger than max_frame_bytes dropped");
                 bump(&inner.counters.messages_dropped_other);
+                metrics::dropped(DropReason::TooLarge, 1);
                 return;
             }
             Err(e) => {
                 warn!(node = %inner.id, peer = %to, error = %e, "message failed to encode; dropped");
                 bump(&inner.counters.messages_dropped_other);
+                metrics::dropped(DropReason::Unencodable, 1);
                 return;
             }
         };
@@ -661,6 +666,7 @@ impl<P: Protocol> Transport<P> for QuicNode<P> {
             if queue.len() >= inner.config.limits.peer_queue_messages_max {
                 queue.pop_front();
                 bump(&inner.counters.messages_dropped_overflow);
+                metrics::dropped(DropReason::QueueFull, 1);
             }
             queue.push_back(bytes);
         }
@@ -699,12 +705,13 @@ async fn run_sender<P: Protocol>(inner: Arc<NodeInner<P>>, to: NodeId, link: Arc
     let backoff_max = Duration::from_millis(limits.reconnect_backoff_max_ms);
     let mut backoff = backoff_min;
     let mut body = Vec::with_capacity(limits.batch_bytes_max + 64);
-    let drop_queue = |inner: &NodeInner<P>| {
+    let drop_queue = |inner: &NodeInner<P>, reason: DropReason| {
         let n = std::mem::take(&mut *link.queue.lock().expect("queue lock")).len();
         inner
             .counters
             .messages_dropped_other
             .fetch_add(n as u64, Ordering::Relaxed);
+        metrics::dropped(reason, n as u64);
     };
     'connect: loop {
         let stopping = *shutdown.borrow();
@@ -719,7 +726,7 @@ async fn run_sender<P: Protocol>(inner: Arc<NodeInner<P>>, to: NodeId, link: Arc
             continue;
         }
         if inner.is_blocked(to) {
-            drop_queue(&inner);
+            drop_queue(&inner, DropReason::FaultFilter);
             continue;
         }
         let attempt = async {
@@ -762,7 +769,7 @@ async fn run_sender<P: Protocol>(inner: Arc<NodeInner<P>>, to: NodeId, link: Arc
             Err(reason) => {
                 if stopping || *shutdown.borrow() {
                     debug!(node = %inner.id, peer = %to, %reason, "peer unreachable at shutdown; its queue is dropped");
-                    drop_queue(&inner);
+                    drop_queue(&inner, DropReason::Shutdown);
                     return;
                 }
                 debug!(node = %inner.id, peer = %to, %reason, ?backoff, "dial failed; backing off");
@@ -807,6 +814,7 @@ async fn run_sender<P: Protocol>(inner: Arc<NodeInner<P>>, to: NodeId, link: Arc
                     .counters
                     .messages_dropped_other
                     .fetch_add(count, Ordering::Relaxed);
+                metrics::dropped(DropReason::FaultFilter, count);
                 continue;
             }
             if let Err(e) = write_frame(&mut stream, &body, limits.max_frame_bytes).await {
@@ -815,6 +823,7 @@ async fn run_sender<P: Protocol>(inner: Arc<NodeInner<P>>, to: NodeId, link: Arc
                     .counters
                     .messages_dropped_other
                     .fetch_add(count, Ordering::Relaxed);
+                metrics::dropped(DropReason::ConnectionLost, count);
                 continue 'connect;
             }
             bump(&inner.counters.frames_sent);
@@ -857,11 +866,13 @@ async fn accept_loop<P: Protocol>(inner: Arc<NodeInner<P>>) {
                 Ok(Err(e)) => {
                     warn!(node = %inner.id, %remote, error = %e, "refused connection: handshake failed");
                     bump(&inner.counters.connections_refused);
+                    metrics::refused();
                     return;
                 }
                 Err(_) => {
                     warn!(node = %inner.id, %remote, "refused connection: handshake timed out");
                     bump(&inner.counters.connections_refused);
+                    metrics::refused();
                     return;
                 }
             };
@@ -873,6 +884,7 @@ async fn accept_loop<P: Protocol>(inner: Arc<NodeInner<P>>) {
 fn refuse<P: Protocol>(inner: &NodeInner<P>, conn: &Connection, reason: &str) {
     warn!(node = %inner.id, remote = %conn.remote_address(), reason, "refused connection");
     bump(&inner.counters.connections_refused);
+    metrics::refused();
     conn.close(VarInt::from_u32(codes::REFUSED), reason.as_bytes());
 }
 
@@ -884,6 +896,7 @@ fn malformed<P: Protocol>(
 ) {
     warn!(node = %inner.id, ?peer, remote = %conn.remote_address(), %error, "malformed input; closing connection");
     bump(&inner.counters.malformed_inputs);
+    metrics::malformed();
     conn.close(VarInt::from_u32(codes::PROTOCOL), b"malformed input");
 }
 
@@ -1018,6 +1031,7 @@ async fn read_messages<P: Protocol>(
                 .counters
                 .messages_dropped_other
                 .fetch_add(messages.len() as u64, Ordering::Relaxed);
+            metrics::dropped(DropReason::FaultFilter, messages.len() as u64);
             continue;
         }
         for message in messages {

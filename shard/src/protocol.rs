@@ -200,6 +200,23 @@ pub enum ClientCommand {
 }
 
 impl ClientCommand {
+    /// The command's name in snake case (`get`, `put_if_version`, ...): a
+    /// fixed set, used as a metrics label and in trace spans.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientCommand::Get { .. } => "get",
+            ClientCommand::Put { .. } => "put",
+            ClientCommand::PutIfVersion { .. } => "put_if_version",
+            ClientCommand::Append { .. } => "append",
+            ClientCommand::Delete { .. } => "delete",
+            ClientCommand::Batch { .. } => "batch",
+            ClientCommand::Scan { .. } => "scan",
+            ClientCommand::Pin { .. } => "pin",
+            ClientCommand::ScanPin { .. } => "scan_pin",
+            ClientCommand::Unpin { .. } => "unpin",
+        }
+    }
+
     /// True for reads served through ReadIndex and never logged: `Get`,
     /// `Scan` and `Pin`. (`ScanPin` and `Unpin` use no ReadIndex.)
     pub fn is_read_only(&self) -> bool {
@@ -336,6 +353,26 @@ pub enum KvResponse {
     /// The node holds no such pin: never made, released (`Unpin`, idle
     /// expiry, its group dropped) or lost with a restart of the node.
     PinGone,
+}
+
+impl KvResponse {
+    /// The answer's kind in snake case (`done`, `not_leader`, ...): a
+    /// fixed set, used as a metrics label.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            KvResponse::Done(_) => "done",
+            KvResponse::NotLeader { .. } => "not_leader",
+            KvResponse::WrongGroup => "wrong_group",
+            KvResponse::UnknownGroup => "unknown_group",
+            KvResponse::Shard(_) => "shard",
+            KvResponse::ShuttingDown => "shutting_down",
+            KvResponse::Busy => "busy",
+            KvResponse::Refused { .. } => "refused",
+            KvResponse::Member(_) => "member",
+            KvResponse::Pinned(_) => "pinned",
+            KvResponse::PinGone => "pin_gone",
+        }
+    }
 }
 
 /// A client RPC to a node (see the module docs).

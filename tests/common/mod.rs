@@ -136,6 +136,29 @@ impl Cluster {
         }
     }
 
+    /// Creates certificates for `n` nodes under `root`, each node serving
+    /// its status endpoint (`--status-addr`, [`Cluster::status_addr`]) and
+    /// taking the extra arguments `args`; starts the nodes of `start` only.
+    pub fn with_status(root: &Path, n: u64, args: &[&str], start: &[u64]) -> Cluster {
+        let mut nodes = LocalCluster::create(env!("CARGO_BIN_EXE_shoal").as_ref(), root, n, args)
+            .expect("certificates and ports");
+        nodes.serve_status().expect("status ports");
+        nodes.inherit_stderr();
+        nodes.start_many(start).expect("start the nodes");
+        Cluster {
+            tls: nodes.tls_dir().to_path_buf(),
+            members: nodes.members().to_vec(),
+            nodes,
+        }
+    }
+
+    /// Node `id`'s status endpoint (see [`Cluster::with_status`]).
+    pub fn status_addr(&self, id: u64) -> SocketAddr {
+        self.nodes
+            .status_addr(id)
+            .expect("the cluster serves status endpoints")
+    }
+
     /// `shoal shard ARGS` as the admin of the sharded cluster whose
     /// controller group is on `controller` (e.g. "1,2,3"), each step
     /// retried for up to `timeout_ms`.

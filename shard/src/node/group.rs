@@ -16,18 +16,48 @@ use shoal_net::Responder;
 use super::moves::{Entry, RECORD_NONE};
 use super::persist::{entry_chunks, request_bytes};
 use super::sessions::SessionTracker;
+use super::telemetry::{GroupMetrics, RequestTrace};
 use super::NodeError;
 use crate::protocol::{KvRequest, KvResponse, MemberChange, MemberReply, Response, ShardCommand};
 
-/// Whoever waits for a request's answer: a client RPC, or nobody (the
-/// leader's own session-expiry proposals).
-pub(super) struct Waiter(pub(super) Option<Responder<Response>>);
+/// Whoever waits for a request's answer: a client RPC (with its trace:
+/// latency, outcome, span), or nobody (the leader's own session-expiry
+/// proposals).
+pub(super) struct Waiter {
+    reply: Option<Responder<Response>>,
+    trace: Option<RequestTrace>,
+}
 
 impl Waiter {
+    /// A client waiting on `reply`.
+    pub(super) fn client(reply: Responder<Response>, trace: RequestTrace) -> Waiter {
+        Waiter {
+            reply: Some(reply),
+            trace: Some(trace),
+        }
+    }
+
+    /// Nobody: the answer is dropped.
+    pub(super) fn nobody() -> Waiter {
+        Waiter {
+            reply: None,
+            trace: None,
+        }
+    }
+
+    /// The request's trace span, if a client waits.
+    pub(super) fn span(&self) -> Option<&tracing::Span> {
+        self.trace.as_ref().map(RequestTrace::span)
+    }
+
     pub(super) fn send(self, response: KvResponse) {
-        if let Some(r) = self.0 {
+        let outcome = response.outcome();
+        if let Some(r) = self.reply {
             // A caller that gave up (deadline) is not an error.
             let _ = r.send(Response::Kv(response));
+        }
+        if let Some(trace) = self.trace {
+            trace.finish(outcome);
         }
     }
 }
@@ -88,6 +118,8 @@ pub(super) struct Group<B: Backend> {
     /// Term and vote as last persisted by a synced write: a `Ready` whose
     /// hard state differs from them only in the commit index needs no sync.
     pub(super) durable_term_vote: (Term, NodeId),
+    /// The group's metric handles (see [`super::telemetry`]).
+    pub(super) metrics: GroupMetrics,
 }
 
 impl<B: Backend> Group<B> {
@@ -121,6 +153,7 @@ impl<B: Backend> Group<B> {
             exporting: false,
             export_pending: false,
             snapshots_installed: 0,
+            metrics: GroupMetrics::new(id),
         }
     }
 
@@ -293,6 +326,10 @@ impl<B: Backend> Group<B> {
         let data = postcard::to_allocvec(&entry).expect("entries always encode");
         match self.raw.propose(Bytes::from(data)) {
             Ok(index) => {
+                self.metrics.proposed();
+                for span in responders.iter().filter_map(Waiter::span) {
+                    tracing::debug!(parent: span, index, "proposed");
+                }
                 self.leader_term.get_or_insert(self.raw.term());
                 self.proposals.insert(
                     index,
@@ -303,6 +340,7 @@ impl<B: Backend> Group<B> {
                 );
             }
             Err(e) => {
+                self.metrics.proposal_dropped();
                 let response = match e {
                     shoal_consensus::Error::NotLeader { leader_hint } => {
                         KvResponse::NotLeader { leader_hint }

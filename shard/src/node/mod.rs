@@ -15,7 +15,9 @@
 //! - [`sessions`]: which client sessions a leader may expire, by its own
 //!   monotonic clock;
 //! - [`snapshots`]: snapshot files — export, verification, transfer — the
-//!   blocking work the loop hands to owned tasks.
+//!   blocking work the loop hands to owned tasks;
+//! - [`telemetry`]: the node's metrics (through the `metrics` facade) and
+//!   the trace span of a client request.
 //!
 //! # The loop
 //! [`Node::start`] spawns one tokio task. Each turn it waits for an event —
@@ -145,6 +147,7 @@ pub mod persist;
 pub mod pins;
 pub mod sessions;
 pub mod snapshots;
+pub mod telemetry;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
@@ -172,6 +175,7 @@ use self::moves::{Effect, Entry};
 use self::pins::{PinSpec, Pins};
 use self::sessions::SessionTracker;
 use self::snapshots::{export_dir, recv_dir, remove_dirs, SnapshotFileError};
+use self::telemetry::{Observed, RequestTrace};
 use crate::protocol::{
     BackupRefusal, BackupRequest, Denied, GroupRefusal, GroupReport, KvProtocol, KvResponse,
     MemberChange, MemberReply, NodeReport, PeerMessage, Request as RpcRequest, Response,
@@ -638,7 +642,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         transport: T,
         inbox: Inbox<KvProtocol>,
     ) -> Result<NodeHandle, NodeError> {
-        let node = Node::open(config, engine, transport)?;
+        let mut node = Node::open(config, engine, transport)?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let status = node.status.clone();
         let id = node.config.id;
@@ -912,6 +916,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                     None => break Ok(()),
                 },
             };
+            let turn = std::time::Instant::now();
             if let Err(e) = event {
                 break Err(e);
             }
@@ -921,6 +926,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             if let Err(e) = self.round().await {
                 break Err(e);
             }
+            telemetry::round(turn.elapsed().as_secs_f64());
             if let Some(until) = handoff_until {
                 if !self.hand_off_leadership() || self.ticks >= until {
                     break Ok(());
@@ -1035,7 +1041,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                     seq: 0,
                     command: Command::ExpireSessions { sessions },
                 };
-                group.queued_writes.push((request, Waiter(None)));
+                group.queued_writes.push((request, Waiter::nobody()));
             }
         }
         Ok(())
@@ -1583,7 +1589,12 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                     let _ = reply.send(Response::Denied(Denied::NotAdmin));
                     return;
                 }
-                let reply = Waiter(Some(reply));
+                let trace = RequestTrace::start(
+                    self.config.id,
+                    request.group,
+                    telemetry::MEMBER_CHANGE_KIND,
+                );
+                let reply = Waiter::client(reply, trace);
                 let Some(group) = self.groups.get_mut(&request.group) else {
                     reply.send(KvResponse::UnknownGroup);
                     return;
@@ -1631,7 +1642,9 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                     let _ = reply.send(Response::Denied(Denied::NotAdmin));
                     return;
                 }
-                let reply = Waiter(Some(reply));
+                let trace =
+                    RequestTrace::start(self.config.id, request.group, telemetry::SHARD_STEP_KIND);
+                let reply = Waiter::client(reply, trace);
                 let Some(group) = self.groups.get_mut(&request.group) else {
                     reply.send(KvResponse::UnknownGroup);
                     return;
@@ -1713,7 +1726,8 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 return;
             }
         };
-        let reply = Waiter(Some(reply));
+        let trace = RequestTrace::start(self.config.id, request.group, request.command.kind());
+        let reply = Waiter::client(reply, trace);
         if request.command.is_pin_local() {
             self.on_pin_command(request, reply);
             return;
@@ -2073,6 +2087,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         }
         let mut dropped = self.groups.remove(&group).expect("checked above");
         dropped.fail_waiters(&|| KvResponse::UnknownGroup);
+        dropped.metrics.retire();
         drop(dropped);
         self.pins.release_group(group);
         self.stop_transfers(group);
@@ -2101,6 +2116,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         );
         if let Some(mut g) = self.groups.remove(&group) {
             g.fail_waiters(&|| KvResponse::UnknownGroup);
+            g.metrics.retire();
         }
         self.pins.release_group(group);
         self.stop_transfers(group);
@@ -2171,7 +2187,11 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             // than the apply itself. (Ingesting a moved shard's files is
             // the exception; see `apply_shard`.)
             match self.apply_committed(gid, &ready.committed_entries).await {
-                Ok(()) => {}
+                Ok(()) => {
+                    if let Some(group) = self.groups.get(&gid) {
+                        group.metrics.applied(ready.committed_entries.len());
+                    }
+                }
                 Err(e @ NodeError::ShardInstall { .. }) => {
                     self.stop_replica(gid, &e);
                     continue;
@@ -2642,6 +2662,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
     /// move and the check run in order and off the loop.
     fn on_file(&mut self, file: ReceivedFile<SnapshotFileMeta>) {
         let meta = &file.meta;
+        telemetry::snapshot_received(telemetry::snapshot_kind(meta.shard.is_some()), file.bytes);
         if let Some((shard, num)) = meta.shard {
             // A moving shard's file for a group hosted here: into its
             // incoming directory (off the loop), where the install finds it.
@@ -2731,6 +2752,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         group.snapshot_bytes = manifest.size_bytes();
         group.export_pending = true;
         group.snapshots_installed += 1;
+        group.metrics.snapshot_installed();
         // Received files of this or older snapshots are no longer needed.
         self.prune_received_through(gid, index);
         Ok(())
@@ -2793,9 +2815,22 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         }
     }
 
-    fn publish_status(&self) {
+    /// Publishes every group's status (for [`NodeHandle::status`]) and
+    /// updates its metrics (a few atomic stores per group).
+    fn publish_status(&mut self) {
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
-        for (gid, g) in &self.groups {
+        telemetry::groups(self.groups.len());
+        for (gid, g) in &mut self.groups {
+            let log_bytes = self.engine.log_bytes(*gid).unwrap_or(0);
+            let observed = Observed {
+                role: g.raw.role(),
+                term: g.raw.term(),
+                vote: g.raw.vote(),
+                leader: g.raw.leader_id(),
+                commit: g.raw.commit_index(),
+            };
+            g.metrics
+                .observe(self.config.id, observed, g.raw.applied_index(), log_bytes);
             status.insert(
                 *gid,
                 GroupStatus {
@@ -2804,7 +2839,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                     leader: g.raw.leader_id(),
                     commit: g.raw.commit_index(),
                     applied: g.raw.applied_index(),
-                    log_bytes: self.engine.log_bytes(*gid).unwrap_or(0),
+                    log_bytes,
                     snapshot_index: g.snapshot_index,
                     snapshot_bytes: g.snapshot_bytes,
                     snapshots_installed: g.snapshots_installed,

@@ -194,8 +194,11 @@ pub async fn transfer<T: Transport<KvProtocol>>(
         let sent = transport
             .send_file(shoal_net::NodeId(to), dir.join(&name), meta)
             .await;
-        if sent.is_err() {
-            return false;
+        match sent {
+            Ok(bytes) => {
+                super::telemetry::snapshot_sent(super::telemetry::snapshot_kind(false), bytes)
+            }
+            Err(_) => return false,
         }
     }
     true
@@ -259,6 +262,7 @@ pub async fn ship<T: Transport<KvProtocol>>(
                     reason: e.to_string(),
                 })?;
         }
+        super::telemetry::snapshot_sent(super::telemetry::snapshot_kind(true), bytes);
         let secs = started.elapsed().as_secs_f64();
         tracing::info!(
             shard,
