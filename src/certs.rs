@@ -3,7 +3,9 @@
 //!
 //! Layout of a certificate directory:
 //! - `ca.pem`: the cluster CA certificate (every node and client needs it);
-//! - `ca-key.pem`: the CA's private key (keep it off the nodes if you can);
+//! - `ca-key.pem`: the CA's private key, only needed to issue certificates:
+//!   `shoal certs init --ca-dir` (by default `<out>-ca`) keeps it, with a
+//!   copy of `ca.pem`, in a directory of its own that never goes to a node;
 //! - `node-<id>.pem`, `node-<id>-key.pem`: each node's certificate and key;
 //! - `client-<name>.pem`, `client-<name>-key.pem`: each client's.
 
@@ -149,18 +151,34 @@ fn peers(nodes: &[u64], clients: &[String]) -> Result<Vec<Peer>, IssueError> {
 }
 
 /// Creates a new CA in `dir` (which must not hold one already) and issues a
-/// certificate for every node and client named.
+/// certificate for every node and client named; the CA's key stays in
+/// `dir` (tests and demos; see [`init_with_ca_dir`]).
 pub fn init(dir: &Path, nodes: &[u64], clients: &[String]) -> Result<(), IssueError> {
-    if dir.join("ca.pem").exists() {
-        return Err(IssueError::CaExists {
-            dir: dir.to_path_buf(),
-        });
+    init_with_ca_dir(dir, dir, nodes, clients)
+}
+
+/// [`init`] with the CA's key (and a copy of `ca.pem`) in `ca_dir`, apart
+/// from the certificates nodes and clients read in `dir`.
+pub fn init_with_ca_dir(
+    dir: &Path,
+    ca_dir: &Path,
+    nodes: &[u64],
+    clients: &[String],
+) -> Result<(), IssueError> {
+    for d in [dir, ca_dir] {
+        if d.join("ca.pem").exists() {
+            return Err(IssueError::CaExists {
+                dir: d.to_path_buf(),
+            });
+        }
     }
     let peers = peers(nodes, clients)?;
     std::fs::create_dir_all(dir).map_err(IssueError::io("creating", dir))?;
+    std::fs::create_dir_all(ca_dir).map_err(IssueError::io("creating", ca_dir))?;
     let ca = ClusterCa::generate().map_err(IssueError::Ca)?;
+    write_private(&ca_dir.join("ca-key.pem"), &ca.key_pem())?;
+    write_public(&ca_dir.join("ca.pem"), &ca.cert_pem())?;
     write_public(&dir.join("ca.pem"), &ca.cert_pem())?;
-    write_private(&dir.join("ca-key.pem"), &ca.key_pem())?;
     for peer in &peers {
         write_identity(dir, peer, &issue(&ca, peer)?)?;
     }
@@ -170,8 +188,19 @@ pub fn init(dir: &Path, nodes: &[u64], clients: &[String]) -> Result<(), IssueEr
 /// Issues certificates for more nodes and clients with the CA in `dir`
 /// (its `ca-key.pem`). Refuses to overwrite an existing certificate.
 pub fn add(dir: &Path, nodes: &[u64], clients: &[String]) -> Result<(), IssueError> {
+    add_with_ca_dir(dir, dir, nodes, clients)
+}
+
+/// [`add`] with the CA's key read from `ca_dir`; the certificates go to
+/// `dir`.
+pub fn add_with_ca_dir(
+    dir: &Path,
+    ca_dir: &Path,
+    nodes: &[u64],
+    clients: &[String],
+) -> Result<(), IssueError> {
     let peers = peers(nodes, clients)?;
-    let key_path = dir.join("ca-key.pem");
+    let key_path = ca_dir.join("ca-key.pem");
     let key = std::fs::read_to_string(&key_path).map_err(IssueError::io("reading", &key_path))?;
     let ca = ClusterCa::from_pem(&key).map_err(IssueError::Ca)?;
     for peer in &peers {
@@ -182,6 +211,51 @@ pub fn add(dir: &Path, nodes: &[u64], clients: &[String]) -> Result<(), IssueErr
         write_identity(dir, peer, &issue(&ca, peer)?)?;
     }
     Ok(())
+}
+
+/// One certificate of a directory, as `shoal certs list` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CertEntry {
+    /// The certificate file's name.
+    pub file: String,
+    /// Whom it names (`node-3`, `client-admin`; `ca` for the CA; None:
+    /// no cluster name).
+    pub peer: Option<String>,
+    /// Whether its private key is in the directory too (for `ca.pem`:
+    /// `ca-key.pem`, which should not be in a directory nodes read).
+    pub key: bool,
+}
+
+/// The certificates in `dir`, by file name.
+pub fn list(dir: &Path) -> Result<Vec<CertEntry>, LoadError> {
+    let read_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| LoadError::Read { path, source }
+    };
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(read_err(dir))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".pem") && !n.ends_with("-key.pem"))
+        .collect();
+    names.sort();
+    let mut out = Vec::new();
+    for file in names {
+        let path = dir.join(&file);
+        let pem = std::fs::read_to_string(&path).map_err(read_err(&path))?;
+        let stem_of_file = file.trim_end_matches(".pem");
+        let peer = if file == "ca.pem" {
+            Some("ca".to_string())
+        } else {
+            shoal_net::certs::peer_from_cert_pem(&pem).map(|p| stem(&p))
+        };
+        out.push(CertEntry {
+            key: dir.join(format!("{stem_of_file}-key.pem")).exists(),
+            file,
+            peer,
+        });
+    }
+    Ok(out)
 }
 
 /// Loads `peer`'s identity (certificate, key, CA) from `dir`.

@@ -163,14 +163,21 @@ pub enum MembersError {
         /// The item as written.
         item: String,
     },
-    /// An item's address is not `IP:PORT`.
-    #[error("member {item:?}: bad address (want IP:PORT)")]
+    /// An item's address is not `HOST:PORT` (or `IP:PORT`).
+    #[error("member {item:?}: bad address (want HOST:PORT or IP:PORT)")]
     BadAddress {
         /// The item as written.
         item: String,
-        /// Why it is not an address.
-        #[source]
-        source: std::net::AddrParseError,
+    },
+    /// An item's host name did not resolve to an address.
+    #[error("member {item:?}: host {host:?} does not resolve ({reason})")]
+    Unresolved {
+        /// The item as written.
+        item: String,
+        /// The host name.
+        host: String,
+        /// What the resolver said.
+        reason: String,
     },
     /// Two items have the same id.
     #[error("node id {id} is listed twice")]
@@ -183,8 +190,55 @@ pub enum MembersError {
     Empty,
 }
 
+/// Why [`resolve_addr`] found no address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ResolveError {
+    /// Not `HOST:PORT`.
+    #[error("not HOST:PORT")]
+    Syntax,
+    /// The host name did not resolve.
+    #[error("host {host:?} does not resolve ({reason})")]
+    Lookup {
+        /// The host name.
+        host: String,
+        /// What the resolver said.
+        reason: String,
+    },
+}
+
+/// `IP:PORT` as it is, or `HOST:PORT` resolved now (the system resolver;
+/// its first IPv4 address, else its first). Blocking: call it where a command starts,
+/// never on a node's event loop. A member whose name later resolves
+/// elsewhere is reached at the new address after a restart.
+pub fn resolve_addr(addr: &str) -> Result<SocketAddr, ResolveError> {
+    if let Ok(a) = addr.parse() {
+        return Ok(a);
+    }
+    let (host, port) = addr.rsplit_once(':').ok_or(ResolveError::Syntax)?;
+    let port: u16 = port.parse().map_err(|_| ResolveError::Syntax)?;
+    if host.is_empty() {
+        return Err(ResolveError::Syntax);
+    }
+    let lookup = |reason: String| ResolveError::Lookup {
+        host: host.to_string(),
+        reason,
+    };
+    let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .map_err(|e| lookup(e.to_string()))?
+        .collect();
+    // IPv4 first: endpoints bind IPv4 sockets unless told otherwise.
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| lookup("no address".into()))
+}
+
 /// Parses a member list `1=host:port,2=host:port` into (id, address) pairs,
-/// sorted by id. Ids must be distinct and non-zero.
+/// sorted by id, resolving host names ([`resolve_addr`]). Ids must be
+/// distinct and non-zero.
 pub fn parse_members(list: &str) -> Result<Vec<(u64, SocketAddr)>, MembersError> {
     let mut members = Vec::new();
     for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -198,13 +252,14 @@ pub fn parse_members(list: &str) -> Result<Vec<(u64, SocketAddr)>, MembersError>
         if id == 0 {
             return Err(MembersError::IdZero { item: item.into() });
         }
-        let addr: SocketAddr = addr
-            .trim()
-            .parse()
-            .map_err(|source| MembersError::BadAddress {
+        let addr = resolve_addr(addr.trim()).map_err(|e| match e {
+            ResolveError::Syntax => MembersError::BadAddress { item: item.into() },
+            ResolveError::Lookup { host, reason } => MembersError::Unresolved {
                 item: item.into(),
-                source,
-            })?;
+                host,
+                reason,
+            },
+        })?;
         if members.iter().any(|&(other, _)| other == id) {
             return Err(MembersError::Duplicate { id });
         }
@@ -757,6 +812,17 @@ mod tests {
         assert!(matches!(
             refused("1=localhost"),
             MembersError::BadAddress { .. }
+        ));
+        assert!(matches!(
+            refused("1=:7001"),
+            MembersError::BadAddress { .. }
+        ));
+        // Host names resolve (`localhost` needs no DNS server).
+        let named = parse_members("1=localhost:7001").unwrap();
+        assert!(named[0].1.ip().is_loopback() && named[0].1.port() == 7001);
+        assert!(matches!(
+            refused("1=no-such-host.invalid:7001"),
+            MembersError::Unresolved { .. }
         ));
         assert_eq!(
             refused("1=127.0.0.1:1,1=127.0.0.1:2"),

@@ -452,14 +452,15 @@ enum MemberCmd {
     /// Print the membership as the group's nodes see it: one JSON line per
     /// member, {"id","role","voter","matched"}.
     List,
-    /// Add node ID at ADDR (ip:port, a `shoal node --join` there): it joins
+    /// Add node ID at ADDR (HOST:PORT or IP:PORT, resolved here; a
+    /// `shoal node --join` there): it joins
     /// as a learner, catches up (from a snapshot if the log was cut), and
     /// is then promoted to voter (unless --learner).
     Add {
         /// The new member's id.
         id: u64,
         /// Its address.
-        addr: std::net::SocketAddr,
+        addr: String,
         /// Leave it a learner.
         #[arg(long)]
         learner: bool,
@@ -521,9 +522,14 @@ enum ShardCmd {
 enum CertsCmd {
     /// Create a cluster CA and certificates for the given nodes and clients.
     Init {
-        /// Directory to write (must not hold a CA yet).
+        /// Directory to write (must not hold a CA yet): what nodes and
+        /// clients read.
         #[arg(long)]
         out: PathBuf,
+        /// Where the CA's private key goes (with a copy of ca.pem), apart
+        /// from --out; default: <out>-ca next to it.
+        #[arg(long)]
+        ca_dir: Option<PathBuf>,
         /// Node ids, comma-separated (e.g. 1,2,3).
         #[arg(long, value_delimiter = ',', required = true)]
         nodes: Vec<u64>,
@@ -531,12 +537,23 @@ enum CertsCmd {
         #[arg(long, value_delimiter = ',', default_value = "client,admin")]
         clients: Vec<String>,
     },
+    /// List the certificates of a directory: one JSON line each,
+    /// {"file","peer","key"}.
+    List {
+        /// The certificate directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Issue certificates for more nodes (e.g. MapReduce workers) with the
     /// CA of an existing directory.
     AddNode {
-        /// The certificate directory (holding ca-key.pem).
+        /// The certificate directory.
         #[arg(long)]
         dir: PathBuf,
+        /// The directory holding ca-key.pem; default: <dir>-ca if it holds
+        /// one, else <dir>.
+        #[arg(long)]
+        ca_dir: Option<PathBuf>,
         /// Node ids.
         #[arg(required = true, value_delimiter = ',')]
         ids: Vec<u64>,
@@ -544,9 +561,13 @@ enum CertsCmd {
     /// Issue certificates for more clients with the CA of an existing
     /// directory.
     AddClient {
-        /// The certificate directory (holding ca-key.pem).
+        /// The certificate directory.
         #[arg(long)]
         dir: PathBuf,
+        /// The directory holding ca-key.pem; default: <dir>-ca if it holds
+        /// one, else <dir>.
+        #[arg(long)]
+        ca_dir: Option<PathBuf>,
         /// Client names (`[a-z0-9-]`).
         #[arg(required = true, value_delimiter = ',')]
         names: Vec<String>,
@@ -583,25 +604,41 @@ fn main() -> Result<()> {
             command:
                 CertsCmd::Init {
                     out,
+                    ca_dir,
                     nodes,
                     clients,
                 },
         } => {
-            shoal::certs::init(&out, &nodes, &clients)?;
-            println!("wrote a cluster CA and certificates for nodes {nodes:?} and clients {clients:?} to {}", out.display());
+            let ca_dir = ca_dir.unwrap_or_else(|| default_ca_dir(&out));
+            shoal::certs::init_with_ca_dir(&out, &ca_dir, &nodes, &clients)?;
+            println!(
+                "wrote a cluster CA and certificates for nodes {nodes:?} and clients {clients:?} to {}; the CA's key is in {} (keep it off the nodes)",
+                out.display(),
+                ca_dir.display()
+            );
             Ok(())
         }
         Cmd::Certs {
-            command: CertsCmd::AddNode { dir, ids },
+            command: CertsCmd::List { dir },
         } => {
-            shoal::certs::add(&dir, &ids, &[])?;
+            for entry in shoal::certs::list(&dir)? {
+                println!("{}", serde_json::to_string(&entry)?);
+            }
+            Ok(())
+        }
+        Cmd::Certs {
+            command: CertsCmd::AddNode { dir, ca_dir, ids },
+        } => {
+            let ca_dir = ca_dir.unwrap_or_else(|| existing_ca_dir(&dir));
+            shoal::certs::add_with_ca_dir(&dir, &ca_dir, &ids, &[])?;
             println!("wrote certificates for nodes {ids:?} to {}", dir.display());
             Ok(())
         }
         Cmd::Certs {
-            command: CertsCmd::AddClient { dir, names },
+            command: CertsCmd::AddClient { dir, ca_dir, names },
         } => {
-            shoal::certs::add(&dir, &[], &names)?;
+            let ca_dir = ca_dir.unwrap_or_else(|| existing_ca_dir(&dir));
+            shoal::certs::add_with_ca_dir(&dir, &ca_dir, &[], &names)?;
             println!(
                 "wrote certificates for clients {names:?} to {}",
                 dir.display()
@@ -805,6 +842,25 @@ fn main() -> Result<()> {
             stop_after,
         } => crashtest::run_writer(&dir, seed, stop_after),
         Cmd::EngineInstaller { dir, rounds } => crashtest::run_installer(&dir, rounds),
+    }
+}
+
+/// `<dir>-ca`, beside `dir`: where `certs init` keeps the CA's key.
+fn default_ca_dir(dir: &Path) -> PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push("-ca");
+    dir.with_file_name(name)
+}
+
+/// Where `certs add-*` finds the CA's key: `<dir>-ca` if it holds one
+/// (`certs init`'s default), else `dir` (a directory made before the key
+/// was kept apart, or by `shoal::certs::init`).
+fn existing_ca_dir(dir: &Path) -> PathBuf {
+    let apart = default_ca_dir(dir);
+    if apart.join("ca-key.pem").exists() {
+        apart
+    } else {
+        dir.to_path_buf()
     }
 }
 
@@ -1075,6 +1131,14 @@ fn member_admin(args: &ClusterArgs, group: u64, command: MemberCmd) -> Result<()
                 return anyhow::Ok(());
             }
             MemberCmd::Add { id, addr, learner } => {
+                let addr = cluster::resolve_addr(&addr)
+                    .with_context(|| format!("the address of node {id}"))?;
+                // The new node hosts the group with no membership first (a
+                // no-op for a node started with --join on its static group).
+                inner
+                    .host_group(shoal_net::NodeId(id), group, Vec::new())
+                    .await
+                    .with_context(|| format!("node {id} to host group {group} as a joiner"))?;
                 let (voters, learners) = change(MemberChange::AddLearner {
                     node: id,
                     addr: addr.to_string(),
@@ -1097,6 +1161,21 @@ fn member_admin(args: &ClusterArgs, group: u64, command: MemberCmd) -> Result<()
         anyhow::Ok(())
     });
     runtime.block_on(client.close());
+    // The exit codes of the one-shot commands: refused 2, unavailable 4.
+    if let Err(e) = &result {
+        use shoal_shard::client::MemberError;
+        let code = match e.downcast_ref::<MemberError>() {
+            Some(MemberError::Refused(_) | MemberError::Denied(_)) => jsonl::EXIT_BAD_INPUT,
+            Some(MemberError::Unavailable(_)) => jsonl::EXIT_UNAVAILABLE,
+            _ => jsonl::EXIT_FAILED,
+        };
+        eprintln!("Error: {e:#}");
+        println!(
+            "{}",
+            serde_json::json!({ "ok": false, "error": format!("{e:#}") })
+        );
+        std::process::exit(code);
+    }
     result
 }
 

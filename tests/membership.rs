@@ -115,3 +115,62 @@ fn a_db_grows_into_a_cluster_in_place() {
     assert_eq!(pairs.len(), KEYS);
     client.close();
 }
+
+/// Goal (issue 14, part 4): a node listens on one address (here the
+/// wildcard) and is reached at another (its `--peers` entry, given here as
+/// a host name), and `shoal member` refusals exit 2.
+#[test]
+fn a_node_is_reached_at_another_address_than_it_listens_on() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tls = dir.path().join("tls");
+    shoal::certs::init(&tls, &[1], &["client".into(), "admin".into()]).expect("certs");
+    let port = shoal::local_cluster::free_udp_addr().expect("port").port();
+    let named = format!("1=localhost:{port}");
+    let mut node = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["node", "--id", "1", "--data"])
+        .arg(dir.path().join("node-1"))
+        .args([
+            "--listen",
+            &format!("0.0.0.0:{port}"),
+            "--peers",
+            &named,
+            "--tls",
+        ])
+        .arg(&tls)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the node");
+    let mut line = String::new();
+    std::io::BufReader::new(node.stdout.take().unwrap())
+        .read_line(&mut line)
+        .expect("node output");
+    assert!(line.contains("listening"), "{line:?}");
+    let shoal = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(args)
+            .args(["--cluster", &named, "--tls"])
+            .arg(&tls)
+            .output()
+            .expect("run shoal")
+    };
+    let put = shoal(&["put", "k", "v"]);
+    let got = shoal(&["get", "k"]);
+    let refused = shoal(&["member", "--name", "admin", "promote", "9"]);
+    let _ = node.kill();
+    let _ = node.wait();
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stdout)
+    );
+    assert!(String::from_utf8_lossy(&got.stdout).contains("\"value\":\"v\""));
+    assert_eq!(
+        refused.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&refused.stdout)
+    );
+}

@@ -74,7 +74,14 @@ impl<B: Backend> Engine<B> {
         let mut log = self.group_log(group)?;
         let mut set = WriteSet::new();
         let stored = sorted(&log.state.conf_state.voters);
-        if stored.is_empty() {
+        if voters.is_empty() {
+            // Joining: the membership comes from the group's leader.
+            if !stored.is_empty() {
+                return Err(EngineError::Invalid(format!(
+                    "group {group} has voters {stored:?} here: it cannot join it anew"
+                )));
+            }
+        } else if stored.is_empty() {
             stage_group_write(
                 &mut set,
                 &mut log,

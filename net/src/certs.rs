@@ -269,6 +269,12 @@ pub fn peer_from_cert_der(der: &[u8]) -> Option<Peer> {
         .find_map(|name| parse_peer_name(&name))
 }
 
+/// The cluster identity named by a PEM certificate, if any.
+pub fn peer_from_cert_pem(pem: &str) -> Option<Peer> {
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
+    peer_from_cert_der(&der)
+}
+
 /// Parses `node-<u64>.shoal` / `client-<name>.shoal`.
 pub fn parse_peer_name(name: &str) -> Option<Peer> {
     let stem = name.strip_suffix(NAME_SUFFIX)?;

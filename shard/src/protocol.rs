@@ -396,6 +396,8 @@ pub enum Request {
     Shard(ShardRequest),
     /// Admin: start hosting a replica of `group` whose voters are `voters`
     /// (this node among them), durably: a restarted node hosts it again.
+    /// No voters: host it with no membership, to join it once its leader
+    /// adds this node ([`Request::Member`]).
     /// A group this node hosts already with the same voters (in any order)
     /// is done at once. Needs the admin client; answered
     /// [`Response::AdminDone`] or [`Response::GroupRefused`].
@@ -403,7 +405,7 @@ pub enum Request {
         /// The group (not 0, which names no group).
         group: GroupId,
         /// Its voters: 1 to `VOTERS_MAX` distinct, non-zero node ids,
-        /// including this node's.
+        /// including this node's; or none, to join.
         voters: Vec<NodeId>,
     },
     /// Admin: a membership change of `group` (one member at a time), for

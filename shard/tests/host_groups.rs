@@ -545,7 +545,6 @@ async fn group_admin_requests_are_checked() {
     let too_many: Vec<u64> = (1..=VOTERS_MAX as u64 + 1).collect();
     for (request, refusal) in [
         (host(0, &[1]), GroupRefusal::ReservedGroup),
-        (host(5, &[]), GroupRefusal::NoVoters),
         (host(5, &[1, 1]), GroupRefusal::DuplicateVoter { node: 1 }),
         (host(5, &[0, 1]), GroupRefusal::ZeroVoter),
         (host(5, &[2, 3]), GroupRefusal::NotAVoter { node: 1 }),

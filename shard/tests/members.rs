@@ -172,3 +172,68 @@ async fn removing_the_leader_hands_off_first() {
         let _ = NodeId(id);
     }
 }
+
+/// A replica group hosted at runtime (a sharded cluster's) changes members
+/// too: node 4 hosts group 7 with no membership (`HostGroup` without
+/// voters), is added and promoted, node 3 is removed, and after node 1
+/// crashes nodes 2 and 4 still elect a leader of group 7.
+#[tokio::test(start_paused = true)]
+async fn a_hosted_group_gains_and_loses_members() {
+    const GROUP: u64 = 7;
+    for seed in common::seeds_or("a_hosted_group_gains_and_loses_members", 5) {
+        let mut c = Cluster::new(4, true, seed);
+        let admin = admin(&c);
+        for node in 1..=3 {
+            admin
+                .host_group(NodeId(node), GROUP, vec![1, 2, 3])
+                .await
+                .expect("host group 7");
+        }
+        admin
+            .host_group(NodeId(4), GROUP, Vec::new())
+            .await
+            .expect("node 4 hosts group 7 to join it");
+        let nodes = c.ids();
+        let change = |change: MemberChange| {
+            let (admin, nodes) = (&admin, nodes.clone());
+            async move {
+                admin
+                    .change_members(GROUP, change.clone(), &nodes)
+                    .await
+                    .unwrap_or_else(|e| panic!("seed {seed}: {change:?}: {e}"))
+            }
+        };
+        change(MemberChange::AddLearner {
+            node: 4,
+            addr: "127.0.0.1:7004".into(),
+        })
+        .await;
+        change(MemberChange::Promote { node: 4 }).await;
+        let (voters, _) = change(MemberChange::Remove { node: 3 }).await;
+        assert_eq!(voters, vec![1, 2, 4], "seed {seed}");
+        c.crash_node(0).await;
+        let deadline = Instant::now() + ELECTION_TIMEOUT * 10;
+        loop {
+            let mut leaders = Vec::new();
+            for node in [2, 4] {
+                if let Ok(report) = admin.node_status(NodeId(node)).await {
+                    if let Some(g) = report.groups.iter().find(|g| g.group == GROUP) {
+                        if g.role == shoal_consensus::Role::Leader {
+                            leaders.push((node, g.voters.clone()));
+                        }
+                    }
+                }
+            }
+            if let Some((_, voters)) = leaders.first() {
+                assert_eq!(voters, &vec![1, 2, 4], "seed {seed}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "seed {seed}: group 7 has no leader"
+            );
+            sleep(Duration::from_millis(50)).await;
+        }
+        c.shutdown_all().await;
+    }
+}

@@ -50,6 +50,9 @@ pub enum HostDecision {
         /// The voters, sorted.
         voters: Vec<NodeId>,
     },
+    /// Host it with no membership (no voters named): the node joins the
+    /// group once its leader adds it as a learner.
+    Join,
 }
 
 /// Checks a `HostGroup { group, voters }` on node `me`, which hosts
@@ -65,6 +68,17 @@ pub fn check_host(
 ) -> Result<HostDecision, GroupRefusal> {
     if group == 0 {
         return Err(GroupRefusal::ReservedGroup);
+    }
+    if voters.is_empty() {
+        if current.is_some() {
+            return Ok(HostDecision::AlreadyHosted);
+        }
+        if hosted >= GROUPS_PER_NODE_MAX {
+            return Err(GroupRefusal::TooManyGroups {
+                max: GROUPS_PER_NODE_MAX as u64,
+            });
+        }
+        return Ok(HostDecision::Join);
     }
     let voters = check_voters(me, voters)?;
     if let Some(current) = current {
@@ -199,7 +213,6 @@ mod tests {
         let many: Vec<NodeId> = (1..=VOTERS_MAX as u64 + 1).collect();
         for (group, voters, refusal) in [
             (0, vec![1, 2, 3], ReservedGroup),
-            (5, vec![], NoVoters),
             (
                 5,
                 many,
@@ -250,6 +263,18 @@ mod tests {
         assert_eq!(
             check_host(1, 5, &[1], Some(&[1]), GROUPS_PER_NODE_MAX),
             Ok(HostDecision::AlreadyHosted)
+        );
+        // No voters: join; done if hosted already; the limit holds.
+        assert_eq!(check_host(1, 5, &[], None, 0), Ok(HostDecision::Join));
+        assert_eq!(
+            check_host(1, 5, &[], Some(&[1, 2]), 1),
+            Ok(HostDecision::AlreadyHosted)
+        );
+        assert_eq!(
+            check_host(1, 5, &[], None, GROUPS_PER_NODE_MAX),
+            Err(GroupRefusal::TooManyGroups {
+                max: GROUPS_PER_NODE_MAX as u64
+            })
         );
     }
 

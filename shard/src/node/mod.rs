@@ -662,11 +662,12 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         config: &NodeConfig,
         engine: &Engine<B>,
         spec: &GroupSpec,
+        join: bool,
     ) -> Result<Group<B>, NodeError> {
         let group_id = spec.group;
         let err = engine_err(group_id);
         let stored = engine.conf_state(group_id).map_err(&err)?;
-        if stored.voters.is_empty() && !config.join {
+        if stored.voters.is_empty() && !join {
             // A brand-new group: record its membership so a restart does not
             // depend on the configuration again.
             let conf = shoal_consensus::ConfState {
@@ -756,13 +757,13 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             .map_err(&err)?
             .snapshot
             .map_or(0, |s| s.meta.index);
-        let voters = if config.join {
+        let voters = if join {
             Vec::new()
         } else {
             spec.voters_or(&config.voters)
         };
         let mut raft_config = Config::new(config.id, voters);
-        raft_config.join = config.join;
+        raft_config.join = join;
         raft_config.applied = applied.index;
         raft_config.seed = config.seed ^ config.id.rotate_left(32) ^ group_id.rotate_left(16);
         let raw = RawNode::new(raft_config, engine.group_storage(group_id))
@@ -799,7 +800,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             if dropped {
                 return Err(NodeError::Dropped { group: spec.group });
             }
-            let group = Self::open_group(&config, &engine, spec)?;
+            let group = Self::open_group(&config, &engine, spec, config.join)?;
             groups.insert(spec.group, group);
         }
         // Groups hosted at runtime (see `hosting`); the configuration's
@@ -811,12 +812,14 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             if groups.contains_key(&gid) {
                 continue;
             }
+            // Hosted with no voters: joining (see `HostDecision::Join`).
+            let join = voters.is_empty();
             let spec = GroupSpec {
                 group: gid,
                 static_shards: Vec::new(),
                 voters,
             };
-            let group = Self::open_group(&config, &engine, &spec)?;
+            let group = Self::open_group(&config, &engine, &spec, join)?;
             groups.insert(gid, group);
         }
         if config.log_sync_window_ms.is_some() {
@@ -2026,6 +2029,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         ) {
             Ok(HostDecision::AlreadyHosted) => return Ok(Response::AdminDone),
             Ok(HostDecision::Host { voters }) => voters,
+            Ok(HostDecision::Join) => Vec::new(),
             Err(refusal) => return Ok(Response::GroupRefused(refusal)),
         };
         let config = self.config.clone();
@@ -2048,7 +2052,8 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                     return Ok(Err(GroupRefusal::OtherVoters { voters: stored }));
                 }
                 engine.host_group(group, &voters).map_err(&err)?;
-                Self::open_group(&config, engine, &spec).map(Ok)
+                let join = voters.is_empty();
+                Self::open_group(&config, engine, &spec, join).map(Ok)
             })
             .await?;
         match opened {
