@@ -865,9 +865,17 @@ fn existing_ca_dir(dir: &Path) -> PathBuf {
 }
 
 fn connect(args: &ClusterArgs) -> Result<(tokio::runtime::Runtime, cluster::Client)> {
+    connect_as(args, &args.name)
+}
+
+/// [`connect`] with the certificate `client-<name>` whatever `--name` says.
+fn connect_as(
+    args: &ClusterArgs,
+    name: &str,
+) -> Result<(tokio::runtime::Runtime, cluster::Client)> {
     let members = cluster::parse_members(&args.cluster)?;
     let options = ClientOptions {
-        name: args.name.clone(),
+        name: name.to_string(),
         op_deadline: std::time::Duration::from_millis(args.timeout_ms),
         controller: args.controller.clone(),
         ..ClientOptions::default()
@@ -918,17 +926,8 @@ fn one_shot(args: &ClusterArgs, request: jsonl::Request) -> Result<()> {
 /// `shoal backup`: every group of a running cluster, from its leader.
 fn backup_cluster(args: &ClusterArgs, out: &Path, export_timeout: Duration) -> Result<()> {
     let members = cluster::parse_members(&args.cluster)?;
-    let options = ClientOptions {
-        // Backups are admin requests (they read every key and session).
-        name: shoal_net::ADMIN_CLIENT_NAME.into(),
-        op_deadline: Duration::from_millis(args.timeout_ms),
-        ..ClientOptions::default()
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let client =
-        runtime.block_on(async { cluster::Client::connect_with(&members, &args.tls, options) })?;
+    // Backups are admin requests (they read every key and session).
+    let (runtime, client) = connect_as(args, shoal_net::ADMIN_CLIENT_NAME)?;
     let deadline = std::time::Instant::now() + Duration::from_millis(args.timeout_ms);
     let result = runtime.block_on(async {
         let mut writer = shoal::engine::backup::BackupWriter::create(out)?;

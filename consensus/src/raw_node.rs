@@ -405,15 +405,7 @@ impl<S: Storage> RawNode<S> {
         &mut self,
         data: I,
     ) -> Result<Index, Error> {
-        self.check_fatal()?;
-        if self.role != Role::Leader {
-            return Err(Error::NotLeader {
-                leader_hint: self.leader_id,
-            });
-        }
-        if self.lead_transferee.is_some() {
-            return Err(Error::ProposalDropped);
-        }
+        self.check_can_propose()?;
         let mut last = self.log.last_index()?;
         let mut entries = Vec::new();
         for d in data {
@@ -453,15 +445,7 @@ impl<S: Storage> RawNode<S> {
         node: NodeId,
         context: Bytes,
     ) -> Result<Index, Error> {
-        self.check_fatal()?;
-        if self.role != Role::Leader {
-            return Err(Error::NotLeader {
-                leader_hint: self.leader_id,
-            });
-        }
-        if self.lead_transferee.is_some() {
-            return Err(Error::ProposalDropped);
-        }
+        self.check_can_propose()?;
         if self.pending_conf_index > self.log.applied {
             return Err(ConfChangeError::Pending {
                 pending_index: self.pending_conf_index,
@@ -683,6 +667,20 @@ impl<S: Storage> RawNode<S> {
     }
 
     // ----- internals -----
+
+    /// Proposals need a healthy leader with no transfer under way.
+    fn check_can_propose(&self) -> Result<(), Error> {
+        self.check_fatal()?;
+        if self.role != Role::Leader {
+            return Err(Error::NotLeader {
+                leader_hint: self.leader_id,
+            });
+        }
+        if self.lead_transferee.is_some() {
+            return Err(Error::ProposalDropped);
+        }
+        Ok(())
+    }
 
     fn check_fatal(&self) -> Result<(), Error> {
         match &self.fatal {

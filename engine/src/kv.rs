@@ -823,6 +823,19 @@ impl<B: Backend> Engine<B> {
         })
     }
 
+    /// Refuses an entry `at` that is not above `group`'s applied index (an
+    /// entry applied again, or out of order).
+    pub(crate) fn check_above_applied(&self, group: GroupId, at: AppliedState) -> Result<()> {
+        let applied = self.applied(group)?;
+        if at.index <= applied.index {
+            return Err(EngineError::Invalid(format!(
+                "group {group}: entry {} applied again (applied index {})",
+                at.index, applied.index
+            )));
+        }
+        Ok(())
+    }
+
     /// The applied state of `group`.
     pub fn applied(&self, group: GroupId) -> Result<AppliedState> {
         let key = meta_applied_key(group);

@@ -55,13 +55,7 @@ impl<B: Backend> Engine<B> {
         conf: &ConfState,
         addr: Option<(NodeId, &str)>,
     ) -> Result<()> {
-        let applied = self.applied(group)?;
-        if at.index <= applied.index {
-            return Err(EngineError::Invalid(format!(
-                "group {group}: entry {} applied again (applied index {})",
-                at.index, applied.index
-            )));
-        }
+        self.check_above_applied(group, at)?;
         let mut set = WriteSet::new();
         let key = meta_conf_key(group);
         let record = AppliedConf {

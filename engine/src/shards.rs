@@ -76,13 +76,7 @@ impl<B: Backend> Engine<B> {
         at: AppliedState,
         changes: &[(ShardId, ShardRecord, bool)],
     ) -> Result<()> {
-        let applied = self.applied(group)?;
-        if at.index <= applied.index {
-            return Err(EngineError::Invalid(format!(
-                "group {group}: entry {} applied again (applied index {})",
-                at.index, applied.index
-            )));
-        }
+        self.check_above_applied(group, at)?;
         let mut set = WriteSet::new();
         for &(shard, record, clear) in changes {
             if clear {

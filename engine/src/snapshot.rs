@@ -501,17 +501,6 @@ impl<B: Backend> Engine<B> {
         self.install_until(dir, manifest, group, at, Some((shard, record)), crash)
     }
 
-    fn check_above_applied(&self, group: GroupId, at: AppliedState) -> Result<()> {
-        let applied = self.applied(group)?;
-        if at.index <= applied.index {
-            return Err(EngineError::Invalid(format!(
-                "group {group}: entry {} applied again (applied index {})",
-                at.index, applied.index
-            )));
-        }
-        Ok(())
-    }
-
     /// [`Self::install_snapshot`] stopped at `at` as a crash there would
     /// stop it, for crash tests: the marker stays, and reopening the engine
     /// (or [`crate::MemStore::crash_and_recover`]) finishes or discards it.

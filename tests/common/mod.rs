@@ -44,6 +44,25 @@ pub fn retry_admin(
     }
 }
 
+/// Runs `command` to completion (it must succeed, `what` names it in the
+/// panic) and returns its stdout's JSON lines.
+fn json_lines(command: &mut Command, what: &str) -> Vec<serde_json::Value> {
+    let output = command
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("running {what}: {e}"));
+    assert!(
+        output.status.success(),
+        "{what} failed: {:?}",
+        output.status
+    );
+    String::from_utf8(output.stdout)
+        .expect("utf-8")
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?} is not JSON: {e}")))
+        .collect()
+}
+
 /// A cluster of `shoal node` processes.
 pub struct Cluster {
     pub tls: PathBuf,
@@ -102,25 +121,14 @@ impl Cluster {
     /// succeed).
     #[allow(dead_code)]
     pub fn member(&self, args: &[&str]) -> Vec<serde_json::Value> {
-        let output = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_shoal"));
+        command
             .arg("member")
             .args(["--cluster", &self.cluster_arg(), "--tls"])
             .arg(&self.tls)
             .args(["--name", "admin", "--timeout-ms", "30000"])
-            .args(args)
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run shoal member");
-        assert!(
-            output.status.success(),
-            "shoal member {args:?} failed: {:?}",
-            output.status
-        );
-        String::from_utf8(output.stdout)
-            .expect("utf-8")
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?} is not JSON: {e}")))
-            .collect()
+            .args(args);
+        json_lines(&mut command, &format!("shoal member {args:?}"))
     }
 
     /// [`Cluster::start`], every node with the extra arguments `args`.
@@ -188,21 +196,10 @@ impl Cluster {
         timeout_ms: u64,
         args: &[&str],
     ) -> Vec<serde_json::Value> {
-        let output = self
-            .shard_command(controller, timeout_ms, args)
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run shoal shard");
-        assert!(
-            output.status.success(),
-            "shoal shard {args:?} failed: {:?}",
-            output.status
-        );
-        String::from_utf8(output.stdout)
-            .expect("utf-8")
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?} is not JSON: {e}")))
-            .collect()
+        json_lines(
+            &mut self.shard_command(controller, timeout_ms, args),
+            &format!("shoal shard {args:?}"),
+        )
     }
 
     /// Every node id.

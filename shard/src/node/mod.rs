@@ -1564,11 +1564,17 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 let _ = reply.send(self.admin(&from, |t| t.clear_fault_filter()));
                 return;
             }
-            RpcRequest::HostGroup { .. } | RpcRequest::DropGroup { .. } if !from.is_admin() => {
+            RpcRequest::HostGroup { .. }
+            | RpcRequest::DropGroup { .. }
+            | RpcRequest::Member(_)
+            | RpcRequest::Backup(_)
+            | RpcRequest::Shard(_)
+                if !from.is_admin() =>
+            {
                 tracing::warn!(
                     node = self.config.id,
                     ?from,
-                    "group admin request from a non-admin refused"
+                    "admin request (group, membership, backup or shard step) from a non-admin refused"
                 );
                 let _ = reply.send(Response::Denied(Denied::NotAdmin));
                 return;
@@ -1583,52 +1589,32 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 return;
             }
             RpcRequest::Member(request) => {
-                if !from.is_admin() {
-                    tracing::warn!(
-                        node = self.config.id,
-                        ?from,
-                        "membership change from a non-admin refused"
-                    );
-                    let _ = reply.send(Response::Denied(Denied::NotAdmin));
-                    return;
-                }
                 let trace = RequestTrace::start(
                     self.config.id,
                     request.group,
                     telemetry::MEMBER_CHANGE_KIND,
                 );
                 let reply = Waiter::client(reply, trace);
-                let Some(group) = self.groups.get_mut(&request.group) else {
-                    reply.send(KvResponse::UnknownGroup);
-                    return;
-                };
-                if !group.raw.is_leader() {
-                    reply.send(KvResponse::NotLeader {
-                        leader_hint: group.raw.leader_id(),
-                    });
-                    return;
-                }
-                if let MemberChange::AddLearner { node, addr } = &request.change {
+                let addr = match &request.change {
                     // The leader replicates to the learner as soon as the
                     // change is in its log: it needs the address now.
-                    match member_addr(addr) {
-                        Ok(a) => self.transport.set_member_addr(shoal_net::NodeId(*node), a),
+                    MemberChange::AddLearner { node, addr } => match member_addr(addr) {
+                        Ok(a) => Some((shoal_net::NodeId(*node), a)),
                         Err(reason) => {
                             reply.send(KvResponse::Member(MemberReply::Refused { reason }));
                             return;
                         }
-                    }
+                    },
+                    _ => None,
+                };
+                let Some((group, reply)) = leading_group(&mut self.groups, request.group, reply)
+                else {
+                    return;
+                };
+                if let Some((node, a)) = addr {
+                    self.transport.set_member_addr(node, a);
                 }
                 group.queued_member.push((request.change, reply));
-                return;
-            }
-            RpcRequest::Backup(_) if !from.is_admin() => {
-                tracing::warn!(
-                    node = self.config.id,
-                    ?from,
-                    "backup request from a non-admin refused"
-                );
-                let _ = reply.send(Response::Denied(Denied::NotAdmin));
                 return;
             }
             RpcRequest::Backup(request) => {
@@ -1636,28 +1622,13 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 return;
             }
             RpcRequest::Shard(request) => {
-                if !from.is_admin() {
-                    tracing::warn!(
-                        node = self.config.id,
-                        ?from,
-                        "shard move step from a non-admin refused"
-                    );
-                    let _ = reply.send(Response::Denied(Denied::NotAdmin));
-                    return;
-                }
                 let trace =
                     RequestTrace::start(self.config.id, request.group, telemetry::SHARD_STEP_KIND);
                 let reply = Waiter::client(reply, trace);
-                let Some(group) = self.groups.get_mut(&request.group) else {
-                    reply.send(KvResponse::UnknownGroup);
+                let Some((group, reply)) = leading_group(&mut self.groups, request.group, reply)
+                else {
                     return;
                 };
-                if !group.raw.is_leader() {
-                    reply.send(KvResponse::NotLeader {
-                        leader_hint: group.raw.leader_id(),
-                    });
-                    return;
-                }
                 if let ShardCommand::Install {
                     shard,
                     num,
@@ -2923,4 +2894,26 @@ fn learn_member_addrs<T: Transport<KvProtocol>>(
             }
         }
     }
+}
+
+/// The group `gid` of `groups`, with `reply` handed back, if this node
+/// leads it; otherwise `reply` is answered (`UnknownGroup`, or `NotLeader`
+/// with the leader it knows) and None returned. For admin steps only the
+/// leader proposes.
+fn leading_group<B: Backend>(
+    groups: &mut BTreeMap<GroupId, Group<B>>,
+    gid: GroupId,
+    reply: Waiter,
+) -> Option<(&mut Group<B>, Waiter)> {
+    let Some(group) = groups.get_mut(&gid) else {
+        reply.send(KvResponse::UnknownGroup);
+        return None;
+    };
+    if !group.raw.is_leader() {
+        reply.send(KvResponse::NotLeader {
+            leader_hint: group.raw.leader_id(),
+        });
+        return None;
+    }
+    Some((group, reply))
 }
