@@ -873,7 +873,15 @@ fn connect_as(
     args: &ClusterArgs,
     name: &str,
 ) -> Result<(tokio::runtime::Runtime, cluster::Client)> {
-    let members = cluster::parse_members(&args.cluster)?;
+    connect_to(args, name, &cluster::parse_members(&args.cluster)?)
+}
+
+/// [`connect_as`] to `members` rather than `--cluster`'s.
+fn connect_to(
+    args: &ClusterArgs,
+    name: &str,
+    members: &[(u64, std::net::SocketAddr)],
+) -> Result<(tokio::runtime::Runtime, cluster::Client)> {
     let options = ClientOptions {
         name: name.to_string(),
         op_deadline: std::time::Duration::from_millis(args.timeout_ms),
@@ -884,7 +892,7 @@ fn connect_as(
         .enable_all()
         .build()?;
     let client =
-        runtime.block_on(async { cluster::Client::connect_with(&members, &args.tls, options) })?;
+        runtime.block_on(async { cluster::Client::connect_with(members, &args.tls, options) })?;
     Ok((runtime, client))
 }
 
@@ -1114,11 +1122,24 @@ fn status(args: &ClusterArgs) -> Result<()> {
 /// line ({"ok","voters","learners"}); `list`: one line per member.
 fn member_admin(args: &ClusterArgs, group: u64, command: MemberCmd) -> Result<()> {
     use shoal_shard::protocol::MemberChange;
-    let (runtime, client) = connect(args)?;
-    let nodes: Vec<shoal_net::NodeId> = cluster::parse_members(&args.cluster)?
-        .into_iter()
-        .map(|(id, _)| shoal_net::NodeId(id))
+    let mut members = cluster::parse_members(&args.cluster)?;
+    let nodes: Vec<shoal_net::NodeId> = members
+        .iter()
+        .map(|&(id, _)| shoal_net::NodeId(id))
         .collect();
+    // The node being added is asked to host the group first: reach it at
+    // the address it is added with, whether or not --cluster names it.
+    let added = match &command {
+        MemberCmd::Add { id, addr, .. } => {
+            let addr =
+                cluster::resolve_addr(addr).with_context(|| format!("the address of node {id}"))?;
+            members.retain(|&(m, _)| m != *id);
+            members.push((*id, addr));
+            Some(addr)
+        }
+        _ => None,
+    };
+    let (runtime, client) = connect_to(args, &args.name, &members)?;
     let result = runtime.block_on(async {
         let inner: &shoal_shard::Client<_> = &client;
         let change = |change| inner.change_members(group, change, &nodes);
@@ -1129,9 +1150,8 @@ fn member_admin(args: &ClusterArgs, group: u64, command: MemberCmd) -> Result<()
                 }
                 return anyhow::Ok(());
             }
-            MemberCmd::Add { id, addr, learner } => {
-                let addr = cluster::resolve_addr(&addr)
-                    .with_context(|| format!("the address of node {id}"))?;
+            MemberCmd::Add { id, learner, .. } => {
+                let addr = added.expect("resolved above");
                 // The new node hosts the group with no membership first (a
                 // no-op for a node started with --join on its static group).
                 inner

@@ -43,8 +43,10 @@ fn run(seed: u64) {
     std::fs::remove_dir_all(cluster.data_dir(3)).expect("wipe node 3");
     workload.wait_progress("progress with node 3 dead", OPS_BETWEEN_STEPS, WAIT);
 
+    // `--cluster` without node 4: `member add` reaches it at ADDR.
     let addr4 = cluster.members[3].1.to_string();
-    let added = cluster.member(&["add", "4", &addr4]);
+    let initial = shoal::cluster::format_members(&cluster.members[..3]);
+    let added = cluster.member_at(&initial, &["add", "4", &addr4]);
     assert_eq!(
         added[0]["voters"],
         serde_json::json!([1, 2, 3, 4]),

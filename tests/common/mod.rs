@@ -121,10 +121,16 @@ impl Cluster {
     /// succeed).
     #[allow(dead_code)]
     pub fn member(&self, args: &[&str]) -> Vec<serde_json::Value> {
+        self.member_at(&self.cluster_arg(), args)
+    }
+
+    /// [`Cluster::member`] with `--cluster cluster`.
+    #[allow(dead_code)]
+    pub fn member_at(&self, cluster: &str, args: &[&str]) -> Vec<serde_json::Value> {
         let mut command = Command::new(env!("CARGO_BIN_EXE_shoal"));
         command
             .arg("member")
-            .args(["--cluster", &self.cluster_arg(), "--tls"])
+            .args(["--cluster", cluster, "--tls"])
             .arg(&self.tls)
             .args(["--name", "admin", "--timeout-ms", "30000"])
             .args(args);
