@@ -24,6 +24,7 @@ use crate::error::{EngineError, Result};
 use crate::keys::{
     decode_record, encode_record, group_key, group_range, log_key, meta_applied_key, meta_conf_key,
     meta_dropped_key, meta_hosted_key, meta_hosted_range, meta_install_key, meta_shard_group_range,
+    meta_tagged_id,
 };
 use crate::log::{stage_group_write, GroupWrite};
 use crate::GroupId;
@@ -35,14 +36,9 @@ impl<B: Backend> Engine<B> {
         let (start, end) = meta_hosted_range();
         let mut out = BTreeMap::new();
         self.backend().scan(Cf::Meta, &start, &end, &mut |k, v| {
-            let group = k
-                .get(1..9)
-                .and_then(|g| <[u8; 8]>::try_from(g).ok())
-                .map(u64::from_be_bytes)
-                .filter(|_| k.len() == 9)
-                .ok_or_else(|| {
-                    EngineError::Corrupt(format!("a hosted-group key of {} bytes", k.len()))
-                })?;
+            let group = meta_tagged_id(k).ok_or_else(|| {
+                EngineError::Corrupt(format!("a hosted-group key of {} bytes", k.len()))
+            })?;
             let voters: Vec<NodeId> =
                 decode_record(k, v, &|| format!("hosted record of group {group}"))?;
             out.insert(group, voters);

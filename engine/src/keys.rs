@@ -158,6 +158,14 @@ pub fn meta_dropped_key(group: GroupId) -> [u8; 9] {
     k
 }
 
+/// The id (group or node) of a `meta` key made of a tag byte and a
+/// big-endian u64 (`meta_hosted_key`, `meta_member_addr_key`), or None for
+/// a key of another length.
+pub fn meta_tagged_id(key: &[u8]) -> Option<u64> {
+    let id: [u8; 8] = key.get(1..)?.try_into().ok()?;
+    Some(u64::from_be_bytes(id))
+}
+
 /// Key of `group`'s last applied membership change in `meta`.
 pub fn meta_conf_key(group: GroupId) -> [u8; 9] {
     let mut k = [META_CONF; 9];

@@ -26,7 +26,7 @@ use crate::engine::Engine;
 use crate::error::{EngineError, Result};
 use crate::keys::{
     decode_record, encode_record, meta_applied_key, meta_conf_key, meta_member_addr_key,
-    meta_member_addr_range,
+    meta_member_addr_range, meta_tagged_id,
 };
 use crate::kv::AppliedState;
 use crate::GroupId;
@@ -124,14 +124,9 @@ impl<B: Backend> Engine<B> {
         let (start, end) = meta_member_addr_range();
         let mut out = BTreeMap::new();
         self.backend().scan(Cf::Meta, &start, &end, &mut |k, v| {
-            let id = k
-                .get(1..9)
-                .and_then(|g| <[u8; 8]>::try_from(g).ok())
-                .map(u64::from_be_bytes)
-                .filter(|_| k.len() == 9)
-                .ok_or_else(|| {
-                    EngineError::Corrupt(format!("a member address key of {} bytes", k.len()))
-                })?;
+            let id = meta_tagged_id(k).ok_or_else(|| {
+                EngineError::Corrupt(format!("a member address key of {} bytes", k.len()))
+            })?;
             let addr: String = decode_record(k, v, &|| format!("address of member {id}"))?;
             out.insert(id, addr);
             Ok(true)

@@ -1071,14 +1071,8 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             if group.raw.lead_transferee().is_some() {
                 continue;
             }
-            let raw = &group.raw;
             let target = leaders::handoff_target(me, &voters, |v| {
-                let recent = heard
-                    .get(&v)
-                    .is_some_and(|&t| ticks.saturating_sub(t) <= PEER_HEARD_WITHIN_TICKS);
-                raw.progress(v)
-                    .filter(|p| recent && p.state == ProgressState::Replicate)
-                    .map(|p| p.match_index)
+                takeover_match(&group.raw, heard, ticks, v)
             });
             if let Some(to) = target {
                 tracing::info!(node = me, group = gid, to, "handing off leadership");
@@ -1119,15 +1113,9 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             .collect();
         let (groups, heard, ticks) = (&self.groups, &self.peers_heard, self.ticks);
         let can_take_over = |gid: GroupId, peer: NodeId| {
-            let recent = heard
-                .get(&peer)
-                .is_some_and(|&t| ticks.saturating_sub(t) <= PEER_HEARD_WITHIN_TICKS);
-            recent
-                && groups.get(&gid).is_some_and(|g| {
-                    g.raw
-                        .progress(peer)
-                        .is_some_and(|p| p.state == ProgressState::Replicate)
-                })
+            groups
+                .get(&gid)
+                .is_some_and(|g| takeover_match(&g.raw, heard, ticks, peer).is_some())
         };
         let Some(transfer) = leaders::choose_transfer(me, &views, can_take_over) else {
             return;
@@ -2309,10 +2297,6 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         Ok(())
     }
 
-    fn learn_member_addrs(&self, addrs: BTreeMap<NodeId, String>) {
-        learn_member_addrs(&self.transport, self.config.id, addrs);
-    }
-
     /// Applies request entries and answers their callers; `served[i][j]`
     /// says whether entry i's request j is in `run` (else it is answered
     /// `WrongGroup`).
@@ -2716,7 +2700,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 Ok((manifest, records, sessions, addrs))
             })
             .await?;
-        self.learn_member_addrs(addrs);
+        learn_member_addrs(&self.transport, self.config.id, addrs);
         let now = Instant::now();
         let group = self.groups.get_mut(&gid).expect("group exists");
         group.records = records;
@@ -2916,4 +2900,22 @@ fn leading_group<B: Backend>(
         return None;
     }
     Some((group, reply))
+}
+
+/// The highest log index `peer` is known to hold, if it can take over
+/// leadership of `raw`'s group now: heard from within
+/// [`PEER_HEARD_WITHIN_TICKS`] of `ticks`, and replicating. None otherwise
+/// (also on a node that does not lead the group).
+fn takeover_match<S: shoal_consensus::Storage>(
+    raw: &RawNode<S>,
+    heard: &HashMap<NodeId, u64>,
+    ticks: u64,
+    peer: NodeId,
+) -> Option<Index> {
+    let recent = heard
+        .get(&peer)
+        .is_some_and(|&t| ticks.saturating_sub(t) <= PEER_HEARD_WITHIN_TICKS);
+    raw.progress(peer)
+        .filter(|p| recent && p.state == ProgressState::Replicate)
+        .map(|p| p.match_index)
 }

@@ -113,6 +113,15 @@ impl Drop for Cluster {
     }
 }
 
+/// The one KV group every node hosts by default, serving shard 0.
+fn kv_group() -> Vec<GroupSpec> {
+    vec![GroupSpec {
+        group: KV_GROUP,
+        static_shards: vec![0],
+        voters: Vec::new(),
+    }]
+}
+
 impl Cluster {
     pub fn new(n: usize, reliable: bool, seed: u64) -> Cluster {
         Cluster::with_max_raft_state(n, reliable, seed, None)
@@ -124,11 +133,7 @@ impl Cluster {
         seed: u64,
         max_raft_state: Option<u64>,
     ) -> Cluster {
-        let groups = vec![GroupSpec {
-            group: KV_GROUP,
-            static_shards: vec![0],
-            voters: Vec::new(),
-        }];
+        let groups = kv_group();
         Cluster::with_groups(n, reliable, seed, max_raft_state, groups)
     }
 
@@ -160,11 +165,7 @@ impl Cluster {
         seed: u64,
         max_raft_state: Option<u64>,
     ) -> Cluster {
-        let groups = vec![GroupSpec {
-            group: KV_GROUP,
-            static_shards: vec![0],
-            voters: Vec::new(),
-        }];
+        let groups = kv_group();
         Cluster::build(
             n,
             reliable,
@@ -178,11 +179,7 @@ impl Cluster {
 
     /// A reliable cluster whose nodes expire sessions idle `session_idle_ms`.
     pub fn with_session_idle_ms(n: usize, seed: u64, session_idle_ms: u64) -> Cluster {
-        let groups = vec![GroupSpec {
-            group: KV_GROUP,
-            static_shards: vec![0],
-            voters: Vec::new(),
-        }];
+        let groups = kv_group();
         Cluster::build(n, true, seed, None, groups, session_idle_ms, 0)
     }
 
