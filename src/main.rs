@@ -106,7 +106,8 @@ enum Cmd {
         command: ShardCmd,
     },
     /// Membership of a group (admin certificate): list, add, promote,
-    /// remove. One member changes at a time.
+    /// remove. One member changes at a time. With --controller (a sharded
+    /// cluster), a change is also written into the shard configuration.
     Member {
         #[command(flatten)]
         cluster: ClusterArgs,
@@ -277,10 +278,11 @@ enum Cmd {
         cluster: ClusterArgs,
     },
     /// Back up a running cluster into a new directory (admin certificate):
-    /// every group the nodes report, each exported by its leader at one
-    /// point in time (every write acknowledged before the command started
-    /// is in it; groups are not one cross-group point in time) and fetched
-    /// in checksummed chunks. Prints one JSON line.
+    /// every group the nodes report, all at one point in time (each
+    /// group's leader holds writes back for the moment it takes to pin
+    /// every group's export; every write acknowledged before the command
+    /// started is in it), fetched in checksummed chunks. Prints one JSON
+    /// line.
     Backup {
         #[command(flatten)]
         cluster: ClusterArgs,
@@ -931,7 +933,26 @@ fn one_shot(args: &ClusterArgs, request: jsonl::Request) -> Result<()> {
     }
 }
 
-/// `shoal backup`: every group of a running cluster, from its leader.
+/// Most attempts `shoal backup` makes at fencing every group at once
+/// (one fails if a fence lapses: a leader changed, or a group took too
+/// long to fence).
+const BACKUP_FENCE_ATTEMPTS_MAX: u32 = 5;
+
+/// How long each group's fence may hold writes back, in milliseconds: an
+/// upper bound in case this command dies; normally a fence ends once every
+/// group's export view is taken.
+const BACKUP_FENCE_HOLD_MS: u64 = 5_000;
+
+/// `shoal backup`: every group of a running cluster, at one point in time.
+///
+/// Each group's leader fences the group (it proposes no writes, which
+/// clients retry) and takes its export's view once its whole log is
+/// applied; when every group's view is taken, the fences end, each
+/// reporting whether it held throughout. So no write is applied in any
+/// group between the views, and a write acknowledged before another began
+/// is in the backup whenever the other is: the groups form one consistent
+/// cut. A fence that lapsed (a leader change) makes the attempt start over.
+/// Then each export's files are fetched in checksummed chunks.
 fn backup_cluster(args: &ClusterArgs, out: &Path, export_timeout: Duration) -> Result<()> {
     let members = cluster::parse_members(&args.cluster)?;
     // Backups are admin requests (they read every key and session).
@@ -939,60 +960,37 @@ fn backup_cluster(args: &ClusterArgs, out: &Path, export_timeout: Duration) -> R
     let deadline = std::time::Instant::now() + Duration::from_millis(args.timeout_ms);
     let result = runtime.block_on(async {
         let mut writer = shoal::engine::backup::BackupWriter::create(out)?;
-        let mut lines = Vec::new();
         let reports = node_reports(&client, &members).await;
-        let groups: std::collections::BTreeSet<u64> = reports
+        let groups: Vec<u64> = reports
             .iter()
             .flat_map(|r| r.groups.iter().map(|g| g.group))
+            .collect::<std::collections::BTreeSet<u64>>()
+            .into_iter()
             .collect();
         anyhow::ensure!(!groups.is_empty(), "no node answered with a group");
-        for group in groups {
-            let (node, backup) = loop {
-                let reports = node_reports(&client, &members).await;
-                let leader = reports
-                    .iter()
-                    .flat_map(|r| {
-                        r.groups
-                            .iter()
-                            .filter(|g| g.group == group)
-                            .map(move |g| (r.id, g))
-                    })
-                    .filter(|(_, g)| g.role == shoal::consensus::Role::Leader)
-                    .max_by_key(|(_, g)| g.term)
-                    .map(|(id, _)| id);
-                let attempt = match leader {
-                    Some(node) => client
-                        .backup_export(shoal_net::NodeId(node), group, export_timeout)
-                        .await
-                        .map(|exported| (node, exported))
-                        .map_err(anyhow::Error::from),
-                    None => Err(anyhow::anyhow!("group {group} has no leader")),
-                };
-                match attempt {
-                    Ok(found) => break found,
-                    Err(e) if std::time::Instant::now() < deadline => {
-                        tracing::debug!(group, error = %e, "retrying the export");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                    Err(e) => return Err(e.context(format!("exporting group {group}"))),
-                }
-            };
-            let (id, backup) = backup;
-            let fetched =
-                fetch_backup_files(&client, node, id, &backup, &writer.group_dir(group)?).await;
+        let pinned = fence_every_group(&client, &members, &groups, deadline).await?;
+        let mut lines = Vec::new();
+        let mut fetched_all = Ok(());
+        for &(group, node, id, applied_index) in &pinned {
+            if fetched_all.is_ok() {
+                fetched_all = fetch_group(&client, &mut writer, (group, node, id), export_timeout)
+                    .await
+                    .map(|backup| {
+                        debug_assert_eq!(backup.applied.index, applied_index);
+                        lines.push(serde_json::json!({
+                            "group": group,
+                            "node": node,
+                            "applied_index": backup.applied.index,
+                            "applied_term": backup.applied.term,
+                            "bytes": backup.size_bytes(),
+                        }));
+                    });
+            }
             if let Err(e) = client.backup_release(shoal_net::NodeId(node), id).await {
                 tracing::warn!(node, id, error = %e, "could not release the export (it expires)");
             }
-            fetched?;
-            lines.push(serde_json::json!({
-                "group": group,
-                "node": node,
-                "applied_index": backup.applied.index,
-                "applied_term": backup.applied.term,
-                "bytes": backup.size_bytes(),
-            }));
-            writer.add_received(backup)?;
         }
+        fetched_all?;
         writer.finish()?;
         Ok(lines)
     });
@@ -1003,6 +1001,148 @@ fn backup_cluster(args: &ClusterArgs, out: &Path, export_timeout: Duration) -> R
         serde_json::json!({ "ok": true, "out": out.display().to_string(), "groups": groups })
     );
     Ok(())
+}
+
+/// Fences and exports every group of `groups` at one point in time (see
+/// [`backup_cluster`]): (group, node, export id, applied index) each.
+async fn fence_every_group(
+    client: &cluster::Client,
+    members: &[(u64, std::net::SocketAddr)],
+    groups: &[u64],
+    deadline: std::time::Instant,
+) -> Result<Vec<(u64, u64, u64, u64)>> {
+    // One group may take this long to fence before the attempt gives up,
+    // well inside the fences already held.
+    let group_wait = Duration::from_millis(BACKUP_FENCE_HOLD_MS / 2);
+    for attempt in 1..=BACKUP_FENCE_ATTEMPTS_MAX {
+        let mut pinned = Vec::new();
+        let mut failure = None;
+        for &group in groups {
+            match fence_group(
+                client,
+                members,
+                group,
+                group_wait.min(deadline.saturating_duration_since(std::time::Instant::now())),
+            )
+            .await
+            {
+                Ok((node, id, applied)) => pinned.push((group, node, id, applied)),
+                Err(e) => {
+                    failure = Some(e.context(format!("fencing group {group}")));
+                    break;
+                }
+            }
+        }
+        let mut held = failure.is_none();
+        for &(group, node, id, _) in &pinned {
+            match client
+                .backup_unfence(shoal_net::NodeId(node), group, id)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    held = false;
+                    tracing::info!(group, node, "a backup fence lapsed; starting over");
+                }
+                Err(e) => {
+                    held = false;
+                    tracing::info!(group, node, error = %e, "ending a backup fence failed");
+                }
+            }
+        }
+        if held {
+            return Ok(pinned);
+        }
+        for &(_, node, id, _) in &pinned {
+            let _ = client.backup_release(shoal_net::NodeId(node), id).await;
+        }
+        if attempt == BACKUP_FENCE_ATTEMPTS_MAX || std::time::Instant::now() >= deadline {
+            return Err(failure.unwrap_or_else(|| anyhow::anyhow!("a fence lapsed"))).context(
+                format!("no consistent cut of every group after {attempt} attempts"),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    unreachable!("the last attempt returns")
+}
+
+/// Fences `group` at its leader and starts its export, retrying (a leader
+/// change, a leader still catching up) for up to `wait`: (node, export id,
+/// applied index).
+async fn fence_group(
+    client: &cluster::Client,
+    members: &[(u64, std::net::SocketAddr)],
+    group: u64,
+    wait: Duration,
+) -> Result<(u64, u64, u64)> {
+    let until = std::time::Instant::now() + wait;
+    loop {
+        let attempt = match group_leader(client, members, group).await {
+            Some(node) => client
+                .backup_fenced_export(shoal_net::NodeId(node), group, BACKUP_FENCE_HOLD_MS)
+                .await
+                .map(|(id, applied)| (node, id, applied))
+                .map_err(anyhow::Error::from),
+            None => Err(anyhow::anyhow!("group {group} has no leader")),
+        };
+        match attempt {
+            Ok(found) => return Ok(found),
+            Err(e) if std::time::Instant::now() < until => {
+                tracing::debug!(group, error = %e, "retrying the fence");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The node that leads `group` in the highest term any member reports.
+async fn group_leader(
+    client: &cluster::Client,
+    members: &[(u64, std::net::SocketAddr)],
+    group: u64,
+) -> Option<u64> {
+    node_reports(client, members)
+        .await
+        .iter()
+        .flat_map(|r| {
+            r.groups
+                .iter()
+                .filter(|g| g.group == group)
+                .map(move |g| (r.id, g))
+        })
+        .filter(|(_, g)| g.role == shoal::consensus::Role::Leader)
+        .max_by_key(|(_, g)| g.term)
+        .map(|(id, _)| id)
+}
+
+/// Waits (up to `timeout`) for export `id` of `group` on `node` to be
+/// written, then fetches its files into the backup.
+async fn fetch_group(
+    client: &cluster::Client,
+    writer: &mut shoal::engine::backup::BackupWriter,
+    (group, node, id): (u64, u64, u64),
+    timeout: Duration,
+) -> Result<shoal::engine::GroupBackup> {
+    use shoal_shard::client::AdminError;
+    use shoal_shard::protocol::BackupRefusal;
+    let until = std::time::Instant::now() + timeout;
+    let backup = loop {
+        match client.backup_files(shoal_net::NodeId(node), id).await {
+            Ok(backup) => break backup,
+            Err(AdminError::BackupRefused(BackupRefusal::Running))
+                if std::time::Instant::now() < until =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => {
+                return Err(anyhow::Error::from(e).context(format!("exporting group {group}")))
+            }
+        }
+    };
+    fetch_backup_files(client, node, id, &backup, &writer.group_dir(group)?).await?;
+    writer.add_received(backup.clone())?;
+    Ok(backup)
 }
 
 /// Every member's status report that answered.
@@ -1173,9 +1313,27 @@ fn member_admin(args: &ClusterArgs, group: u64, command: MemberCmd) -> Result<()
             MemberCmd::Promote { id } => change(MemberChange::Promote { node: id }).await?,
             MemberCmd::Remove { id } => change(MemberChange::Remove { node: id }).await?,
         };
+        // A sharded cluster routes by the configuration: write the group's
+        // members into it (a rerun of the command finishes this too).
+        let mut config = serde_json::Value::Null;
+        let sharded = args.controller.as_ref();
+        if let Some(controller) = sharded.filter(|_| group != shoal_shard::node::CONTROLLER_GROUP) {
+            let admin = shoal::sharding::Admin::connect(
+                &members,
+                controller,
+                &args.tls,
+                std::time::Duration::from_millis(args.timeout_ms),
+            )?;
+            let all: Vec<u64> = voters.iter().chain(&learners).copied().collect();
+            let written = admin.set_members(group, &all).await;
+            admin.close().await;
+            if let Some(written) = written.context("writing the group's members into the shard configuration")? {
+                config = written.num.into();
+            }
+        }
         println!(
             "{}",
-            serde_json::json!({ "ok": true, "voters": voters, "learners": learners })
+            serde_json::json!({ "ok": true, "voters": voters, "learners": learners, "config": config })
         );
         anyhow::Ok(())
     });

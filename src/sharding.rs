@@ -21,8 +21,8 @@ use shoal_net::quic::QuicClient;
 use shoal_net::{Limits, NodeId, Peer, ADMIN_CLIENT_NAME};
 use shoal_shard::client::AdminError;
 use shoal_shard::controller::{
-    join, leave, move_shard, rebalance, ChangeOutcome, Controller, ControllerConfig, GroupStore,
-    InitOutcome, RpcMover, ShardConfig,
+    join, leave, move_shard, rebalance, set_members, ChangeOutcome, Controller, ControllerConfig,
+    GroupStore, InitOutcome, RpcMover, ShardConfig,
 };
 use shoal_shard::node::{CONTROLLER_GROUP, CONTROLLER_SHARD};
 use shoal_shard::protocol::{GroupRefusal, KvProtocol};
@@ -110,7 +110,11 @@ impl Admin {
             controller.iter().copied().map(NodeId).collect(),
             config,
         )?);
-        let mover = RpcMover::new(quic.clone(), Duration::from_secs(2));
+        // A freeze tells its source where the destination's nodes are, as
+        // this client reaches them: a member added to a group since the
+        // nodes started is in no node's peer list.
+        let mover = RpcMover::new(quic.clone(), Duration::from_secs(2))
+            .with_addrs(members.iter().map(|&(id, a)| (id, a.to_string())).collect());
         let controller = Controller::new(
             store,
             mover,
@@ -267,6 +271,32 @@ impl Admin {
         self.recover().await?;
         let current = self.query().await?;
         self.change(move_shard(&current, shard, group)?).await
+    }
+
+    /// Writes `group`'s replica-group membership (`members`: voters and
+    /// learners) into the configuration, if it differs, so that clients,
+    /// moves and leaves address the group's nodes as they are. `None` if
+    /// the configuration has no such group (hosted, not joined yet).
+    pub async fn set_members(
+        &self,
+        group: GroupId,
+        members: &[u64],
+    ) -> Result<Option<ShardConfig>> {
+        self.recover().await?;
+        let current = self.query().await?;
+        let Some(listed) = current.members(group) else {
+            return Ok(None);
+        };
+        let mut wanted = members.to_vec();
+        wanted.sort_unstable();
+        let mut listed = listed.to_vec();
+        listed.sort_unstable();
+        if listed == wanted {
+            return Ok(Some(current));
+        }
+        Ok(Some(
+            self.change(set_members(&current, group, wanted)?).await?,
+        ))
     }
 
     /// Evens the shards out over the groups, moving as few as possible.

@@ -94,3 +94,74 @@ fn six_nodes_three_groups_moves_and_a_leader_kill() {
     assert!(pairs.windows(2).all(|w| w[0].0 < w[1].0));
     kv.close();
 }
+
+/// The groups' members in the configuration `shoal shard status` prints.
+fn config_members(cluster: &Cluster, group: u64) -> Value {
+    shard(cluster, &["status"])[0]["groups"][group.to_string()].clone()
+}
+
+/// Goal (issue 14 on a sharded cluster): a replica group's membership
+/// changes reach the shard configuration. Node 7, which no other node
+/// knows at first (not in their `--peers`), joins group 2 through `shoal
+/// member add --group 2 --controller ...`, node 4 is removed and
+/// SIGKILLed, a shard moves into group 2 (its source ships to node 7 at the
+/// address the admin passes on), node 5 is SIGKILLed, and every key is
+/// read back through the sharded client from nodes 6 and 7.
+#[test]
+fn a_replica_group_changes_members_in_a_sharded_cluster() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster =
+        Cluster::start_joining_args(dir.path(), 7, &[7], &["--controller", CONTROLLER], |_| {});
+    shard(&cluster, &["init", "--shards", "12", "--group", "1=1,2,3"]);
+    shard(&cluster, &["join", "--group", "2=4,5,6"]);
+    let kv = client(&cluster);
+    for i in 0..60 {
+        assert_eq!(kv.put(format!("k{i}"), format!("v{i}")).expect("put"), 1);
+    }
+    let member = |args: &[&str]| {
+        let mut all = vec!["--group", "2", "--controller", CONTROLLER];
+        all.extend_from_slice(args);
+        cluster.member(&all)
+    };
+    let addr7 = cluster.members[6].1.to_string();
+    let added = member(&["add", "7", &addr7]);
+    assert_eq!(
+        added[0]["voters"],
+        serde_json::json!([4, 5, 6, 7]),
+        "{added:?}"
+    );
+    assert_eq!(config_members(&cluster, 2), serde_json::json!([4, 5, 6, 7]));
+    let removed = member(&["remove", "4"]);
+    assert_eq!(
+        removed[0]["voters"],
+        serde_json::json!([5, 6, 7]),
+        "{removed:?}"
+    );
+    assert_eq!(config_members(&cluster, 2), serde_json::json!([5, 6, 7]));
+    assert!(
+        removed[0]["config"].as_u64().expect("a config number")
+            > added[0]["config"].as_u64().expect("a config number")
+    );
+    cluster.kill(4);
+    // A shard of group 1 moves to group 2: shipped to 5, 6 and 7.
+    let groups = owners(&cluster);
+    let moving = groups
+        .iter()
+        .position(|&g| g == 1)
+        .expect("a shard on group 1") as u32;
+    shard(
+        &cluster,
+        &["move", "--shard", &moving.to_string(), "--to", "2"],
+    );
+    assert_eq!(owners(&cluster)[moving as usize], 2);
+    // Group 2 runs on 6 and 7 alone: node 7 holds every shard it serves.
+    cluster.kill(5);
+    for i in 0..60 {
+        assert_eq!(kv.append(format!("k{i}"), "+").expect("append"), 2, "k{i}");
+    }
+    for i in 0..60 {
+        let v = kv.get(format!("k{i}")).expect("get");
+        assert_eq!(v.value, format!("v{i}+").as_bytes(), "k{i}");
+    }
+    kv.close();
+}

@@ -233,7 +233,10 @@ impl Storage for MemStorage {
         Ok(self.offset() + self.entries.len() as u64 - 1)
     }
 
-    fn snapshot(&self, _request_index: Index) -> Result<Snapshot, StorageError> {
+    fn snapshot(&self, request_index: Index) -> Result<Snapshot, StorageError> {
+        if self.snapshot.meta.index < request_index {
+            return Err(StorageError::SnapshotTemporarilyUnavailable);
+        }
         Ok(self.snapshot.clone())
     }
 }

@@ -93,6 +93,12 @@ pub enum MessageBody {
     /// Leader to its chosen successor: start an election now
     /// (leadership transfer).
     TimeoutNow,
+    /// A joining member to the leader, answering an `Append`: it holds no
+    /// log and no membership yet, so it takes the group's state as a
+    /// snapshot taken at or after the change that added it, rather than
+    /// replaying the log. Entries from before its membership may need what
+    /// only the members of their time received (a shard install's files).
+    SnapshotWanted,
 }
 
 impl MessageBody {
@@ -104,6 +110,7 @@ impl MessageBody {
             MessageBody::RequestVoteResponse { .. }
                 | MessageBody::AppendResponse { .. }
                 | MessageBody::HeartbeatResponse { .. }
+                | MessageBody::SnapshotWanted
         )
     }
 }

@@ -88,6 +88,10 @@ pub struct Progress {
     pub(crate) snapshot_backoff: u32,
     /// Heard from the peer since the last check-quorum round.
     pub(crate) recent_active: bool,
+    /// A peer that joined with nothing ([`crate::MessageBody::SnapshotWanted`]):
+    /// until it acknowledges something, it gets a snapshot at or after this
+    /// index, never entries. 0: none asked for.
+    pub(crate) snapshot_floor: Index,
     /// Commit index last sent.
     pub(crate) sent_commit: Index,
     /// Match index at the previous heartbeat response.
@@ -109,6 +113,7 @@ impl Progress {
             snapshot_heard: false,
             snapshot_backoff: 0,
             recent_active: false,
+            snapshot_floor: 0,
             sent_commit: 0,
             heartbeat_match: 0,
             stalled_heartbeats: 0,
@@ -155,6 +160,7 @@ impl Progress {
             self.match_index = index;
             updated = true;
             self.probe_sent = false;
+            self.snapshot_floor = 0;
         }
         self.next_index = self.next_index.max(index + 1);
         updated
@@ -189,6 +195,12 @@ impl Progress {
     /// Bytes of entries in flight.
     pub fn inflight_bytes(&self) -> u64 {
         self.inflights.bytes()
+    }
+
+    /// The peer joined with nothing and still waits for its first snapshot
+    /// (see [`Progress::snapshot_floor`]).
+    pub(crate) fn wants_snapshot(&self) -> bool {
+        self.snapshot_floor > 0 && self.match_index == 0
     }
 
     pub(crate) fn is_paused(&self, max_msgs: usize, max_bytes: u64) -> bool {

@@ -1147,6 +1147,7 @@ impl<S: Storage> RawNode<S> {
             MessageBody::HeartbeatResponse { context } => {
                 self.handle_heartbeat_response(m.from, context)
             }
+            MessageBody::SnapshotWanted => self.handle_snapshot_wanted(m.from),
             MessageBody::Append { .. }
             | MessageBody::Heartbeat { .. }
             | MessageBody::Snapshot { .. } => {
@@ -1202,6 +1203,10 @@ impl<S: Storage> RawNode<S> {
             } => {
                 self.election_elapsed = 0;
                 self.leader_id = m.from;
+                if self.awaits_first_snapshot()? {
+                    self.send(m.from, MessageBody::SnapshotWanted);
+                    return Ok(());
+                }
                 self.handle_append(m.from, prev_log_index, prev_log_term, &entries, commit)
             }
             MessageBody::Heartbeat { commit, context } => {
@@ -1309,6 +1314,71 @@ impl<S: Storage> RawNode<S> {
         Ok(())
     }
 
+    /// A joiner that has nothing yet ([`Config::join`], no membership, no
+    /// log): it takes its first state as a snapshot (see
+    /// [`MessageBody::SnapshotWanted`]).
+    fn awaits_first_snapshot(&self) -> Result<bool, StorageError> {
+        Ok(self.cfg.join && self.conf.voters.is_empty() && self.log.last_index()? == 0)
+    }
+
+    /// Leader: `from` joined with nothing and wants a snapshot. It must be
+    /// taken at or after the change that made `from` a member, so that
+    /// every entry `from` replays afterwards was proposed with `from` in the
+    /// membership ([`RawNode::member_since`]). The floor is fixed at the
+    /// first request, so a busy group's export does not chase it.
+    fn handle_snapshot_wanted(&mut self, from: NodeId) -> Result<(), StorageError> {
+        let floor = self.member_since(from);
+        let Some(pr) = self.progress.get_mut(&from) else {
+            return Ok(());
+        };
+        pr.recent_active = true;
+        if pr.match_index > 0 || pr.state == ProgressState::Snapshot {
+            // Stale: it acknowledged something, or a snapshot is on its way.
+            return Ok(());
+        }
+        if pr.snapshot_floor == 0 {
+            pr.snapshot_floor = floor;
+        }
+        self.send_snapshot(from)?;
+        Ok(())
+    }
+
+    /// An index at or after the change from which `node` has been a member
+    /// without a break, in this node's log: the change's own index if it is
+    /// above the applied index, else the applied index (the applied
+    /// membership is known, not when it began). At least 1.
+    fn member_since(&self, node: NodeId) -> Index {
+        let mut since = if self.conf_applied.contains(node) {
+            self.log.applied
+        } else {
+            0
+        };
+        for (index, conf) in &self.conf_log {
+            if !conf.contains(node) {
+                since = 0;
+            } else if since == 0 {
+                since = *index;
+            }
+        }
+        since.max(1)
+    }
+
+    /// Leader: the least snapshot index a joining peer waits for that the
+    /// storage could not give yet ([`Storage::snapshot`] answered
+    /// `SnapshotTemporarilyUnavailable`), if any. The caller takes a
+    /// snapshot at or after it (once applied that far); consensus sends it
+    /// at the next heartbeat.
+    pub fn snapshot_wanted(&self) -> Option<Index> {
+        if self.role != Role::Leader {
+            return None;
+        }
+        self.progress
+            .values()
+            .filter(|pr| pr.wants_snapshot() && pr.state != ProgressState::Snapshot)
+            .map(|pr| pr.snapshot_floor)
+            .max()
+    }
+
     fn handle_append_response(
         &mut self,
         from: NodeId,
@@ -1410,6 +1480,9 @@ impl<S: Storage> RawNode<S> {
         if pr.is_paused(max_msgs, max_bytes) {
             return Ok(false);
         }
+        if pr.wants_snapshot() {
+            return self.send_snapshot(to);
+        }
         let next = pr.next_index;
         let last = self.log.last_index()?;
         let prev_term = match self.log.term(next - 1) {
@@ -1459,19 +1532,26 @@ impl<S: Storage> RawNode<S> {
     }
 
     fn send_snapshot(&mut self, to: NodeId) -> Result<bool, StorageError> {
-        let next = self.progress[&to].next_index;
-        let snapshot = match self.log.storage.snapshot(next - 1) {
+        let pr = &self.progress[&to];
+        // A joiner holds nothing, so any snapshot at or after its floor
+        // serves; anyone else needs the compacted prefix below `next`.
+        let request = if pr.wants_snapshot() {
+            pr.snapshot_floor
+        } else {
+            pr.next_index - 1
+        };
+        let snapshot = match self.log.storage.snapshot(request) {
             Ok(s) => s,
             Err(StorageError::SnapshotTemporarilyUnavailable) => return Ok(false),
             Err(e) => return Err(e),
         };
         assert!(
             !snapshot.is_empty(),
-            "node {} term {}: log compacted below {} for peer {} but storage has no snapshot",
+            "node {} term {}: peer {} needs a snapshot at or after {} but storage has none",
             self.id,
             self.term,
-            next,
-            to
+            to,
+            request
         );
         self.progress
             .get_mut(&to)
@@ -1649,7 +1729,9 @@ pub fn next_conf(
             if !conf.learners.contains(&node) {
                 return Err(ConfChangeError::NotLearner(node));
             }
-            if matched.saturating_add(PROMOTE_LAG_ENTRIES_MAX) < committed {
+            // A learner that has acknowledged nothing is not caught up,
+            // however short the log: it may be waiting for its snapshot.
+            if matched == 0 || matched.saturating_add(PROMOTE_LAG_ENTRIES_MAX) < committed {
                 return Err(ConfChangeError::LearnerBehind {
                     node,
                     matched,

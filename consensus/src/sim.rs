@@ -706,7 +706,17 @@ impl Cluster {
                 self.fill_applied_log(i, idx);
             }
             let node = &mut self.nodes[i];
+            let joiner = i >= self.opts.voters_initial;
             for e in &ready.committed_entries {
+                if joiner && node.sm.applied == 0 {
+                    // A member that joined with nothing starts from a
+                    // snapshot taken once it was a member, never by
+                    // replaying entries proposed before it was one.
+                    self.checker.fail(format!(
+                        "node {id}: joined with nothing but applies entry {} before any snapshot",
+                        e.index
+                    ));
+                }
                 self.checker.on_apply(id, e, &mut node.sm);
                 node.applied_log.insert(e.index, e.data.clone());
                 if e.kind == EntryKind::ConfigChange {
@@ -745,16 +755,22 @@ impl Cluster {
                     node.conf_applied
                 ));
             }
-            if let Some(interval) = self.opts.snapshot_interval {
-                let snap_index = raft.storage().current_snapshot().meta.index;
-                if node.sm.applied >= snap_index + interval {
-                    let data = node.sm.encode();
-                    let applied = node.sm.applied;
-                    let conf = raft.conf_state_applied().clone();
-                    let st = raft.storage_mut();
-                    st.create_snapshot(applied, conf, data).expect("snapshot");
-                    st.compact(applied).expect("compact");
-                }
+            let snap_index = raft.storage().current_snapshot().meta.index;
+            // A joining member waits for a snapshot at or after `floor`.
+            let wanted = raft
+                .snapshot_wanted()
+                .is_some_and(|floor| snap_index < floor && floor <= node.sm.applied);
+            let due = self
+                .opts
+                .snapshot_interval
+                .is_some_and(|interval| node.sm.applied >= snap_index + interval);
+            if wanted || due {
+                let data = node.sm.encode();
+                let applied = node.sm.applied;
+                let conf = raft.conf_state_applied().clone();
+                let st = raft.storage_mut();
+                st.create_snapshot(applied, conf, data).expect("snapshot");
+                st.compact(applied).expect("compact");
             }
         }
     }

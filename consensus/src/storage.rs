@@ -61,6 +61,9 @@ pub trait Storage {
     fn last_index(&self) -> Result<Index, StorageError>;
 
     /// The most recent snapshot, to send to a follower that needs entries
-    /// at or before `request_index`'s compacted prefix.
+    /// of the compacted prefix, or a joining member that takes its first
+    /// state as a snapshot. Its index must be at least `request_index`;
+    /// `SnapshotTemporarilyUnavailable` if the latest one is older (the
+    /// caller takes a newer one: see [`crate::RawNode::snapshot_wanted`]).
     fn snapshot(&self, request_index: Index) -> Result<Snapshot, StorageError>;
 }

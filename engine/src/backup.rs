@@ -532,6 +532,19 @@ impl<B: Backend> Engine<B> {
         group: GroupId,
         dir: &Path,
     ) -> Result<GroupBackup, BackupError> {
+        self.export_group_backup_pinned(group, dir, &mut |_| {})
+    }
+
+    /// [`Self::export_group_backup`], calling `on_view` with the applied
+    /// state the export holds as soon as its point-in-time view is taken,
+    /// before the files are written (a caller that holds writes back for a
+    /// backup of several groups at one point in time may let them go then).
+    pub fn export_group_backup_pinned(
+        &self,
+        group: GroupId,
+        dir: &Path,
+        on_view: &mut dyn FnMut(AppliedState),
+    ) -> Result<GroupBackup, BackupError> {
         let export = |source| BackupError::Export { group, source };
         let state = self.group_state(group).map_err(export)?;
         if state.conf_state.voters.is_empty() {
@@ -539,7 +552,7 @@ impl<B: Backend> Engine<B> {
         }
         let hosted = self.hosted_groups().map_err(export)?.contains_key(&group);
         let (snapshot, shards) = self
-            .export_snapshot_with_records(group, dir)
+            .export_snapshot_with_records(group, dir, on_view)
             .map_err(export)?;
         let mut files: Vec<BackupFile> = snapshot
             .files

@@ -336,7 +336,7 @@ impl<B: Backend> Engine<B> {
     /// [`SnapshotScope::Group`]) into the empty or new directory `dir`, at
     /// one point in time. Returns the manifest (also written to `dir`).
     pub fn export_snapshot(&self, group: GroupId, dir: &Path) -> Result<SnapshotManifest> {
-        self.export_scope(group, SnapshotScope::Group, dir, None)
+        self.export_scope(group, SnapshotScope::Group, dir, None, &mut |_| {})
     }
 
     /// [`Self::export_snapshot`], also returning the group's shard records
@@ -346,9 +346,16 @@ impl<B: Backend> Engine<B> {
         &self,
         group: GroupId,
         dir: &Path,
+        on_view: &mut dyn FnMut(AppliedState),
     ) -> Result<(SnapshotManifest, BTreeMap<ShardId, ShardRecord>)> {
         let mut records = BTreeMap::new();
-        let manifest = self.export_scope(group, SnapshotScope::Group, dir, Some(&mut records))?;
+        let manifest = self.export_scope(
+            group,
+            SnapshotScope::Group,
+            dir,
+            Some(&mut records),
+            on_view,
+        )?;
         Ok((manifest, records))
     }
 
@@ -362,15 +369,25 @@ impl<B: Backend> Engine<B> {
         target: GroupId,
         dir: &Path,
     ) -> Result<SnapshotManifest> {
-        self.export_scope(group, SnapshotScope::Shard { shard, target }, dir, None)
+        self.export_scope(
+            group,
+            SnapshotScope::Shard { shard, target },
+            dir,
+            None,
+            &mut |_| {},
+        )
     }
 
+    /// Exports `scope` of `group` into `dir`; `on_view` is called with the
+    /// applied state as soon as the point-in-time view is taken (before any
+    /// file is written): writes after that are not in the export.
     fn export_scope(
         &self,
         group: GroupId,
         scope: SnapshotScope,
         dir: &Path,
         mut records: Option<&mut BTreeMap<ShardId, ShardRecord>>,
+        on_view: &mut dyn FnMut(AppliedState),
     ) -> Result<SnapshotManifest> {
         std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
         let mut manifest = SnapshotManifest {
@@ -390,6 +407,7 @@ impl<B: Backend> Engine<B> {
                 manifest.applied =
                     decode_record(&key, &b, &|| format!("applied index of group {group}"))?;
             }
+            on_view(manifest.applied);
             if let Some(records) = records.as_deref_mut() {
                 *records = read_shard_records(view, group)?;
             }

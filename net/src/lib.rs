@@ -22,7 +22,7 @@
 //! - [`metrics`]: the series the QUIC transport records (drops by reason,
 //!   malformed input, refused connections) through the `metrics` facade.
 //!
-//! Wire format: ALPN [`config::ALPN`] (`shoal/6`) is the version. Every stream
+//! Wire format: ALPN [`config::ALPN`] (`shoal/7`) is the version. Every stream
 //! starts with one kind byte. Peer messages travel on one long-lived
 //! unidirectional stream per connection, which opens with a hello naming the
 //! sender's node id (checked against its certificate) and then carries frames,
@@ -285,6 +285,14 @@ pub trait Transport<P: Protocol>: RpcCaller<P> {
 
     /// A snapshot of this node's counters.
     fn stats(&self) -> Stats;
+
+    /// Adds a member's address unless this node knows one already (from
+    /// its peer list or an earlier call): an address heard second-hand (a
+    /// caller's view of the cluster) never replaces one the node uses. The
+    /// default does nothing, as for [`Transport::set_member_addr`].
+    fn add_member_addr_if_unknown(&self, id: NodeId, addr: std::net::SocketAddr) {
+        let _ = (id, addr);
+    }
 
     /// Adds a member that joined at runtime, or changes a member's address.
     /// A transport whose peers need no address (the in-memory one) ignores

@@ -599,6 +599,19 @@ impl<P: Protocol> Transport<P> for QuicNode<P> {
         self.set_member(id, addr);
     }
 
+    fn add_member_addr_if_unknown(&self, id: NodeId, addr: SocketAddr) {
+        let known = self
+            .inner
+            .dialer
+            .addrs
+            .read()
+            .expect("addrs lock")
+            .contains_key(&id);
+        if !known {
+            self.set_member(id, addr);
+        }
+    }
+
     fn set_fault_filter(&self, blocked: &[NodeId]) -> Result<(), FaultFilterError> {
         if !self.inner.config.fault_injection_enabled {
             return Err(FaultFilterError::Disabled);

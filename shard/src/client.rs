@@ -1504,6 +1504,52 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
         }
     }
 
+    /// Admin: asks `node`, the leader of `group`, to fence the group's
+    /// writes for at most `hold_ms` and export it (see
+    /// [`BackupRequest::FencedExport`]); answers once the export's view is
+    /// taken: the export's id and the applied index it holds.
+    pub async fn backup_fenced_export(
+        &self,
+        node: NodeId,
+        group: GroupId,
+        hold_ms: u64,
+    ) -> Result<(u64, u64), AdminError> {
+        let request = Request::Backup(BackupRequest::FencedExport { group, hold_ms });
+        match self.call_node(node, request).await? {
+            Response::BackupPinned { id, applied_index } => Ok((id, applied_index)),
+            other => Err(AdminError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Admin: ends the fence of `node`'s export `id` on `group`; whether it
+    /// held from the export's view on (nothing written since).
+    pub async fn backup_unfence(
+        &self,
+        node: NodeId,
+        group: GroupId,
+        id: u64,
+    ) -> Result<bool, AdminError> {
+        let request = Request::Backup(BackupRequest::Unfence { group, id });
+        match self.call_node(node, request).await? {
+            Response::BackupUnfenced { held } => Ok(held),
+            other => Err(AdminError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Admin: the contents of `node`'s export `id` once written
+    /// ([`BackupRefusal::Running`] until then).
+    pub async fn backup_files(
+        &self,
+        node: NodeId,
+        id: u64,
+    ) -> Result<shoal_engine::GroupBackup, AdminError> {
+        let request = Request::Backup(BackupRequest::Files { id });
+        match self.call_node(node, request).await? {
+            Response::BackupExported { backup, .. } => Ok(*backup),
+            other => Err(AdminError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Admin: releases `node`'s export `id` (its files are removed).
     pub async fn backup_release(&self, node: NodeId, id: u64) -> Result<(), AdminError> {
         match self

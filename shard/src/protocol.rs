@@ -455,7 +455,42 @@ pub enum BackupRequest {
         /// The export.
         id: u64,
     },
+    /// Export `group` behind a fence, for a backup of several groups at one
+    /// point in time: the leader (ready as for `Export`) stops proposing
+    /// writes, shard steps and membership changes (answered `Busy`, which
+    /// clients retry) for at most `hold_ms` (capped at
+    /// [`BACKUP_FENCE_MS_MAX`]), waits until its whole log is applied,
+    /// and starts the export; answered [`Response::BackupPinned`] as soon
+    /// as the export's view is taken. The files follow ([`Self::Files`]);
+    /// [`Self::Unfence`] ends the fence.
+    FencedExport {
+        /// The group.
+        group: GroupId,
+        /// Longest the fence may hold, in milliseconds.
+        hold_ms: u64,
+    },
+    /// Whether the fence of export `id` on `group` held from its view on:
+    /// answered [`Response::BackupUnfenced`] (`held` false if the node lost
+    /// the leadership, the fence timed out, or there is no such fence), and
+    /// the fence ends.
+    Unfence {
+        /// The group.
+        group: GroupId,
+        /// The export ([`Response::BackupPinned`]'s id).
+        id: u64,
+    },
+    /// The contents of export `id`: [`Response::BackupExported`] once its
+    /// files are written, [`BackupRefusal::Running`] until then.
+    Files {
+        /// The export.
+        id: u64,
+    },
 }
+
+/// Longest a [`BackupRequest::FencedExport`] may hold a group's writes
+/// back: 10 s (a fence normally lasts a few round trips: until every
+/// group's export view is taken).
+pub const BACKUP_FENCE_MS_MAX: u64 = 10_000;
 
 /// Most bytes one [`BackupRequest::Read`] answers: well below the frame
 /// limit.
@@ -494,6 +529,12 @@ pub enum BackupRefusal {
         /// What failed.
         reason: String,
     },
+    /// The export's files are still being written; ask again.
+    #[error("the export is still running")]
+    Running,
+    /// The group holds a fence for another backup already.
+    #[error("the group is fenced for another backup")]
+    Fenced,
 }
 
 /// A membership change addressed to one group ([`Request::Member`]).
@@ -558,6 +599,18 @@ pub struct ShardRequest {
     pub group: GroupId,
     /// The step.
     pub command: ShardCommand,
+    /// For an [`ShardCommand::Install`]: the nodes the freeze shipped the
+    /// files to (the destination's members in the config). Before it
+    /// proposes the install, the destination's leader forwards its own copy
+    /// to every other member of the group (one added since the config was
+    /// written); empty: to every other member. Unused by other steps.
+    pub holders: Vec<NodeId>,
+    /// For a [`ShardCommand::Freeze`]: the addresses (`ip:port`) of
+    /// destination nodes the caller knows, at most
+    /// [`crate::controller::config::GROUP_MEMBERS_MAX`], so that the source
+    /// can ship to members it has never met (added to the destination group
+    /// after the source's nodes started). Unused by other steps.
+    pub to_addrs: Vec<(NodeId, String)>,
 }
 
 /// What a group does with a shard; each is one log entry of the group and
@@ -672,6 +725,20 @@ pub enum Response {
     },
     /// Bytes of a file ([`BackupRequest::Read`]); empty: end of file.
     BackupChunk(bytes::Bytes),
+    /// A [`BackupRequest::FencedExport`]'s view is taken: the export's id
+    /// and the applied index it holds.
+    BackupPinned {
+        /// Names the export in `Files` / `Read` / `Release` / `Unfence`.
+        id: u64,
+        /// The group's applied index in the export.
+        applied_index: u64,
+    },
+    /// A [`BackupRequest::Unfence`]: whether the fence held.
+    BackupUnfenced {
+        /// True if nothing was written to the group from the export's view
+        /// until now.
+        held: bool,
+    },
     /// A [`Request::Backup`] was refused.
     BackupRefused(BackupRefusal),
 }

@@ -245,7 +245,12 @@ impl Nodes {
     }
 
     async fn step(&self, group: GroupId, command: ShardCommand) -> ShardReply {
-        let request = Request::Shard(ShardRequest { group, command });
+        let request = Request::Shard(ShardRequest {
+            group,
+            command,
+            holders: self.members[&group].clone(),
+            to_addrs: Vec::new(),
+        });
         match self.call(&self.admin, group, request).await {
             KvResponse::Shard(reply) => reply,
             other => panic!("seed {}: a shard step answered {other:?}", self.seed),

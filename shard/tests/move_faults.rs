@@ -341,7 +341,12 @@ async fn admin_step(
     group: GroupId,
     command: ShardCommand,
 ) -> Option<ShardReply> {
-    let request = Request::Shard(ShardRequest { group, command });
+    let request = Request::Shard(ShardRequest {
+        group,
+        command,
+        holders: members(group),
+        to_addrs: Vec::new(),
+    });
     let mut next = 0usize;
     let group_members = members(group);
     for _ in 0..2 * group_members.len() {

@@ -23,9 +23,10 @@ use shoal_net::mem::{MemClient, MemConfig, MemNetwork};
 use shoal_net::{NodeId, RpcCaller, ADMIN_CLIENT_NAME};
 use shoal_shard::node::{GroupSpec, Node, NodeConfig, NodeHandle};
 use shoal_shard::protocol::{
-    ClientCommand, KvProtocol, KvRequest, KvResponse, Request, Response, ShardCommand, ShardReply,
-    ShardRequest,
+    ClientCommand, KvProtocol, KvRequest, KvResponse, MemberChange, Request, Response,
+    ShardCommand, ShardReply, ShardRequest,
 };
+use shoal_shard::{Client, ClientConfig};
 
 const RPC_DEADLINE: Duration = Duration::from_millis(500);
 /// How long a step or a request is retried before the test gives up.
@@ -53,10 +54,14 @@ fn members(group: GroupId) -> Vec<u64> {
 
 impl Sharded {
     fn new(seed: u64, reliable: bool) -> Sharded {
+        // One directory per harness: tests run side by side in one
+        // process, and two with the same seed must not share files.
+        static HARNESSES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
-            "shoal-moves-{}-{seed}-{}",
+            "shoal-moves-{}-{seed}-{}-{}",
             std::process::id(),
-            reliable
+            reliable,
+            HARNESSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         let _ = std::fs::remove_dir_all(&dir);
         let mut config = MemConfig::with_seed(seed);
@@ -98,6 +103,22 @@ impl Sharded {
         let handle =
             Node::start(config, self.engines[i].clone(), transport, inbox).expect("node starts");
         self.nodes[i] = Some(handle);
+    }
+
+    /// Starts node 7, which hosts no group: a spare to add to one.
+    fn start_spare(&mut self) {
+        self.engines
+            .push(MemStore::new_in_memory(EngineConfig::default()).expect("engine"));
+        self.nodes.push(None);
+        let (transport, inbox) = self.net.add_node(NodeId(7));
+        let mut config = NodeConfig::new(7, vec![7], self.dir.join("node-7"));
+        config.groups = Vec::new();
+        config.blocking_io = false;
+        config.seed = self.seed ^ 7;
+        config.max_raft_state_bytes = Some(4096);
+        let handle =
+            Node::start(config, self.engines[6].clone(), transport, inbox).expect("node starts");
+        self.nodes[6] = Some(handle);
     }
 
     async fn crash(&mut self, i: usize) {
@@ -145,7 +166,14 @@ impl Sharded {
     }
 
     async fn step(&self, group: GroupId, command: ShardCommand) -> ShardReply {
-        let request = Request::Shard(ShardRequest { group, command });
+        // An install's files went to the group's members (the freezes
+        // here ship to `members(2)`).
+        let request = Request::Shard(ShardRequest {
+            group,
+            command,
+            holders: members(group),
+            to_addrs: Vec::new(),
+        });
         match self.call(&self.admin, group, request).await {
             KvResponse::Shard(reply) => reply,
             other => panic!("seed {}: a shard step answered {other:?}", self.seed),
@@ -679,6 +707,109 @@ async fn a_replica_without_its_files_stops_alone() {
     );
     assert_eq!(
         s.kv(2, 1, 2, append("a", "y")).await,
+        KvResponse::Done(Reply::Written { version: 2 })
+    );
+    let _ = std::fs::remove_dir_all(&s.dir);
+}
+
+// Goal: a member added to a group after the config named its members (so
+// no freeze ships to it) still gets every install's files: it joins from a
+// snapshot rather than replaying entries from before its membership, the
+// leader forwards an install's files to it before proposing the install,
+// and its replica ingests the moved shard instead of stopping.
+#[tokio::test(start_paused = true)]
+async fn a_member_added_since_the_config_gets_the_install_files() {
+    let mut s = Sharded::new(5, true);
+    s.start_spare();
+    let create = |shards: Vec<ShardId>| ShardCommand::Create { shards, num: 1 };
+    assert_eq!(s.step(1, create(vec![0, 1])).await, ShardReply::Done);
+    assert_eq!(s.step(2, create(vec![2, 3])).await, ShardReply::Done);
+    assert_eq!(
+        s.kv(1, 1, 1, append("a", "x")).await,
+        KvResponse::Done(Reply::Written { version: 1 })
+    );
+    assert_eq!(
+        s.kv(2, 2, 2, append("b", "y")).await,
+        KvResponse::Done(Reply::Written { version: 1 })
+    );
+    // Shard 0 moves to group 2 before node 7 joins: an install entry in
+    // group 2's log whose files node 7 never gets, so it must not replay
+    // it (it starts from a snapshot instead).
+    assert_eq!(
+        s.kv(1, 0, 3, append("c", "w")).await,
+        KvResponse::Done(Reply::Written { version: 1 })
+    );
+    let before = freeze_to_2(&s, 0, 2).await;
+    let install = |shard, manifest| ShardCommand::Install {
+        shard,
+        num: 2,
+        manifest,
+    };
+    assert_eq!(s.step(2, install(0, before)).await, ShardReply::Done);
+    // Node 7 joins group 2 as a learner; the config still names 4, 5, 6.
+    let everyone: Vec<NodeId> = (1..=7).map(NodeId).collect();
+    let admin = Client::new(s.admin.clone(), everyone.clone(), ClientConfig::new(0x5eed));
+    admin
+        .host_group(NodeId(7), 2, Vec::new())
+        .await
+        .expect("node 7 hosts group 2 to join it");
+    admin
+        .change_members(
+            2,
+            MemberChange::AddLearner {
+                node: 7,
+                addr: "127.0.0.1:7007".into(),
+            },
+            &everyone,
+        )
+        .await
+        .expect("add node 7");
+    // It catches up (from a snapshot) before the move, so it meets the
+    // install as a log entry.
+    let node7 = &s.engines[6];
+    let start = tokio::time::Instant::now();
+    while node7.get(2, 2, b"b").expect("read").is_none() {
+        assert!(start.elapsed() < RETRY_FOR, "node 7 never caught up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let manifest = freeze_to_2(&s, 1, 2).await;
+    assert_eq!(s.step(2, install(1, manifest)).await, ShardReply::Done);
+    // Node 7's replica reaches the install and ingests the shard (without
+    // the forward it would stop there), and it holds what group 2 had
+    // before it joined (from its snapshot).
+    let start = tokio::time::Instant::now();
+    while node7.get(2, 1, b"a").expect("read").is_none() {
+        assert!(
+            s.nodes[6].as_ref().unwrap().groups().contains(&2),
+            "seed {}: node 7's replica of group 2 stopped",
+            s.seed
+        );
+        assert!(
+            start.elapsed() < RETRY_FOR,
+            "node 7 never installed shard 1"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        node7.get(2, 1, b"a").expect("read").map(|v| v.value),
+        Some(Bytes::from("x"))
+    );
+    assert_eq!(
+        node7.get(2, 2, b"b").expect("read").map(|v| v.value),
+        Some(Bytes::from("y"))
+    );
+    assert_eq!(
+        node7.get(2, 0, b"c").expect("read").map(|v| v.value),
+        Some(Bytes::from("w"))
+    );
+    // It can vote now: promoted, it counts in group 2's majority.
+    let (voters, _) = admin
+        .change_members(2, MemberChange::Promote { node: 7 }, &everyone)
+        .await
+        .expect("promote node 7");
+    assert_eq!(voters, vec![4, 5, 6, 7]);
+    assert_eq!(
+        s.kv(2, 1, 4, append("a", "z")).await,
         KvResponse::Done(Reply::Written { version: 2 })
     );
     let _ = std::fs::remove_dir_all(&s.dir);

@@ -421,9 +421,13 @@ impl Sharded {
     /// Group 2 hosted through the admin RPC if `hosted_group_2` (call
     /// [`Sharded::host_group_2`] before use).
     fn with_group_2_hosted(seed: u64, pins_max: usize, hosted_group_2: bool) -> Sharded {
+        // One directory per harness: tests with the same seed run side by
+        // side in one process.
+        static HARNESSES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
-            "shoal-pins-{}-{seed}-{pins_max}",
-            std::process::id()
+            "shoal-pins-{}-{seed}-{pins_max}-{}",
+            std::process::id(),
+            HARNESSES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         let mut config = MemConfig::with_seed(seed);
         config.files_dir = dir.join("net");

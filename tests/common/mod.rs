@@ -102,7 +102,20 @@ impl Cluster {
         joining: &[u64],
         prepare: impl FnOnce(&dyn Fn(u64) -> PathBuf),
     ) -> Cluster {
-        let mut nodes = LocalCluster::create(env!("CARGO_BIN_EXE_shoal").as_ref(), root, n, &[])
+        Cluster::start_joining_args(root, n, joining, &[], prepare)
+    }
+
+    /// [`Cluster::start_joining_after`], every node with the extra
+    /// arguments `args`.
+    #[allow(dead_code)]
+    pub fn start_joining_args(
+        root: &Path,
+        n: u64,
+        joining: &[u64],
+        args: &[&str],
+        prepare: impl FnOnce(&dyn Fn(u64) -> PathBuf),
+    ) -> Cluster {
+        let mut nodes = LocalCluster::create(env!("CARGO_BIN_EXE_shoal").as_ref(), root, n, args)
             .expect("certificates and ports");
         nodes.inherit_stderr();
         for &id in joining {

@@ -59,5 +59,7 @@ pub use ctrler::{
     ShardMover, Step, StepOutcome, StoreError, TransitionError, CONFIG_FORMAT_V1,
     CONFIG_RECORD_BYTES_MAX, CURRENT_CONFIG_KEY, MOVES_CONCURRENT_MAX, NEXT_CONFIG_KEY,
 };
-pub use rebalance::{join, leave, move_shard, moves, rebalance, RebalanceError, ShardMove};
+pub use rebalance::{
+    join, leave, move_shard, moves, rebalance, set_members, RebalanceError, ShardMove,
+};
 pub use remote::{GroupStore, RpcMover, StepError};

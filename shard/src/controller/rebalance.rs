@@ -173,6 +173,30 @@ pub fn move_shard(
     Ok(next(config, shards, config.groups.clone()))
 }
 
+/// The next config with `group`'s members replaced by `members` (its
+/// replica group's membership changed, `shoal member add | remove
+/// --group`), every shard where it was: clients, moves and leaves then
+/// address the group's nodes as they are. Writing the members a config
+/// already has still gives a new number.
+///
+/// # Errors
+/// [`RebalanceError::InvalidConfig`], [`RebalanceError::UnknownGroup`], or
+/// [`RebalanceError::InvalidGroup`] for no, too many or duplicate members.
+pub fn set_members(
+    config: &ShardConfig,
+    group: GroupId,
+    members: Vec<NodeId>,
+) -> Result<ShardConfig, RebalanceError> {
+    config.validate().map_err(RebalanceError::InvalidConfig)?;
+    if !config.groups.contains_key(&group) {
+        return Err(RebalanceError::UnknownGroup { group });
+    }
+    validate_group(group, &members).map_err(RebalanceError::InvalidGroup)?;
+    let mut groups = config.groups.clone();
+    groups.insert(group, members);
+    Ok(next(config, config.shards.clone(), groups))
+}
+
 /// The next config with the same groups and the shards balanced by the
 /// module's rule (no shard moves if the config is already even).
 ///
@@ -428,6 +452,36 @@ mod tests {
     }
 
     /// Goal: each refused request names its cause and the input is kept.
+    /// Goal: a replica group's new membership is written into the next
+    /// config with no shard moving; bad member lists are refused.
+    #[test]
+    fn set_members_replaces_one_groups_members_and_moves_nothing() {
+        let two = join(&ShardConfig::initial(12).unwrap(), groups([1, 2])).unwrap();
+        let next = set_members(&two, 2, vec![22, 23, 24]).unwrap();
+        assert_eq!(next.num, two.num + 1);
+        assert_eq!(next.members(2), Some(&[22, 23, 24][..]));
+        assert_eq!(next.members(1), two.members(1));
+        assert_eq!(next.shards, two.shards);
+        assert!(moves(&two, &next).is_empty());
+        assert_eq!(
+            set_members(&two, 3, vec![1]),
+            Err(RebalanceError::UnknownGroup { group: 3 })
+        );
+        assert_eq!(
+            set_members(&two, 2, vec![]),
+            Err(RebalanceError::InvalidGroup(ConfigError::NoMembers {
+                group: 2
+            }))
+        );
+        assert_eq!(
+            set_members(&two, 2, vec![7, 7]),
+            Err(RebalanceError::InvalidGroup(ConfigError::DuplicateMember {
+                group: 2,
+                node: 7
+            }))
+        );
+    }
+
     #[test]
     fn refusals() {
         let initial = ShardConfig::initial(12).unwrap();

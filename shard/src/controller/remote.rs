@@ -3,6 +3,7 @@
 //! [`RpcMover`] sends each move step to the leader of a replica group as an
 //! admin [`Request::Shard`].
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -110,6 +111,9 @@ pub enum StepError {
 pub struct RpcMover<C> {
     caller: C,
     rpc_deadline: Duration,
+    /// Node addresses a freeze passes on to the source (see
+    /// [`ShardRequest::to_addrs`]).
+    addrs: BTreeMap<u64, String>,
 }
 
 impl<C: RpcCaller<KvProtocol>> RpcMover<C> {
@@ -119,7 +123,16 @@ impl<C: RpcCaller<KvProtocol>> RpcMover<C> {
         RpcMover {
             caller,
             rpc_deadline,
+            addrs: BTreeMap::new(),
         }
+    }
+
+    /// The same mover, telling a freeze's source the addresses of its
+    /// destination's nodes among `addrs` (what the caller reaches them at),
+    /// so the source can ship to members added since its nodes started.
+    pub fn with_addrs(mut self, addrs: BTreeMap<u64, String>) -> Self {
+        self.addrs = addrs;
+        self
     }
 
     /// One pass over the group's members (a leader hint is followed at
@@ -129,9 +142,25 @@ impl<C: RpcCaller<KvProtocol>> RpcMover<C> {
         group: GroupRef<'_>,
         command: ShardCommand,
     ) -> Result<ShardReply, MoveError> {
+        // An install's files went to the destination's members in the
+        // config (the freeze's `to_nodes`); its leader forwards them to
+        // any other member.
+        let holders = match command {
+            ShardCommand::Install { .. } => group.members.to_vec(),
+            _ => Vec::new(),
+        };
+        let to_addrs = match &command {
+            ShardCommand::Freeze { to_nodes, .. } => to_nodes
+                .iter()
+                .filter_map(|n| self.addrs.get(n).map(|a| (*n, a.clone())))
+                .collect(),
+            _ => Vec::new(),
+        };
         let request = Request::Shard(ShardRequest {
             group: group.id,
             command,
+            holders,
+            to_addrs,
         });
         let mut queue: Vec<NodeId> = group.members.iter().copied().map(NodeId).collect();
         let mut tried = 0usize;

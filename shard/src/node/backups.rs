@@ -23,11 +23,13 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use shoal_engine::backup::BackupFile;
+use shoal_engine::GroupBackup;
 use shoal_engine::GroupId;
 use tokio::time::Instant;
 
-use crate::protocol::{BackupRefusal, BACKUP_CHUNK_BYTES_MAX};
+use shoal_consensus::{Index, Term};
+
+use crate::protocol::{BackupRefusal, BACKUP_CHUNK_BYTES_MAX, BACKUP_FENCE_MS_MAX};
 
 /// Most exports a node holds at once (running or done, not released).
 pub const BACKUPS_HELD_MAX: usize = 4;
@@ -43,7 +45,7 @@ struct Held {
     group: GroupId,
     dir: PathBuf,
     /// `None` while the export runs.
-    files: Option<Vec<BackupFile>>,
+    outcome: Option<Result<GroupBackup, String>>,
     last_used: Instant,
 }
 
@@ -84,23 +86,48 @@ impl Backups {
             Held {
                 group,
                 dir: dir.clone(),
-                files: None,
+                outcome: None,
                 last_used: now,
             },
         );
         Ok((id, dir))
     }
 
-    /// The export `id` finished with `files`; false if it was released
-    /// meanwhile (the caller removes its directory).
-    pub(super) fn exported(&mut self, id: u64, files: Vec<BackupFile>, now: Instant) -> bool {
+    /// The export `id` finished with `backup`, or failed (`Err`, why);
+    /// false if it was released meanwhile (the caller removes its
+    /// directory).
+    pub(super) fn exported(
+        &mut self,
+        id: u64,
+        backup: Result<GroupBackup, String>,
+        now: Instant,
+    ) -> bool {
         match self.held.get_mut(&id) {
             Some(held) => {
-                held.files = Some(files);
+                held.outcome = Some(backup);
                 held.last_used = now;
                 true
             }
             None => false,
+        }
+    }
+
+    /// What export `id` holds: `Running` until it finishes, `Failed` (and
+    /// released: the caller removes the directory returned) if it failed.
+    pub(super) fn contents(
+        &mut self,
+        id: u64,
+        now: Instant,
+    ) -> Result<GroupBackup, (BackupRefusal, Option<PathBuf>)> {
+        let held = self.held.get_mut(&id).ok_or((BackupRefusal::Gone, None))?;
+        held.last_used = now;
+        match &held.outcome {
+            None => Err((BackupRefusal::Running, None)),
+            Some(Ok(backup)) => Ok(backup.clone()),
+            Some(Err(reason)) => {
+                let reason = reason.clone();
+                Err((BackupRefusal::Failed { reason }, self.release(id)))
+            }
         }
     }
 
@@ -114,7 +141,10 @@ impl Backups {
         now: Instant,
     ) -> Result<(PathBuf, u64), BackupRefusal> {
         let held = self.held.get_mut(&id).ok_or(BackupRefusal::Gone)?;
-        let files = held.files.as_ref().ok_or(BackupRefusal::Gone)?;
+        let Some(Ok(backup)) = held.outcome.as_ref() else {
+            return Err(BackupRefusal::Gone);
+        };
+        let files = &backup.files;
         // Only names the export lists: no path from a client is opened.
         let f = files
             .iter()
@@ -143,10 +173,54 @@ impl Backups {
         let gone: Vec<u64> = self
             .held
             .iter()
-            .filter(|(_, h)| h.files.is_some() && now.duration_since(h.last_used) >= idle)
+            .filter(|(_, h)| h.outcome.is_some() && now.duration_since(h.last_used) >= idle)
             .map(|(&id, _)| id)
             .collect();
         gone.into_iter().filter_map(|id| self.release(id)).collect()
+    }
+}
+
+/// A fence a group's leader holds for a backup of several groups at one
+/// point in time ([`crate::protocol::BackupRequest::FencedExport`]): while
+/// it holds, the leader proposes no writes, shard steps or membership
+/// changes, so nothing is written to the group between its export's view
+/// and the moment every group's view is taken.
+#[derive(Debug)]
+pub(super) struct Fence<W> {
+    /// The export it was set for.
+    pub(super) id: u64,
+    /// The leader's term when it was set: it ends with the leadership.
+    pub(super) term: Term,
+    /// When it ends on its own (a coordinator that went away).
+    pub(super) until: Instant,
+    /// The export, until it starts (the node keeps its directory and the
+    /// caller waiting for its view): it starts once the leader's whole log
+    /// is applied.
+    pub(super) waiting: Option<W>,
+}
+
+impl<W> Fence<W> {
+    /// A fence for export `id` set by the leader of `term` at `now`,
+    /// holding at most `hold_ms` (capped at [`BACKUP_FENCE_MS_MAX`]).
+    pub(super) fn new(id: u64, term: Term, now: Instant, hold_ms: u64, waiting: W) -> Fence<W> {
+        Fence {
+            id,
+            term,
+            until: now + Duration::from_millis(hold_ms.min(BACKUP_FENCE_MS_MAX)),
+            waiting: Some(waiting),
+        }
+    }
+
+    /// Whether the fence still holds for a node that leads (`leading`) in
+    /// `term` at `now`.
+    pub(super) fn holds(&self, leading: bool, term: Term, now: Instant) -> bool {
+        leading && term == self.term && now < self.until
+    }
+
+    /// Whether the export may start: the leader's whole log is applied, so
+    /// its view holds every write proposed before the fence.
+    pub(super) fn may_export(&self, applied: Index, last: Index) -> bool {
+        self.waiting.is_some() && applied >= last
     }
 }
 
@@ -186,12 +260,42 @@ pub(super) fn remove_all(root: &Path) {
 mod tests {
     use super::*;
 
-    fn file(name: &str, size_bytes: u64) -> BackupFile {
-        BackupFile {
-            name: name.into(),
-            size_bytes,
-            crc32: 0,
-        }
+    fn backup(files: &[(&str, u64)]) -> Result<GroupBackup, String> {
+        Ok(GroupBackup {
+            group: 1,
+            applied: Default::default(),
+            conf_state: Default::default(),
+            hosted: false,
+            shards: Default::default(),
+            dir: "group-1".into(),
+            files: files
+                .iter()
+                .map(|&(name, size_bytes)| shoal_engine::backup::BackupFile {
+                    name: name.into(),
+                    size_bytes,
+                    crc32: 0,
+                })
+                .collect(),
+        })
+    }
+
+    // Goal: a fence ends with the leadership, the term or its time, and
+    // lets the export start only once the leader's log is applied.
+    #[test]
+    fn a_fence_holds_for_one_leader_term_and_a_bounded_time() {
+        let now = Instant::now();
+        let fence = Fence::new(9, 4, now, u64::MAX, ());
+        let max = Duration::from_millis(BACKUP_FENCE_MS_MAX);
+        assert!(fence.holds(true, 4, now));
+        assert!(fence.holds(true, 4, now + max - Duration::from_millis(1)));
+        assert!(
+            !fence.holds(true, 4, now + max),
+            "capped at BACKUP_FENCE_MS_MAX"
+        );
+        assert!(!fence.holds(false, 4, now), "not the leader any more");
+        assert!(!fence.holds(true, 5, now), "a later term");
+        assert!(!fence.may_export(10, 11), "an entry is not applied yet");
+        assert!(fence.may_export(11, 11));
     }
 
     // Goal: the held set is bounded, reads name only listed files within
@@ -209,7 +313,12 @@ mod tests {
         // Not readable while running.
         assert_eq!(b.read(id, "kv.sst", 0, now), Err(BackupRefusal::Gone));
         let big = 3 * BACKUP_CHUNK_BYTES_MAX + 5;
-        assert!(b.exported(id, vec![file("kv.sst", big)], now));
+        assert_eq!(b.contents(id, now), Err((BackupRefusal::Running, None)));
+        assert!(b.exported(id, backup(&[("kv.sst", big)]), now));
+        assert_eq!(
+            b.contents(id, now),
+            backup(&[("kv.sst", big)]).map_err(|_| unreachable!())
+        );
         let (path, len) = b.read(id, "kv.sst", 0, now).unwrap();
         assert_eq!(path, root.join(format!("{BACKUP_DIR_PREFIX}{id}/kv.sst")));
         assert_eq!(len, BACKUP_CHUNK_BYTES_MAX);
@@ -225,7 +334,18 @@ mod tests {
         let later = now + idle;
         assert_eq!(b.expire(idle, later).len(), 1);
         assert_eq!(b.read(id, "kv.sst", 0, later), Err(BackupRefusal::Gone));
-        assert!(!b.exported(id, vec![], later), "released while running");
+        assert!(
+            !b.exported(id, backup(&[]), later),
+            "released while running"
+        );
+        // A failed export answers why once, then is gone.
+        assert!(b.exported(ids[2], Err("disk full".into()), later));
+        let failed = b.contents(ids[2], later);
+        assert!(
+            matches!(&failed, Err((BackupRefusal::Failed { reason }, Some(_))) if reason == "disk full"),
+            "{failed:?}"
+        );
+        assert_eq!(b.contents(ids[2], later), Err((BackupRefusal::Gone, None)));
         assert!(b.release(ids[1]).is_some());
         assert!(b.release(ids[1]).is_none());
         assert!(b.admit(2, root, later).is_ok());

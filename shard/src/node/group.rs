@@ -90,6 +90,9 @@ pub(super) struct Group<B: Backend> {
     pub(super) queued_member: Vec<(MemberChange, Waiter)>,
     /// Reads received this turn, sent as one ReadIndex at the round start.
     pub(super) queued_reads: Waiting,
+    /// A backup fence this leader holds (see [`super::backups::Fence`]):
+    /// its export's directory and caller wait until the log is applied.
+    pub(super) fence: Option<super::backups::Fence<(PathBuf, Responder<Response>)>>,
     /// Proposals by log index.
     proposals: BTreeMap<Index, Proposal>,
     /// Reads waiting for leadership confirmation, by context.
@@ -141,6 +144,7 @@ impl<B: Backend> Group<B> {
             queued_writes: Vec::new(),
             queued_shard: Vec::new(),
             queued_member: Vec::new(),
+            fence: None,
             queued_reads: Vec::new(),
             proposals: BTreeMap::new(),
             reads_unconfirmed: BTreeMap::new(),
@@ -194,6 +198,18 @@ impl<B: Backend> Group<B> {
     }
 
     pub(super) fn propose_queued(&mut self, next_context: &mut u64) -> Result<(), NodeError> {
+        if self.fence.is_some() {
+            // Nothing is written behind a backup fence: clients retry.
+            for (_, waiter) in self.queued_shard.drain(..) {
+                waiter.send(KvResponse::Busy);
+            }
+            for (_, waiter) in self.queued_member.drain(..) {
+                waiter.send(KvResponse::Busy);
+            }
+            for (_, waiter) in self.queued_writes.drain(..) {
+                waiter.send(KvResponse::Busy);
+            }
+        }
         for (command, waiter) in std::mem::take(&mut self.queued_shard) {
             if self.raw.is_leader() {
                 self.propose(Entry::Shard(command), vec![waiter]);

@@ -561,12 +561,27 @@ enum Done {
     },
     /// Shipped shard files were moved into their incoming directory.
     Placed,
+    /// A destination leader forwarded an install's files to members the
+    /// freeze did not ship to (or not).
+    Forwarded {
+        key: moves::ExportKey,
+        to: Vec<NodeId>,
+        result: Result<(), SnapshotFileError>,
+    },
     /// A backup export ([`backups`]) finished (or failed); `reply` waits
-    /// for it.
+    /// for it (none for a fenced export: its files are asked for).
     BackupExported {
         id: u64,
         dir: PathBuf,
         result: Result<shoal_engine::GroupBackup, shoal_engine::BackupError>,
+        reply: Option<Responder<Response>>,
+    },
+    /// A fenced backup export's view was taken at `applied_index` (`None`:
+    /// the export failed before it).
+    BackupPinned {
+        group: GroupId,
+        id: u64,
+        applied_index: Option<Index>,
         reply: Responder<Response>,
     },
 }
@@ -613,6 +628,8 @@ pub struct Node<B: Backend, T: Transport<KvProtocol>> {
     pin_tasks: JoinSet<()>,
     /// Backup exports held for the admin client (see [`backups`]).
     backups: backups::Backups,
+    /// Install files forwarded by this node as a destination leader.
+    forwards: moves::Forwards,
 }
 
 /// A change to the set of groups the node hosts.
@@ -850,6 +867,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             ticks: 0,
             verifying: HashSet::new(),
             received: BTreeMap::new(),
+            forwards: moves::Forwards::default(),
             queued_admin: Vec::new(),
             peers_heard: HashMap::new(),
             pins: Pins::new(config.id, config.seed, config.pins_max, !config.blocking_io),
@@ -995,6 +1013,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         for (gid, group) in &mut self.groups {
             group.raw.tick().map_err(consensus_err(*gid))?;
         }
+        self.end_lapsed_fences();
         self.ticks += 1;
         if self.ticks % PRUNE_EVERY_TICKS == 0 {
             self.prune_received();
@@ -1216,22 +1235,8 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         };
         match request {
             BackupRequest::Export { group: gid } => {
-                let Some(group) = self.groups.get(&gid) else {
-                    return refuse(reply, BackupRefusal::UnknownGroup);
-                };
-                let raw = &group.raw;
-                if !raw.is_leader() {
-                    let leader_hint = raw.leader_id();
-                    return refuse(reply, BackupRefusal::NotLeader { leader_hint });
-                }
-                // Committed in its own term, so its commit index covers
-                // everything any leader acknowledged; applied through it,
-                // so the export (a later view) holds all of that.
-                let commit = raw.commit_index();
-                let ready = raw.term_at(commit).is_ok_and(|t| t == raw.term())
-                    && raw.applied_index() >= commit;
-                if !ready {
-                    return refuse(reply, BackupRefusal::NotReady);
+                if let Err(refusal) = self.backup_ready(gid) {
+                    return refuse(reply, refusal);
                 }
                 let (id, dir) =
                     match self
@@ -1248,10 +1253,64 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                         id,
                         dir,
                         result,
-                        reply,
+                        reply: Some(reply),
                     }
                 });
             }
+            BackupRequest::FencedExport {
+                group: gid,
+                hold_ms,
+            } => {
+                if let Err(refusal) = self.backup_ready(gid) {
+                    return refuse(reply, refusal);
+                }
+                if self.groups[&gid].fence.is_some() {
+                    return refuse(reply, BackupRefusal::Fenced);
+                }
+                let now = Instant::now();
+                let (id, dir) = match self.backups.admit(gid, &self.config.snapshot_dir, now) {
+                    Ok(admitted) => admitted,
+                    Err(refusal) => return refuse(reply, refusal),
+                };
+                let group = self.groups.get_mut(&gid).expect("checked ready");
+                let term = group.raw.term();
+                group.fence = Some(backups::Fence::new(id, term, now, hold_ms, (dir, reply)));
+                tracing::info!(node = self.config.id, group = gid, id, "backup fence set");
+                self.maybe_start_fenced_export(gid);
+            }
+            BackupRequest::Unfence { group: gid, id } => {
+                let now = Instant::now();
+                let held = match self.groups.get_mut(&gid) {
+                    Some(group) if group.fence.as_ref().is_some_and(|f| f.id == id) => {
+                        let fence = group.fence.take().expect("checked");
+                        fence.waiting.is_none()
+                            && fence.holds(group.raw.is_leader(), group.raw.term(), now)
+                    }
+                    _ => false,
+                };
+                tracing::info!(
+                    node = self.config.id,
+                    group = gid,
+                    id,
+                    held,
+                    "backup fence ended"
+                );
+                let _ = reply.send(Response::BackupUnfenced { held });
+            }
+            BackupRequest::Files { id } => match self.backups.contents(id, Instant::now()) {
+                Ok(backup) => {
+                    let _ = reply.send(Response::BackupExported {
+                        id,
+                        backup: Box::new(backup),
+                    });
+                }
+                Err((refusal, dir)) => {
+                    if let Some(dir) = dir {
+                        self.prune(move || drop(std::fs::remove_dir_all(dir)));
+                    }
+                    refuse(reply, refusal);
+                }
+            },
             BackupRequest::Read { id, file, offset } => {
                 let (path, len) = match self.backups.read(id, &file, offset, Instant::now()) {
                     Ok(found) => found,
@@ -1275,6 +1334,100 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 }
                 None => refuse(reply, BackupRefusal::Gone),
             },
+        }
+    }
+
+    /// Whether this node may export `gid` for a backup now: it leads the
+    /// group, has committed an entry of its term (so its commit index
+    /// covers everything any leader acknowledged) and applied through it
+    /// (so the export, a later view, holds all of that).
+    fn backup_ready(&self, gid: GroupId) -> Result<(), BackupRefusal> {
+        let Some(group) = self.groups.get(&gid) else {
+            return Err(BackupRefusal::UnknownGroup);
+        };
+        let raw = &group.raw;
+        if !raw.is_leader() {
+            let leader_hint = raw.leader_id();
+            return Err(BackupRefusal::NotLeader { leader_hint });
+        }
+        let commit = raw.commit_index();
+        let ready =
+            raw.term_at(commit).is_ok_and(|t| t == raw.term()) && raw.applied_index() >= commit;
+        if !ready {
+            return Err(BackupRefusal::NotReady);
+        }
+        Ok(())
+    }
+
+    /// Starts the export a backup fence of `gid` waits for, once the
+    /// leader's whole log is applied (nothing is proposed behind the
+    /// fence, so the log stops growing): the caller is answered when the
+    /// export's view is taken ([`Done::BackupPinned`]), the files are
+    /// recorded when written ([`Done::BackupExported`]).
+    fn maybe_start_fenced_export(&mut self, gid: GroupId) {
+        let Some(group) = self.groups.get_mut(&gid) else {
+            return;
+        };
+        let Some(fence) = group.fence.as_mut() else {
+            return;
+        };
+        let applied = group.raw.applied_index();
+        let Ok(last) = group.raw.last_index() else {
+            return;
+        };
+        if !fence.may_export(applied, last) {
+            return;
+        }
+        let (dir, reply) = fence.waiting.take().expect("may_export checked");
+        let id = fence.id;
+        let (pinned, view) = tokio::sync::oneshot::channel();
+        self.tasks.spawn(async move {
+            Done::BackupPinned {
+                group: gid,
+                id,
+                applied_index: view.await.ok(),
+                reply,
+            }
+        });
+        let engine = self.engine.clone();
+        self.run_blocking(move || {
+            let mut pinned = Some(pinned);
+            let result = engine.export_group_backup_pinned(gid, &dir, &mut |applied| {
+                if let Some(pinned) = pinned.take() {
+                    let _ = pinned.send(applied.index);
+                }
+            });
+            Done::BackupExported {
+                id,
+                dir,
+                result,
+                reply: None,
+            }
+        });
+    }
+
+    /// Ends the backup fences that no longer hold (the leadership or the
+    /// term changed, or the time ran out): writes go on, and the backup
+    /// that set one learns at `Unfence` that it did not hold.
+    fn end_lapsed_fences(&mut self) {
+        let now = Instant::now();
+        for (gid, group) in &mut self.groups {
+            let lapsed = group
+                .fence
+                .as_ref()
+                .is_some_and(|f| !f.holds(group.raw.is_leader(), group.raw.term(), now));
+            if lapsed {
+                let fence = group.fence.take().expect("checked");
+                tracing::warn!(
+                    node = self.config.id,
+                    group = gid,
+                    id = fence.id,
+                    "backup fence lapsed"
+                );
+                if let Some((_, reply)) = fence.waiting {
+                    let _ = reply.send(Response::BackupRefused(BackupRefusal::NotReady));
+                }
+            }
         }
     }
 
@@ -1329,6 +1482,11 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             .iter()
             .map(|(gid, g)| (*gid, g.records.clone()))
             .collect();
+        self.forwards.retain_pending(|group, shard| {
+            records
+                .get(&group)
+                .map(|r| r.get(&shard).copied().unwrap_or(moves::RECORD_NONE))
+        });
         let root = self.config.snapshot_dir.clone();
         self.prune(move || {
             let Ok(entries) = std::fs::read_dir(&root) else {
@@ -1406,7 +1564,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                     Ok(backup) => {
                         if self
                             .backups
-                            .exported(id, backup.files.clone(), Instant::now())
+                            .exported(id, Ok(backup.clone()), Instant::now())
                         {
                             Response::BackupExported {
                                 id,
@@ -1420,14 +1578,52 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                     }
                     Err(e) => {
                         tracing::warn!(node = self.config.id, id, error = %e, "backup export failed");
-                        self.backups.release(id);
-                        self.prune(move || drop(std::fs::remove_dir_all(dir)));
+                        if reply.is_some() {
+                            self.backups.release(id);
+                            self.prune(move || drop(std::fs::remove_dir_all(dir)));
+                        } else {
+                            // Asked for later (`Files`), which answers why.
+                            self.backups
+                                .exported(id, Err(e.to_string()), Instant::now());
+                        }
                         Response::BackupRefused(BackupRefusal::Failed {
                             reason: e.to_string(),
                         })
                     }
                 };
+                if let Some(reply) = reply {
+                    let _ = reply.send(answer);
+                }
+            }
+            Done::BackupPinned {
+                group,
+                id,
+                applied_index,
+                reply,
+            } => {
+                let answer = match applied_index {
+                    Some(applied_index) => Response::BackupPinned { id, applied_index },
+                    None => {
+                        // Failed before its view: writes need not wait.
+                        if let Some(g) = self.groups.get_mut(&group) {
+                            if g.fence.as_ref().is_some_and(|f| f.id == id) {
+                                g.fence = None;
+                            }
+                        }
+                        Response::BackupRefused(BackupRefusal::Failed {
+                            reason: "the export failed before its view was taken".into(),
+                        })
+                    }
+                };
                 let _ = reply.send(answer);
+            }
+            Done::Forwarded { key, to, result } => {
+                if let Err(e) = &result {
+                    // Transient (a member down): the controller retries the
+                    // install, which forwards again.
+                    tracing::warn!(node = self.config.id, group = key.0, shard = key.1, error = %e, "forwarding an install's files failed");
+                }
+                self.forwards.finish(key, &to, result.is_ok());
             }
             Done::Shipped {
                 group,
@@ -1613,6 +1809,17 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 let trace =
                     RequestTrace::start(self.config.id, request.group, telemetry::SHARD_STEP_KIND);
                 let reply = Waiter::client(reply, trace);
+                if let ShardCommand::Freeze { to_nodes, .. } = &request.command {
+                    // The destination's nodes as the caller reaches them:
+                    // members added since this node started are in no
+                    // address list here.
+                    if let Err(reason) =
+                        learn_freeze_addrs(&self.transport, to_nodes, &request.to_addrs)
+                    {
+                        reply.send(KvResponse::Shard(ShardReply::Refused { reason }));
+                        return;
+                    }
+                }
                 let Some((group, reply)) = leading_group(&mut self.groups, request.group, reply)
                 else {
                     return;
@@ -1680,6 +1887,24 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                             num,
                             "install before its files are in place: busy"
                         );
+                        reply.send(KvResponse::Busy);
+                        return;
+                    }
+                    // Every replica ingests the files when it applies the
+                    // install: members the freeze did not ship to get this
+                    // leader's copy first (one forward per export at a
+                    // time; the controller retries `Busy`).
+                    let key = (request.group, *shard, *num, moves::export_id(manifest));
+                    let missing = moves::install_files_missing(
+                        group.raw.conf_state().members(),
+                        self.config.id,
+                        &request.holders,
+                        &self.forwards.forwarded(&key),
+                    );
+                    if ingests && !missing.is_empty() {
+                        if self.forwards.start(key) {
+                            self.forward_install(key, missing);
+                        }
                         reply.send(KvResponse::Busy);
                         return;
                     }
@@ -2180,6 +2405,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             let pins = group.serve_reads(&self.engine, applied.max(group.raw.applied_index()));
             self.start_pins(gid, pins);
             self.maybe_compact(gid)?;
+            self.maybe_start_fenced_export(gid);
         }
         Ok(())
     }
@@ -2514,6 +2740,21 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         });
     }
 
+    /// Forwards the files of an install (export `key`) that this leader
+    /// holds to members of its group the freeze did not ship to, in a task
+    /// ([`Done::Forwarded`]).
+    fn forward_install(&mut self, key: moves::ExportKey, to: Vec<NodeId>) {
+        let transport = self.transport.clone();
+        let root = self.config.snapshot_dir.clone();
+        let me = self.config.id;
+        self.tasks.spawn(async move {
+            let (group, shard, num, export) = key;
+            let dir = moves::incoming_dir(&root, group, shard, num, export);
+            let result = snapshots::ship(&transport, me, &root, &dir, key, &to).await;
+            Done::Forwarded { key, to, result }
+        });
+    }
+
     /// Persists a round's log write: synced unless only commit indexes
     /// moved, split if it outgrows the engine's batch limit.
     async fn persist(&mut self, batch: LogBatch) -> Result<(), NodeError> {
@@ -2718,14 +2959,20 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         Ok(())
     }
 
-    /// Starts an export (off the loop) once the log outgrows the limit, or
-    /// after an install left no export to send on.
+    /// Starts an export (off the loop) once the log outgrows the limit,
+    /// after an install left no export to send on, or when a joining member
+    /// waits for a newer snapshot than the last export.
     fn maybe_compact(&mut self, gid: GroupId) -> Result<(), NodeError> {
         let limit = self.config.max_raft_state_bytes.unwrap_or(u64::MAX);
         let log_bytes = self.engine.log_bytes(gid).map_err(engine_err(gid))?;
         let group = self.groups.get_mut(&gid).expect("group exists");
         let due = log_bytes > limit && group.raw.applied_index() > group.snapshot_index;
-        if group.exporting || (!due && !group.export_pending) {
+        // A member that joined with nothing waits for a snapshot taken at
+        // or after the change that added it (see `RawNode::snapshot_wanted`).
+        let wanted = group.raw.snapshot_wanted().is_some_and(|floor| {
+            group.snapshot_index < floor && floor <= group.raw.applied_index()
+        });
+        if group.exporting || (!due && !wanted && !group.export_pending) {
             return Ok(());
         }
         let conf = group.raw.conf_state();
@@ -2861,6 +3108,38 @@ fn member_addr(addr: &str) -> Result<std::net::SocketAddr, String> {
     }
     addr.parse()
         .map_err(|e| format!("the address {addr:?} is not ip:port: {e}"))
+}
+
+/// Tells the transport the addresses a freeze names for its destination's
+/// nodes it has none for (see [`crate::protocol::ShardRequest::to_addrs`]):
+/// only for nodes
+/// among `to_nodes`, at most [`crate::controller::config::GROUP_MEMBERS_MAX`]
+/// of them, each a valid `ip:port`; otherwise the reason it is refused.
+fn learn_freeze_addrs<T: Transport<KvProtocol>>(
+    transport: &T,
+    to_nodes: &[NodeId],
+    to_addrs: &[(NodeId, String)],
+) -> Result<(), String> {
+    let max = crate::controller::config::GROUP_MEMBERS_MAX;
+    if to_addrs.len() > max {
+        return Err(format!(
+            "{} destination addresses, over {max}",
+            to_addrs.len()
+        ));
+    }
+    let mut parsed = Vec::with_capacity(to_addrs.len());
+    for (node, addr) in to_addrs {
+        if !to_nodes.contains(node) {
+            return Err(format!(
+                "an address for node {node}, which is not a destination node"
+            ));
+        }
+        parsed.push((*node, member_addr(addr)?));
+    }
+    for (node, addr) in parsed {
+        transport.add_member_addr_if_unknown(shoal_net::NodeId(node), addr);
+    }
+    Ok(())
 }
 
 /// Tells the transport the address of every member in `addrs` (the

@@ -22,9 +22,11 @@
 //! a step of an older config is answered `Stale` and changes nothing, and a
 //! step repeated with the same number is a success that changes nothing.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use shoal_consensus::NodeId;
 use shoal_engine::{GroupId, Request, ShardId, ShardRecord, ShardStatus, SnapshotManifest};
 
 use crate::protocol::{ShardCommand, ShardReply};
@@ -255,6 +257,72 @@ pub fn incoming_dir(root: &Path, group: GroupId, shard: ShardId, num: u64, expor
 /// shard never share (and delete) each other's files.
 pub fn outgoing_dir(root: &Path, group: GroupId, shard: ShardId, num: u64, index: u64) -> PathBuf {
     root.join(format!("move-out-g{group}-s{shard}-n{num}-i{index}"))
+}
+
+/// One export of a moving shard on its destination group: (group, shard,
+/// config number, [`export_id`]).
+pub type ExportKey = (GroupId, ShardId, u64, u64);
+
+/// Which members of the destination group still lack an install's files,
+/// as its leader decides before it proposes the install: every member of
+/// the membership in force (`members`, learners included) but the leader
+/// itself (`me`, which checked its own copy), the nodes the freeze shipped
+/// to (`holders`, the group's members in the config) and those the leader
+/// forwarded its copy to already (`forwarded`). Each replica ingests the
+/// files when it applies the install, so none may be missing: a member
+/// added after the config was written (`shoal member add --group`) is not
+/// among the holders.
+pub fn install_files_missing(
+    members: impl IntoIterator<Item = NodeId>,
+    me: NodeId,
+    holders: &[NodeId],
+    forwarded: &BTreeSet<NodeId>,
+) -> Vec<NodeId> {
+    let mut missing: Vec<NodeId> = members
+        .into_iter()
+        .filter(|m| *m != me && !holders.contains(m) && !forwarded.contains(m))
+        .collect();
+    missing.sort_unstable();
+    missing.dedup();
+    missing
+}
+
+/// The install files a destination leader forwards to members that the
+/// freeze did not ship to (see [`install_files_missing`]): what has been
+/// forwarded, and what is being forwarded now (one task per export).
+#[derive(Debug, Default)]
+pub struct Forwards {
+    done: BTreeMap<ExportKey, BTreeSet<NodeId>>,
+    running: BTreeSet<ExportKey>,
+}
+
+impl Forwards {
+    /// The members `key`'s files were forwarded to.
+    pub fn forwarded(&self, key: &ExportKey) -> BTreeSet<NodeId> {
+        self.done.get(key).cloned().unwrap_or_default()
+    }
+
+    /// Starts forwarding `key`'s files unless a forward of it runs already;
+    /// true if the caller is to start it.
+    pub fn start(&mut self, key: ExportKey) -> bool {
+        self.running.insert(key)
+    }
+
+    /// A forward of `key` ended; `to` got the files if `ok`.
+    pub fn finish(&mut self, key: ExportKey, to: &[NodeId], ok: bool) {
+        self.running.remove(&key);
+        if ok {
+            self.done.entry(key).or_default().extend(to.iter().copied());
+        }
+    }
+
+    /// Forgets the exports whose install is done or superseded, by the
+    /// group's record of the shard ([`move_dir_done`] of the incoming side).
+    pub fn retain_pending(&mut self, record: impl Fn(GroupId, ShardId) -> Option<ShardRecord>) {
+        self.done.retain(|&(group, shard, num, _), _| {
+            !move_dir_done(MoveDir::Incoming, num, record(group, shard))
+        });
+    }
 }
 
 /// Which side of a move a directory is for.
@@ -526,5 +594,50 @@ mod tests {
         assert!(move_dir_done(Incoming, 5, Some(rec(6, Absent))));
         assert!(move_dir_done(Outgoing, 5, Some(rec(7, Serving))));
         assert!(move_dir_done(Outgoing, 5, None));
+    }
+
+    #[test]
+    fn install_files_go_to_every_member_the_freeze_missed() {
+        let none = BTreeSet::new();
+        // The config's members got them; the leader checked its own copy.
+        assert!(install_files_missing([4, 5, 6], 4, &[4, 5, 6], &none).is_empty());
+        // A learner added since the config was written, and a voter that
+        // replaced a member the config still names.
+        assert_eq!(
+            install_files_missing([4, 5, 7, 8], 5, &[4, 5, 6], &none),
+            vec![7, 8]
+        );
+        // Forwarded already: nothing more to do.
+        let forwarded: BTreeSet<NodeId> = [7].into();
+        assert_eq!(
+            install_files_missing([4, 5, 7, 8], 5, &[4, 5, 6], &forwarded),
+            vec![8]
+        );
+        // No holders known (a caller that did not say): every other member.
+        assert_eq!(install_files_missing([1, 2, 3], 2, &[], &none), vec![1, 3]);
+    }
+
+    #[test]
+    fn forwards_run_once_per_export_and_are_forgotten_once_installed() {
+        let mut f = Forwards::default();
+        let key = (2, 9, 5, 0xabc);
+        assert!(f.start(key));
+        assert!(!f.start(key), "one forward of an export at a time");
+        f.finish(key, &[7], false);
+        assert!(
+            f.forwarded(&key).is_empty(),
+            "a failed forward delivered nothing"
+        );
+        assert!(f.start(key));
+        f.finish(key, &[7], true);
+        assert_eq!(f.forwarded(&key), [7].into());
+        f.retain_pending(|_, _| Some(rec(3, Absent)));
+        assert_eq!(
+            f.forwarded(&key),
+            [7].into(),
+            "still waiting for the install"
+        );
+        f.retain_pending(|_, _| Some(rec(5, Serving)));
+        assert!(f.forwarded(&key).is_empty(), "installed: forgotten");
     }
 }
