@@ -868,10 +868,9 @@ pub fn shard_cluster(cluster: &LocalCluster, groups: u64) -> Result<()> {
             loop {
                 let config = admin.query().await?;
                 let leaders: std::collections::BTreeSet<u64> = admin
-                    .shard_lines(&config)
+                    .group_leaders(&config)
                     .await
-                    .into_iter()
-                    .map(|l| l.leader)
+                    .into_values()
                     .filter(|&l| l != 0)
                     .collect();
                 if leaders.len() >= want || tokio::time::Instant::now() >= deadline {

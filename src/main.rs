@@ -516,7 +516,8 @@ enum ShardCmd {
     /// Even the shards out over the groups, moving as few as possible.
     Rebalance,
     /// Print the configuration, then one JSON line per shard:
-    /// {"shard","group","leader"}.
+    /// {"shard","group","leader","keys","bytes"} (the size as the group's
+    /// leader holds it).
     Status,
 }
 

@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use shoal_consensus::Role;
-use shoal_engine::{GroupId, ShardId};
+use shoal_engine::{GroupId, ShardId, ShardSize};
 use shoal_net::quic::QuicClient;
 use shoal_net::{Limits, NodeId, Peer, ADMIN_CLIENT_NAME};
 use shoal_shard::client::AdminError;
@@ -78,6 +78,12 @@ pub struct ShardLine {
     pub group: GroupId,
     /// The group's leader as its members report it (0: unknown).
     pub leader: u64,
+    /// Keys of the shard the group's leader holds (`None`: it did not
+    /// answer).
+    pub keys: Option<u64>,
+    /// Bytes of those keys and their records, as stored before
+    /// compression (`None`: the leader did not answer).
+    pub bytes: Option<u64>,
 }
 
 impl Admin {
@@ -309,8 +315,9 @@ impl Admin {
         self.change(rebalance(&current)?).await
     }
 
-    /// Each shard with its group and that group's leader.
-    pub async fn shard_lines(&self, config: &ShardConfig) -> Vec<ShardLine> {
+    /// Each group's leader as its members report it (groups none of whose
+    /// members answered are absent).
+    pub async fn group_leaders(&self, config: &ShardConfig) -> BTreeMap<GroupId, u64> {
         let mut leaders: BTreeMap<GroupId, u64> = BTreeMap::new();
         for (&group, voters) in &config.groups {
             for &node in voters {
@@ -332,13 +339,41 @@ impl Admin {
                 }
             }
         }
+        leaders
+    }
+
+    /// Each shard with its group, that group's leader, and its size as the
+    /// leader holds it.
+    pub async fn shard_lines(&self, config: &ShardConfig) -> Vec<ShardLine> {
+        let leaders = self.group_leaders(config).await;
+        // Each group's leader counts its shards (off its event loop).
+        let mut sizes: BTreeMap<(GroupId, ShardId), ShardSize> = BTreeMap::new();
+        let mut counted: std::collections::BTreeSet<GroupId> = Default::default();
+        for (&group, &leader) in &leaders {
+            match self.nodes.shard_sizes(NodeId(leader), group).await {
+                Ok(found) => {
+                    counted.insert(group);
+                    sizes.extend(
+                        found
+                            .into_iter()
+                            .map(|(shard, size)| ((group, shard), size)),
+                    );
+                }
+                Err(e) => tracing::debug!(group, leader, error = %e, "no shard sizes"),
+            }
+        }
         (0..config.shard_count())
             .map(|shard| {
                 let group = config.group_of(shard).unwrap_or(0);
+                let size = counted
+                    .contains(&group)
+                    .then(|| sizes.get(&(group, shard)).copied().unwrap_or_default());
                 ShardLine {
                     shard,
                     group,
                     leader: leaders.get(&group).copied().unwrap_or(0),
+                    keys: size.map(|s| s.keys),
+                    bytes: size.map(|s| s.bytes),
                 }
             })
             .collect()

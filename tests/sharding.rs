@@ -53,6 +53,17 @@ fn six_nodes_three_groups_moves_and_a_leader_kill() {
     assert_eq!(second[0]["num"], 2);
     let groups = owners(&cluster);
     assert_eq!(groups.iter().filter(|&&g| g == 2).count(), 6, "{groups:?}");
+    // Status sizes each shard as its group's leader holds it: the 60 keys,
+    // each counted once, wherever it moved.
+    let status = shard(&cluster, &["status"]);
+    let keys: u64 = status[1..]
+        .iter()
+        .map(|l| l["keys"].as_u64().expect("every leader answered"))
+        .sum();
+    assert_eq!(keys, 60, "{status:?}");
+    assert!(status[1..]
+        .iter()
+        .all(|l| l["bytes"].as_u64() >= l["keys"].as_u64()));
     for i in 0..60 {
         let v = kv.get(format!("k{i}")).expect("get");
         assert_eq!(v.value, format!("v{i}").as_bytes(), "k{i}");

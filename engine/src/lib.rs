@@ -90,5 +90,5 @@ pub use kv::{
 };
 pub use log::{GroupState, GroupStorage, GroupWrite, LogBatch};
 pub use membership::{AppliedConf, MEMBER_ADDR_BYTES_MAX};
-pub use shards::{ShardRecord, ShardStatus};
+pub use shards::{ShardRecord, ShardSize, ShardStatus};
 pub use snapshot::{SnapshotFile, SnapshotManifest, SnapshotScope};

@@ -1550,6 +1550,19 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
         }
     }
 
+    /// Admin: how much of each shard `node`'s replica of `group` holds
+    /// (shards holding no key are absent).
+    pub async fn shard_sizes(
+        &self,
+        node: NodeId,
+        group: GroupId,
+    ) -> Result<Vec<(shoal_engine::ShardId, shoal_engine::ShardSize)>, AdminError> {
+        match self.call_node(node, Request::ShardSizes { group }).await? {
+            Response::ShardSizes(sizes) => Ok(sizes),
+            other => Err(AdminError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Admin: releases `node`'s export `id` (its files are removed).
     pub async fn backup_release(&self, node: NodeId, id: u64) -> Result<(), AdminError> {
         match self

@@ -424,6 +424,14 @@ pub enum Request {
     /// Admin: a backup of a group, in steps (see `node::backups`). Needs
     /// the admin client: a backup reads every key and session.
     Backup(BackupRequest),
+    /// Admin: how much of each shard this node's replica of `group` holds
+    /// (`shoal shard status`), counted off the event loop: answered
+    /// [`Response::ShardSizes`], or [`Response::GroupRefused`] with
+    /// `NotHosted`. Needs the admin client (it reads the group's data).
+    ShardSizes {
+        /// The group.
+        group: GroupId,
+    },
 }
 
 /// The steps of backing up one group from a node ([`Request::Backup`]).
@@ -733,6 +741,9 @@ pub enum Response {
         /// The group's applied index in the export.
         applied_index: u64,
     },
+    /// A [`Request::ShardSizes`]: each shard holding any key, in shard
+    /// order (at most the cluster's shard count).
+    ShardSizes(Vec<(ShardId, shoal_engine::ShardSize)>),
     /// A [`BackupRequest::Unfence`]: whether the fence held.
     BackupUnfenced {
         /// True if nothing was written to the group from the export's view
@@ -743,7 +754,7 @@ pub enum Response {
     BackupRefused(BackupRefusal),
 }
 
-/// Why a node refused to host or drop a group. Nothing changed.
+/// Why a node refused to host, drop or size a group. Nothing changed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[non_exhaustive]
 pub enum GroupRefusal {
@@ -816,6 +827,12 @@ pub enum GroupRefusal {
         applied: Index,
         /// Last index of the replica's log.
         last: Index,
+    },
+    /// The node failed to read the group (a storage error).
+    #[error("the node failed: {reason}")]
+    Failed {
+        /// What failed.
+        reason: String,
     },
 }
 

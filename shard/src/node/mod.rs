@@ -1753,6 +1753,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             | RpcRequest::Member(_)
             | RpcRequest::Backup(_)
             | RpcRequest::Shard(_)
+            | RpcRequest::ShardSizes { .. }
                 if !from.is_admin() =>
             {
                 tracing::warn!(
@@ -1803,6 +1804,24 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             }
             RpcRequest::Backup(request) => {
                 self.on_backup(request, reply);
+                return;
+            }
+            RpcRequest::ShardSizes { group } => {
+                if !self.groups.contains_key(&group) {
+                    let _ = reply.send(Response::GroupRefused(GroupRefusal::NotHosted));
+                    return;
+                }
+                let engine = self.engine.clone();
+                self.run_blocking(move || {
+                    let answer = match engine.shard_sizes(group) {
+                        Ok(sizes) => Response::ShardSizes(sizes.into_iter().collect()),
+                        Err(e) => Response::GroupRefused(GroupRefusal::Failed {
+                            reason: e.to_string(),
+                        }),
+                    };
+                    let _ = reply.send(answer);
+                    Done::Pruned
+                });
                 return;
             }
             RpcRequest::Shard(request) => {
