@@ -263,10 +263,19 @@ impl Admin {
     pub async fn leave(&self, group: GroupId) -> Result<ShardConfig> {
         self.recover().await?;
         let current = self.query().await?;
-        let voters = current
-            .members(group)
-            .with_context(|| format!("group {group} is not in configuration {}", current.num))?
-            .to_vec();
+        let Some(voters) = current.members(group).map(<[u64]>::to_vec) else {
+            // Left already: finish a leave that was cut short after the
+            // change, dropping the replicas any node still hosts.
+            let hosts = self.hosts_of(group).await;
+            if hosts.is_empty() {
+                bail!(
+                    "group {group} is not in configuration {} and no node hosts it",
+                    current.num
+                );
+            }
+            self.drop_group(group, &hosts).await?;
+            return Ok(current);
+        };
         let next = self.change(leave(&current, &[group])?).await?;
         self.drop_group(group, &voters).await?;
         Ok(next)
@@ -313,6 +322,20 @@ impl Admin {
             return Ok(current);
         }
         self.change(rebalance(&current)?).await
+    }
+
+    /// The nodes (of those this admin was given) that host a replica of
+    /// `group`, as they report it.
+    async fn hosts_of(&self, group: GroupId) -> Vec<u64> {
+        let mut hosts = Vec::new();
+        for &(node, _) in &self.members {
+            if let Ok(report) = self.nodes.node_status(NodeId(node)).await {
+                if report.groups.iter().any(|g| g.group == group) {
+                    hosts.push(node);
+                }
+            }
+        }
+        hosts
     }
 
     /// Each group's leader as its members report it (groups none of whose

@@ -90,10 +90,33 @@ fn six_nodes_three_groups_moves_and_a_leader_kill() {
     }
     cluster.start_node(leader2);
     assert_eq!(owners(&cluster)[moving as usize], 1);
-    // Group 1 leaves: everything ends on group 2, every write there once.
+    // Group 1 leaves while its node 3 is down: the shards move (a majority
+    // of group 1 carries the steps), but the replicas cannot all be
+    // dropped, so the command fails after the change.
+    cluster.kill(3);
+    let cut_short = cluster
+        .shard_command(CONTROLLER, 60_000, &["leave", "--group", "1"])
+        .output()
+        .expect("run shoal shard leave");
+    assert!(!cut_short.status.success(), "a leave with node 3 down");
+    assert!(
+        String::from_utf8_lossy(&cut_short.stderr).contains("drop it later"),
+        "{}",
+        String::from_utf8_lossy(&cut_short.stderr)
+    );
+    cluster.start_node(3);
+    assert!(owners(&cluster).iter().all(|&g| g == 2));
+    // Running it again finishes it: every replica of group 1 is dropped.
     let last = shard(&cluster, &["leave", "--group", "1"]);
     assert!(last[0]["groups"].get("1").is_none(), "{:?}", last[0]);
-    assert!(owners(&cluster).iter().all(|&g| g == 2));
+    let admin = cluster.admin();
+    for node in 1..=6 {
+        let report = admin.node_status(shoal_net::NodeId(node)).expect("status");
+        assert!(
+            report.groups.iter().all(|g| g.group != 1),
+            "node {node} still hosts group 1"
+        );
+    }
     for i in 0..60 {
         let v = kv.get(format!("k{i}")).expect("get");
         assert_eq!(v.value, format!("v{i}+").as_bytes(), "k{i}");
