@@ -179,7 +179,7 @@ use self::telemetry::{Observed, RequestTrace};
 use crate::protocol::{
     BackupRefusal, BackupRequest, Denied, GroupRefusal, GroupReport, KvProtocol, KvResponse,
     MemberChange, MemberReply, NodeReport, PeerMessage, Request as RpcRequest, Response,
-    ShardCommand, ShardReply, SnapshotFileMeta,
+    ShardCommand, ShardReply, ShardRequest, SnapshotFileMeta,
 };
 
 pub use self::hosting::GROUPS_PER_NODE_MAX;
@@ -561,6 +561,13 @@ enum Done {
     },
     /// Shipped shard files were moved into their incoming directory.
     Placed,
+    /// Whether an install's files are in place here was read (see
+    /// `Node::on_shard_step`).
+    InstallChecked {
+        request: ShardRequest,
+        reply: Waiter,
+        shipped: bool,
+    },
     /// A destination leader forwarded an install's files to members the
     /// freeze did not ship to (or not).
     Forwarded {
@@ -1617,6 +1624,11 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 };
                 let _ = reply.send(answer);
             }
+            Done::InstallChecked {
+                request,
+                reply,
+                shipped,
+            } => self.on_shard_step(request, reply, Some(shipped)),
             Done::Forwarded { key, to, result } => {
                 if let Err(e) = &result {
                     // Transient (a member down): the controller retries the
@@ -1839,96 +1851,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                         return;
                     }
                 }
-                let Some((group, reply)) = leading_group(&mut self.groups, request.group, reply)
-                else {
-                    return;
-                };
-                if let ShardCommand::Install {
-                    shard,
-                    num,
-                    manifest,
-                } = &request.command
-                {
-                    // Propose an install only with its files here (the
-                    // freeze shipped them to every node of the group), so
-                    // no replica applies one it cannot carry out. Reads
-                    // only the small manifest; the files are verified when
-                    // ingested. An install this group has done, or one a
-                    // newer config has overtaken, ingests nothing (record
-                    // numbers only grow): it goes to the log without its
-                    // files, whose directory may be pruned already, and is
-                    // answered `Done` or `Stale` there.
-                    let dir = moves::incoming_dir(
-                        &self.config.snapshot_dir,
-                        request.group,
-                        *shard,
-                        *num,
-                        moves::export_id(manifest),
-                    );
-                    let record = group.record_of(*shard);
-                    let ingests = record.num < *num
-                        || (record.num == *num && record.status != ShardStatus::Serving);
-                    let for_here = manifest.scope
-                        == (shoal_engine::SnapshotScope::Shard {
-                            shard: *shard,
-                            target: request.group,
-                        });
-                    if ingests && !for_here {
-                        // No shipping can make this token usable.
-                        reply.send(KvResponse::Shard(ShardReply::Refused {
-                            reason: format!(
-                                "the manifest is not an export of shard {shard} for group {}",
-                                request.group
-                            ),
-                        }));
-                        return;
-                    }
-                    // The freeze is answered once every receiver's
-                    // transport has stored the files, but this loop files
-                    // them into the incoming directory later, off the
-                    // loop, one task per file: an install can overtake
-                    // them. So missing files are `Busy`, which the
-                    // controller retries, not a refusal, which would fail
-                    // the whole change. (Files lost by a crash before they
-                    // were filed make those retries run out; the next
-                    // recovery freezes again, which ships them again.)
-                    let shipped = shoal_engine::snapshot::read_manifest(&dir).is_ok_and(|m| {
-                        &m == manifest
-                            && m.files.iter().all(|f| {
-                                std::fs::metadata(dir.join(&f.name))
-                                    .is_ok_and(|meta| meta.len() == f.size_bytes)
-                            })
-                    });
-                    if ingests && !shipped {
-                        tracing::debug!(
-                            node = self.config.id,
-                            shard,
-                            num,
-                            "install before its files are in place: busy"
-                        );
-                        reply.send(KvResponse::Busy);
-                        return;
-                    }
-                    // Every replica ingests the files when it applies the
-                    // install: members the freeze did not ship to get this
-                    // leader's copy first (one forward per export at a
-                    // time; the controller retries `Busy`).
-                    let key = (request.group, *shard, *num, moves::export_id(manifest));
-                    let missing = moves::install_files_missing(
-                        group.raw.conf_state().members(),
-                        self.config.id,
-                        &request.holders,
-                        &self.forwards.forwarded(&key),
-                    );
-                    if ingests && !missing.is_empty() {
-                        if self.forwards.start(key) {
-                            self.forward_install(key, missing);
-                        }
-                        reply.send(KvResponse::Busy);
-                        return;
-                    }
-                }
-                group.queued_shard.push((request.command, reply));
+                self.on_shard_step(request, reply, None);
                 return;
             }
         };
@@ -2757,6 +2680,104 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 result,
             }
         });
+    }
+
+    /// A shard move step for a group this node leads, queued for the next
+    /// round's proposal. An install that ingests is proposed only with its
+    /// files here (the freeze shipped them to every node of the group), so
+    /// no replica applies one it cannot carry out, and on every member (see
+    /// below). Whether they are here is read off the loop: `checked` is
+    /// that answer (`None` before the check). The files themselves are
+    /// verified when ingested. An install this group has done, or one a
+    /// newer config has overtaken, ingests nothing (record numbers only
+    /// grow): it goes to the log without its files, whose directory may be
+    /// pruned already, and is answered `Done` or `Stale` there.
+    fn on_shard_step(&mut self, request: ShardRequest, reply: Waiter, checked: Option<bool>) {
+        let Some((group, reply)) = leading_group(&mut self.groups, request.group, reply) else {
+            return;
+        };
+        if let ShardCommand::Install {
+            shard,
+            num,
+            manifest,
+        } = &request.command
+        {
+            let (shard, num) = (*shard, *num);
+            let record = group.record_of(shard);
+            let ingests =
+                record.num < num || (record.num == num && record.status != ShardStatus::Serving);
+            if ingests {
+                let for_here = manifest.scope
+                    == (shoal_engine::SnapshotScope::Shard {
+                        shard,
+                        target: request.group,
+                    });
+                if !for_here {
+                    // No shipping can make this token usable.
+                    reply.send(KvResponse::Shard(ShardReply::Refused {
+                        reason: format!(
+                            "the manifest is not an export of shard {shard} for group {}",
+                            request.group
+                        ),
+                    }));
+                    return;
+                }
+                let export = moves::export_id(manifest);
+                let Some(shipped) = checked else {
+                    let dir = moves::incoming_dir(
+                        &self.config.snapshot_dir,
+                        request.group,
+                        shard,
+                        num,
+                        export,
+                    );
+                    let manifest = manifest.clone();
+                    self.run_blocking(move || Done::InstallChecked {
+                        shipped: moves::files_in_place(&dir, &manifest),
+                        request,
+                        reply,
+                    });
+                    return;
+                };
+                // The freeze is answered once every receiver's transport
+                // has stored the files, but this loop files them into the
+                // incoming directory later, off the loop, one task per
+                // file: an install can overtake them. So missing files are
+                // `Busy`, which the controller retries, not a refusal,
+                // which would fail the whole change. (Files lost by a
+                // crash before they were filed make those retries run out;
+                // the next recovery freezes again, which ships them again.)
+                if !shipped {
+                    tracing::debug!(
+                        node = self.config.id,
+                        shard,
+                        num,
+                        "install before its files are in place: busy"
+                    );
+                    reply.send(KvResponse::Busy);
+                    return;
+                }
+                // Every replica ingests the files when it applies the
+                // install: members the freeze did not ship to get this
+                // leader's copy first (one forward per export at a time;
+                // the controller retries `Busy`).
+                let key = (request.group, shard, num, export);
+                let missing = moves::install_files_missing(
+                    group.raw.conf_state().members(),
+                    self.config.id,
+                    &request.holders,
+                    &self.forwards.forwarded(&key),
+                );
+                if !missing.is_empty() {
+                    if self.forwards.start(key) {
+                        self.forward_install(key, missing);
+                    }
+                    reply.send(KvResponse::Busy);
+                    return;
+                }
+            }
+        }
+        group.queued_shard.push((request.command, reply));
     }
 
     /// Forwards the files of an install (export `key`) that this leader

@@ -259,6 +259,19 @@ pub fn outgoing_dir(root: &Path, group: GroupId, shard: ShardId, num: u64, index
     root.join(format!("move-out-g{group}-s{shard}-n{num}-i{index}"))
 }
 
+/// Whether the files of the export `manifest` names are in place in
+/// `dir` (its incoming directory): the manifest there is the same and
+/// every file has its size. Reads only the small manifest and the files'
+/// metadata (the files are verified when ingested). Blocking.
+pub fn files_in_place(dir: &Path, manifest: &SnapshotManifest) -> bool {
+    shoal_engine::snapshot::read_manifest(dir).is_ok_and(|m| {
+        &m == manifest
+            && m.files.iter().all(|f| {
+                std::fs::metadata(dir.join(&f.name)).is_ok_and(|meta| meta.len() == f.size_bytes)
+            })
+    })
+}
+
 /// One export of a moving shard on its destination group: (group, shard,
 /// config number, [`export_id`]).
 pub type ExportKey = (GroupId, ShardId, u64, u64);
