@@ -1284,6 +1284,10 @@ fn member_admin(args: &ClusterArgs, group: u64, command: MemberCmd) -> Result<()
     let result = runtime.block_on(async {
         let inner: &shoal_shard::Client<_> = &client;
         let change = |change| inner.change_members(group, change, &nodes);
+        let removed = match &command {
+            MemberCmd::Remove { id } => Some(*id),
+            _ => None,
+        };
         let (voters, learners) = match command {
             MemberCmd::List => {
                 for line in cluster::member_lines(inner, group, &nodes).await? {
@@ -1317,6 +1321,7 @@ fn member_admin(args: &ClusterArgs, group: u64, command: MemberCmd) -> Result<()
         // A sharded cluster routes by the configuration: write the group's
         // members into it (a rerun of the command finishes this too).
         let mut config = serde_json::Value::Null;
+        let mut dropped = serde_json::Value::Null;
         let sharded = args.controller.as_ref();
         if let Some(controller) = sharded.filter(|_| group != shoal_shard::node::CONTROLLER_GROUP) {
             let admin = shoal::sharding::Admin::connect(
@@ -1328,13 +1333,34 @@ fn member_admin(args: &ClusterArgs, group: u64, command: MemberCmd) -> Result<()
             let all: Vec<u64> = voters.iter().chain(&learners).copied().collect();
             let written = admin.set_members(group, &all).await;
             admin.close().await;
-            if let Some(written) = written.context("writing the group's members into the shard configuration")? {
+            if let Some(written) =
+                written.context("writing the group's members into the shard configuration")?
+            {
                 config = written.num.into();
+            }
+            // A removed member's replica is a stale copy: drop it (the
+            // group's replicas are hosted at runtime). Best effort: a node
+            // that is down keeps it until the command is run again.
+            if let Some(node) = removed {
+                let result = inner.drop_removed(shoal_net::NodeId(node), group).await;
+                if let Err(e) = &result {
+                    eprintln!(
+                        "node {node} still holds a replica of group {group} ({e}); \
+                         run the removal again once it is up"
+                    );
+                }
+                dropped = result.is_ok().into();
             }
         }
         println!(
             "{}",
-            serde_json::json!({ "ok": true, "voters": voters, "learners": learners, "config": config })
+            serde_json::json!({
+                "ok": true,
+                "voters": voters,
+                "learners": learners,
+                "config": config,
+                "dropped": dropped,
+            })
         );
         anyhow::Ok(())
     });

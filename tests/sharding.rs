@@ -176,6 +176,13 @@ fn a_replica_group_changes_members_in_a_sharded_cluster() {
         removed[0]["config"].as_u64().expect("a config number")
             > added[0]["config"].as_u64().expect("a config number")
     );
+    // The removed node dropped its replica (a stale copy).
+    assert_eq!(removed[0]["dropped"], true, "{removed:?}");
+    let report = cluster
+        .admin()
+        .node_status(shoal_net::NodeId(4))
+        .expect("status");
+    assert!(report.groups.iter().all(|g| g.group != 2), "{report:?}");
     cluster.kill(4);
     // A shard of group 1 moves to group 2: shipped to 5, 6 and 7.
     let groups = owners(&cluster);

@@ -1563,6 +1563,15 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
         }
     }
 
+    /// Admin: makes `node`, which a membership change removed from
+    /// `group`, drop its replica (see [`Request::DropRemoved`]).
+    pub async fn drop_removed(&self, node: NodeId, group: GroupId) -> Result<(), AdminError> {
+        match self.call_node(node, Request::DropRemoved { group }).await? {
+            Response::AdminDone => Ok(()),
+            other => Err(AdminError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Admin: releases `node`'s export `id` (its files are removed).
     pub async fn backup_release(&self, node: NodeId, id: u64) -> Result<(), AdminError> {
         match self

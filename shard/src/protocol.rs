@@ -424,6 +424,16 @@ pub enum Request {
     /// Admin: a backup of a group, in steps (see `node::backups`). Needs
     /// the admin client: a backup reads every key and session.
     Backup(BackupRequest),
+    /// Admin: drop this node's replica of `group` after a membership change
+    /// removed the node from the group (`shoal member remove`, once the
+    /// group's leader applied it). The replica is a stale copy of what the
+    /// members hold, so it is dropped even while it holds shards; refused
+    /// ([`GroupRefusal::Leads`]) if this node leads the group, and like
+    /// [`Request::DropGroup`] for a static group. Needs the admin client.
+    DropRemoved {
+        /// The group.
+        group: GroupId,
+    },
     /// Admin: how much of each shard this node's replica of `group` holds
     /// (`shoal shard status`), counted off the event loop: answered
     /// [`Response::ShardSizes`], or [`Response::GroupRefused`] with
@@ -828,6 +838,10 @@ pub enum GroupRefusal {
         /// Last index of the replica's log.
         last: Index,
     },
+    /// The node leads the group, so it is a member: a removed member's
+    /// replica is never the leader.
+    #[error("this node leads the group: it is a member")]
+    Leads,
     /// The node failed to read the group (a storage error).
     #[error("the node failed: {reason}")]
     Failed {

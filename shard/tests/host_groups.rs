@@ -541,7 +541,12 @@ fn static_group_one(_: u64) -> Vec<GroupSpec> {
 #[tokio::test(start_paused = true)]
 async fn group_admin_requests_are_checked() {
     let mut s = Nodes::new(1, 1, static_group_one);
-    for request in [host(5, &[1]), Request::DropGroup { group: 1 }] {
+    for request in [
+        host(5, &[1]),
+        Request::DropGroup { group: 1 },
+        Request::DropRemoved { group: 1 },
+        Request::ShardSizes { group: 1 },
+    ] {
         assert_eq!(
             s.admin_call(&s.client, 1, request).await,
             Response::Denied(Denied::NotAdmin)
@@ -566,6 +571,9 @@ async fn group_admin_requests_are_checked() {
         ),
         (Request::DropGroup { group: 1 }, GroupRefusal::Static),
         (Request::DropGroup { group: 5 }, GroupRefusal::NotHosted),
+        (Request::DropRemoved { group: 1 }, GroupRefusal::Static),
+        (Request::DropRemoved { group: 5 }, GroupRefusal::NotHosted),
+        (Request::ShardSizes { group: 5 }, GroupRefusal::NotHosted),
     ] {
         assert_eq!(
             s.admin_call(&s.admin, 1, request.clone()).await,

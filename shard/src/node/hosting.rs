@@ -162,6 +162,18 @@ pub fn check_drop(
     Ok(())
 }
 
+/// Checks a drop of a replica whose node a membership change removed from
+/// the group (the caller saw the group's leader apply the removal): the
+/// members hold everything, so the replica may go even while it holds
+/// shards, but never while this node leads the group (a leader is a
+/// member: the removal is not in force here, and the caller is wrong).
+pub fn check_drop_removed(leads: bool) -> Result<(), GroupRefusal> {
+    if leads {
+        return Err(GroupRefusal::Leads);
+    }
+    Ok(())
+}
+
 /// How the names of a group's directories under the snapshot directory
 /// start, before the group id: exports, received snapshots, shard moves.
 const GROUP_DIR_KINDS: [&str; 4] = ["export-g", "recv-g", "move-in-g", "move-out-g"];
@@ -284,6 +296,8 @@ mod tests {
     fn drop_needs_an_empty_caught_up_group() {
         let rec = |num, status| ShardRecord { num, status };
         let empty = BTreeMap::from([(1, rec(2, ShardStatus::Absent))]);
+        assert_eq!(check_drop_removed(false), Ok(()));
+        assert_eq!(check_drop_removed(true), Err(GroupRefusal::Leads));
         assert_eq!(check_drop(&[], &empty, 9, 9), Ok(()));
         assert_eq!(check_drop(&[], &BTreeMap::new(), 0, 0), Ok(()));
         for status in [ShardStatus::Serving, ShardStatus::Frozen] {

@@ -641,8 +641,16 @@ pub struct Node<B: Backend, T: Transport<KvProtocol>> {
 
 /// A change to the set of groups the node hosts.
 enum GroupAdmin {
-    Host { group: GroupId, voters: Vec<NodeId> },
-    Drop { group: GroupId },
+    Host {
+        group: GroupId,
+        voters: Vec<NodeId>,
+    },
+    /// `removed`: after this node's removal from the group (see
+    /// [`RpcRequest::DropRemoved`]).
+    Drop {
+        group: GroupId,
+        removed: bool,
+    },
 }
 
 fn consensus_err(group: GroupId) -> impl Fn(shoal_consensus::Error) -> NodeError {
@@ -1766,6 +1774,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             | RpcRequest::Backup(_)
             | RpcRequest::Shard(_)
             | RpcRequest::ShardSizes { .. }
+            | RpcRequest::DropRemoved { .. }
                 if !from.is_admin() =>
             {
                 tracing::warn!(
@@ -1782,7 +1791,19 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 return;
             }
             RpcRequest::DropGroup { group } => {
-                self.queued_admin.push((GroupAdmin::Drop { group }, reply));
+                let drop = GroupAdmin::Drop {
+                    group,
+                    removed: false,
+                };
+                self.queued_admin.push((drop, reply));
+                return;
+            }
+            RpcRequest::DropRemoved { group } => {
+                let drop = GroupAdmin::Drop {
+                    group,
+                    removed: true,
+                };
+                self.queued_admin.push((drop, reply));
                 return;
             }
             RpcRequest::Member(request) => {
@@ -2105,7 +2126,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         for (admin, reply) in std::mem::take(&mut self.queued_admin) {
             let response = match admin {
                 GroupAdmin::Host { group, voters } => self.host_group(group, voters).await?,
-                GroupAdmin::Drop { group } => self.drop_group(group).await?,
+                GroupAdmin::Drop { group, removed } => self.drop_group(group, removed).await?,
             };
             let _ = reply.send(response);
         }
@@ -2195,8 +2216,10 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
 
     /// Stops hosting `group` and deletes its replica (see [`hosting`]): out
     /// of the loop first, its waiters answered `UnknownGroup`, then one
-    /// synced engine write, then its files off the loop.
-    async fn drop_group(&mut self, group: GroupId) -> Result<Response, NodeError> {
+    /// synced engine write, then its files off the loop. `removed`: the
+    /// node was removed from the group ([`hosting::check_drop_removed`]
+    /// instead of [`hosting::check_drop`]).
+    async fn drop_group(&mut self, group: GroupId, removed: bool) -> Result<Response, NodeError> {
         if self.config.groups.iter().any(|s| s.group == group) {
             return Ok(Response::GroupRefused(GroupRefusal::Static));
         }
@@ -2211,9 +2234,12 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             });
         };
         let last = g.raw.last_index().map_err(consensus_err(group))?;
-        if let Err(refusal) =
+        let check = if removed {
+            hosting::check_drop_removed(g.raw.is_leader())
+        } else {
             hosting::check_drop(&g.static_shards, &g.records, g.raw.applied_index(), last)
-        {
+        };
+        if let Err(refusal) = check {
             return Ok(Response::GroupRefused(refusal));
         }
         let mut dropped = self.groups.remove(&group).expect("checked above");
