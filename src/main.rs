@@ -278,11 +278,11 @@ enum Cmd {
         cluster: ClusterArgs,
     },
     /// Back up a running cluster into a new directory (admin certificate):
-    /// every group the nodes report, all at one point in time (each
-    /// group's leader holds writes back for the moment it takes to pin
-    /// every group's export; every write acknowledged before the command
-    /// started is in it), fetched in checksummed chunks. Prints one JSON
-    /// line.
+    /// every group the nodes report, all at one point in time (with
+    /// several groups, each leader holds writes back for the moment it
+    /// takes to pin every group's export; every write acknowledged before
+    /// the command started is in it), fetched in checksummed chunks.
+    /// Prints one JSON line.
     Backup {
         #[command(flatten)]
         cluster: ClusterArgs,
@@ -946,7 +946,8 @@ const BACKUP_FENCE_HOLD_MS: u64 = 5_000;
 
 /// `shoal backup`: every group of a running cluster, at one point in time.
 ///
-/// Each group's leader fences the group (it proposes no writes, which
+/// A single group's export is one point in time by itself. With several,
+/// each group's leader fences the group (it proposes no writes, which
 /// clients retry) and takes its export's view once its whole log is
 /// applied; when every group's view is taken, the fences end, each
 /// reporting whether it held throughout. So no write is applied in any
@@ -969,7 +970,13 @@ fn backup_cluster(args: &ClusterArgs, out: &Path, export_timeout: Duration) -> R
             .into_iter()
             .collect();
         anyhow::ensure!(!groups.is_empty(), "no node answered with a group");
-        let pinned = fence_every_group(&client, &members, &groups, deadline).await?;
+        // One group is one point in time by itself: no fence, no pause.
+        let pinned = match groups[..] {
+            [group] => {
+                vec![export_group(&client, &members, group, export_timeout, deadline).await?]
+            }
+            _ => fence_every_group(&client, &members, &groups, deadline).await?,
+        };
         let mut lines = Vec::new();
         let mut fetched_all = Ok(());
         for &(group, node, id, applied_index) in &pinned {
@@ -1065,6 +1072,35 @@ async fn fence_every_group(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     unreachable!("the last attempt returns")
+}
+
+/// Exports `group` at its leader without a fence (a backup of one group),
+/// retrying until `deadline`: (group, node, export id, applied index).
+async fn export_group(
+    client: &cluster::Client,
+    members: &[(u64, std::net::SocketAddr)],
+    group: u64,
+    export_timeout: Duration,
+    deadline: std::time::Instant,
+) -> Result<(u64, u64, u64, u64)> {
+    loop {
+        let attempt = match group_leader(client, members, group).await {
+            Some(node) => client
+                .backup_export(shoal_net::NodeId(node), group, export_timeout)
+                .await
+                .map(|(id, backup)| (group, node, id, backup.applied.index))
+                .map_err(anyhow::Error::from),
+            None => Err(anyhow::anyhow!("group {group} has no leader")),
+        };
+        match attempt {
+            Ok(found) => return Ok(found),
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::debug!(group, error = %e, "retrying the export");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(e.context(format!("exporting group {group}"))),
+        }
+    }
 }
 
 /// Fences `group` at its leader and starts its export, retrying (a leader
