@@ -1,5 +1,6 @@
 //! The `shoal` command.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command as Process, Stdio};
@@ -970,12 +971,14 @@ fn backup_cluster(args: &ClusterArgs, out: &Path, export_timeout: Duration) -> R
             .into_iter()
             .collect();
         anyhow::ensure!(!groups.is_empty(), "no node answered with a group");
+        let leaders = group_leaders(&reports);
         // One group is one point in time by itself: no fence, no pause.
         let pinned = match groups[..] {
             [group] => {
-                vec![export_group(&client, &members, group, export_timeout, deadline).await?]
+                let target = (group, leaders.get(&group).copied());
+                vec![export_group(&client, &members, target, export_timeout, deadline).await?]
             }
-            _ => fence_every_group(&client, &members, &groups, deadline).await?,
+            _ => fence_every_group(&client, &members, &groups, &leaders, deadline).await?,
         };
         let mut lines = Vec::new();
         let mut fetched_all = Ok(());
@@ -1017,6 +1020,7 @@ async fn fence_every_group(
     client: &cluster::Client,
     members: &[(u64, std::net::SocketAddr)],
     groups: &[u64],
+    leaders: &BTreeMap<u64, u64>,
     deadline: std::time::Instant,
 ) -> Result<Vec<(u64, u64, u64, u64)>> {
     // One group may take this long to fence before the attempt gives up,
@@ -1026,10 +1030,13 @@ async fn fence_every_group(
         let mut pinned = Vec::new();
         let mut failure = None;
         for &group in groups {
+            // The leaders of the first sweep are tried first, in the
+            // first attempt only (a later one follows a leader change).
+            let first = leaders.get(&group).copied().filter(|_| attempt == 1);
             match fence_group(
                 client,
                 members,
-                group,
+                (group, first),
                 group_wait.min(deadline.saturating_duration_since(std::time::Instant::now())),
             )
             .await
@@ -1075,82 +1082,102 @@ async fn fence_every_group(
 }
 
 /// Exports `group` at its leader without a fence (a backup of one group),
-/// retrying until `deadline`: (group, node, export id, applied index).
+/// retrying until `deadline`, `first` tried first: (group, node, export id,
+/// applied index).
 async fn export_group(
     client: &cluster::Client,
     members: &[(u64, std::net::SocketAddr)],
-    group: u64,
+    (group, first): (u64, Option<u64>),
     export_timeout: Duration,
     deadline: std::time::Instant,
 ) -> Result<(u64, u64, u64, u64)> {
-    loop {
-        let attempt = match group_leader(client, members, group).await {
-            Some(node) => client
-                .backup_export(shoal_net::NodeId(node), group, export_timeout)
-                .await
-                .map(|(id, backup)| (group, node, id, backup.applied.index))
-                .map_err(anyhow::Error::from),
-            None => Err(anyhow::anyhow!("group {group} has no leader")),
-        };
-        match attempt {
-            Ok(found) => return Ok(found),
-            Err(e) if std::time::Instant::now() < deadline => {
-                tracing::debug!(group, error = %e, "retrying the export");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => return Err(e.context(format!("exporting group {group}"))),
-        }
-    }
+    let step = |node| client.backup_export(shoal_net::NodeId(node), group, export_timeout);
+    let pause = Duration::from_millis(50);
+    at_group_leader(
+        client,
+        members,
+        (group, first),
+        (deadline, pause),
+        "the export",
+        step,
+    )
+    .await
+    .map(|(node, (id, backup))| (group, node, id, backup.applied.index))
+    .map_err(|e| e.context(format!("exporting group {group}")))
 }
 
-/// Fences `group` at its leader and starts its export, retrying (a leader
-/// change, a leader still catching up) for up to `wait`: (node, export id,
-/// applied index).
+/// Fences `group` at its leader and starts its export, retrying for up to
+/// `wait`, `first` tried first: (node, export id, applied index).
 async fn fence_group(
     client: &cluster::Client,
     members: &[(u64, std::net::SocketAddr)],
-    group: u64,
+    (group, first): (u64, Option<u64>),
     wait: Duration,
 ) -> Result<(u64, u64, u64)> {
-    let until = std::time::Instant::now() + wait;
+    let step =
+        |node| client.backup_fenced_export(shoal_net::NodeId(node), group, BACKUP_FENCE_HOLD_MS);
+    let until = (std::time::Instant::now() + wait, Duration::from_millis(20));
+    at_group_leader(client, members, (group, first), until, "the fence", step)
+        .await
+        .map(|(node, (id, applied))| (node, id, applied))
+}
+
+/// Runs `step` at `group`'s leader, retrying every `pause` (a leader
+/// change, a leader still catching up) until `until`: the leader and its
+/// answer. `first` is the leader to try before asking every node (from a
+/// status sweep made already).
+async fn at_group_leader<T, Fut>(
+    client: &cluster::Client,
+    members: &[(u64, std::net::SocketAddr)],
+    (group, mut first): (u64, Option<u64>),
+    (until, pause): (std::time::Instant, Duration),
+    what: &str,
+    step: impl Fn(u64) -> Fut,
+) -> Result<(u64, T)>
+where
+    Fut: std::future::Future<Output = Result<T, shoal::shard::AdminError>>,
+{
     loop {
-        let attempt = match group_leader(client, members, group).await {
-            Some(node) => client
-                .backup_fenced_export(shoal_net::NodeId(node), group, BACKUP_FENCE_HOLD_MS)
+        let leader = match first.take() {
+            Some(node) => Some(node),
+            None => group_leaders(&node_reports(client, members).await)
+                .get(&group)
+                .copied(),
+        };
+        let attempt = match leader {
+            Some(node) => step(node)
                 .await
-                .map(|(id, applied)| (node, id, applied))
+                .map(|answer| (node, answer))
                 .map_err(anyhow::Error::from),
             None => Err(anyhow::anyhow!("group {group} has no leader")),
         };
         match attempt {
             Ok(found) => return Ok(found),
             Err(e) if std::time::Instant::now() < until => {
-                tracing::debug!(group, error = %e, "retrying the fence");
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tracing::debug!(group, error = %e, "retrying {what}");
+                tokio::time::sleep(pause).await;
             }
             Err(e) => return Err(e),
         }
     }
 }
 
-/// The node that leads `group` in the highest term any member reports.
-async fn group_leader(
-    client: &cluster::Client,
-    members: &[(u64, std::net::SocketAddr)],
-    group: u64,
-) -> Option<u64> {
-    node_reports(client, members)
-        .await
-        .iter()
-        .flat_map(|r| {
-            r.groups
-                .iter()
-                .filter(|g| g.group == group)
-                .map(move |g| (r.id, g))
-        })
-        .filter(|(_, g)| g.role == shoal::consensus::Role::Leader)
-        .max_by_key(|(_, g)| g.term)
-        .map(|(id, _)| id)
+/// Each group's leader in `reports`: the node that leads it in the highest
+/// term any reports.
+fn group_leaders(reports: &[shoal::shard::protocol::NodeReport]) -> BTreeMap<u64, u64> {
+    let mut leaders: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+    for r in reports {
+        for g in &r.groups {
+            let newer = leaders.get(&g.group).is_none_or(|&(_, term)| g.term > term);
+            if g.role == shoal::consensus::Role::Leader && newer {
+                leaders.insert(g.group, (r.id, g.term));
+            }
+        }
+    }
+    leaders
+        .into_iter()
+        .map(|(group, (node, _))| (group, node))
+        .collect()
 }
 
 /// Waits (up to `timeout`) for export `id` of `group` on `node` to be
@@ -1360,12 +1387,7 @@ fn member_admin(args: &ClusterArgs, group: u64, command: MemberCmd) -> Result<()
         let mut dropped = serde_json::Value::Null;
         let sharded = args.controller.as_ref();
         if let Some(controller) = sharded.filter(|_| group != shoal_shard::node::CONTROLLER_GROUP) {
-            let admin = shoal::sharding::Admin::connect(
-                &members,
-                controller,
-                &args.tls,
-                std::time::Duration::from_millis(args.timeout_ms),
-            )?;
+            let admin = connect_admin(args, &members, controller)?;
             let all: Vec<u64> = voters.iter().chain(&learners).copied().collect();
             let written = admin.set_members(group, &all).await;
             admin.close().await;
@@ -1419,6 +1441,21 @@ fn member_admin(args: &ClusterArgs, group: u64, command: MemberCmd) -> Result<()
     result
 }
 
+/// The shard admin of the cluster `members` whose controller group is on
+/// `controller`, with `args`' certificates and operation deadline.
+fn connect_admin(
+    args: &ClusterArgs,
+    members: &[(u64, std::net::SocketAddr)],
+    controller: &[u64],
+) -> Result<shoal::sharding::Admin> {
+    shoal::sharding::Admin::connect(
+        members,
+        controller,
+        &args.tls,
+        Duration::from_millis(args.timeout_ms),
+    )
+}
+
 /// `shoal shard ...`: one admin operation; prints the resulting
 /// configuration as one JSON line (`status`: then one line per shard).
 fn shard_admin(args: &ClusterArgs, command: ShardCmd) -> Result<()> {
@@ -1430,12 +1467,7 @@ fn shard_admin(args: &ClusterArgs, command: ShardCmd) -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let admin = shoal::sharding::Admin::connect(
-            &members,
-            controller,
-            &args.tls,
-            std::time::Duration::from_millis(args.timeout_ms),
-        )?;
+        let admin = connect_admin(args, &members, controller)?;
         let result = async {
             let config = match command {
                 ShardCmd::Init { shards, group } => {

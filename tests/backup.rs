@@ -33,6 +33,29 @@ fn writer_key(writer: u64, i: u64) -> String {
     format!("w{writer}/{i:08}")
 }
 
+/// Runs `shoal restore BACKUP --data DATA ARGS`; its output, whatever it is.
+fn run_restore(backup: &Path, data: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(shoal_exe())
+        .arg("restore")
+        .arg(backup)
+        .arg("--data")
+        .arg(data)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// [`run_restore`], which must succeed.
+fn restore_ok(backup: &Path, data: &Path, args: &[&str]) -> std::process::Output {
+    let out = run_restore(backup, data, args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Every pair of a `Db`, in key order.
 fn contents(db: &Db) -> Vec<(Bytes, Versioned)> {
     db.scan("", "").map(|pair| pair.unwrap()).collect()
@@ -88,18 +111,7 @@ fn backup_under_concurrent_writers_is_a_consistent_prefix() {
     assert_eq!(manifest.groups.len(), 1);
 
     let restored = tmp.path().join("restored");
-    let out = Command::new(shoal_exe())
-        .arg("restore")
-        .arg(&backup)
-        .arg("--data")
-        .arg(&restored)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = restore_ok(&backup, &restored, &[]);
     let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(line["ok"], true, "{line}");
     let restored = Db::open(&restored).unwrap();
@@ -178,19 +190,10 @@ fn restore_equals_the_source_with_versions_and_sessions() {
     let mut cluster = LocalCluster::create(&shoal_exe(), &cluster_dir, 1, &[]).unwrap();
     cluster.inherit_stderr();
     let data = cluster.data_dir(1);
-    let out = Command::new(shoal_exe())
-        .arg("restore")
-        .arg(&backup)
-        .arg("--data")
-        .arg(&data)
-        .args(["--node-id", "1", "--peers"])
-        .arg(cluster.cluster_arg())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    restore_ok(
+        &backup,
+        &data,
+        &["--node-id", "1", "--peers", &cluster.cluster_arg()],
     );
     cluster.start_all().unwrap();
     cluster.wait_for_leader(WAIT).unwrap();
@@ -231,13 +234,7 @@ fn shoal_restore_refuses_a_damaged_backup_naming_the_file() {
     bytes[0] ^= 1;
     std::fs::write(&bad, bytes).unwrap();
     let restored = tmp.path().join("restored");
-    let out = Command::new(shoal_exe())
-        .arg("restore")
-        .arg(&backup)
-        .arg("--data")
-        .arg(&restored)
-        .output()
-        .unwrap();
+    let out = run_restore(&backup, &restored, &[]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&bad.display().to_string()), "{stderr}");
@@ -250,22 +247,119 @@ fn shoal_restore_refuses_a_damaged_backup_naming_the_file() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
-/// Runs `shoal backup` against `cluster`; returns its JSON line.
-fn shoal_backup(cluster: &LocalCluster, out: &Path) -> serde_json::Value {
-    let output = Command::new(shoal_exe())
+/// Runs `shoal backup` against the cluster `cluster_arg` (certificates in
+/// `tls`) into `out`; its output, whatever it is.
+fn run_backup(cluster_arg: &str, tls: &Path, out: &Path) -> std::process::Output {
+    Command::new(shoal_exe())
         .arg("backup")
-        .args(["--cluster", &cluster.cluster_arg(), "--tls"])
-        .arg(cluster.tls_dir())
+        .args(["--cluster", cluster_arg, "--tls"])
+        .arg(tls)
         .arg("--out")
         .arg(out)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// The JSON line of a `shoal backup` that must have succeeded.
+fn backup_line(output: &std::process::Output) -> serde_json::Value {
     assert!(
         output.status.success(),
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
     serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// Runs `shoal backup` against `cluster`; returns its JSON line.
+fn shoal_backup(cluster: &LocalCluster, out: &Path) -> serde_json::Value {
+    backup_line(&run_backup(&cluster.cluster_arg(), cluster.tls_dir(), out))
+}
+
+/// The groups a backup's JSON line lists.
+fn backed_up_groups(line: &serde_json::Value) -> Vec<u64> {
+    line["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["group"].as_u64().unwrap())
+        .collect()
+}
+
+/// A thread that writes `writer_key(0, i)` = `i` for i = 0, 1, ... through
+/// `client`, each after the previous one was acknowledged, counting the
+/// acknowledged ones in `acked`, until `stop`.
+fn spawn_in_order_writer(
+    client: shoal::BlockingClient,
+    stop: &Arc<AtomicBool>,
+    acked: &Arc<AtomicU64>,
+) -> std::thread::JoinHandle<()> {
+    let (stop, acked) = (stop.clone(), acked.clone());
+    std::thread::spawn(move || {
+        let mut i = 0;
+        while !stop.load(Ordering::Relaxed) {
+            client.put(writer_key(0, i), i.to_string()).unwrap();
+            i += 1;
+            acked.store(i, Ordering::Release);
+        }
+    })
+}
+
+/// The indexes of the in-order writer's keys `client` reads (at most
+/// `limit`), in key order, each checked to hold its index as its value.
+fn writer_indexes(client: &shoal::BlockingClient, limit: u64) -> Vec<u64> {
+    client
+        .scan(writer_key(0, 0), "w0/~", limit)
+        .unwrap()
+        .into_iter()
+        .map(|(key, value)| {
+            let i: u64 = std::str::from_utf8(&key[3..]).unwrap().parse().unwrap();
+            assert_eq!(value.value, Bytes::from(i.to_string()));
+            i
+        })
+        .collect()
+}
+
+/// The controller group's nodes in the sharded tests.
+const CONTROLLER: &str = "1,2,3";
+
+/// A client of a sharded cluster whose controller group is on nodes 1-3.
+fn sharded_client(members: &[(u64, std::net::SocketAddr)], tls: &Path) -> shoal::BlockingClient {
+    let options = shoal::cluster::ClientOptions {
+        op_deadline: WAIT,
+        controller: Some(vec![1, 2, 3]),
+        ..Default::default()
+    };
+    shoal::BlockingClient::connect_with(members, tls, options).unwrap()
+}
+
+/// A 3-node sharded cluster under `dir` (its controller group on every
+/// node), configured with `shards` shards on group 7 (nodes 1-3).
+fn start_sharded(dir: &Path, shards: u32) -> common::Cluster {
+    let source = common::Cluster::start_args(dir, 3, &["--controller", CONTROLLER]);
+    let shards = shards.to_string();
+    source.shard(
+        CONTROLLER,
+        60_000,
+        &["init", "--shards", &shards, "--group", "7=1,2,3"],
+    );
+    source
+}
+
+/// A new 3-node sharded cluster under `dir`, each node restored from
+/// `backup` by `shoal restore --node-id N` (same ids, no `--peers`), started.
+fn restore_sharded(backup: &Path, dir: &Path) -> LocalCluster {
+    let mut restored =
+        LocalCluster::create(&shoal_exe(), dir, 3, &["--controller", CONTROLLER]).unwrap();
+    restored.inherit_stderr();
+    for id in restored.ids() {
+        restore_ok(
+            backup,
+            &restored.data_dir(id),
+            &["--node-id", &id.to_string()],
+        );
+    }
+    restored.start_all().unwrap();
+    restored
 }
 
 #[test]
@@ -305,20 +399,11 @@ fn shoal_backup_of_a_cluster_under_writes_restores_into_a_new_cluster() {
     // A writer keeps writing keys in order during the backup.
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(AtomicU64::new(0));
-    let writer = {
-        let (stop, acked) = (stop.clone(), acked.clone());
-        let members = members.clone();
-        let tls = source.tls_dir().to_path_buf();
-        std::thread::spawn(move || {
-            let client = shoal::BlockingClient::connect(&members, &tls).unwrap();
-            let mut i = 0;
-            while !stop.load(Ordering::Relaxed) {
-                client.put(writer_key(0, i), i.to_string()).unwrap();
-                i += 1;
-                acked.store(i, Ordering::Release);
-            }
-        })
-    };
+    let writer = spawn_in_order_writer(
+        shoal::BlockingClient::connect(&members, source.tls_dir()).unwrap(),
+        &stop,
+        &acked,
+    );
     common::wait_for("the writer to get going", WAIT, || {
         acked.load(Ordering::Acquire) >= WRITES_BEFORE_BACKUP
     });
@@ -337,23 +422,15 @@ fn shoal_backup_of_a_cluster_under_writes_restores_into_a_new_cluster() {
         LocalCluster::create(&shoal_exe(), &tmp.path().join("restored"), 3, &[]).unwrap();
     restored.inherit_stderr();
     for id in restored.ids() {
-        let out = Command::new(shoal_exe())
-            .arg("restore")
-            .arg(&backup)
-            .arg("--data")
-            .arg(restored.data_dir(id))
-            .args([
+        restore_ok(
+            &backup,
+            &restored.data_dir(id),
+            &[
                 "--node-id",
                 &id.to_string(),
                 "--peers",
                 &restored.cluster_arg(),
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
+            ],
         );
     }
     restored.start_all().unwrap();
@@ -370,16 +447,7 @@ fn shoal_backup_of_a_cluster_under_writes_restores_into_a_new_cluster() {
             Bytes::from(format!("v{i}"))
         );
     }
-    let written: Vec<u64> = client
-        .scan(writer_key(0, 0), "w0/~", 100_000)
-        .unwrap()
-        .into_iter()
-        .map(|(key, value)| {
-            let i: u64 = std::str::from_utf8(&key[3..]).unwrap().parse().unwrap();
-            assert_eq!(value.value, Bytes::from(i.to_string()));
-            i
-        })
-        .collect();
+    let written = writer_indexes(&client, 100_000);
     let n = written.len() as u64;
     assert_eq!(written, (0..n).collect::<Vec<_>>(), "not a prefix");
     assert!(
@@ -397,77 +465,20 @@ fn shoal_backup_of_a_cluster_under_writes_restores_into_a_new_cluster() {
 /// the same ids its groups, hosting records included.
 #[test]
 fn a_sharded_cluster_restores_onto_nodes_of_the_same_ids() {
-    const CONTROLLER: &str = "1,2,3";
     let tmp = tempfile::tempdir().unwrap();
-    let source =
-        common::Cluster::start_args(&tmp.path().join("source"), 3, &["--controller", CONTROLLER]);
-    source.shard(
-        CONTROLLER,
-        60_000,
-        &["init", "--shards", "4", "--group", "7=1,2,3"],
-    );
-    let sharded = |members: &[(u64, std::net::SocketAddr)], tls: &Path| {
-        let options = shoal::cluster::ClientOptions {
-            op_deadline: WAIT,
-            controller: Some(vec![1, 2, 3]),
-            ..Default::default()
-        };
-        shoal::BlockingClient::connect_with(members, tls, options).unwrap()
-    };
-    let client = sharded(&source.members, &source.tls);
+    let source = start_sharded(&tmp.path().join("source"), 4);
+    let client = sharded_client(&source.members, &source.tls);
     for i in 0..40 {
         client.put(format!("k{i}"), format!("v{i}")).unwrap();
     }
     let backup = tmp.path().join("backup");
-    let output = Command::new(shoal_exe())
-        .arg("backup")
-        .args(["--cluster", &source.cluster_arg(), "--tls"])
-        .arg(&source.tls)
-        .arg("--out")
-        .arg(&backup)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let line: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    let groups: Vec<u64> = line["groups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|g| g["group"].as_u64().unwrap())
-        .collect();
-    assert_eq!(groups, vec![0, 7], "{line}");
+    let line = backup_line(&run_backup(&source.cluster_arg(), &source.tls, &backup));
+    assert_eq!(backed_up_groups(&line), vec![0, 7], "{line}");
     drop(client);
     drop(source);
 
-    let mut restored = LocalCluster::create(
-        &shoal_exe(),
-        &tmp.path().join("restored"),
-        3,
-        &["--controller", CONTROLLER],
-    )
-    .unwrap();
-    restored.inherit_stderr();
-    for id in restored.ids() {
-        let out = Command::new(shoal_exe())
-            .arg("restore")
-            .arg(&backup)
-            .arg("--data")
-            .arg(restored.data_dir(id))
-            .args(["--node-id", &id.to_string()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    restored.start_all().unwrap();
-    let client = sharded(restored.members(), restored.tls_dir());
+    let mut restored = restore_sharded(&backup, &tmp.path().join("restored"));
+    let client = sharded_client(restored.members(), restored.tls_dir());
     for i in 0..40 {
         assert_eq!(
             client.get(format!("k{i}")).unwrap().value,
@@ -487,51 +498,18 @@ fn a_sharded_cluster_restores_onto_nodes_of_the_same_ids() {
 /// backup began.
 #[test]
 fn a_sharded_backup_is_one_point_in_time_across_groups() {
-    const CONTROLLER: &str = "1,2,3";
     let tmp = tempfile::tempdir().unwrap();
-    let source =
-        common::Cluster::start_args(&tmp.path().join("source"), 3, &["--controller", CONTROLLER]);
-    source.shard(
-        CONTROLLER,
-        60_000,
-        &["init", "--shards", "8", "--group", "7=1,2,3"],
-    );
+    let source = start_sharded(&tmp.path().join("source"), 8);
     source.shard(CONTROLLER, 60_000, &["join", "--group", "8=1,2,3"]);
-    let sharded = |members: &[(u64, std::net::SocketAddr)], tls: &Path| {
-        let options = shoal::cluster::ClientOptions {
-            op_deadline: WAIT,
-            controller: Some(vec![1, 2, 3]),
-            ..Default::default()
-        };
-        shoal::BlockingClient::connect_with(members, tls, options).unwrap()
-    };
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(AtomicU64::new(0));
-    let writer = {
-        let (stop, acked) = (stop.clone(), acked.clone());
-        let client = sharded(&source.members, &source.tls);
-        std::thread::spawn(move || {
-            let mut i = 0;
-            while !stop.load(Ordering::Relaxed) {
-                client.put(writer_key(0, i), i.to_string()).unwrap();
-                i += 1;
-                acked.store(i, Ordering::Release);
-            }
-        })
-    };
+    let writer = spawn_in_order_writer(sharded_client(&source.members, &source.tls), &stop, &acked);
     common::wait_for("the writer to get going", WAIT, || {
         acked.load(Ordering::Acquire) >= WRITES_BEFORE_BACKUP
     });
     let before = acked.load(Ordering::Acquire);
     let backup = tmp.path().join("backup");
-    let output = Command::new(shoal_exe())
-        .arg("backup")
-        .args(["--cluster", &source.cluster_arg(), "--tls"])
-        .arg(&source.tls)
-        .arg("--out")
-        .arg(&backup)
-        .output()
-        .unwrap();
+    let output = run_backup(&source.cluster_arg(), &source.tls, &backup);
     let after = acked.load(Ordering::Acquire);
     // The writer goes on after the backup: its fences ended.
     common::wait_for("writes after the backup", WAIT, || {
@@ -539,56 +517,13 @@ fn a_sharded_backup_is_one_point_in_time_across_groups() {
     });
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let line: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    let groups: Vec<u64> = line["groups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|g| g["group"].as_u64().unwrap())
-        .collect();
-    assert_eq!(groups, vec![0, 7, 8], "{line}");
+    let line = backup_line(&output);
+    assert_eq!(backed_up_groups(&line), vec![0, 7, 8], "{line}");
     drop(source);
 
-    let mut restored = LocalCluster::create(
-        &shoal_exe(),
-        &tmp.path().join("restored"),
-        3,
-        &["--controller", CONTROLLER],
-    )
-    .unwrap();
-    restored.inherit_stderr();
-    for id in restored.ids() {
-        let out = Command::new(shoal_exe())
-            .arg("restore")
-            .arg(&backup)
-            .arg("--data")
-            .arg(restored.data_dir(id))
-            .args(["--node-id", &id.to_string()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    restored.start_all().unwrap();
-    let client = sharded(restored.members(), restored.tls_dir());
-    let written: Vec<u64> = client
-        .scan(writer_key(0, 0), "w0/~", 1_000_000)
-        .unwrap()
-        .into_iter()
-        .map(|(key, value)| {
-            let i: u64 = std::str::from_utf8(&key[3..]).unwrap().parse().unwrap();
-            assert_eq!(value.value, Bytes::from(i.to_string()));
-            i
-        })
-        .collect();
+    let mut restored = restore_sharded(&backup, &tmp.path().join("restored"));
+    let client = sharded_client(restored.members(), restored.tls_dir());
+    let written = writer_indexes(&client, 1_000_000);
     let n = written.len() as u64;
     assert_eq!(
         written,

@@ -86,17 +86,27 @@ impl Sharded {
         s
     }
 
+    /// Starts node `i + 1`: nodes 1-6 host their group, node 7 (see
+    /// [`Sharded::start_spare`]) none.
     fn start(&mut self, i: usize) {
         let id = i as u64 + 1;
-        let group = if id <= 3 { 1 } else { 2 };
         self.incarnation += 1;
         let (transport, inbox) = self.net.add_node(NodeId(id));
-        let mut config = NodeConfig::new(id, members(group), self.dir.join(format!("node-{id}")));
-        config.groups = vec![GroupSpec {
-            group,
-            static_shards: Vec::new(),
-            voters: Vec::new(),
-        }];
+        let dir = self.dir.join(format!("node-{id}"));
+        let mut config = if id <= 6 {
+            let group = if id <= 3 { 1 } else { 2 };
+            let mut config = NodeConfig::new(id, members(group), dir);
+            config.groups = vec![GroupSpec {
+                group,
+                static_shards: Vec::new(),
+                voters: Vec::new(),
+            }];
+            config
+        } else {
+            let mut config = NodeConfig::new(id, vec![id], dir);
+            config.groups = Vec::new();
+            config
+        };
         config.blocking_io = false;
         config.seed = self.seed ^ self.incarnation.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         config.max_raft_state_bytes = Some(4096);
@@ -110,15 +120,7 @@ impl Sharded {
         self.engines
             .push(MemStore::new_in_memory(EngineConfig::default()).expect("engine"));
         self.nodes.push(None);
-        let (transport, inbox) = self.net.add_node(NodeId(7));
-        let mut config = NodeConfig::new(7, vec![7], self.dir.join("node-7"));
-        config.groups = Vec::new();
-        config.blocking_io = false;
-        config.seed = self.seed ^ 7;
-        config.max_raft_state_bytes = Some(4096);
-        let handle =
-            Node::start(config, self.engines[6].clone(), transport, inbox).expect("node starts");
-        self.nodes[6] = Some(handle);
+        self.start(6);
     }
 
     async fn crash(&mut self, i: usize) {
