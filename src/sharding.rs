@@ -194,9 +194,14 @@ impl Admin {
             loop {
                 match self.nodes.drop_group(NodeId(node), group).await {
                     Ok(()) => break,
-                    Err(AdminError::GroupRefused(
-                        GroupRefusal::HoldsShards { .. } | GroupRefusal::CatchingUp { .. },
-                    )) if tokio::time::Instant::now() < deadline => {
+                    // A node that died with the request (or its reply)
+                    // is asked again once back: a repeated drop is done.
+                    Err(
+                        AdminError::GroupRefused(
+                            GroupRefusal::HoldsShards { .. } | GroupRefusal::CatchingUp { .. },
+                        )
+                        | AdminError::Rpc(_),
+                    ) if tokio::time::Instant::now() < deadline => {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                     Err(e) => {
