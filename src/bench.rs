@@ -889,7 +889,7 @@ pub fn shard_cluster(cluster: &LocalCluster, groups: u64) -> Result<()> {
 
 /// The nodes of a sharded benchmark cluster's controller group (and of
 /// every replica group).
-const BENCH_CONTROLLER: [u64; 3] = [1, 2, 3];
+pub const BENCH_CONTROLLER: [u64; 3] = [1, 2, 3];
 
 /// Runs every phase against every system and prints a table (and the
 /// ratios Shoal / etcd when both ran). Returns all results.

@@ -35,6 +35,8 @@
 //!   runs one in-process without the feature).
 //! - `mrbench`: `shoal bench-mapreduce` (word count: the job against
 //!   a sequential run and coreutils).
+//! - `movebench`: `shoal bench-move` (a live shard move on local
+//!   nodes: move rate, writes held up, cost to the other shards).
 //! - `bench`: the load generator behind `shoal bench` (Shoal and etcd).
 //! - `embench`: `shoal bench --embedded` ([`Db`] beside RocksDB used
 //!   directly and redb; `benches/embedded.rs` too).
@@ -62,6 +64,8 @@ pub mod jsonl;
 pub mod local_cluster;
 #[cfg(feature = "cli")]
 pub mod mapreduce;
+#[cfg(feature = "cli")]
+pub mod movebench;
 #[cfg(feature = "cli")]
 pub mod mrbench;
 #[cfg(feature = "cli")]

@@ -271,6 +271,37 @@ enum Cmd {
         #[arg(long, default_value_t = 8)]
         reduce: u32,
     },
+    /// A live shard move on local nodes, measured: one shard filled to
+    /// --shard-mib MiB moves between two replica groups (1 -> 2, 2 -> 1,
+    /// ...) while writers write to it and to the other shards. Per round:
+    /// move rate, latency of the moving shard's writes and the longest gap
+    /// of one writer, other shards' throughput during the move against
+    /// just before it; then medians, and every key read back.
+    BenchMove {
+        /// Working directory (wiped first).
+        #[arg(long, default_value = "./bench-move")]
+        dir: PathBuf,
+        /// Nodes: 6 (group 1 and the controller on nodes 1-3, group 2 on
+        /// 4-6) or 3 (both groups on nodes 1-3).
+        #[arg(long, default_value_t = 6)]
+        nodes: u64,
+        /// Size of the moving shard's values, MiB.
+        #[arg(long, default_value_t = 1024)]
+        shard_mib: u64,
+        /// Size of each value the shard is filled with, KiB.
+        #[arg(long, default_value_t = 64)]
+        value_kib: u64,
+        /// Moves measured.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Closed-loop writers to the moving shard, and as many to the
+        /// other shards.
+        #[arg(long, default_value_t = 8)]
+        writers: usize,
+        /// An extra argument for every `shoal node` started (repeatable).
+        #[arg(long, allow_hyphen_values = true)]
+        node_arg: Vec<String>,
+    },
     /// Ask every node for its status: one JSON line per node,
     /// {"id","role","term","leader","commit","applied","pid"} (the status
     /// file's schema) or {"id","error"}; exits 4 if no node answered.
@@ -730,6 +761,27 @@ fn main() -> Result<()> {
                 rounds,
                 workers,
                 reduce,
+            })?;
+            Ok(())
+        }
+        Cmd::BenchMove {
+            dir,
+            nodes,
+            shard_mib,
+            value_kib,
+            rounds,
+            writers,
+            node_arg,
+        } => {
+            shoal::movebench::run(&shoal::movebench::MoveBenchOptions {
+                exe: std::env::current_exe()?,
+                dir,
+                nodes,
+                shard_mib,
+                value_kib,
+                rounds,
+                writers,
+                node_args: node_arg,
             })?;
             Ok(())
         }

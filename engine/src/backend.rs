@@ -132,6 +132,38 @@ pub trait View {
         prefix: Option<&[u8]>,
         path: &Path,
     ) -> Result<Option<ExportedFile>>;
+    /// Writes `keys` (sorted and distinct) as they are in this view to a
+    /// new file at `path` in the backend's ingestible format: each key's
+    /// value, or a deletion for a key that has none, so that ingesting the
+    /// file over an older copy of those keys brings them to this view's
+    /// state. `None` (and no file) when `keys` is empty. `prefix` renames
+    /// as in [`View::export_range`] (every key must share its length of
+    /// leading bytes).
+    fn export_keys(
+        &self,
+        cf: Cf,
+        keys: &[Vec<u8>],
+        prefix: Option<&[u8]>,
+        path: &Path,
+    ) -> Result<Option<ExportedFile>>;
+}
+
+/// `key` with its first `prefix.len()` bytes replaced by `prefix` (a key
+/// moving to another group's key range), into `out`.
+pub(crate) fn renamed_into<'a>(
+    key: &'a [u8],
+    prefix: Option<&[u8]>,
+    out: &'a mut Vec<u8>,
+) -> &'a [u8] {
+    match prefix {
+        Some(p) => {
+            out.clear();
+            out.extend_from_slice(p);
+            out.extend_from_slice(key.get(p.len()..).unwrap_or_default());
+            &out[..]
+        }
+        None => key,
+    }
 }
 
 /// A storage backend: a [`View`] of the latest state, atomic writes, point-

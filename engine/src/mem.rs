@@ -16,7 +16,7 @@ use std::ops::Bound;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use crate::backend::{Backend, Cf, ExportedFile, View, Visitor, WriteOp, WriteSet};
+use crate::backend::{renamed_into, Backend, Cf, ExportedFile, View, Visitor, WriteOp, WriteSet};
 use crate::error::{EngineError, Result};
 
 type Map = BTreeMap<Vec<u8>, Vec<u8>>;
@@ -129,30 +129,52 @@ impl View for MemView<'_> {
         prefix: Option<&[u8]>,
         path: &Path,
     ) -> Result<Option<ExportedFile>> {
-        let rename = |k: &Vec<u8>| match prefix {
-            Some(p) => {
-                let mut out = p.to_vec();
-                out.extend_from_slice(k.get(p.len()..).unwrap_or_default());
-                out
-            }
-            None => k.clone(),
-        };
-        let pairs: Vec<(Vec<u8>, Vec<u8>)> = match self.0.get(&cf) {
+        let mut renamed = Vec::new();
+        let pairs: Vec<(Vec<u8>, Option<Vec<u8>>)> = match self.0.get(&cf) {
             Some(m) => range(m, start, end)
-                .map(|(k, v)| (rename(k), v.clone()))
+                .map(|(k, v)| {
+                    (
+                        renamed_into(k, prefix, &mut renamed).to_vec(),
+                        Some(v.clone()),
+                    )
+                })
                 .collect(),
             None => Vec::new(),
         };
-        if pairs.is_empty() {
-            return Ok(None);
-        }
-        let bytes = postcard::to_stdvec(&pairs).map_err(|e| EngineError::Corrupt(e.to_string()))?;
-        std::fs::write(path, &bytes).map_err(|e| EngineError::io(path, e))?;
-        Ok(Some(ExportedFile {
-            entries: pairs.len() as u64,
-            size_bytes: bytes.len() as u64,
-        }))
+        write_file(&pairs, path)
     }
+
+    fn export_keys(
+        &self,
+        cf: Cf,
+        keys: &[Vec<u8>],
+        prefix: Option<&[u8]>,
+        path: &Path,
+    ) -> Result<Option<ExportedFile>> {
+        let mut renamed = Vec::new();
+        let pairs: Vec<(Vec<u8>, Option<Vec<u8>>)> = keys
+            .iter()
+            .map(|k| {
+                let value = self.0.get(&cf).and_then(|m| m.get(k).cloned());
+                (renamed_into(k, prefix, &mut renamed).to_vec(), value)
+            })
+            .collect();
+        write_file(&pairs, path)
+    }
+}
+
+/// Writes an exported file: its pairs, a `None` value being a deletion
+/// (what an SST's delete entry is to RocksDB). `None` (no file) if empty.
+fn write_file(pairs: &[(Vec<u8>, Option<Vec<u8>>)], path: &Path) -> Result<Option<ExportedFile>> {
+    if pairs.is_empty() {
+        return Ok(None);
+    }
+    let bytes = postcard::to_stdvec(pairs).map_err(|e| EngineError::Corrupt(e.to_string()))?;
+    std::fs::write(path, &bytes).map_err(|e| EngineError::io(path, e))?;
+    Ok(Some(ExportedFile {
+        entries: pairs.len() as u64,
+        size_bytes: bytes.len() as u64,
+    }))
 }
 
 impl View for MemBackend {
@@ -174,6 +196,16 @@ impl View for MemBackend {
         path: &Path,
     ) -> Result<Option<ExportedFile>> {
         MemView(&self.lock().maps).export_range(cf, start, end, prefix, path)
+    }
+
+    fn export_keys(
+        &self,
+        cf: Cf,
+        keys: &[Vec<u8>],
+        prefix: Option<&[u8]>,
+        path: &Path,
+    ) -> Result<Option<ExportedFile>> {
+        MemView(&self.lock().maps).export_keys(cf, keys, prefix, path)
     }
 }
 
@@ -213,11 +245,11 @@ impl Backend for MemBackend {
 
     fn ingest(&self, cf: Cf, path: &Path) -> Result<()> {
         let bytes = std::fs::read(path).map_err(|e| EngineError::io(path, e))?;
-        let pairs: Vec<(Vec<u8>, Vec<u8>)> = postcard::from_bytes(&bytes)
+        let pairs: Vec<(Vec<u8>, Option<Vec<u8>>)> = postcard::from_bytes(&bytes)
             .map_err(|e| EngineError::Corrupt(format!("snapshot file {}: {e}", path.display())))?;
         let mut st = self.lock();
         for (k, v) in pairs {
-            st.set(cf, k, Some(v));
+            st.set(cf, k, v);
         }
         // Ingestion is durable on return, as RocksDB's is.
         st.undo.clear();

@@ -39,7 +39,7 @@ use rocksdb::{
     WriteBatch, WriteOptions, DB,
 };
 
-use crate::backend::{Backend, Cf, ExportedFile, View, Visitor, WriteOp, WriteSet};
+use crate::backend::{renamed_into, Backend, Cf, ExportedFile, View, Visitor, WriteOp, WriteSet};
 use crate::config::EngineConfig;
 use crate::error::{EngineError, Result};
 
@@ -211,16 +211,7 @@ impl View for RocksView<'_> {
                 writer.open(path)?;
                 opened = true;
             }
-            let key = it.key().unwrap_or_default();
-            let key = match prefix {
-                Some(p) => {
-                    renamed.clear();
-                    renamed.extend_from_slice(p);
-                    renamed.extend_from_slice(key.get(p.len()..).unwrap_or_default());
-                    &renamed[..]
-                }
-                None => key,
-            };
+            let key = renamed_into(it.key().unwrap_or_default(), prefix, &mut renamed);
             writer.put(key, it.value().unwrap_or_default())?;
             entries += 1;
             it.next();
@@ -235,6 +226,39 @@ impl View for RocksView<'_> {
             .len();
         Ok(Some(ExportedFile {
             entries,
+            size_bytes,
+        }))
+    }
+
+    fn export_keys(
+        &self,
+        cf: Cf,
+        keys: &[Vec<u8>],
+        prefix: Option<&[u8]>,
+        path: &Path,
+    ) -> Result<Option<ExportedFile>> {
+        if keys.is_empty() {
+            return Ok(None);
+        }
+        let b = self.backend;
+        let mut writer = SstFileWriter::create(&b.sst_options);
+        writer.open(path)?;
+        let mut renamed = Vec::new();
+        let options = self.read_options(None);
+        for key in keys {
+            let value = b.db.get_pinned_cf_opt(b.handle(cf), key, &options)?;
+            let out = renamed_into(key, prefix, &mut renamed);
+            match value {
+                Some(v) => writer.put(out, &v[..])?,
+                None => writer.delete(out)?,
+            }
+        }
+        writer.finish()?;
+        let size_bytes = std::fs::metadata(path)
+            .map_err(|e| EngineError::io(path, e))?
+            .len();
+        Ok(Some(ExportedFile {
+            entries: keys.len() as u64,
             size_bytes,
         }))
     }
@@ -259,6 +283,16 @@ impl View for RocksBackend {
         path: &Path,
     ) -> Result<Option<ExportedFile>> {
         self.view().export_range(cf, start, end, prefix, path)
+    }
+
+    fn export_keys(
+        &self,
+        cf: Cf,
+        keys: &[Vec<u8>],
+        prefix: Option<&[u8]>,
+        path: &Path,
+    ) -> Result<Option<ExportedFile>> {
+        self.view().export_keys(cf, keys, prefix, path)
     }
 }
 

@@ -96,6 +96,13 @@ use crate::{GroupId, ShardId};
 
 /// Name of the manifest file inside a snapshot directory.
 pub const MANIFEST_FILE_NAME: &str = "MANIFEST";
+/// The data file of a shard export (and of a pre-copy).
+pub const KV_FILE_NAME: &str = "kv.sst";
+/// The file of a shard move's final export holding the keys written since
+/// its pre-copy ([`Engine::export_shard_delta`]).
+pub const KV_DELTA_FILE_NAME: &str = "kv-delta.sst";
+/// The sessions file of a shard export.
+pub const DEDUP_FILE_NAME: &str = "dedup.sst";
 /// Format version written into every manifest.
 pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
 /// Read buffer for checksumming snapshot files.
@@ -215,16 +222,16 @@ fn scope_ranges(group: GroupId, scope: SnapshotScope) -> Vec<CfRange> {
             let mut conf_end = conf.clone();
             conf_end.push(0);
             vec![
-                (Cf::Kv, "kv.sst", group_range(group)),
-                (Cf::Dedup, "dedup.sst", group_range(group)),
+                (Cf::Kv, KV_FILE_NAME, group_range(group)),
+                (Cf::Dedup, DEDUP_FILE_NAME, group_range(group)),
                 (Cf::Meta, "meta.sst", meta_shard_group_range(group)),
                 (Cf::Meta, "meta-conf.sst", (conf, conf_end)),
                 (Cf::Meta, "meta-members.sst", meta_member_addr_range()),
             ]
         }
         SnapshotScope::Shard { shard, .. } => vec![
-            (Cf::Kv, "kv.sst", shard_range(group, shard)),
-            (Cf::Dedup, "dedup.sst", shard_range(group, shard)),
+            (Cf::Kv, KV_FILE_NAME, shard_range(group, shard)),
+            (Cf::Dedup, DEDUP_FILE_NAME, shard_range(group, shard)),
         ],
     }
 }
@@ -324,6 +331,46 @@ fn verify_for_redo(dir: &Path, marker: &InstallMarker) -> Result<(), (PathBuf, E
     Ok(())
 }
 
+/// The group's applied state as `view` has it (the default before any).
+fn read_applied(view: &dyn View, group: GroupId) -> Result<AppliedState> {
+    let key = meta_applied_key(group);
+    match view.get(Cf::Meta, &key)? {
+        Some(b) => decode_record(&key, &b, &|| format!("applied index of group {group}")),
+        None => Ok(AppliedState::default()),
+    }
+}
+
+/// A manifest's entry for a file just exported (checksum still to come:
+/// [`seal_export`]).
+fn exported(name: &str, cf: Cf, file: crate::backend::ExportedFile) -> SnapshotFile {
+    SnapshotFile {
+        name: name.to_string(),
+        cf: cf.name().to_string(),
+        entries: file.entries,
+        size_bytes: file.size_bytes,
+        crc32: 0,
+    }
+}
+
+/// Finishes an export in `dir`: checksums and syncs each file of
+/// `manifest` from the `skip`th on (the ones before are named but live
+/// elsewhere), then writes and syncs the `MANIFEST` and the directory.
+fn seal_export(dir: &Path, manifest: &mut SnapshotManifest, skip: usize) -> Result<()> {
+    for f in manifest.files.iter_mut().skip(skip) {
+        let path = dir.join(&f.name);
+        let (crc, size) = file_checksum(&path)?;
+        f.crc32 = crc;
+        f.size_bytes = size;
+        sync_file(&path)?;
+    }
+    let path = dir.join(MANIFEST_FILE_NAME);
+    let mut file = File::create(&path).map_err(|e| EngineError::io(&path, e))?;
+    file.write_all(&encode_record(MANIFEST_CONTEXT, &*manifest))
+        .map_err(|e| EngineError::io(&path, e))?;
+    file.sync_all().map_err(|e| EngineError::io(&path, e))?;
+    sync_dir(dir)
+}
+
 /// fsyncs a file's data (opened read-only: Linux syncs the inode anyway).
 fn sync_file(path: &Path) -> Result<()> {
     File::open(path)
@@ -378,6 +425,114 @@ impl<B: Backend> Engine<B> {
         )
     }
 
+    /// Exports the data of `shard` of `group` (not its sessions), renamed
+    /// into `target`'s key range, into the empty or new directory `dir`, at
+    /// one point in time: the bulk of a shard move, copied while the shard
+    /// still serves (a *pre-copy*). Not installable by itself: its
+    /// manifest is the `base` of [`Self::export_shard_delta`].
+    pub fn export_shard_base(
+        &self,
+        group: GroupId,
+        shard: ShardId,
+        target: GroupId,
+        dir: &Path,
+    ) -> Result<SnapshotManifest> {
+        let scope = SnapshotScope::Shard { shard, target };
+        let (start, end) = shard_range(group, shard);
+        let prefix = shard_prefix(target, shard);
+        let mut manifest = SnapshotManifest {
+            format_version: SNAPSHOT_FORMAT_VERSION,
+            group,
+            applied: AppliedState::default(),
+            scope,
+            files: Vec::new(),
+        };
+        std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
+        self.backend().with_view(&mut |view: &dyn View| {
+            manifest.applied = read_applied(view, group)?;
+            let path = dir.join(KV_FILE_NAME);
+            if let Some(file) = view.export_range(Cf::Kv, &start, &end, Some(&prefix), &path)? {
+                manifest.files.push(exported(KV_FILE_NAME, Cf::Kv, file));
+            }
+            Ok(())
+        })?;
+        seal_export(dir, &mut manifest, 0)?;
+        Ok(manifest)
+    }
+
+    /// Exports what the pre-copy `base` ([`Self::export_shard_base`] of the
+    /// same shard for the same target) lacks for the shard to move as it
+    /// is now: `keys` (user keys, every one written since `base`'s view; a
+    /// superset does no harm) as they are now, values and deletions
+    /// ([`View::export_keys`]), and every session of the shard, into the
+    /// empty or new directory `dir`. The manifest names `base`'s data file
+    /// first, as `base_name` (not written into `dir`: the destination got
+    /// it from the pre-copy and puts it there), then `kv-delta.sst` and
+    /// `dedup.sst`: installed in that order ([`Self::install_shard`]), they
+    /// give the shard exactly what a full [`Self::export_shard`] now would.
+    #[allow(clippy::too_many_arguments)]
+    pub fn export_shard_delta(
+        &self,
+        group: GroupId,
+        shard: ShardId,
+        target: GroupId,
+        dir: &Path,
+        base: &SnapshotManifest,
+        base_name: &str,
+        keys: &[bytes::Bytes],
+    ) -> Result<SnapshotManifest> {
+        let scope = SnapshotScope::Shard { shard, target };
+        if base.scope != scope || base.group != group {
+            return Err(EngineError::Corrupt(format!(
+                "a pre-copy of {:?} from group {} is not the base of shard {shard} from group {group} for group {target}",
+                base.scope, base.group
+            )));
+        }
+        let mut stored: Vec<Vec<u8>> = keys
+            .iter()
+            .map(|k| crate::keys::kv_key(group, shard, k))
+            .collect();
+        stored.sort_unstable();
+        stored.dedup();
+        let prefix = shard_prefix(target, shard);
+        let (start, end) = shard_range(group, shard);
+        let mut manifest = SnapshotManifest {
+            format_version: SNAPSHOT_FORMAT_VERSION,
+            group,
+            applied: AppliedState::default(),
+            scope,
+            files: base
+                .files
+                .iter()
+                .filter(|f| f.name == KV_FILE_NAME)
+                .map(|f| SnapshotFile {
+                    name: base_name.to_string(),
+                    ..f.clone()
+                })
+                .collect(),
+        };
+        let from_base = manifest.files.len();
+        std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
+        self.backend().with_view(&mut |view: &dyn View| {
+            manifest.applied = read_applied(view, group)?;
+            let path = dir.join(KV_DELTA_FILE_NAME);
+            if let Some(file) = view.export_keys(Cf::Kv, &stored, Some(&prefix), &path)? {
+                manifest
+                    .files
+                    .push(exported(KV_DELTA_FILE_NAME, Cf::Kv, file));
+            }
+            let path = dir.join(DEDUP_FILE_NAME);
+            if let Some(file) = view.export_range(Cf::Dedup, &start, &end, Some(&prefix), &path)? {
+                manifest
+                    .files
+                    .push(exported(DEDUP_FILE_NAME, Cf::Dedup, file));
+            }
+            Ok(())
+        })?;
+        seal_export(dir, &mut manifest, from_base)?;
+        Ok(manifest)
+    }
+
     /// Exports `scope` of `group` into `dir`; `on_view` is called with the
     /// applied state as soon as the point-in-time view is taken (before any
     /// file is written): writes after that are not in the export.
@@ -402,11 +557,7 @@ impl<B: Backend> Engine<B> {
             SnapshotScope::Shard { shard, target } => Some(shard_prefix(target, shard)),
         };
         self.backend().with_view(&mut |view: &dyn View| {
-            let key = meta_applied_key(group);
-            if let Some(b) = view.get(Cf::Meta, &key)? {
-                manifest.applied =
-                    decode_record(&key, &b, &|| format!("applied index of group {group}"))?;
-            }
+            manifest.applied = read_applied(view, group)?;
             on_view(manifest.applied);
             if let Some(records) = records.as_deref_mut() {
                 *records = read_shard_records(view, group)?;
@@ -417,30 +568,12 @@ impl<B: Backend> Engine<B> {
                 // Only kv and dedup keys start with the shard prefix.
                 let rename = prefix.as_ref().map(|p| &p[..]).filter(|_| cf != Cf::Meta);
                 if let Some(file) = view.export_range(cf, &start, &end, rename, &path)? {
-                    manifest.files.push(SnapshotFile {
-                        name,
-                        cf: cf.name().to_string(),
-                        entries: file.entries,
-                        size_bytes: file.size_bytes,
-                        crc32: 0,
-                    });
+                    manifest.files.push(exported(&name, cf, file));
                 }
             }
             Ok(())
         })?;
-        for f in &mut manifest.files {
-            let path = dir.join(&f.name);
-            let (crc, size) = file_checksum(&path)?;
-            f.crc32 = crc;
-            f.size_bytes = size;
-            sync_file(&path)?;
-        }
-        let path = dir.join(MANIFEST_FILE_NAME);
-        let mut file = File::create(&path).map_err(|e| EngineError::io(&path, e))?;
-        file.write_all(&encode_record(MANIFEST_CONTEXT, &manifest))
-            .map_err(|e| EngineError::io(&path, e))?;
-        file.sync_all().map_err(|e| EngineError::io(&path, e))?;
-        sync_dir(dir)?;
+        seal_export(dir, &mut manifest, 0)?;
         Ok(manifest)
     }
 

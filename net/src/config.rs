@@ -10,7 +10,7 @@ use crate::NodeId;
 
 /// ALPN protocol id; the version of the wire format. A peer offering anything
 /// else fails the TLS handshake.
-pub const ALPN: &[u8] = b"shoal/7";
+pub const ALPN: &[u8] = b"shoal/8";
 
 /// Hard upper bound for `max_frame_bytes` (64 MiB).
 pub const FRAME_BYTES_CEILING: usize = 64 << 20;

@@ -22,7 +22,7 @@
 //! - [`metrics`]: the series the QUIC transport records (drops by reason,
 //!   malformed input, refused connections) through the `metrics` facade.
 //!
-//! Wire format: ALPN [`config::ALPN`] (`shoal/7`) is the version. Every stream
+//! Wire format: ALPN [`config::ALPN`] (`shoal/8`) is the version. Every stream
 //! starts with one kind byte. Peer messages travel on one long-lived
 //! unidirectional stream per connection, which opens with a hello naming the
 //! sender's node id (checked against its certificate) and then carries frames,

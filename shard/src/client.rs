@@ -46,7 +46,7 @@ use shoal_engine::{BatchWrite, ClientId, Condition, GroupId, Reply, ShardId, Ver
 use shoal_net::{NodeId, RpcCaller, RpcError};
 use tokio::time::Instant;
 
-use crate::controller::{decode_config, ShardConfig, CURRENT_CONFIG_KEY};
+use crate::controller::{decode_config, ShardConfig, CURRENT_CONFIG_KEY, NEXT_CONFIG_KEY};
 use crate::node::{
     CONTROLLER_GROUP, CONTROLLER_SHARD, KV_GROUP, KV_SHARD, SESSION_IDLE_MS_DEFAULT,
 };
@@ -484,6 +484,13 @@ enum Attempted {
 /// before it reads the configuration again.
 pub const GROUP_ROUNDS_MAX: u64 = 3;
 
+/// The longest pause a sharded client makes between two tries of a shard
+/// that answered `WrongGroup` (a move in progress): a moved shard is served
+/// by its new group as soon as that group installs it, so waiting longer
+/// only lengthens the time a write to a moving shard is held up. (The
+/// general [`ClientConfig::backoff_max`] still caps it.)
+pub const WRONG_GROUP_PAUSE_MAX: Duration = Duration::from_millis(40);
+
 /// How a request that got a reply was sent.
 #[derive(Debug, Clone, Copy)]
 struct Sends {
@@ -612,6 +619,29 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
         Ok(config
             .group_of(shard)
             .and_then(|group| self.group_target(&config, group)))
+    }
+
+    /// Where a request on `shard` goes while the configuration after the
+    /// current one is being installed, if that one moves the shard away
+    /// from `from` (the group that just answered `WrongGroup`): the new
+    /// group serves the shard as soon as it has installed it, before the
+    /// configuration is published. `None` when no change is pending, it
+    /// leaves the shard where it is, or the pending configuration cannot be
+    /// read (the caller then waits and reads the current one again).
+    async fn next_target(&self, shard: ShardId, from: GroupId) -> Option<Target> {
+        let Route::Sharded(routes) = &self.route else {
+            return None;
+        };
+        let current = self.shard_config(false).await.ok()?;
+        let stored = Box::pin(routes.controller.get(Bytes::from_static(NEXT_CONFIG_KEY)))
+            .await
+            .ok()?;
+        let next = decode_config(&stored.value).ok()?;
+        let group = next.group_of(shard)?;
+        if next.num <= current.num || group == from {
+            return None;
+        }
+        self.group_target(&next, group)
     }
 
     /// Where a request to `group` goes by `config` (`None` for a client of
@@ -1137,21 +1167,26 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
         };
         let mut refresh = false;
         let mut pause = self.config.backoff_min;
+        let mut redirect: Option<Target> = None;
         let attempted = loop {
             if Instant::now() >= deadline {
                 break Attempted::Failed(ClientError::Timeout);
             }
-            let target = match self.target(shard, refresh).await {
-                Ok(Some(target)) => target,
-                // No group serves the shard yet (a config being changed).
-                Ok(None) => {
-                    refresh = true;
-                    tokio::time::sleep(pause.min(deadline - Instant::now())).await;
-                    pause = (pause * 2).min(self.config.backoff_max);
-                    continue;
-                }
-                Err(ClientError::Timeout) => break Attempted::Failed(ClientError::Timeout),
-                Err(e) => break Attempted::Failed(e),
+            let redirected = redirect.is_some();
+            let target = match redirect.take() {
+                Some(target) => target,
+                None => match self.target(shard, refresh).await {
+                    Ok(Some(target)) => target,
+                    // No group serves the shard yet (a config being changed).
+                    Ok(None) => {
+                        refresh = true;
+                        tokio::time::sleep(pause.min(deadline - Instant::now())).await;
+                        pause = (pause * 2).min(self.config.backoff_max);
+                        continue;
+                    }
+                    Err(ClientError::Timeout) => break Attempted::Failed(ClientError::Timeout),
+                    Err(e) => break Attempted::Failed(e),
+                },
             };
             let request = KvRequest {
                 group: target.group,
@@ -1170,12 +1205,24 @@ impl<C: RpcCaller<KvProtocol>> Client<C> {
                 Attempted::Failed(ClientError::WrongGroup)
                     if matches!(self.route, Route::Sharded(_)) =>
                 {
+                    // The shard is moving (or has moved): its new group
+                    // serves it as soon as it installs it, before the new
+                    // configuration is published, so try the group the
+                    // configuration being installed names first.
+                    if !redirected {
+                        redirect = self.next_target(shard, target.group).await;
+                        if redirect.is_some() {
+                            continue;
+                        }
+                    }
                     refresh = true;
                     tokio::time::sleep(
                         pause.min(deadline.saturating_duration_since(Instant::now())),
                     )
                     .await;
-                    pause = (pause * 2).min(self.config.backoff_max);
+                    pause = (pause * 2)
+                        .min(self.config.backoff_max)
+                        .min(WRONG_GROUP_PAUSE_MAX);
                 }
                 other => break other,
             }

@@ -657,6 +657,25 @@ pub enum ShardCommand {
         /// Its members, each of which gets the files.
         to_nodes: Vec<NodeId>,
     },
+    /// Ship `shard`'s data to every node of the destination group while
+    /// the shard still serves (copy before freeze, see
+    /// `node::precopy`), so that the freeze after it ships only what
+    /// changed since. Not a log entry: the source's leader carries it out
+    /// alone and it changes no replicated state. Answered
+    /// [`ShardReply::Done`] once shipped, or when there is nothing to copy
+    /// (the shard is not served here below `num`); [`ShardReply::Stale`]
+    /// for a newer config. Optional: a move whose pre-copy failed (or was
+    /// never asked) exports the whole shard at its freeze.
+    Precopy {
+        /// The shard.
+        shard: ShardId,
+        /// The config that moves it.
+        num: u64,
+        /// The destination group.
+        to_group: GroupId,
+        /// Its members, each of which gets the files.
+        to_nodes: Vec<NodeId>,
+    },
     /// Serve `shard` from the files a freeze shipped here (`manifest` names
     /// and checksums them): every replica ingests them when it applies the
     /// entry.
@@ -682,6 +701,7 @@ impl ShardCommand {
     pub fn num(&self) -> u64 {
         match self {
             ShardCommand::Create { num, .. }
+            | ShardCommand::Precopy { num, .. }
             | ShardCommand::Freeze { num, .. }
             | ShardCommand::Install { num, .. }
             | ShardCommand::Delete { num, .. } => *num,

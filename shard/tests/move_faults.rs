@@ -247,6 +247,27 @@ impl ShardMover for RecordingMover {
         outcome
     }
 
+    async fn precopy(
+        &self,
+        from: GroupRef<'_>,
+        shard: ShardId,
+        num: u64,
+        to: GroupRef<'_>,
+    ) -> Result<(), MoveError> {
+        self.pause().await;
+        let outcome = self.inner.precopy(from, shard, num, to).await;
+        if outcome.is_ok() {
+            let command = ShardCommand::Precopy {
+                shard,
+                num,
+                to_group: to.id,
+                to_nodes: to.members.to_vec(),
+            };
+            self.remember(from.id, command);
+        }
+        outcome
+    }
+
     async fn freeze(
         &self,
         from: GroupRef<'_>,
@@ -316,6 +337,7 @@ fn older(command: &ShardCommand) -> ShardCommand {
     let mut command = command.clone();
     match &mut command {
         ShardCommand::Create { num, .. }
+        | ShardCommand::Precopy { num, .. }
         | ShardCommand::Freeze { num, .. }
         | ShardCommand::Install { num, .. }
         | ShardCommand::Delete { num, .. } => *num -= 1,
@@ -327,7 +349,8 @@ fn older(command: &ShardCommand) -> ShardCommand {
 fn step_shards(command: &ShardCommand) -> Vec<ShardId> {
     match command {
         ShardCommand::Create { shards, .. } => shards.clone(),
-        ShardCommand::Freeze { shard, .. }
+        ShardCommand::Precopy { shard, .. }
+        | ShardCommand::Freeze { shard, .. }
         | ShardCommand::Install { shard, .. }
         | ShardCommand::Delete { shard, .. } => vec![*shard],
     }
@@ -1161,6 +1184,12 @@ impl Lab {
 fn describe(command: &ShardCommand) -> String {
     match command {
         ShardCommand::Create { shards, num } => format!("create {shards:?} at {num}"),
+        ShardCommand::Precopy {
+            shard,
+            num,
+            to_group,
+            ..
+        } => format!("pre-copy {shard} at {num} for group {to_group}"),
         ShardCommand::Freeze {
             shard,
             num,

@@ -230,6 +230,25 @@ pub trait ShardMover {
         num: u64,
     ) -> impl Future<Output = Result<StepOutcome, MoveError>> + Send;
 
+    /// `from` copies `shard`'s data to `to` while it still serves it (copy
+    /// before freeze), so that the freeze after it has less to ship. Only
+    /// ever saves work: a move whose pre-copy failed or was never made is
+    /// carried out all the same. The default copies nothing.
+    ///
+    /// # Errors
+    /// [`MoveError`]; [`MoveError::Unavailable`] is retried, anything else
+    /// ends the pre-copy (not the move).
+    fn precopy(
+        &self,
+        from: GroupRef<'_>,
+        shard: ShardId,
+        num: u64,
+        to: GroupRef<'_>,
+    ) -> impl Future<Output = Result<(), MoveError>> + Send {
+        let _ = (from, shard, num, to);
+        async { Ok(()) }
+    }
+
     /// `from` stops serving `shard` (refuses further writes) and makes its
     /// data available to `to`; the returned token is what `to`'s install
     /// needs to fetch it (a file manifest, say). A repeat returns a token
@@ -1371,6 +1390,7 @@ impl<S: ConfigStore, M: ShardMover> Controller<S, M> {
             }) => {
                 let from = group_ref(base, from_group);
                 let to = group_ref(target, to_group);
+                self.precopy(from, shard, num, to).await;
                 let step = Step::Freeze {
                     group: from.id,
                     shard,
@@ -1400,6 +1420,26 @@ impl<S: ConfigStore, M: ShardMover> Controller<S, M> {
                     .retry(step, target, || self.mover.delete(from, shard, num))
                     .await?;
                 done(outcome)
+            }
+        }
+    }
+
+    /// Has `from` pre-copy `shard` to `to` ([`ShardMover::precopy`]),
+    /// retrying transient errors (a call that timed out while a large shard
+    /// ships joins the copy that runs) until the step deadline. Best
+    /// effort: whatever happens, the move goes on with its freeze.
+    async fn precopy(&self, from: GroupRef<'_>, shard: ShardId, num: u64, to: GroupRef<'_>) {
+        let mut backoff = Backoff::new(&self.config);
+        loop {
+            match self.mover.precopy(from, shard, num, to).await {
+                Ok(()) => return,
+                Err(e) if e.is_transient() && backoff.pause().await => {
+                    tracing::debug!(shard, num, error = %e, "pre-copy not done yet; asking again");
+                }
+                Err(e) => {
+                    tracing::info!(shard, num, error = %e, "no pre-copy; the freeze ships the whole shard");
+                    return;
+                }
             }
         }
     }

@@ -150,10 +150,12 @@ impl<C: RpcCaller<KvProtocol>> RpcMover<C> {
             _ => Vec::new(),
         };
         let to_addrs = match &command {
-            ShardCommand::Freeze { to_nodes, .. } => to_nodes
-                .iter()
-                .filter_map(|n| self.addrs.get(n).map(|a| (*n, a.clone())))
-                .collect(),
+            ShardCommand::Freeze { to_nodes, .. } | ShardCommand::Precopy { to_nodes, .. } => {
+                to_nodes
+                    .iter()
+                    .filter_map(|n| self.addrs.get(n).map(|a| (*n, a.clone())))
+                    .collect()
+            }
             _ => Vec::new(),
         };
         let request = Request::Shard(ShardRequest {
@@ -227,6 +229,26 @@ impl<C: RpcCaller<KvProtocol>> ShardMover for RpcMover<C> {
             num,
         };
         step_outcome(group.id, self.step(group, command).await?)
+    }
+
+    async fn precopy(
+        &self,
+        from: GroupRef<'_>,
+        shard: ShardId,
+        num: u64,
+        to: GroupRef<'_>,
+    ) -> Result<(), MoveError> {
+        let command = ShardCommand::Precopy {
+            shard,
+            num,
+            to_group: to.id,
+            to_nodes: to.members.to_vec(),
+        };
+        // `Stale` too: the freeze after it finds out and stops the move.
+        match self.step(from, command).await? {
+            ShardReply::Done | ShardReply::Stale { .. } => Ok(()),
+            other => step_outcome(from.id, other).map(|_| ()),
+        }
     }
 
     async fn freeze(

@@ -113,6 +113,9 @@ pub(super) struct Group<B: Backend> {
     /// message that consensus then ignores (an older term's) must not
     /// displace one it restores.
     pub(super) verified: BTreeMap<Index, PathBuf>,
+    /// Pre-copies of shards this node started as the group's leader (see
+    /// [`super::precopy`]), by shard.
+    pub(super) precopies: BTreeMap<ShardId, super::precopy::Precopy>,
     /// An export of this group runs off the loop.
     pub(super) exporting: bool,
     /// An installed snapshot has no local export yet (needed to send it on).
@@ -154,6 +157,7 @@ impl<B: Backend> Group<B> {
             snapshot_index,
             snapshot_bytes,
             verified: BTreeMap::new(),
+            precopies: BTreeMap::new(),
             exporting: false,
             export_pending: false,
             snapshots_installed: 0,
@@ -505,6 +509,12 @@ impl<B: Backend> Group<B> {
         }
         for (_, r) in self.queued_member.drain(..) {
             r.send(response());
+        }
+        // A pre-copy serves only the freeze its own node proposes as leader.
+        for (_, p) in std::mem::take(&mut self.precopies) {
+            for r in p.waiters {
+                r.send(response());
+            }
         }
         for (_, p) in std::mem::take(&mut self.proposals) {
             for r in p.responders {

@@ -145,6 +145,7 @@ pub mod leaders;
 pub mod moves;
 pub mod persist;
 pub mod pins;
+pub mod precopy;
 pub mod sessions;
 pub mod snapshots;
 pub mod telemetry;
@@ -552,11 +553,20 @@ enum Done {
     },
     /// Files no longer needed were removed.
     Pruned,
-    /// A frozen shard was exported and shipped to its new group (or not).
+    /// A frozen shard was exported and shipped to its new group (or not);
+    /// the freeze's callers wait in `Node::shipping`.
     Shipped {
         group: GroupId,
         shard: ShardId,
-        waiters: Vec<Waiter>,
+        num: u64,
+        result: Result<SnapshotManifest, SnapshotFileError>,
+    },
+    /// A pre-copy of a shard was exported and shipped (or not); its callers
+    /// wait in the group's record of it ([`precopy::Precopy`]).
+    Precopied {
+        group: GroupId,
+        shard: ShardId,
+        id: u64,
         result: Result<SnapshotManifest, SnapshotFileError>,
     },
     /// Shipped shard files were moved into their incoming directory.
@@ -637,6 +647,11 @@ pub struct Node<B: Backend, T: Transport<KvProtocol>> {
     backups: backups::Backups,
     /// Install files forwarded by this node as a destination leader.
     forwards: moves::Forwards,
+    /// Freezes whose export is being shipped, by (group, shard, config),
+    /// with their callers: a repeated freeze joins the ship that runs.
+    shipping: BTreeMap<(GroupId, ShardId, u64), Vec<Waiter>>,
+    /// The number of the last pre-copy started ([`precopy::Precopy::id`]).
+    next_precopy: u64,
 }
 
 /// A change to the set of groups the node hosts.
@@ -883,6 +898,8 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             verifying: HashSet::new(),
             received: BTreeMap::new(),
             forwards: moves::Forwards::default(),
+            shipping: BTreeMap::new(),
+            next_precopy: 0,
             queued_admin: Vec::new(),
             peers_heard: HashMap::new(),
             pins: Pins::new(config.id, config.seed, config.pins_max, !config.blocking_io),
@@ -1645,12 +1662,66 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 }
                 self.forwards.finish(key, &to, result.is_ok());
             }
+            Done::Precopied {
+                group: gid,
+                shard,
+                id,
+                result,
+            } => {
+                let Some(group) = self.groups.get_mut(&gid) else {
+                    return Ok(());
+                };
+                let ours = group
+                    .precopies
+                    .get(&shard)
+                    .is_some_and(|p| p.id == id && p.base.is_none());
+                if !ours {
+                    // Consumed by a freeze (which exported the whole shard)
+                    // or superseded meanwhile.
+                    return Ok(());
+                }
+                let response = match result {
+                    Ok(manifest) => {
+                        let p = group.precopies.get_mut(&shard).expect("checked above");
+                        tracing::info!(
+                            node = self.config.id,
+                            group = gid,
+                            shard,
+                            num = p.num,
+                            bytes = manifest.size_bytes(),
+                            "shard pre-copied"
+                        );
+                        p.base = Some(manifest);
+                        KvResponse::Shard(ShardReply::Done)
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = self.config.id, group = gid, shard, error = %e, "pre-copying a shard failed; its freeze will export all of it");
+                        let p = group.precopies.remove(&shard).expect("checked above");
+                        // Not retried: the move goes on without it.
+                        let reason = format!("pre-copy failed: {e}");
+                        for w in p.waiters {
+                            w.send(KvResponse::Shard(ShardReply::Refused {
+                                reason: reason.clone(),
+                            }));
+                        }
+                        return Ok(());
+                    }
+                };
+                let p = group.precopies.get_mut(&shard).expect("checked above");
+                for w in std::mem::take(&mut p.waiters) {
+                    w.send(response.clone());
+                }
+            }
             Done::Shipped {
                 group,
                 shard,
-                waiters,
+                num,
                 result,
             } => {
+                let waiters = self
+                    .shipping
+                    .remove(&(group, shard, num))
+                    .unwrap_or_default();
                 let response = match result {
                     Ok(manifest) => KvResponse::Shard(ShardReply::Frozen { manifest }),
                     Err(e) => {
@@ -1861,7 +1932,9 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 let trace =
                     RequestTrace::start(self.config.id, request.group, telemetry::SHARD_STEP_KIND);
                 let reply = Waiter::client(reply, trace);
-                if let ShardCommand::Freeze { to_nodes, .. } = &request.command {
+                if let ShardCommand::Freeze { to_nodes, .. }
+                | ShardCommand::Precopy { to_nodes, .. } = &request.command
+                {
                     // The destination's nodes as the caller reaches them:
                     // members added since this node started are in no
                     // address list here.
@@ -1872,7 +1945,11 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                         return;
                     }
                 }
-                self.on_shard_step(request, reply, None);
+                if let ShardCommand::Precopy { .. } = &request.command {
+                    self.on_precopy(request, reply);
+                } else {
+                    self.on_shard_step(request, reply, None);
+                }
                 return;
             }
         };
@@ -2506,6 +2583,13 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         let replies = self.engine.apply(gid, &run).map_err(engine_err(gid))?;
         let now = Instant::now();
         let group = self.groups.get_mut(&gid).expect("group exists");
+        if !group.precopies.is_empty() {
+            for request in run.iter().flat_map(|e| &e.requests) {
+                if let Some(p) = group.precopies.get_mut(&request.shard) {
+                    p.note(&request.command);
+                }
+            }
+        }
         for ((entry, replies), served) in run.iter().zip(replies).zip(served) {
             for (request, reply) in entry.requests.iter().zip(&replies) {
                 track_session(&mut group.sessions, request, reply, now);
@@ -2583,7 +2667,9 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 );
                 let expected = manifest.clone();
                 let num = *num;
+                let root = self.config.snapshot_dir.clone();
                 self.with_engine(move |engine| {
+                    precopy::link_precopied(&root, (gid, shard, num), &dir, &expected);
                     let shipped = shoal_engine::snapshot::read_manifest(&dir)
                         .map_err(|e| files_err(gid)(e.into()))?;
                     if shipped != expected {
@@ -2616,6 +2702,24 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             group.sessions.reload(shard, known, now);
         }
         let group = self.groups.get_mut(&gid).expect("group exists");
+        // A freeze ends the pre-copies of its shard up to its config: the
+        // one it ships on top of, and any older one.
+        let precopy = match &command {
+            ShardCommand::Freeze { shard, num, .. }
+                if group.precopies.get(shard).is_some_and(|p| p.num <= *num) =>
+            {
+                group.precopies.remove(shard)
+            }
+            _ => None,
+        };
+        let precopy = precopy.and_then(|mut p| {
+            // Callers of a pre-copy still running: the freeze overtook it
+            // (and exports the whole shard); nothing is left to wait for.
+            for w in std::mem::take(&mut p.waiters) {
+                w.send(KvResponse::Shard(ShardReply::Done));
+            }
+            p.base.is_some().then_some(p)
+        });
         let Some(waiters) = group.take_waiters(index, term) else {
             return Ok(());
         };
@@ -2634,12 +2738,22 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 status: ShardStatus::Frozen,
             };
             if group.record_of(*shard) == frozen {
+                // One ship per shard and config at a time: a repeated
+                // freeze (a controller whose call timed out while a large
+                // shard shipped) waits for the ship that runs.
+                let key = (gid, *shard, *num);
+                if let Some(waiting) = self.shipping.get_mut(&key) {
+                    waiting.extend(waiters);
+                    return Ok(());
+                }
+                self.shipping.insert(key, waiters);
+                let delta = precopy.and_then(|p| p.delta_for(*num, *to_group));
                 self.ship(
                     gid,
                     (*shard, *num, index),
                     *to_group,
                     to_nodes.clone(),
-                    waiters,
+                    delta,
                 );
                 return Ok(());
             }
@@ -2651,16 +2765,19 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
     }
 
     /// Exports a frozen shard for its new group and ships the files to
-    /// every node of it, in a task; the freeze's callers are answered when
-    /// it is done ([`Done::Shipped`]). `index` is the freeze's log index
-    /// (see [`moves::outgoing_dir`]).
+    /// every node of it, in a task; the freeze's callers (in
+    /// `self.shipping`) are answered when it is done ([`Done::Shipped`]).
+    /// `index` is the freeze's log index (see [`moves::outgoing_dir`]).
+    /// With `delta` (a pre-copy's shipped export and the keys written
+    /// since), only those keys and the sessions are exported and shipped
+    /// ([`precopy`]); otherwise the whole shard.
     fn ship(
         &mut self,
         gid: GroupId,
         (shard, num, index): (ShardId, u64, Index),
         to_group: GroupId,
         to_nodes: Vec<NodeId>,
-        waiters: Vec<Waiter>,
+        delta: Option<(SnapshotManifest, Vec<bytes::Bytes>)>,
     ) {
         let engine = self.engine.clone();
         let transport = self.transport.clone();
@@ -2672,7 +2789,29 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             let export_dir = dir.clone();
             let export = move || -> Result<SnapshotManifest, SnapshotFileError> {
                 let _ = std::fs::remove_dir_all(&export_dir);
-                Ok(engine.export_shard(gid, shard, to_group, &export_dir)?)
+                Ok(match delta {
+                    Some((base, keys)) => {
+                        let name = precopy::base_file_name(moves::export_id(&base));
+                        tracing::info!(
+                            node = me,
+                            group = gid,
+                            shard,
+                            num,
+                            keys = keys.len(),
+                            "exporting what changed since the pre-copy"
+                        );
+                        engine.export_shard_delta(
+                            gid,
+                            shard,
+                            to_group,
+                            &export_dir,
+                            &base,
+                            &name,
+                            &keys,
+                        )?
+                    }
+                    None => engine.export_shard(gid, shard, to_group, &export_dir)?,
+                })
             };
             let exported = if blocking {
                 match tokio::task::spawn_blocking(export).await {
@@ -2702,7 +2841,118 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             Done::Shipped {
                 group: gid,
                 shard,
-                waiters,
+                num,
+                result,
+            }
+        });
+    }
+
+    /// A pre-copy asked of a group this node leads (see [`precopy`]):
+    /// starts one unless the shard is not served here below the step's
+    /// config (nothing to copy: `Done`, or `Stale` for a newer config) or
+    /// one for the same move runs or is done (the caller waits for it).
+    fn on_precopy(&mut self, request: ShardRequest, reply: Waiter) {
+        let ShardCommand::Precopy {
+            shard,
+            num,
+            to_group,
+            ref to_nodes,
+        } = request.command
+        else {
+            unreachable!("only a pre-copy comes here")
+        };
+        let Some((group, reply)) = leading_group(&mut self.groups, request.group, reply) else {
+            return;
+        };
+        let record = group.record_of(shard);
+        if record.num > num {
+            reply.send(KvResponse::Shard(ShardReply::Stale { num: record.num }));
+            return;
+        }
+        if record.status != ShardStatus::Serving || record.num == num {
+            reply.send(KvResponse::Shard(ShardReply::Done));
+            return;
+        }
+        if let Some(p) = group.precopies.get_mut(&shard) {
+            if p.num == num && p.to_group == to_group {
+                if p.base.is_some() {
+                    reply.send(KvResponse::Shard(ShardReply::Done));
+                } else {
+                    p.waiters.push(reply);
+                }
+                return;
+            }
+        }
+        if group.precopies.len() >= precopy::PRECOPIES_PER_GROUP_MAX
+            && !group.precopies.contains_key(&shard)
+        {
+            // Not retried: the move goes on without it.
+            reply.send(KvResponse::Shard(ShardReply::Refused {
+                reason: format!(
+                    "{} pre-copies run in group {} already",
+                    precopy::PRECOPIES_PER_GROUP_MAX,
+                    request.group
+                ),
+            }));
+            return;
+        }
+        // The record first: it notes every write applied from now on, so
+        // it covers whatever the export's view (taken later) lacks.
+        self.next_precopy += 1;
+        let id = self.next_precopy;
+        if let Some(old) = group
+            .precopies
+            .insert(shard, precopy::Precopy::new(id, num, to_group, reply))
+        {
+            for w in old.waiters {
+                w.send(KvResponse::Shard(ShardReply::Done));
+            }
+        }
+        let gid = request.group;
+        let to_nodes = to_nodes.clone();
+        let engine = self.engine.clone();
+        let transport = self.transport.clone();
+        let root = self.config.snapshot_dir.clone();
+        let me = self.config.id;
+        let blocking = self.config.blocking_io;
+        self.tasks.spawn(async move {
+            // Index 0: no freeze is at index 0, so no freeze's export
+            // shares this directory.
+            let dir = moves::outgoing_dir(&root, gid, shard, num, 0);
+            let export_dir = dir.clone();
+            let export = move || -> Result<SnapshotManifest, SnapshotFileError> {
+                let _ = std::fs::remove_dir_all(&export_dir);
+                Ok(engine.export_shard_base(gid, shard, to_group, &export_dir)?)
+            };
+            let exported = if blocking {
+                match tokio::task::spawn_blocking(export).await {
+                    Ok(r) => r,
+                    Err(e) => Err(SnapshotFileError::Ship {
+                        node: me,
+                        file: String::new(),
+                        reason: format!("pre-copy export task failed: {e}"),
+                    }),
+                }
+            } else {
+                export()
+            };
+            let result = match exported {
+                Ok(manifest) => snapshots::ship(
+                    &transport,
+                    me,
+                    &root,
+                    &dir,
+                    (to_group, shard, num, moves::export_id(&manifest)),
+                    &to_nodes,
+                )
+                .await
+                .map(|()| manifest),
+                Err(e) => Err(e),
+            };
+            Done::Precopied {
+                group: gid,
+                shard,
+                id,
                 result,
             }
         });
@@ -2758,10 +3008,15 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                         export,
                     );
                     let manifest = manifest.clone();
-                    self.run_blocking(move || Done::InstallChecked {
-                        shipped: moves::files_in_place(&dir, &manifest),
-                        request,
-                        reply,
+                    let root = self.config.snapshot_dir.clone();
+                    let at = (request.group, shard, num);
+                    self.run_blocking(move || {
+                        precopy::link_precopied(&root, at, &dir, &manifest);
+                        Done::InstallChecked {
+                            shipped: moves::files_in_place(&dir, &manifest),
+                            request,
+                            reply,
+                        }
                     });
                     return;
                 };
@@ -3012,6 +3267,12 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         let group = self.groups.get_mut(&gid).expect("group exists");
         group.records = records;
         group.sessions = SessionTracker::default();
+        // Their records missed the writes the snapshot brings.
+        for (_, p) in std::mem::take(&mut group.precopies) {
+            for w in p.waiters {
+                w.send(KvResponse::Busy);
+            }
+        }
         for (shard, known) in sessions {
             group.sessions.reload(shard, known, now);
         }

@@ -175,6 +175,9 @@ pub fn decide(
                 )),
             }
         }
+        // Carried out by a leader alone (`super::precopy`), never proposed;
+        // an entry holding one changes nothing.
+        ShardCommand::Precopy { .. } => refused("a pre-copy is not a log entry".to_string()),
         ShardCommand::Install {
             shard, manifest, ..
         } => {

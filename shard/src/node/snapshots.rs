@@ -206,10 +206,11 @@ pub async fn transfer<T: Transport<KvProtocol>>(
 
 /// Ships the shard export in `dir` (export `export` made for `group`'s
 /// `shard` at config `num`, see [`super::moves::export_id`]) to every node
-/// of `to_nodes`: over the net's bulk streams to peers, each file's meta
-/// naming the export in its `index`, by copying into
-/// [`super::moves::incoming_dir`] for `me`. Each file resolves only once
-/// its receiver verified and stored it. The first failure is the error.
+/// of `to_nodes`, to all of them at once: over the net's bulk streams to
+/// peers, each file's meta naming the export in its `index`, and by hard
+/// link (or copy, across file systems) into [`super::moves::incoming_dir`]
+/// for `me`. Each file resolves only once its receiver verified and stored
+/// it. The first failure is the error (the other sends are stopped).
 pub async fn ship<T: Transport<KvProtocol>>(
     transport: &T,
     me: NodeId,
@@ -228,67 +229,89 @@ pub async fn ship<T: Transport<KvProtocol>>(
         names.push(name);
     }
     names.sort();
+    // Owned here: dropping the set (on the first error, or when the node
+    // stops the task that ships) stops every send still running.
+    let mut sends: tokio::task::JoinSet<Result<(), SnapshotFileError>> =
+        tokio::task::JoinSet::new();
     for &to in to_nodes {
-        let started = std::time::Instant::now();
-        let mut bytes = 0u64;
-        if to == me {
-            let files: Vec<(PathBuf, String)> =
-                names.iter().map(|n| (dir.join(n), n.clone())).collect();
-            copy_into(
-                &files,
-                &super::moves::incoming_dir(root, group, shard, num, export),
-            )?;
+        let (transport, names, dir) = (transport.clone(), names.clone(), dir.to_path_buf());
+        let incoming = super::moves::incoming_dir(root, group, shard, num, export);
+        sends.spawn(async move {
+            if to == me {
+                let files: Vec<(PathBuf, String)> =
+                    names.iter().map(|n| (dir.join(n), n.clone())).collect();
+                // Inline: links are metadata operations (a copy only
+                // across file systems), and the simulated nodes need this
+                // to stay on their deterministic runtime.
+                link_into(&files, &incoming)?;
+                tracing::info!(
+                    shard,
+                    num,
+                    to,
+                    "shard files linked into this node's incoming directory"
+                );
+                return Ok(());
+            }
+            let started = std::time::Instant::now();
+            let mut bytes = 0u64;
+            for name in &names {
+                let meta = SnapshotFileMeta {
+                    group,
+                    index: export,
+                    name: name.clone(),
+                    shard: Some((shard, num)),
+                };
+                bytes += transport
+                    .send_file(shoal_net::NodeId(to), dir.join(name), meta)
+                    .await
+                    .map_err(|e| SnapshotFileError::Ship {
+                        node: to,
+                        file: name.clone(),
+                        reason: e.to_string(),
+                    })?;
+            }
+            super::telemetry::snapshot_sent(super::telemetry::snapshot_kind(true), bytes);
+            let secs = started.elapsed().as_secs_f64();
             tracing::info!(
                 shard,
                 num,
                 to,
-                "shard files copied to this node's incoming directory"
+                bytes,
+                ms = (secs * 1000.0) as u64,
+                mb_per_s = if secs > 0.0 {
+                    bytes as f64 / secs / 1e6
+                } else {
+                    0.0
+                },
+                "shipped a shard's files"
             );
-            continue;
-        }
-        for name in &names {
-            let meta = SnapshotFileMeta {
-                group,
-                index: export,
-                name: name.clone(),
-                shard: Some((shard, num)),
-            };
-            bytes += transport
-                .send_file(shoal_net::NodeId(to), dir.join(name), meta)
-                .await
-                .map_err(|e| SnapshotFileError::Ship {
-                    node: to,
-                    file: name.clone(),
-                    reason: e.to_string(),
-                })?;
-        }
-        super::telemetry::snapshot_sent(super::telemetry::snapshot_kind(true), bytes);
-        let secs = started.elapsed().as_secs_f64();
-        tracing::info!(
-            shard,
-            num,
-            to,
-            bytes,
-            ms = (secs * 1000.0) as u64,
-            mb_per_s = if secs > 0.0 {
-                bytes as f64 / secs / 1e6
-            } else {
-                0.0
-            },
-            "shipped a shard's files"
-        );
+            Ok(())
+        });
+    }
+    while let Some(joined) = sends.join_next().await {
+        joined.map_err(|e| SnapshotFileError::Ship {
+            node: me,
+            file: String::new(),
+            reason: format!("ship task failed: {e}"),
+        })??;
     }
     Ok(())
 }
 
-/// Copies files into `dir` (kept where they are), durably.
-fn copy_into(files: &[(PathBuf, String)], dir: &Path) -> Result<(), SnapshotFileError> {
+/// Puts files into `dir` (kept where they are), durably: a hard link where
+/// the file system allows one (the export and the incoming directory are
+/// both under the node's snapshot directory; a link shares the immutable
+/// file instead of writing it again), a copy otherwise.
+fn link_into(files: &[(PathBuf, String)], dir: &Path) -> Result<(), SnapshotFileError> {
     std::fs::create_dir_all(dir).map_err(io_error(dir))?;
     for (from, name) in files {
         let target = dir.join(name);
-        std::fs::copy(from, &target)
-            .and_then(|_| File::open(&target).and_then(|f| f.sync_all()))
-            .map_err(io_error(&target))?;
+        let _ = std::fs::remove_file(&target);
+        if std::fs::hard_link(from, &target).is_err() {
+            std::fs::copy(from, &target)
+                .and_then(|_| File::open(&target).and_then(|f| f.sync_all()))
+                .map_err(io_error(&target))?;
+        }
     }
     sync_dir(dir)?;
     if let Some(parent) = dir.parent() {
