@@ -21,6 +21,13 @@
 //!   committed entry that installs it), and leaves the target's other
 //!   shards alone. Files exported for another group or shard are refused
 //!   before anything is written.
+//! - A shard move copied before its freeze: [`Engine::export_shard_base`]
+//!   exports the shard's data while it serves; at the freeze,
+//!   [`Engine::export_shard_delta`] exports the keys written since (values,
+//!   and deletions for keys now absent) and the sessions, under a manifest
+//!   that names the base's file first. Installed in order by
+//!   [`Engine::install_shard`] (each file is ingested on its own, so later
+//!   files win), they leave the shard as a full export would.
 //!
 //! # Export
 //! Inside one point-in-time view: the exporting group's applied state,

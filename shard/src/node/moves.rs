@@ -18,6 +18,11 @@
 //!    write retried across the move is still applied once.
 //! 3. A applies `Delete { s, n }`: it drops `s`'s data.
 //!
+//! Before step 1, the controller may have A's leader pre-copy the shard
+//! while it still serves (see [`super::precopy`]): then the freeze's export
+//! holds only what changed since, and the pre-copied file, which each node
+//! of B links in from the pre-copy's directory.
+//!
 //! Every group keeps, per shard, the highest config number it has seen:
 //! a step of an older config is answered `Stale` and changes nothing, and a
 //! step repeated with the same number is a success that changes nothing.
