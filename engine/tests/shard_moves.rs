@@ -1113,3 +1113,38 @@ fn precopy_case<B: Backend>(e: &Engine<B>, snapshots: &Path) {
 fn a_shard_copied_before_its_freeze_moves_exactly() {
     on_both(precopy_case, precopy_case);
 }
+
+/// Files the caller vouches for (`install_shard_verified`: checksummed
+/// when they arrived) skip only their checksum: a wrong size is still
+/// refused, every other file is still verified in full, and a refused
+/// install changes nothing.
+fn verified_case<B: Backend>(e: &Engine<B>, snapshots: &Path) {
+    let expect = move_expect();
+    setup_move(e);
+    let vouched = ["dedup.sst".to_string()];
+    let dir = snapshots.join("short");
+    e.export_shard(G1, S, G2, &dir).unwrap();
+    truncate(&dir.join("dedup.sst"));
+    assert!(e
+        .install_shard_verified(G2, AT, S, RECORD, &dir, &vouched)
+        .is_err());
+    assert_not_moved(e, &expect);
+    let dir = snapshots.join("flipped");
+    e.export_shard(G1, S, G2, &dir).unwrap();
+    flip_byte(&dir.join("kv.sst"));
+    assert!(e
+        .install_shard_verified(G2, AT, S, RECORD, &dir, &vouched)
+        .is_err());
+    assert_not_moved(e, &expect);
+    let dir = snapshots.join("good");
+    e.export_shard(G1, S, G2, &dir).unwrap();
+    let all = ["kv.sst".to_string(), "dedup.sst".to_string()];
+    e.install_shard_verified(G2, AT, S, RECORD, &dir, &all)
+        .unwrap();
+    assert_moved(e, &expect);
+}
+
+#[test]
+fn vouched_files_skip_only_their_checksum() {
+    on_both(verified_case, verified_case);
+}

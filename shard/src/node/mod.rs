@@ -569,8 +569,11 @@ enum Done {
         id: u64,
         result: Result<SnapshotManifest, SnapshotFileError>,
     },
-    /// Shipped shard files were moved into their incoming directory.
-    Placed,
+    /// A shipped shard file was moved into its incoming directory, and
+    /// checksummed there (`None`: it could not be).
+    Placed {
+        checked: Option<(PathBuf, precopy::Checked)>,
+    },
     /// Whether an install's files are in place here was read (see
     /// `Node::on_shard_step`).
     InstallChecked {
@@ -652,6 +655,9 @@ pub struct Node<B: Backend, T: Transport<KvProtocol>> {
     shipping: BTreeMap<(GroupId, ShardId, u64), Vec<Waiter>>,
     /// The number of the last pre-copy started ([`precopy::Precopy::id`]).
     next_precopy: u64,
+    /// Shipped shard files checksummed as they arrived, by path (see
+    /// [`precopy::checked_files`]).
+    placed: BTreeMap<PathBuf, precopy::Checked>,
 }
 
 /// A change to the set of groups the node hosts.
@@ -900,6 +906,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             forwards: moves::Forwards::default(),
             shipping: BTreeMap::new(),
             next_precopy: 0,
+            placed: BTreeMap::new(),
             queued_admin: Vec::new(),
             peers_heard: HashMap::new(),
             pins: Pins::new(config.id, config.seed, config.pins_max, !config.blocking_io),
@@ -1585,7 +1592,15 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                     self.prune_exports(group);
                 }
             }
-            Done::Pruned | Done::Placed => {}
+            Done::Pruned => {}
+            Done::Placed { checked } => {
+                if let Some((path, checked)) = checked {
+                    self.placed.insert(path, checked);
+                    while self.placed.len() > precopy::PLACED_CHECKSUMS_MAX {
+                        self.placed.pop_first();
+                    }
+                }
+            }
             Done::BackupExported {
                 id,
                 dir,
@@ -2668,6 +2683,8 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 let expected = manifest.clone();
                 let num = *num;
                 let root = self.config.snapshot_dir.clone();
+                let checked =
+                    precopy::checked_files(&root, (gid, shard, num), &dir, manifest, &self.placed);
                 self.with_engine(move |engine| {
                     precopy::link_precopied(&root, (gid, shard, num), &dir, &expected);
                     let shipped = shoal_engine::snapshot::read_manifest(&dir)
@@ -2675,8 +2692,9 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                     if shipped != expected {
                         return Err(files_err(gid)(SnapshotFileError::NotShipped { dir }));
                     }
+                    let verified = precopy::still_checked(&dir, &checked);
                     engine
-                        .install_shard(gid, at, shard, record, &dir)
+                        .install_shard_verified(gid, at, shard, record, &dir, &verified)
                         .map_err(engine_err(gid))
                         .map(|_| ())
                 })
@@ -3202,11 +3220,16 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             );
             let files = vec![(file.path, meta.name.clone())];
             let node = self.config.id;
+            let placed = dir.join(&meta.name);
             self.run_blocking(move || {
                 if let Err(e) = snapshots::file_into_place(&files, &dir) {
                     tracing::warn!(node, error = %e, "could not store a shipped shard file");
+                    return Done::Placed { checked: None };
                 }
-                Done::Placed
+                // Checked here, as it arrives, so that the install (while
+                // the shard refuses writes) need not read it again.
+                let checked = precopy::Checked::of(&placed).map(|c| (placed, c));
+                Done::Placed { checked }
             });
             return;
         }

@@ -194,6 +194,75 @@ pub fn link_precopied(
     }
 }
 
+/// Most shipped files whose checksums a node remembers (see
+/// [`checked_files`]); the oldest by path go first. Forgetting one only
+/// costs a read at its install.
+pub const PLACED_CHECKSUMS_MAX: usize = 4096;
+
+/// A shipped file as it was checksummed when it arrived: its size, CRC32,
+/// and inode (the install trusts the checksum only for that very file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checked {
+    /// Bytes.
+    pub size_bytes: u64,
+    /// CRC32 of the whole file.
+    pub crc32: u32,
+    /// Its inode number.
+    pub inode: u64,
+}
+
+impl Checked {
+    /// Checksums the file at `path`; `None` if it cannot be read. Blocking.
+    pub fn of(path: &Path) -> Option<Checked> {
+        use std::os::unix::fs::MetadataExt;
+        let inode = std::fs::metadata(path).ok()?.ino();
+        let (crc32, size_bytes) = shoal_engine::snapshot::file_checksum(path).ok()?;
+        Some(Checked {
+            size_bytes,
+            crc32,
+            inode,
+        })
+    }
+}
+
+/// Which files of an install's `manifest` (an export of `shard` for
+/// `group` at config `num`, kept in `dir`) were checksummed as they
+/// arrived, with the manifest's size and CRC32 (`placed`, by path): a
+/// pre-copied file under its pre-copy's path, any other in `dir`. Their
+/// names, with the inode each must still be ([`still_checked`]).
+pub fn checked_files(
+    root: &Path,
+    (group, shard, num): (GroupId, ShardId, u64),
+    dir: &Path,
+    manifest: &SnapshotManifest,
+    placed: &std::collections::BTreeMap<std::path::PathBuf, Checked>,
+) -> Vec<(String, u64)> {
+    manifest
+        .files
+        .iter()
+        .filter_map(|f| {
+            let path = match parse_base_file_name(&f.name) {
+                Some(base) => moves::incoming_dir(root, group, shard, num, base)
+                    .join(shoal_engine::snapshot::KV_FILE_NAME),
+                None => dir.join(&f.name),
+            };
+            let c = placed.get(&path)?;
+            (c.size_bytes == f.size_bytes && c.crc32 == f.crc32).then(|| (f.name.clone(), c.inode))
+        })
+        .collect()
+}
+
+/// The names of `checked` ([`checked_files`]) that are, in `dir`, still
+/// the inode that was checksummed (a hard link of it). Blocking.
+pub fn still_checked(dir: &Path, checked: &[(String, u64)]) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    checked
+        .iter()
+        .filter(|(name, inode)| std::fs::metadata(dir.join(name)).is_ok_and(|m| m.ino() == *inode))
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,5 +428,23 @@ mod tests {
             std::fs::read(dir.join(base_file_name(base_id))).unwrap(),
             b"base data"
         );
+
+        // The pre-copied file was checksummed when it arrived: the install
+        // may take it as verified, if the manifest agrees and the file in
+        // the export is that very inode.
+        let checked = Checked::of(&pre.join("kv.sst")).unwrap();
+        m.files[0].crc32 = checked.crc32;
+        let placed = std::collections::BTreeMap::from([(pre.join("kv.sst"), checked)]);
+        let names = checked_files(root.path(), (2, 3, 5), &dir, &m, &placed);
+        assert_eq!(names, vec![(base_file_name(base_id), checked.inode)]);
+        assert_eq!(still_checked(&dir, &names), vec![base_file_name(base_id)]);
+        // Another checksum in the manifest: not vouched for.
+        let mut other = m.clone();
+        other.files[0].crc32 ^= 1;
+        assert!(checked_files(root.path(), (2, 3, 5), &dir, &other, &placed).is_empty());
+        // Replaced by another file since: not vouched for.
+        std::fs::remove_file(dir.join(base_file_name(base_id))).unwrap();
+        std::fs::write(dir.join(base_file_name(base_id)), b"base data").unwrap();
+        assert!(still_checked(&dir, &names).is_empty());
     }
 }
