@@ -2693,10 +2693,21 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                         return Err(files_err(gid)(SnapshotFileError::NotShipped { dir }));
                     }
                     let verified = precopy::still_checked(&dir, &checked);
-                    engine
+                    let started = std::time::Instant::now();
+                    let manifest = engine
                         .install_shard_verified(gid, at, shard, record, &dir, &verified)
-                        .map_err(engine_err(gid))
-                        .map(|_| ())
+                        .map_err(engine_err(gid))?;
+                    tracing::info!(
+                        group = gid,
+                        shard,
+                        num,
+                        bytes = manifest.size_bytes(),
+                        files = manifest.files.len(),
+                        verified_before = verified.len(),
+                        ms = started.elapsed().as_millis() as u64,
+                        "shard installed"
+                    );
+                    Ok(())
                 })
                 .await
                 .map_err(|e| NodeError::ShardInstall {
@@ -3047,7 +3058,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                 // crash before they were filed make those retries run out;
                 // the next recovery freezes again, which ships them again.)
                 if !shipped {
-                    tracing::debug!(
+                    tracing::info!(
                         node = self.config.id,
                         shard,
                         num,
