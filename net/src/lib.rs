@@ -134,6 +134,81 @@ pub trait Protocol: Send + Sync + 'static {
     type Response: Serialize + DeserializeOwned + Send + 'static;
     /// Metadata sent with a bulk file (e.g. shard id, snapshot index, part number).
     type FileMeta: Serialize + DeserializeOwned + Send + 'static;
+
+    /// Whether the receiving node must say a file with `meta` is stored
+    /// ([`ReceivedFile::ack`], [`FileAck::stored`]) before the sender's
+    /// `send_file` resolves: for a file the sender then counts on (it
+    /// reports the file delivered to others), so that a crash of the
+    /// receiver between the transfer and storing the file cannot lose a
+    /// file the sender was told is there. Default: no, the file counts as
+    /// delivered once it is handed to the receiver's inbox.
+    fn file_needs_ack(meta: &Self::FileMeta) -> bool {
+        let _ = meta;
+        false
+    }
+}
+
+/// Longest a sender waits for the receiver's [`FileAck`] of a file that
+/// needs one ([`Protocol::file_needs_ack`]), on top of the transfer.
+pub const FILE_ACK_WAIT_MS_MAX: u64 = 60_000;
+
+/// The receiver's word on a [`ReceivedFile`] whose protocol asks for one
+/// ([`Protocol::file_needs_ack`]): `send_file` resolves with it. Dropped
+/// without a word, the transfer fails (the sender sends again).
+#[derive(Debug)]
+pub struct FileAck(Option<oneshot::Sender<Result<(), String>>>);
+
+impl FileAck {
+    /// No acknowledgement expected.
+    pub(crate) fn none() -> Self {
+        FileAck(None)
+    }
+
+    /// A stand-in for an acknowledgement taken out of a [`ReceivedFile`]
+    /// (the sender waits on nothing).
+    pub fn unexpected() -> Self {
+        FileAck(None)
+    }
+
+    /// An acknowledgement and what the sender's side waits on.
+    pub(crate) fn pair() -> (Self, oneshot::Receiver<Result<(), String>>) {
+        let (tx, rx) = oneshot::channel();
+        (FileAck(Some(tx)), rx)
+    }
+
+    /// Whether the sender waits for this acknowledgement.
+    pub fn expected(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// The file is stored for good (e.g. moved and synced where it is
+    /// used): the sender's `send_file` succeeds.
+    pub fn stored(mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(Ok(()));
+        }
+    }
+
+    /// The file could not be stored: the sender's `send_file` fails with
+    /// `reason`.
+    pub fn failed(mut self, reason: String) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(Err(reason));
+        }
+    }
+}
+
+/// Waits for a receiver's acknowledgement of a file (see [`FileAck`]).
+pub(crate) async fn wait_file_ack(
+    ack: oneshot::Receiver<Result<(), String>>,
+) -> Result<(), String> {
+    match tokio::time::timeout(std::time::Duration::from_millis(FILE_ACK_WAIT_MS_MAX), ack).await {
+        Ok(Ok(verdict)) => verdict,
+        Ok(Err(_)) => Err("the receiver dropped the file before storing it".into()),
+        Err(_) => Err(format!(
+            "the receiver did not store the file within {FILE_ACK_WAIT_MS_MAX} ms"
+        )),
+    }
 }
 
 /// Replies to one incoming RPC. Dropping it without replying makes the
@@ -184,6 +259,9 @@ pub struct ReceivedFile<Meta> {
     pub meta: Meta,
     /// File length.
     pub bytes: u64,
+    /// Where the receiver says the file is stored, if its protocol asks
+    /// for it ([`Protocol::file_needs_ack`]).
+    pub ack: FileAck,
 }
 
 /// The receiving side of a node: the same type for the QUIC and the in-memory

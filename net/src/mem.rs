@@ -734,6 +734,12 @@ impl<P: Protocol> Transport<P> for MemNode<P> {
                 });
             }
             let meta = decode(&meta_bytes)?;
+            let (ack, stored) = if P::file_needs_ack(&meta) {
+                let (ack, stored) = crate::FileAck::pair();
+                (ack, Some(stored))
+            } else {
+                (crate::FileAck::none(), None)
+            };
             let up = node
                 .net
                 .lock()
@@ -745,12 +751,16 @@ impl<P: Protocol> Transport<P> for MemNode<P> {
                         path: final_path.clone(),
                         meta,
                         bytes,
+                        ack,
                     })
                     .await
                     .is_err()
             {
                 let _ = std::fs::remove_file(&final_path);
                 return Err(RpcError::Lost("receiver crashed or link cut".into()).into());
+            }
+            if let Some(stored) = stored {
+                crate::wait_file_ack(stored).await.map_err(RpcError::Lost)?;
             }
             Ok(bytes)
         }

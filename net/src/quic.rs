@@ -1167,15 +1167,24 @@ async fn serve_stream<P: Protocol>(
             let verdict: Result<(), String> = match result {
                 Ok((path, meta, bytes)) => {
                     bump(&inner.counters.files_received);
+                    let (ack, stored) = if P::file_needs_ack(&meta) {
+                        let (ack, stored) = crate::FileAck::pair();
+                        (ack, Some(stored))
+                    } else {
+                        (crate::FileAck::none(), None)
+                    };
                     let file = ReceivedFile {
                         from,
                         path,
                         meta,
                         bytes,
+                        ack,
                     };
                     if let Err(e) = inner.inbox.files.send(file).await {
                         let _ = std::fs::remove_file(&e.0.path);
                         Err("receiver is shutting down".into())
+                    } else if let Some(stored) = stored {
+                        crate::wait_file_ack(stored).await
                     } else {
                         Ok(())
                     }

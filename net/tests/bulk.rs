@@ -227,3 +227,35 @@ async fn a_corrupted_chunk_is_rejected_and_leaves_no_file() {
         .unwrap();
     assert_eq!(std::fs::read(file.path).unwrap(), data);
 }
+
+// Goal: over QUIC too, a file that needs an acknowledgement is delivered
+// only once the receiver stores it, and a refusal fails the sender's
+// `send_file`.
+#[tokio::test]
+async fn a_file_that_needs_an_ack_waits_for_it() {
+    let mut c = Cluster::start(2, limits());
+    let (path, data) = random_file(c.dir.path(), 100_000);
+    let node = c.nodes[0].node.clone();
+    let sending = {
+        let (node, path) = (node.clone(), path.clone());
+        tokio::spawn(async move { node.send_file(NodeId(2), path, "ack:one".into()).await })
+    };
+    let file = within("received", LONG, c.nodes[1].files.recv())
+        .await
+        .unwrap();
+    assert!(file.ack.expected());
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!sending.is_finished(), "not delivered before it is stored");
+    file.ack.stored();
+    assert_eq!(
+        within("send", LONG, sending).await.unwrap().unwrap(),
+        data.len() as u64
+    );
+    let sending =
+        tokio::spawn(async move { node.send_file(NodeId(2), path, "ack:two".into()).await });
+    let file = within("received", LONG, c.nodes[1].files.recv())
+        .await
+        .unwrap();
+    file.ack.failed("no room".into());
+    assert!(within("send", LONG, sending).await.unwrap().is_err());
+}

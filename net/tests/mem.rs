@@ -416,3 +416,41 @@ async fn a_full_inbox_drops_and_counts() {
     }
     assert_eq!(net.messages_delivered(), 4);
 }
+
+// Goal: a file whose protocol asks for an acknowledgement
+// (`Protocol::file_needs_ack`) is delivered only once the receiver says it
+// is stored: `send_file` waits for the word, and fails when the receiver
+// refuses or drops the file.
+#[tokio::test(start_paused = true)]
+async fn a_file_that_needs_an_ack_is_delivered_once_stored() {
+    let net = net(8);
+    let (n1, _i1) = net.add_node(NodeId(1));
+    let (_n2, mut inbox2) = net.add_node(NodeId(2));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("part.sst");
+    std::fs::write(&path, b"sst bytes").unwrap();
+    let send = |meta: &str| {
+        let (n1, path, meta) = (n1.clone(), path.clone(), meta.to_string());
+        tokio::spawn(async move { n1.send_file(NodeId(2), path, meta).await })
+    };
+    let sending = send("ack:stored");
+    let file = inbox2.files.recv().await.unwrap();
+    assert!(file.ack.expected());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!sending.is_finished(), "not delivered before it is stored");
+    file.ack.stored();
+    assert_eq!(sending.await.unwrap().unwrap(), 9);
+
+    let sending = send("ack:refused");
+    let file = inbox2.files.recv().await.unwrap();
+    file.ack.failed("disk full".into());
+    assert!(sending.await.unwrap().is_err());
+
+    let sending = send("ack:dropped");
+    drop(inbox2.files.recv().await.unwrap());
+    assert!(sending.await.unwrap().is_err());
+
+    // Without the protocol asking, delivery is the hand-over, as before.
+    assert_eq!(send("plain").await.unwrap().unwrap(), 9);
+    assert!(!inbox2.files.recv().await.unwrap().ack.expected());
+}

@@ -49,6 +49,15 @@ impl Protocol for KvProtocol {
     type Request = Request;
     type Response = Response;
     type FileMeta = SnapshotFileMeta;
+
+    /// A moving shard's files: a freeze (or pre-copy) is answered once
+    /// every destination node holds them, so each must be in its incoming
+    /// directory, durably, before the transfer counts as done (a node that
+    /// crashed between the transfer and filing it would lose a file its
+    /// group's install then needs).
+    fn file_needs_ack(meta: &SnapshotFileMeta) -> bool {
+        meta.shard.is_some()
+    }
 }
 
 /// A consensus message for one Raft group.

@@ -51,11 +51,13 @@
 //!   a replica that applied that install later stopped on the mismatch,
 //!   after every restart (fixed: a directory per export,
 //!   `node::moves::export_id`; `moves.rs` reproduces it).
-//! - Open when this was written: a shipped file counts as delivered once
-//!   it is queued at the receiving node; a crash before the node moves it
-//!   into the incoming directory loses it, the freeze is answered anyway,
-//!   and that replica stops when it applies the install (with this file's
-//!   parameters at the time, `SHOAL_SEED=41`).
+//! - A shipped file counted as delivered once it was queued at the
+//!   receiving node; a crash before the node moved it into the incoming
+//!   directory lost it, the freeze was answered anyway, and that replica
+//!   stopped when it applied the install (with this file's parameters at
+//!   the time, `SHOAL_SEED=41`). Fixed: a moving shard's file is delivered
+//!   only once the receiving node has it in its incoming directory,
+//!   synced (`Protocol::file_needs_ack`, `FileAck`).
 
 mod common;
 

@@ -38,6 +38,12 @@ impl Protocol for TestProto {
     type Request = Req;
     type Response = String;
     type FileMeta = String;
+
+    /// Files whose meta starts with "ack:" are delivered only once the
+    /// receiver says they are stored.
+    fn file_needs_ack(meta: &String) -> bool {
+        meta.starts_with("ack:")
+    }
 }
 
 pub fn loopback() -> SocketAddr {

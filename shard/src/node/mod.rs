@@ -3211,7 +3211,10 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
     /// Notes a received snapshot file under its (group, index, sender); it
     /// is moved into place by the verification of that snapshot, so the
     /// move and the check run in order and off the loop.
-    fn on_file(&mut self, file: ReceivedFile<SnapshotFileMeta>) {
+    fn on_file(&mut self, mut file: ReceivedFile<SnapshotFileMeta>) {
+        // Answered below for a moving shard's file (the only kind that
+        // asks); any other drops it unanswered, which is fine for them.
+        let ack = std::mem::replace(&mut file.ack, shoal_net::FileAck::unexpected());
         let meta = &file.meta;
         telemetry::snapshot_received(telemetry::snapshot_kind(meta.shard.is_some()), file.bytes);
         if let Some((shard, num)) = meta.shard {
@@ -3220,6 +3223,10 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             if !snapshots::file_name_ok(&meta.name) || !self.groups.contains_key(&meta.group) {
                 tracing::warn!(node = self.config.id, from = %file.from, name = %meta.name, group = meta.group, "unexpected shard file dropped");
                 let _ = std::fs::remove_file(&file.path);
+                ack.failed(format!(
+                    "node {} does not take shard file {:?} for group {}",
+                    self.config.id, meta.name, meta.group
+                ));
                 return;
             }
             let dir = moves::incoming_dir(
@@ -3235,8 +3242,11 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             self.run_blocking(move || {
                 if let Err(e) = snapshots::file_into_place(&files, &dir) {
                     tracing::warn!(node, error = %e, "could not store a shipped shard file");
+                    ack.failed(format!("node {node} could not store the file: {e}"));
                     return Done::Placed { checked: None };
                 }
+                // In place and synced: only now is the transfer done.
+                ack.stored();
                 // Checked here, as it arrives, so that the install (while
                 // the shard refuses writes) need not read it again.
                 let checked = precopy::Checked::of(&placed).map(|c| (placed, c));
