@@ -2815,10 +2815,14 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
         let blocking = self.config.blocking_io;
         self.tasks.spawn(async move {
             let dir = moves::outgoing_dir(&root, gid, shard, num, index);
-            let export_dir = dir.clone();
-            let export = move || -> Result<SnapshotManifest, SnapshotFileError> {
-                let _ = std::fs::remove_dir_all(&export_dir);
-                Ok(match delta {
+            let result = snapshots::export_and_ship(
+                &engine,
+                &transport,
+                (me, &root, blocking),
+                &dir,
+                (to_group, shard, num),
+                &to_nodes,
+                move |engine, dir| match delta {
                     Some((base, keys)) => {
                         let name = precopy::base_file_name(moves::export_id(&base));
                         tracing::info!(
@@ -2829,44 +2833,12 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                             keys = keys.len(),
                             "exporting what changed since the pre-copy"
                         );
-                        engine.export_shard_delta(
-                            gid,
-                            shard,
-                            to_group,
-                            &export_dir,
-                            &base,
-                            &name,
-                            &keys,
-                        )?
+                        engine.export_shard_delta(gid, shard, to_group, dir, &base, &name, &keys)
                     }
-                    None => engine.export_shard(gid, shard, to_group, &export_dir)?,
-                })
-            };
-            let exported = if blocking {
-                match tokio::task::spawn_blocking(export).await {
-                    Ok(r) => r,
-                    Err(e) => Err(SnapshotFileError::Ship {
-                        node: me,
-                        file: String::new(),
-                        reason: format!("export task failed: {e}"),
-                    }),
-                }
-            } else {
-                export()
-            };
-            let result = match exported {
-                Ok(manifest) => snapshots::ship(
-                    &transport,
-                    me,
-                    &root,
-                    &dir,
-                    (to_group, shard, num, moves::export_id(&manifest)),
-                    &to_nodes,
-                )
-                .await
-                .map(|()| manifest),
-                Err(e) => Err(e),
-            };
+                    None => engine.export_shard(gid, shard, to_group, dir),
+                },
+            )
+            .await;
             Done::Shipped {
                 group: gid,
                 shard,
@@ -2948,36 +2920,16 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
             // Index 0: no freeze is at index 0, so no freeze's export
             // shares this directory.
             let dir = moves::outgoing_dir(&root, gid, shard, num, 0);
-            let export_dir = dir.clone();
-            let export = move || -> Result<SnapshotManifest, SnapshotFileError> {
-                let _ = std::fs::remove_dir_all(&export_dir);
-                Ok(engine.export_shard_base(gid, shard, to_group, &export_dir)?)
-            };
-            let exported = if blocking {
-                match tokio::task::spawn_blocking(export).await {
-                    Ok(r) => r,
-                    Err(e) => Err(SnapshotFileError::Ship {
-                        node: me,
-                        file: String::new(),
-                        reason: format!("pre-copy export task failed: {e}"),
-                    }),
-                }
-            } else {
-                export()
-            };
-            let result = match exported {
-                Ok(manifest) => snapshots::ship(
-                    &transport,
-                    me,
-                    &root,
-                    &dir,
-                    (to_group, shard, num, moves::export_id(&manifest)),
-                    &to_nodes,
-                )
-                .await
-                .map(|()| manifest),
-                Err(e) => Err(e),
-            };
+            let result = snapshots::export_and_ship(
+                &engine,
+                &transport,
+                (me, &root, blocking),
+                &dir,
+                (to_group, shard, num),
+                &to_nodes,
+                move |engine, dir| engine.export_shard_base(gid, shard, to_group, dir),
+            )
+            .await;
             Done::Precopied {
                 group: gid,
                 shard,

@@ -298,6 +298,49 @@ pub async fn ship<T: Transport<KvProtocol>>(
     Ok(())
 }
 
+/// Exports a moving shard into `dir` (emptied first) with `export`, on the
+/// blocking pool when `blocking` (this node is `me`, its snapshot
+/// directory `root`), then ships the files to every node of `to_nodes`
+/// ([`ship`]) as the export of `shard` for `to_group` at config `num`.
+/// Returns the export's manifest once every node has the files.
+pub async fn export_and_ship<B: Backend, T: Transport<KvProtocol>>(
+    engine: &Engine<B>,
+    transport: &T,
+    (me, root, blocking): (NodeId, &Path, bool),
+    dir: &Path,
+    (to_group, shard, num): (GroupId, ShardId, u64),
+    to_nodes: &[NodeId],
+    export: impl FnOnce(&Engine<B>, &Path) -> Result<SnapshotManifest, EngineError> + Send + 'static,
+) -> Result<SnapshotManifest, SnapshotFileError> {
+    let (engine_copy, export_dir) = (engine.clone(), dir.to_path_buf());
+    let run = move || -> Result<SnapshotManifest, SnapshotFileError> {
+        let _ = std::fs::remove_dir_all(&export_dir);
+        Ok(export(&engine_copy, &export_dir)?)
+    };
+    let manifest = if blocking {
+        tokio::task::spawn_blocking(run)
+            .await
+            .map_err(|e| SnapshotFileError::Ship {
+                node: me,
+                file: String::new(),
+                reason: format!("export task failed: {e}"),
+            })??
+    } else {
+        run()?
+    };
+    let export = super::moves::export_id(&manifest);
+    ship(
+        transport,
+        me,
+        root,
+        dir,
+        (to_group, shard, num, export),
+        to_nodes,
+    )
+    .await?;
+    Ok(manifest)
+}
+
 /// Puts files into `dir` (kept where they are), durably: a hard link where
 /// the file system allows one (the export and the incoming directory are
 /// both under the node's snapshot directory; a link shares the immutable
