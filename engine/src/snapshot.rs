@@ -295,13 +295,7 @@ fn verify_file(dir: &Path, f: &SnapshotFile) -> Result<()> {
     cf_by_name(&f.cf)?;
     let path = dir.join(&f.name);
     let (crc, size) = file_checksum(&path)?;
-    if size != f.size_bytes {
-        return Err(EngineError::Corrupt(format!(
-            "snapshot file {}: {size} bytes, manifest says {}",
-            path.display(),
-            f.size_bytes
-        )));
-    }
+    check_size(&path, size, f)?;
     if crc != f.crc32 {
         return Err(EngineError::Corrupt(format!(
             "snapshot file {}: checksum mismatch (manifest {:08x}, file {crc:08x})",
@@ -320,6 +314,11 @@ fn verify_size(dir: &Path, f: &SnapshotFile) -> Result<()> {
     let size = std::fs::metadata(&path)
         .map_err(|e| EngineError::io(&path, e))?
         .len();
+    check_size(&path, size, f)
+}
+
+/// The file at `path` has `size` bytes: the manifest's, or corrupt.
+fn check_size(path: &Path, size: u64, f: &SnapshotFile) -> Result<()> {
     if size != f.size_bytes {
         return Err(EngineError::Corrupt(format!(
             "snapshot file {}: {size} bytes, manifest says {}",
