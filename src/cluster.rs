@@ -309,6 +309,9 @@ pub struct NodeOptions {
     /// redialed once the old connection idles out, so a short timeout
     /// shortens how long a restarted node waits to hear from the leader.
     pub io_timeout_ms: Option<u64>,
+    /// Most bytes per second the node sends in bulk files
+    /// (`Limits::bulk_send_bytes_per_sec_max`; None: no limit).
+    pub bulk_send_bytes_per_sec_max: Option<u64>,
     /// Threads of the node's async runtime (the event loop, QUIC); synced
     /// writes run on a separate blocking thread either way.
     pub worker_threads: usize,
@@ -523,6 +526,9 @@ async fn serve_node(
     net_config.fault_injection_enabled = options.fault_injection;
     if let Some(ms) = options.io_timeout_ms {
         net_config.limits.io_timeout_ms = ms;
+    }
+    if let Some(rate) = options.bulk_send_bytes_per_sec_max {
+        net_config.limits.bulk_send_bytes_per_sec_max = rate;
     }
     net_config.validate().map_err(NodeRunError::Limits)?;
     let (quic, inbox) =

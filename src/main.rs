@@ -81,6 +81,11 @@ enum Cmd {
         /// is waited for. A restarted peer is noticed at once regardless.
         #[arg(long)]
         io_timeout_ms: Option<u64>,
+        /// Most megabytes per second (10^6 bytes) this node sends in bulk
+        /// files, all together: shard moves, snapshots and MapReduce runs
+        /// then leave CPU and network to client traffic. Default: no limit.
+        #[arg(long)]
+        bulk_mb_per_sec_max: Option<u64>,
         /// Threads of the node's async runtime.
         #[arg(long, default_value_t = cluster::WORKER_THREADS_DEFAULT)]
         worker_threads: usize,
@@ -688,6 +693,7 @@ fn main() -> Result<()> {
             tls,
             max_raft_state_bytes,
             io_timeout_ms,
+            bulk_mb_per_sec_max,
             worker_threads,
             fault_injection,
             controller,
@@ -704,6 +710,7 @@ fn main() -> Result<()> {
                 max_raft_state_bytes: (max_raft_state_bytes > 0).then_some(max_raft_state_bytes),
                 fault_injection,
                 io_timeout_ms,
+                bulk_send_bytes_per_sec_max: bulk_mb_per_sec_max.map(|mb| mb * 1_000_000),
                 worker_threads,
                 controller,
             };

@@ -45,11 +45,54 @@ pub(crate) fn unique_name(from: NodeId) -> String {
 
 /// Sends the file. `writer` is the stream to the receiver; the caller reads
 /// the receiver's verdict afterwards.
+/// Paces a node's bulk sends to [`Limits::bulk_send_bytes_per_sec_max`],
+/// every transfer together: each chunk books its share of time on one
+/// shared clock and waits until its slot (a chunk's worth of burst is
+/// allowed). Not a limit when the rate is 0.
+#[derive(Debug)]
+pub(crate) struct SendPacer {
+    bytes_per_sec: u64,
+    /// When the bytes booked so far will have been sent at the rate.
+    booked_until: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl SendPacer {
+    pub(crate) fn new(limits: &Limits) -> Self {
+        SendPacer {
+            bytes_per_sec: limits.bulk_send_bytes_per_sec_max,
+            booked_until: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// How long the sender of `bytes` more waits, booked at `now`.
+    fn book(&self, bytes: u64, now: tokio::time::Instant) -> std::time::Duration {
+        if self.bytes_per_sec == 0 {
+            return std::time::Duration::ZERO;
+        }
+        let cost = std::time::Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec as f64);
+        let mut booked = self.booked_until.lock().unwrap_or_else(|p| p.into_inner());
+        let start = booked.map_or(now, |b| b.max(now));
+        let end = start + cost;
+        *booked = Some(end);
+        // This chunk may go at once; what it books delays the next one.
+        start.saturating_duration_since(now)
+    }
+
+    /// Waits for the slot of `bytes` more.
+    async fn pace(&self, bytes: u64) {
+        let wait = self.book(bytes, tokio::time::Instant::now());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
 pub(crate) async fn send_file<W: AsyncWrite + Unpin, M: Serialize>(
     writer: &mut W,
     path: &Path,
     meta: M,
     limits: &Limits,
+    pacer: &SendPacer,
 ) -> Result<u64, BulkError> {
     // Encode before the first await so the future does not borrow `meta`.
     let meta = postcard::to_stdvec(&meta).map_err(|e| crate::RpcError::Codec(e.to_string()))?;
@@ -102,6 +145,7 @@ pub(crate) async fn send_file<W: AsyncWrite + Unpin, M: Serialize>(
     let mut sent = 0u64;
     while let Some(chunk) = rx.recv().await {
         let (chunk, crc) = chunk.map_err(io_err(path))?;
+        pacer.pace(chunk.len() as u64).await;
         whole.update(&chunk);
         let mut head = [0u8; 8];
         head[..4].copy_from_slice(&(chunk.len() as u32).to_be_bytes());
@@ -234,5 +278,41 @@ async fn receive_chunks<R: AsyncRead + Unpin>(
         tx.send(chunk)
             .await
             .map_err(|_| "file writer stopped".to_string())?;
+    }
+}
+
+#[cfg(test)]
+mod pacer_tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_pacer_spaces_chunks_at_its_rate_over_every_transfer() {
+        let limits = Limits {
+            bulk_send_bytes_per_sec_max: 1_000_000,
+            ..Limits::default()
+        };
+        let pacer = SendPacer::new(&limits);
+        let t0 = tokio::time::Instant::now();
+        // The first chunk goes at once and books 0.5 s.
+        assert_eq!(pacer.book(500_000, t0), Duration::ZERO);
+        // A second transfer's chunk at the same instant waits for it.
+        assert_eq!(pacer.book(250_000, t0), Duration::from_millis(500));
+        // Later, it waits for what is still booked.
+        assert_eq!(
+            pacer.book(1, t0 + Duration::from_millis(600)),
+            Duration::from_millis(150)
+        );
+        // After an idle spell nothing is owed.
+        assert_eq!(pacer.book(1, t0 + Duration::from_secs(5)), Duration::ZERO);
+    }
+
+    #[test]
+    fn no_rate_no_wait() {
+        let pacer = SendPacer::new(&Limits::default());
+        let t0 = tokio::time::Instant::now();
+        for _ in 0..3 {
+            assert_eq!(pacer.book(1 << 30, t0), Duration::ZERO);
+        }
     }
 }

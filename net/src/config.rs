@@ -38,6 +38,11 @@ pub struct Limits {
     pub chunk_bytes: usize,
     /// Largest file accepted by a bulk transfer.
     pub bulk_file_bytes_max: u64,
+    /// Most bytes per second this node sends in bulk files, all transfers
+    /// together (0: no limit). Bulk transfers (shard moves, snapshots,
+    /// MapReduce runs) then leave the CPU and the network to the client
+    /// traffic, as TiKV's snapshot rate limit does.
+    pub bulk_send_bytes_per_sec_max: u64,
     /// Idle time after which a transfer or a handshake is given up.
     pub io_timeout_ms: u64,
     /// First reconnect delay after a failed dial.
@@ -82,6 +87,7 @@ impl Default for Limits {
             rpc_deadline_ms: 5_000,
             chunk_bytes: 1 << 20,
             bulk_file_bytes_max: 64 << 30,
+            bulk_send_bytes_per_sec_max: 0,
             io_timeout_ms: 10_000,
             reconnect_backoff_min_ms: 20,
             reconnect_backoff_max_ms: 2_000,

@@ -198,6 +198,8 @@ struct Dialer {
     addrs: RwLock<HashMap<NodeId, SocketAddr>>,
     conns: Mutex<HashMap<NodeId, Arc<tokio::sync::Mutex<Option<Connection>>>>>,
     limits: Limits,
+    /// Paces this node's bulk sends ([`Limits::bulk_send_bytes_per_sec_max`]).
+    pacer: crate::bulk::SendPacer,
     shutting_down: AtomicBool,
 }
 
@@ -296,7 +298,8 @@ impl Dialer {
         let conn = self.connection(to).await?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(lost)?;
         send.write_all(&[KIND_FILE]).await.map_err(lost)?;
-        let bytes = crate::bulk::send_file(&mut send, &path, meta, &self.limits).await?;
+        let bytes =
+            crate::bulk::send_file(&mut send, &path, meta, &self.limits, &self.pacer).await?;
         let _ = send.finish();
         let mut buf = Vec::new();
         let verdict = timeout(
@@ -427,6 +430,7 @@ impl<P: Protocol> QuicNode<P> {
                 addrs: RwLock::new(members.clone()),
                 conns: Mutex::new(HashMap::new()),
                 limits: config.limits.clone(),
+                pacer: crate::bulk::SendPacer::new(&config.limits),
                 shutting_down: AtomicBool::new(false),
             },
             config,
@@ -1260,6 +1264,7 @@ impl<P: Protocol> QuicClient<P> {
                 endpoint,
                 addrs: RwLock::new(nodes),
                 conns: Mutex::new(HashMap::new()),
+                pacer: crate::bulk::SendPacer::new(&limits),
                 limits,
                 shutting_down: AtomicBool::new(false),
             }),
