@@ -3197,11 +3197,14 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
                     ack.failed(format!("node {node} could not store the file: {e}"));
                     return Done::Placed { checked: None };
                 }
+                // Checked here, as it arrives, so that the install (while
+                // the shard refuses writes) need not read it again; before
+                // the transfer counts as done, so that a pre-copy is over
+                // only once every destination has read its file (else the
+                // install, on a slow replica, reads it in its stead).
+                let checked = precopy::Checked::of(&placed).map(|c| (placed, c));
                 // In place and synced: only now is the transfer done.
                 ack.stored();
-                // Checked here, as it arrives, so that the install (while
-                // the shard refuses writes) need not read it again.
-                let checked = precopy::Checked::of(&placed).map(|c| (placed, c));
                 Done::Placed { checked }
             });
             return;
