@@ -30,6 +30,16 @@
 //! - **Ingestion** moves files (hard links, no copy) and lets RocksDB assign
 //!   them a sequence number newer than every write before, so an installed
 //!   snapshot supersedes the range delete written just before it.
+//! - **Incremental writeback** of large files: RocksDB's own table files
+//!   with `bytes_per_sync` ([`WRITEBACK_INTERVAL_BYTES`]), and exported
+//!   files (which `SstFileWriter` writes with default `EnvOptions`, so
+//!   `bytes_per_sync` does not reach them) with an `fdatasync` every
+//!   [`WRITEBACK_INTERVAL_BYTES`] ([`Writeback`]). One `fsync` at the end
+//!   of a 1 GiB file queues a gigabyte of writeback at once, and every
+//!   synced Raft-log write on the same disk waits behind it (measured on
+//!   this project's machine: 3 such files at once held a 300-byte
+//!   `fdatasync` up to 350 ms; syncing every 8 MiB, 23 ms, in the same
+//!   total time).
 
 use std::path::Path;
 
@@ -68,6 +78,56 @@ use crate::error::{EngineError, Result};
 /// each fdatasync; durability comes first.
 const WAL_RECOVERY_MODE: DBRecoveryMode = DBRecoveryMode::TolerateCorruptedTailRecords;
 
+/// Bytes written to a large file between two syncs of it (see the module
+/// docs): small enough that no sync queues much writeback ahead of a Raft
+/// log sync, large enough that the syncs cost little.
+pub const WRITEBACK_INTERVAL_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Syncs a file being written every `interval_bytes`: `note` the bytes
+/// handed to the writer, and each time another interval's worth has gone
+/// by the file's data is synced (through a descriptor of its own: Linux
+/// syncs the inode, whichever descriptor asks).
+#[derive(Debug)]
+pub struct Writeback {
+    interval_bytes: u64,
+    unsynced_bytes: u64,
+    file: Option<std::fs::File>,
+}
+
+impl Writeback {
+    /// Syncs every `interval_bytes` (0: never).
+    pub fn new(interval_bytes: u64) -> Self {
+        Writeback {
+            interval_bytes,
+            unsynced_bytes: 0,
+            file: None,
+        }
+    }
+
+    /// Counts `bytes` more written; true when a sync is due (the count
+    /// then starts again).
+    pub fn due(&mut self, bytes: u64) -> bool {
+        self.unsynced_bytes = self.unsynced_bytes.saturating_add(bytes);
+        if self.interval_bytes == 0 || self.unsynced_bytes < self.interval_bytes {
+            return false;
+        }
+        self.unsynced_bytes = 0;
+        true
+    }
+
+    /// Counts `bytes` more written to `path` and syncs it when due.
+    pub fn note(&mut self, path: &Path, bytes: u64) -> Result<()> {
+        if !self.due(bytes) {
+            return Ok(());
+        }
+        if self.file.is_none() {
+            self.file = Some(std::fs::File::open(path).map_err(|e| EngineError::io(path, e))?);
+        }
+        let file = self.file.as_ref().expect("opened above");
+        file.sync_data().map_err(|e| EngineError::io(path, e))
+    }
+}
+
 /// RocksDB behind the [`Backend`] seam.
 pub struct RocksBackend {
     db: DB,
@@ -93,6 +153,7 @@ fn cf_options(config: &EngineConfig, cache: &Cache) -> Options {
     opts.set_compression_type(DBCompressionType::Lz4);
     opts.set_level_compaction_dynamic_level_bytes(true);
     opts.set_write_buffer_size(config.write_buffer_bytes as usize);
+    opts.set_bytes_per_sync(WRITEBACK_INTERVAL_BYTES);
     opts
 }
 
@@ -201,6 +262,7 @@ impl View for RocksView<'_> {
         let b = self.backend;
         let mut renamed = Vec::new();
         let mut writer = SstFileWriter::create(&b.sst_options);
+        let mut writeback = Writeback::new(WRITEBACK_INTERVAL_BYTES);
         let mut entries = 0u64;
         let mut opened = false;
         let mut it =
@@ -212,7 +274,9 @@ impl View for RocksView<'_> {
                 opened = true;
             }
             let key = renamed_into(it.key().unwrap_or_default(), prefix, &mut renamed);
-            writer.put(key, it.value().unwrap_or_default())?;
+            let value = it.value().unwrap_or_default();
+            writer.put(key, value)?;
+            writeback.note(path, (key.len() + value.len()) as u64)?;
             entries += 1;
             it.next();
         }
@@ -243,15 +307,18 @@ impl View for RocksView<'_> {
         let b = self.backend;
         let mut writer = SstFileWriter::create(&b.sst_options);
         writer.open(path)?;
+        let mut writeback = Writeback::new(WRITEBACK_INTERVAL_BYTES);
         let mut renamed = Vec::new();
         let options = self.read_options(None);
         for key in keys {
             let value = b.db.get_pinned_cf_opt(b.handle(cf), key, &options)?;
             let out = renamed_into(key, prefix, &mut renamed);
+            let value_bytes = value.as_ref().map_or(0, |v| v.len());
             match value {
                 Some(v) => writer.put(out, &v[..])?,
                 None => writer.delete(out)?,
             }
+            writeback.note(path, (out.len() + value_bytes) as u64)?;
         }
         writer.finish()?;
         let size_bytes = std::fs::metadata(path)
@@ -337,5 +404,28 @@ impl Backend for RocksBackend {
 
     fn data_dir(&self) -> Option<&Path> {
         Some(self.db.path())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Writeback;
+
+    #[test]
+    fn writeback_is_due_once_per_interval() {
+        let mut w = Writeback::new(10);
+        assert!(!w.due(4));
+        assert!(!w.due(5));
+        assert!(w.due(1), "the tenth byte completes the interval");
+        assert!(!w.due(9), "the count starts again after a sync");
+        assert!(w.due(25), "one large write is one sync");
+        assert!(!w.due(0));
+    }
+
+    #[test]
+    fn writeback_interval_zero_never_syncs() {
+        let mut w = Writeback::new(0);
+        assert!(!w.due(u64::MAX));
+        assert!(!w.due(u64::MAX));
     }
 }

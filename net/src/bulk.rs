@@ -24,6 +24,13 @@ static NEXT_FILE: AtomicU64 = AtomicU64::new(0);
 /// Chunks buffered between the network and the disk, per transfer and side.
 const PIPELINE_CHUNKS: usize = 4;
 
+/// Bytes a receiver writes to a file between two syncs of it. One sync at
+/// the end of a large file queues all of it for writeback at once, and
+/// every synced Raft-log write on the same disk waits behind that (3 files
+/// of 1 GiB held a 300-byte `fdatasync` up to 350 ms on this project's
+/// machine; syncing every 8 MiB, 23 ms, in the same total time).
+const RECEIVE_SYNC_INTERVAL_BYTES: u64 = 8 * 1024 * 1024;
+
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> BulkError + '_ {
     move |source| BulkError::Io {
         path: path.to_path_buf(),
@@ -218,9 +225,16 @@ async fn receive_body<R: AsyncRead + Unpin>(
     let part_name = part.display().to_string();
     let writer = tokio::task::spawn_blocking(move || -> Result<(), String> {
         let mut file = file;
+        let mut unsynced_bytes = 0u64;
         while let Some(chunk) = rx.blocking_recv() {
             file.write_all(&chunk)
                 .map_err(|e| format!("write {part_name}: {e}"))?;
+            unsynced_bytes += chunk.len() as u64;
+            if unsynced_bytes >= RECEIVE_SYNC_INTERVAL_BYTES {
+                file.sync_data()
+                    .map_err(|e| format!("sync {part_name}: {e}"))?;
+                unsynced_bytes = 0;
+            }
         }
         file.sync_all()
             .map_err(|e| format!("sync {part_name}: {e}"))
