@@ -284,14 +284,7 @@ impl View for RocksView<'_> {
         if !opened {
             return Ok(None);
         }
-        writer.finish()?;
-        let size_bytes = std::fs::metadata(path)
-            .map_err(|e| EngineError::io(path, e))?
-            .len();
-        Ok(Some(ExportedFile {
-            entries,
-            size_bytes,
-        }))
+        finish_export(writer, path, entries).map(Some)
     }
 
     fn export_keys(
@@ -320,15 +313,20 @@ impl View for RocksView<'_> {
             }
             writeback.note(path, (out.len() + value_bytes) as u64)?;
         }
-        writer.finish()?;
-        let size_bytes = std::fs::metadata(path)
-            .map_err(|e| EngineError::io(path, e))?
-            .len();
-        Ok(Some(ExportedFile {
-            entries: keys.len() as u64,
-            size_bytes,
-        }))
+        finish_export(writer, path, keys.len() as u64).map(Some)
     }
+}
+
+/// Finishes an exported file of `entries` entries at `path`.
+fn finish_export(mut writer: SstFileWriter<'_>, path: &Path, entries: u64) -> Result<ExportedFile> {
+    writer.finish()?;
+    let size_bytes = std::fs::metadata(path)
+        .map_err(|e| EngineError::io(path, e))?
+        .len();
+    Ok(ExportedFile {
+        entries,
+        size_bytes,
+    })
 }
 
 impl View for RocksBackend {

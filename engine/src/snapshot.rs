@@ -461,27 +461,16 @@ impl<B: Backend> Engine<B> {
         target: GroupId,
         dir: &Path,
     ) -> Result<SnapshotManifest> {
-        let scope = SnapshotScope::Shard { shard, target };
         let (start, end) = shard_range(group, shard);
         let prefix = shard_prefix(target, shard);
-        let mut manifest = SnapshotManifest {
-            format_version: SNAPSHOT_FORMAT_VERSION,
-            group,
-            applied: AppliedState::default(),
-            scope,
-            files: Vec::new(),
-        };
-        std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
-        self.backend().with_view(&mut |view: &dyn View| {
-            manifest.applied = read_applied(view, group)?;
+        let scope = SnapshotScope::Shard { shard, target };
+        self.export_with(group, scope, dir, Vec::new(), &mut |view, manifest| {
             let path = dir.join(KV_FILE_NAME);
             if let Some(file) = view.export_range(Cf::Kv, &start, &end, Some(&prefix), &path)? {
                 manifest.files.push(exported(KV_FILE_NAME, Cf::Kv, file));
             }
             Ok(())
-        })?;
-        seal_export(dir, &mut manifest, 0)?;
-        Ok(manifest)
+        })
     }
 
     /// Exports what the pre-copy `base` ([`Self::export_shard_base`] of the
@@ -520,25 +509,16 @@ impl<B: Backend> Engine<B> {
         stored.dedup();
         let prefix = shard_prefix(target, shard);
         let (start, end) = shard_range(group, shard);
-        let mut manifest = SnapshotManifest {
-            format_version: SNAPSHOT_FORMAT_VERSION,
-            group,
-            applied: AppliedState::default(),
-            scope,
-            files: base
-                .files
-                .iter()
-                .filter(|f| f.name == KV_FILE_NAME)
-                .map(|f| SnapshotFile {
-                    name: base_name.to_string(),
-                    ..f.clone()
-                })
-                .collect(),
-        };
-        let from_base = manifest.files.len();
-        std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
-        self.backend().with_view(&mut |view: &dyn View| {
-            manifest.applied = read_applied(view, group)?;
+        let from_base = base
+            .files
+            .iter()
+            .filter(|f| f.name == KV_FILE_NAME)
+            .map(|f| SnapshotFile {
+                name: base_name.to_string(),
+                ..f.clone()
+            })
+            .collect();
+        self.export_with(group, scope, dir, from_base, &mut |view, manifest| {
             let path = dir.join(KV_DELTA_FILE_NAME);
             if let Some(file) = view.export_keys(Cf::Kv, &stored, Some(&prefix), &path)? {
                 manifest
@@ -552,9 +532,7 @@ impl<B: Backend> Engine<B> {
                     .push(exported(DEDUP_FILE_NAME, Cf::Dedup, file));
             }
             Ok(())
-        })?;
-        seal_export(dir, &mut manifest, from_base)?;
-        Ok(manifest)
+        })
     }
 
     /// Exports `scope` of `group` into `dir`; `on_view` is called with the
@@ -568,20 +546,11 @@ impl<B: Backend> Engine<B> {
         mut records: Option<&mut BTreeMap<ShardId, ShardRecord>>,
         on_view: &mut dyn FnMut(AppliedState),
     ) -> Result<SnapshotManifest> {
-        std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
-        let mut manifest = SnapshotManifest {
-            format_version: SNAPSHOT_FORMAT_VERSION,
-            group,
-            applied: AppliedState::default(),
-            scope,
-            files: Vec::new(),
-        };
         let prefix = match scope {
             SnapshotScope::Group => None,
             SnapshotScope::Shard { shard, target } => Some(shard_prefix(target, shard)),
         };
-        self.backend().with_view(&mut |view: &dyn View| {
-            manifest.applied = read_applied(view, group)?;
+        self.export_with(group, scope, dir, Vec::new(), &mut |view, manifest| {
             on_view(manifest.applied);
             if let Some(records) = records.as_deref_mut() {
                 *records = read_shard_records(view, group)?;
@@ -596,8 +565,36 @@ impl<B: Backend> Engine<B> {
                 }
             }
             Ok(())
+        })
+    }
+
+    /// The frame of every export: `dir` made, a manifest of `scope` whose
+    /// files begin with `named` (named by it, kept elsewhere) and whose
+    /// applied state is read in the one view `write` exports from, then
+    /// the written files checksummed and everything sealed
+    /// ([`seal_export`]).
+    fn export_with(
+        &self,
+        group: GroupId,
+        scope: SnapshotScope,
+        dir: &Path,
+        named: Vec<SnapshotFile>,
+        write: &mut dyn FnMut(&dyn View, &mut SnapshotManifest) -> Result<()>,
+    ) -> Result<SnapshotManifest> {
+        std::fs::create_dir_all(dir).map_err(|e| EngineError::io(dir, e))?;
+        let skip = named.len();
+        let mut manifest = SnapshotManifest {
+            format_version: SNAPSHOT_FORMAT_VERSION,
+            group,
+            applied: AppliedState::default(),
+            scope,
+            files: named,
+        };
+        self.backend().with_view(&mut |view: &dyn View| {
+            manifest.applied = read_applied(view, group)?;
+            write(view, &mut manifest)
         })?;
-        seal_export(dir, &mut manifest, 0)?;
+        seal_export(dir, &mut manifest, skip)?;
         Ok(manifest)
     }
 

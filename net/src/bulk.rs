@@ -50,8 +50,6 @@ pub(crate) fn unique_name(from: NodeId) -> String {
     )
 }
 
-/// Sends the file. `writer` is the stream to the receiver; the caller reads
-/// the receiver's verdict afterwards.
 /// Paces a node's bulk sends to [`Limits::bulk_send_bytes_per_sec_max`],
 /// every transfer together: each chunk books its share of time on one
 /// shared clock and waits until its slot (a chunk's worth of burst is
@@ -94,6 +92,8 @@ impl SendPacer {
     }
 }
 
+/// Sends the file, paced by `pacer`. `writer` is the stream to the
+/// receiver; the caller reads the receiver's verdict afterwards.
 pub(crate) async fn send_file<W: AsyncWrite + Unpin, M: Serialize>(
     writer: &mut W,
     path: &Path,

@@ -155,25 +155,22 @@ pub const FILE_ACK_WAIT_MS_MAX: u64 = 60_000;
 /// The receiver's word on a [`ReceivedFile`] whose protocol asks for one
 /// ([`Protocol::file_needs_ack`]): `send_file` resolves with it. Dropped
 /// without a word, the transfer fails (the sender sends again).
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct FileAck(Option<oneshot::Sender<Result<(), String>>>);
 
 impl FileAck {
-    /// No acknowledgement expected.
-    pub(crate) fn none() -> Self {
-        FileAck(None)
-    }
-
-    /// A stand-in for an acknowledgement taken out of a [`ReceivedFile`]
-    /// (the sender waits on nothing).
-    pub fn unexpected() -> Self {
-        FileAck(None)
-    }
-
-    /// An acknowledgement and what the sender's side waits on.
-    pub(crate) fn pair() -> (Self, oneshot::Receiver<Result<(), String>>) {
+    /// The acknowledgement of a file received with `meta`, and what the
+    /// sender's side waits on if `P` asks for one
+    /// ([`Protocol::file_needs_ack`]). (`FileAck::default()` expects none:
+    /// the stand-in left when one is taken out of a [`ReceivedFile`].)
+    pub(crate) fn for_file<P: Protocol>(
+        meta: &P::FileMeta,
+    ) -> (Self, Option<oneshot::Receiver<Result<(), String>>>) {
+        if !P::file_needs_ack(meta) {
+            return (FileAck::default(), None);
+        }
         let (tx, rx) = oneshot::channel();
-        (FileAck(Some(tx)), rx)
+        (FileAck(Some(tx)), Some(rx))
     }
 
     /// Whether the sender waits for this acknowledgement.

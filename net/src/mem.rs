@@ -734,12 +734,7 @@ impl<P: Protocol> Transport<P> for MemNode<P> {
                 });
             }
             let meta = decode(&meta_bytes)?;
-            let (ack, stored) = if P::file_needs_ack(&meta) {
-                let (ack, stored) = crate::FileAck::pair();
-                (ack, Some(stored))
-            } else {
-                (crate::FileAck::none(), None)
-            };
+            let (ack, stored) = crate::FileAck::for_file::<P>(&meta);
             let up = node
                 .net
                 .lock()

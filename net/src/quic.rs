@@ -1171,12 +1171,7 @@ async fn serve_stream<P: Protocol>(
             let verdict: Result<(), String> = match result {
                 Ok((path, meta, bytes)) => {
                     bump(&inner.counters.files_received);
-                    let (ack, stored) = if P::file_needs_ack(&meta) {
-                        let (ack, stored) = crate::FileAck::pair();
-                        (ack, Some(stored))
-                    } else {
-                        (crate::FileAck::none(), None)
-                    };
+                    let (ack, stored) = crate::FileAck::for_file::<P>(&meta);
                     let file = ReceivedFile {
                         from,
                         path,

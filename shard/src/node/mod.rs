@@ -3166,7 +3166,7 @@ impl<B: Backend, T: Transport<KvProtocol>> Node<B, T> {
     fn on_file(&mut self, mut file: ReceivedFile<SnapshotFileMeta>) {
         // Answered below for a moving shard's file (the only kind that
         // asks); any other drops it unanswered, which is fine for them.
-        let ack = std::mem::replace(&mut file.ack, shoal_net::FileAck::unexpected());
+        let ack = std::mem::take(&mut file.ack);
         let meta = &file.meta;
         telemetry::snapshot_received(telemetry::snapshot_kind(meta.shard.is_some()), file.bytes);
         if let Some((shard, num)) = meta.shard {

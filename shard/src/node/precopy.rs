@@ -175,23 +175,24 @@ pub fn link_precopied(
         if std::fs::metadata(&target).is_ok_and(|m| m.len() == f.size_bytes) {
             continue;
         }
-        let source = moves::incoming_dir(root, group, shard, num, base)
-            .join(shoal_engine::snapshot::KV_FILE_NAME);
+        let source = precopied_file(root, (group, shard, num), base);
         if !source.exists() {
             continue;
         }
-        let _ = std::fs::create_dir_all(dir);
-        let _ = std::fs::remove_file(&target);
-        if std::fs::hard_link(&source, &target).is_err() {
-            let copied = std::fs::copy(&source, &target)
-                .and_then(|_| std::fs::File::open(&target).and_then(|f| f.sync_all()));
-            if let Err(e) = copied {
-                tracing::warn!(from = %source.display(), to = %target.display(), error = %e, "could not put a pre-copied file in place");
-                continue;
-            }
+        if let Err(e) = super::snapshots::link_into(&[(source.clone(), f.name.clone())], dir) {
+            tracing::warn!(from = %source.display(), to = %target.display(), error = %e, "could not put a pre-copied file in place");
         }
-        let _ = shoal_engine::snapshot::sync_dir(dir);
     }
+}
+
+/// Where a destination node keeps the data file of pre-copy `base` of
+/// `shard` for `group` at config `num`, as it arrived.
+fn precopied_file(
+    root: &Path,
+    (group, shard, num): (GroupId, ShardId, u64),
+    base: u64,
+) -> std::path::PathBuf {
+    moves::incoming_dir(root, group, shard, num, base).join(shoal_engine::snapshot::KV_FILE_NAME)
 }
 
 /// Most shipped files whose checksums a node remembers (see
@@ -242,8 +243,7 @@ pub fn checked_files(
         .iter()
         .filter_map(|f| {
             let path = match parse_base_file_name(&f.name) {
-                Some(base) => moves::incoming_dir(root, group, shard, num, base)
-                    .join(shoal_engine::snapshot::KV_FILE_NAME),
+                Some(base) => precopied_file(root, (group, shard, num), base),
                 None => dir.join(&f.name),
             };
             let c = placed.get(&path)?;

@@ -345,7 +345,7 @@ pub async fn export_and_ship<B: Backend, T: Transport<KvProtocol>>(
 /// the file system allows one (the export and the incoming directory are
 /// both under the node's snapshot directory; a link shares the immutable
 /// file instead of writing it again), a copy otherwise.
-fn link_into(files: &[(PathBuf, String)], dir: &Path) -> Result<(), SnapshotFileError> {
+pub(super) fn link_into(files: &[(PathBuf, String)], dir: &Path) -> Result<(), SnapshotFileError> {
     std::fs::create_dir_all(dir).map_err(io_error(dir))?;
     for (from, name) in files {
         let target = dir.join(name);
